@@ -1,0 +1,57 @@
+"""Executor registry. An executor runs (q, k, v, layout) -> (out, lse) with q, k, v in (B, S, H, D).
+
+out has the dtype of q; lse is fp32 (B, H, S), natural log of the softmax denominator including the scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Executor:
+    name: str
+    run: Callable  # (q, k, v, layout, *, scale=None, fp8=False) -> (out, lse)
+    block_sizes: Callable[[torch.device, int], tuple[int, int]]  # (device, head_dim) -> (block_q, block_k)
+    available: Callable[[torch.device], bool]
+    priority: int  # higher wins when choosing the best executor for a device
+
+
+EXECUTORS: dict[str, Executor] = {}
+
+
+def register_executor(executor: Executor) -> Executor:
+    EXECUTORS[executor.name] = executor
+    return executor
+
+
+def _load_optional():
+    # The Triton executor lives in dit_sparse.kernels and registers itself on import; only try when CUDA exists
+    # so importing dit_sparse never imports triton eagerly.
+    if torch.cuda.is_available() and "triton" not in EXECUTORS:
+        try:
+            import dit_sparse.kernels  # noqa: F401
+        except ImportError:
+            pass
+
+
+def get_executor(name: str | None, device: torch.device | str = "cpu") -> Executor:
+    device = torch.device(device)
+    _load_optional()
+    if name is None:
+        usable = [e for e in EXECUTORS.values() if e.available(device)]
+        return max(usable, key=lambda e: e.priority)
+    if name not in EXECUTORS:
+        raise KeyError(f"unknown executor {name!r}; registered: {', '.join(sorted(EXECUTORS))}")
+    executor = EXECUTORS[name]
+    if not executor.available(device):
+        raise RuntimeError(f"executor {name!r} cannot run on {device}")
+    return executor
+
+
+from . import cpu, reference  # noqa: E402,F401  (registration side effects)
+
+__all__ = ["EXECUTORS", "Executor", "register_executor", "get_executor"]

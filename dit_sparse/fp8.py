@@ -1,0 +1,48 @@
+"""FP8 (e4m3) tile quantization of q, k, v, emulated on any device as quantize-dequantize.
+
+q and k get one scale per (tile of tokens, head) — the same tiles as the sparse layout — k is mean-centred over
+the sequence first (softmax is invariant to it, and it removes the shared offset that wastes fp8 range), v gets
+one scale per (head, channel). Values are clamped to +/-448, the e4m3 range.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import num_blocks
+
+E4M3_MAX = 448.0
+
+
+def _qdq(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    scale = (amax / E4M3_MAX).clamp_min(1e-12)
+    quant = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return quant.float() * scale
+
+
+def quantize_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """(B, S, H, D) -> dequantized fp32 with one scale per (tile of tokens, head)."""
+    b, s, h, d = x.shape
+    nt = num_blocks(s, tile)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, nt * tile - s)).view(b, nt, tile, h, d)
+    amax = padded.abs().amax(dim=(2, 4), keepdim=True)
+    return _qdq(padded, amax).view(b, nt * tile, h, d)[:, :s]
+
+
+def quantize_channels(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) -> dequantized fp32 with one scale per (head, channel)."""
+    amax = x.float().abs().amax(dim=1, keepdim=True)
+    return _qdq(x.float(), amax)
+
+
+def fake_quantize_qkv(q, k, v, block_q: int, block_k: int):
+    """The fp8 modifier's numerics: centred k, per-tile q/k scales, per-channel v; returned in fp32."""
+    k = k.float() - k.float().mean(dim=1, keepdim=True)
+    return quantize_tiles(q, block_q), quantize_tiles(k, block_k), quantize_channels(v)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    signal = reference.float().pow(2).mean()
+    noise = (reference.float() - approx.float()).pow(2).mean().clamp_min(1e-30)
+    return float(10 * torch.log10(signal / noise))
