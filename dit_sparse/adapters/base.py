@@ -1,0 +1,81 @@
+"""What a model adapter is: one model family's token layout and pre-attention math, nothing else."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Callable
+
+import torch
+
+from ..layout import Grid
+from ..plan import ModelFingerprint
+
+# attend(q, k, v, text) -> (B, S, H, D); bound by the processor to the module's plan, grid, step and caches.
+AttendFn = Callable[..., torch.Tensor]
+
+
+class ModelAdapter:
+    """Subclasses name their transformer classes, the self-attention modules a plan covers, where the grid
+    comes from, and how to turn an attention module's inputs into (q, k, v) and back."""
+
+    family: str = ""
+    transformer_classes: tuple[str, ...] = ()
+    # Module-name pattern of the self-attentions the plan covers; group 1 is the layer index within its stack.
+    covered_pattern: str = ""
+
+    def covered_modules(self, transformer: torch.nn.Module) -> list[tuple[str, int]]:
+        """(module name, layer index) of every covered self-attention, in forward order."""
+        found = []
+        for name, _ in transformer.named_modules():
+            match = re.fullmatch(self.covered_pattern, name)
+            if match:
+                found.append((name, self.layer_index(name, match)))
+        return found
+
+    def layer_index(self, name: str, match: re.Match) -> int:
+        return int(match.group(1))
+
+    def fingerprint(self, transformer: torch.nn.Module) -> ModelFingerprint:
+        modules = dict(transformer.named_modules())
+        names = self.covered_modules(transformer)
+        if not names:
+            raise ValueError(f"{type(transformer).__name__} has no self-attention module matching {self.covered_pattern!r}")
+        attn = modules[names[0][0]]
+        heads = attn.heads
+        head_dim = self.head_dim(attn)
+        return ModelFingerprint(type(transformer).__name__, len(names), heads, head_dim)
+
+    def head_dim(self, attn: torch.nn.Module) -> int:
+        return attn.to_q.out_features // attn.heads
+
+    def grid(self, transformer: torch.nn.Module, inputs: inspect.BoundArguments) -> Grid:
+        """Video tokens per (frames, rows, cols) for this forward call, from the transformer's own inputs."""
+        raise NotImplementedError
+
+    def timestep(self, inputs: inspect.BoundArguments) -> float | None:
+        t = inputs.arguments.get("timestep")
+        if t is None:
+            return None
+        return float(torch.as_tensor(t).flatten()[0])
+
+    def stock_processor(self, attn: torch.nn.Module):
+        """A fresh instance of the processor the family uses for this module (for pass-through)."""
+        cls = getattr(attn, "_default_processor_cls", None)
+        if cls is None:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            return AttnProcessor2_0()
+        return cls()
+
+    def attention(self, attend: AttendFn, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                  rotary=None, **kwargs) -> Any:
+        """Redo the family's pre-attention math for a covered module, call `attend`, and finish like the stock
+        processor (output projection, splitting text back out)."""
+        raise NotImplementedError
+
+
+def patched_grid(shape: tuple[int, int, int], patch: tuple[int, int, int]) -> Grid:
+    frames, height, width = shape
+    pt, ph, pw = patch
+    return Grid(-(-frames // pt), height // ph, width // pw)

@@ -1,0 +1,41 @@
+"""Wan 2.1 / 2.2 (both transformers of A14B): video-only self-attention `attn1`, RoPE in the processor."""
+
+from __future__ import annotations
+
+import torch
+
+from . import register_adapter
+from .base import ModelAdapter, patched_grid
+
+
+def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE on (B, S, H, D), as WanAttnProcessor does it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+@register_adapter
+class WanAdapter(ModelAdapter):
+    family = "wan"
+    transformer_classes = ("WanTransformer3DModel",)
+    covered_pattern = r"blocks\.(\d+)\.attn1"
+
+    def grid(self, transformer, inputs):
+        hidden = inputs.arguments["hidden_states"]  # (B, C, T, H, W)
+        return patched_grid(tuple(hidden.shape[2:]), tuple(transformer.config.patch_size))
+
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
+                  **kwargs):
+        if attention_mask is not None:
+            raise ValueError("Wan self-attention with an attention mask is not supported by dit-sparse")
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary is not None:
+            query, key = apply_wan_rotary(query, *rotary), apply_wan_rotary(key, *rotary)
+        out = attend(query, key, value).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))

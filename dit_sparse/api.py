@@ -1,0 +1,137 @@
+"""One verb to apply a plan, one to remove it, one to say what was applied."""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import adapter_for_transformer
+from .plan import SparsePlan
+from .processor import SparseProcessor, attention_modules, set_module_processor
+from .strategies import get_strategy
+from .strategies.base import BuildContext
+
+_ATTR = "_dit_sparse_processor"
+
+
+class AlreadyAppliedError(RuntimeError):
+    pass
+
+
+def transformers_of(pipe_or_transformer) -> list[torch.nn.Module]:
+    """The denoising transformers of a pipeline (Wan 2.2 A14B has two), or the transformer itself."""
+    if isinstance(pipe_or_transformer, torch.nn.Module):
+        return [pipe_or_transformer]
+    found = [getattr(pipe_or_transformer, name, None) for name in ("transformer", "transformer_2")]
+    found = [t for t in found if t is not None]
+    if not found:
+        raise TypeError(f"{type(pipe_or_transformer).__name__} has no `transformer`; pass a pipeline or a transformer")
+    return found
+
+
+def apply(pipe_or_transformer, plan: SparsePlan, executor: str | None = None,
+          block_size: tuple[int, int] | None = None) -> SparseProcessor:
+    """Run `plan` in every covered self-attention of the pipeline's transformer(s). Refuses to apply twice.
+
+    Every check runs before anything changes: an unsupported model or a plan for another model leaves the
+    model exactly as it was.
+    """
+    transformers = transformers_of(pipe_or_transformer)
+    processor = SparseProcessor(plan, executor=executor, block_size=block_size)
+    for transformer in transformers:
+        if getattr(transformer, _ATTR, None) is not None:
+            raise AlreadyAppliedError(
+                f"{type(transformer).__name__} already runs a dit-sparse plan; call dit_sparse.remove(...) first"
+            )
+        processor.check_plan(transformer, adapter_for_transformer(transformer))
+    scheduler = None if isinstance(pipe_or_transformer, torch.nn.Module) else getattr(pipe_or_transformer, "scheduler", None)
+    for transformer in transformers:
+        modules = attention_modules(transformer)
+        originals = {name: module.processor for name, module in modules.items()}
+        processor.bind(transformer, originals)
+        if scheduler is not None:
+            processor.bind_scheduler(transformer, scheduler)
+        for module in modules.values():
+            set_module_processor(module, processor)
+        setattr(transformer, _ATTR, processor)
+    return processor
+
+
+def _processors_on(transformer) -> set:
+    return {m.processor for m in attention_modules(transformer).values() if isinstance(m.processor, SparseProcessor)}
+
+
+def remove(pipe_or_transformer) -> None:
+    """Put back the processors that were there before `apply` (or the family's stock ones after the one-line form)."""
+    for transformer in transformers_of(pipe_or_transformer):
+        processors = _processors_on(transformer)
+        applied = getattr(transformer, _ATTR, None)
+        if applied is not None:
+            processors.add(applied)
+        for processor in processors:
+            if id(transformer) not in processor._states:
+                continue
+            restore = processor.unbind(transformer)
+            for name, module in attention_modules(transformer).items():
+                if name in restore:
+                    set_module_processor(module, restore[name])
+        if applied is not None:
+            delattr(transformer, _ATTR)
+
+
+def summary(pipe_or_transformer) -> str:
+    """Which strategy runs where, and the expected attention density at the last grid seen."""
+    lines = []
+    for transformer in transformers_of(pipe_or_transformer):
+        processors = _processors_on(transformer)
+        if not processors:
+            lines.append(f"{type(transformer).__name__}: no dit-sparse plan applied")
+            continue
+        for processor in processors:
+            lines.extend(_describe(processor, transformer))
+    return "\n".join(lines)
+
+
+def _describe(processor: SparseProcessor, transformer) -> list[str]:
+    plan = processor.plan
+    adapter = adapter_for_transformer(transformer)
+    grid = processor.grid_of(transformer)
+    sched = plan.schedule
+    lines = [
+        f"{type(transformer).__name__} ({adapter.family}): {plan.model.num_layers} covered layers x "
+        f"{plan.model.num_heads} heads, executor={processor.executor_name or 'auto'}",
+        f"  schedule: dense first {sched.dense_first:.0%} of steps, dense last {sched.dense_last_steps} steps, "
+        f"dense layers {list(sched.dense_layers)}, refresh every {sched.refresh_interval} steps",
+    ]
+    densities = []
+    for name, layer in adapter.covered_modules(transformer):
+        heads = plan.heads_for(name)
+        groups: dict[str, int] = {}
+        for spec in heads:
+            groups[spec.describe()] = groups.get(spec.describe(), 0) + 1
+        density = _expected_density(heads, grid) if grid is not None else None
+        if density is not None:
+            densities.append(density)
+        shown = "n/a" if density is None else f"{density:.1%}"
+        desc = ", ".join(f"{n}x {d}" for d, n in groups.items())
+        lines.append(f"  {name:<32} density {shown:>6}  {desc}")
+    if densities:
+        lines.append(f"  expected attention density over covered layers: {sum(densities) / len(densities):.1%}"
+                     f" (grid {grid.frames}x{grid.height}x{grid.width}; dynamic heads counted as dense)")
+    if processor.stats.calls:
+        lines.append(f"  executed so far: {processor.stats.executed_density:.1%} of dense attention "
+                     f"over {processor.stats.calls} calls")
+    return lines
+
+
+def _expected_density(heads, grid) -> float:
+    """Mean over heads of the static layouts' density at 128-token blocks (dynamic heads counted as dense)."""
+    total = 0.0
+    for spec in heads:
+        strategy = get_strategy(spec.strategy)
+        if not strategy.computes:
+            continue
+        if strategy.dynamic or spec.strategy == "dense":
+            total += 1.0
+            continue
+        total += strategy.layout(spec.param_dict, BuildContext(grid, 128, 128)).density()
+    return total / len(heads)

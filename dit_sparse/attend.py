@@ -1,0 +1,194 @@
+"""The one attend function every model adapter calls: it runs a module's per-head plan on (q, k, v).
+
+Heads sharing a strategy run as one group in one executor call. Text tokens of joint-attention models are
+always attended densely: text rows see every key, and video rows merge their sparse video part with a dense
+text part exactly through the LSE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .dense import dense_attention, dense_attention_lse, merge_partials
+from .executors import Executor
+from .layout import BlockLayout, Grid
+from .plan import HeadStrategy
+from .strategies import BuildContext, get_strategy
+from .strategies.dense import full_layout
+
+
+@dataclass
+class AttentionStats:
+    """Counts query-key pairs: what dense attention would compute and what was computed (pooled keys once)."""
+
+    calls: int = 0
+    dense_pairs: float = 0.0
+    computed_pairs: float = 0.0
+
+    def add(self, dense: float, computed: float) -> None:
+        self.dense_pairs += dense
+        self.computed_pairs += computed
+
+    @property
+    def executed_density(self) -> float:
+        return self.computed_pairs / self.dense_pairs if self.dense_pairs else 1.0
+
+    def reset(self) -> None:
+        self.calls, self.dense_pairs, self.computed_pairs = 0, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """Where the text tokens of a joint sequence sit. mask: (B, length) True for real (unpadded) tokens."""
+
+    length: int
+    first: bool
+    mask: torch.Tensor | None = None
+
+    def slices(self, seq_len: int) -> tuple[slice, slice]:
+        """(video slice, text slice) of the joint sequence."""
+        if self.first:
+            return slice(self.length, seq_len), slice(0, self.length)
+        return slice(0, seq_len - self.length), slice(seq_len - self.length, seq_len)
+
+    def key_mask(self, batch: int, seq_len: int, device) -> torch.Tensor | None:
+        """(B, S) key mask over the joint sequence, or None when no text token is padded."""
+        if self.mask is None or bool(self.mask.all()):
+            return None
+        full = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        full[:, self.slices(seq_len)[1]] = self.mask.bool()
+        return full
+
+
+@dataclass
+class AttentionSite:
+    """Everything attend needs about where it runs: module, heads' plan, grid, step, caches."""
+
+    module_name: str
+    heads: tuple[HeadStrategy, ...]
+    grid: Grid
+    step: int | None
+    dense_now: bool
+    refresh_interval: int
+    branch: str
+    executor: Executor
+    block_q: int
+    block_k: int
+    cache: dict[Any, Any]  # per transformer: dynamic layouts and rescale statistics across steps
+    static_layouts: dict[Any, BlockLayout]
+    stats: AttentionStats = field(default_factory=AttentionStats)
+
+    def groups(self) -> list[tuple[HeadStrategy, list[int]]]:
+        """Heads grouped by identical strategy, in order of first appearance."""
+        grouped: dict[HeadStrategy, list[int]] = {}
+        for head, spec in enumerate(self.heads):
+            grouped.setdefault(spec, []).append(head)
+        return list(grouped.items())
+
+    def is_fresh(self, entry) -> bool:
+        """A cached entry is reusable within `refresh_interval` steps of the step it was computed at."""
+        if entry is None or self.step is None or entry["step"] is None:
+            return False
+        return 0 <= self.step - entry["step"] < self.refresh_interval
+
+
+def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torch.Tensor:
+    """q, k, v: (B, S, H, D) post-RoPE, S = text + video tokens. Returns the attention output (B, S, H, D)."""
+    b, s, h, _ = q.shape
+    n_video = s - (text.length if text else 0)
+    if n_video != site.grid.num_tokens:
+        raise ValueError(
+            f"{site.module_name}: the grid {site.grid} has {site.grid.num_tokens} video tokens but attention received "
+            f"{n_video}; the model's input shape and its attention disagree (is the adapter right for this model?)"
+        )
+    site.stats.calls += 1
+    key_mask = text.key_mask(b, s, q.device) if text else None
+    if site.dense_now or all(spec == HeadStrategy("dense") for spec in site.heads):
+        site.stats.add(b * h * s * s, b * h * s * s)
+        return dense_attention(q, k, v, key_mask)
+
+    video, text_part = text.slices(s) if text else (slice(0, s), None)
+    out = torch.empty_like(q)
+    if text:
+        out[:, text_part] = dense_attention(q[:, text_part], k, v, key_mask)
+        text_mask = None if key_mask is None else key_mask[:, text_part]
+        out_vt, lse_vt = dense_attention_lse(q[:, video], k[:, text_part], v[:, text_part], text_mask)
+        site.stats.add(b * h * text.length * s + b * h * n_video * text.length,
+                       b * h * text.length * s + b * h * n_video * text.length)
+    qv, kv, vv = q[:, video], k[:, video], v[:, video]
+    out_v = out[:, video]
+    for spec, heads in site.groups():
+        g = len(heads)
+        site.stats.add(b * g * n_video * n_video, 0)
+        if not get_strategy(spec.strategy).computes:
+            out_v[:, :, heads] = 0
+            continue
+        idx = torch.tensor(heads, device=q.device)
+        qg, kg, vg = (x.index_select(2, idx) for x in (qv, kv, vv))
+        o, lse = _run_group(spec, heads, qg, kg, vg, site)
+        if text:
+            o, lse = merge_partials(o, lse, out_vt.index_select(2, idx), lse_vt.index_select(1, idx))
+        out_v[:, :, heads] = o.to(out.dtype)
+    out[:, video] = out_v
+    return out
+
+
+def _run_group(spec: HeadStrategy, heads: list[int], q, k, v, site: AttentionSite):
+    """One head group's video-video attention -> (out (B, S, G, D), lse (B, G, S))."""
+    b, s, g, _ = q.shape
+    if spec.strategy == "dense" and not spec.fp8:
+        site.stats.add(0, b * g * s * s)
+        return dense_attention_lse(q, k, v)
+    layout = _layout(spec, heads, q, k, site)
+    if not spec.rescale:
+        site.stats.add(0, b * g * s * s * layout.density())
+        return site.executor.run(q, k, v, layout, fp8=spec.fp8)
+    return _rescaled(spec, heads, q, k, v, layout, site)
+
+
+def _layout(spec: HeadStrategy, heads: list[int], q, k, site: AttentionSite) -> BlockLayout:
+    strategy = get_strategy(spec.strategy)
+    ctx = BuildContext(site.grid, site.block_q, site.block_k, q, k)
+    if not strategy.dynamic:
+        key = (spec, site.grid, site.block_q, site.block_k, q.device)
+        if key not in site.static_layouts:
+            layout = full_layout(ctx.seq_len, site.block_q, site.block_k) if spec.strategy == "dense" else \
+                strategy.layout(spec.param_dict, ctx)
+            site.static_layouts[key] = _to_device(layout, q.device)
+        return site.static_layouts[key]
+    key = ("layout", site.module_name, tuple(heads), site.branch)
+    entry = site.cache.get(key)
+    if not site.is_fresh(entry) or entry["grid"] != site.grid or entry["batch"] != q.shape[0]:
+        entry = {"step": site.step, "grid": site.grid, "batch": q.shape[0], "layout": strategy.layout(spec.param_dict, ctx)}
+        site.cache[key] = entry
+    return entry["layout"]
+
+
+def _rescaled(spec, heads, q, k, v, layout: BlockLayout, site: AttentionSite):
+    """Re-scaled softmax: keep each row's in-layout share of mass from the last dense refresh, add its residual."""
+    b, s, g, _ = q.shape
+    key = ("rescale", site.module_name, tuple(heads), site.branch)
+    entry = site.cache.get(key)
+    out_s, lse_s = site.executor.run(q, k, v, layout, fp8=spec.fp8)
+    site.stats.add(0, b * g * s * s * layout.density())
+    if site.is_fresh(entry) and entry["shape"] == tuple(q.shape):
+        ratio, residual = entry["ratio"], entry["residual"]
+        out = out_s.float() * ratio.transpose(1, 2).unsqueeze(-1) + residual
+        return out.to(q.dtype), lse_s - torch.log(ratio)
+    out_d, lse_d = dense_attention_lse(q, k, v)
+    site.stats.add(0, b * g * s * s)
+    ratio = torch.exp(lse_s - lse_d).clamp(min=1e-6, max=1.0)  # (B, G, S): in-layout share of the dense mass
+    residual = out_d.float() - out_s.float() * ratio.transpose(1, 2).unsqueeze(-1)
+    site.cache[key] = {"step": site.step, "shape": tuple(q.shape), "ratio": ratio, "residual": residual}
+    return out_d, lse_d
+
+
+def _to_device(layout: BlockLayout, device) -> BlockLayout:
+    if layout.kv_index.device == torch.device(device):
+        return layout
+    level = None if layout.kv_level is None else layout.kv_level.to(device)
+    return BlockLayout(layout.seq_len, layout.block_q, layout.block_k, layout.kv_index.to(device),
+                       layout.kv_count.to(device), level)

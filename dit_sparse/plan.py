@@ -1,0 +1,318 @@
+"""SparsePlan: which strategy runs in every (attention module, head), saved as versioned, validated JSON.
+
+JSON layout (version 1)::
+
+    {
+      "format": "dit-sparse-plan", "version": 1,
+      "model": {"transformer_class": "WanTransformer3DModel", "num_layers": 30, "num_heads": 12, "head_dim": 128},
+      "calibration": {...free-form metadata...},
+      "default": {"strategy": "dense"},
+      "schedule": {"dense_first": 0.2, "dense_last_steps": 0, "dense_layers": [0], "refresh_interval": 5},
+      "modules": {
+        "blocks.3.attn1": {"strategy": "diagonal", "window": [1, 0.25, 0.25]},
+        "blocks.4.attn1": [{"strategy": "skip"}, {"strategy": "block_adaptive", "tau": 0.9, "rescale": true}, ...]
+      }
+    }
+
+A module entry is one strategy for every head or a list with one strategy per head. Strategy parameters sit beside
+"strategy"; the modifiers "rescale" and "fp8" are booleans. Missing parameters take the strategy's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .strategies import MODIFIERS, STRATEGIES
+
+PLAN_FORMAT = "dit-sparse-plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used; the message names the JSON path of the problem."""
+
+
+def _freeze(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def _thaw(value):
+    return list(_thaw(v) for v in value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class HeadStrategy:
+    """One head's strategy: a registered name, its full parameters, and the two modifiers."""
+
+    strategy: str
+    params: tuple[tuple[str, Any], ...] = ()
+    rescale: bool = False
+    fp8: bool = False
+
+    @classmethod
+    def make(cls, strategy: str, path: str = "$", **given) -> "HeadStrategy":
+        """Validate and fill defaults; raises PlanError naming `path` on a bad name or parameter."""
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise PlanError(f"{path}.strategy: unknown strategy {strategy!r}; known: {', '.join(sorted(STRATEGIES))}")
+        impl = STRATEGIES[strategy]
+        modifiers = {m: given.pop(m, False) for m in MODIFIERS}
+        for name, value in modifiers.items():
+            if not isinstance(value, bool):
+                raise PlanError(f"{path}.{name}: must be true or false, got {value!r}")
+        if modifiers["rescale"] and not impl.computes or modifiers["rescale"] and strategy == "dense":
+            raise PlanError(f"{path}.rescale: only sparse strategies can be re-scaled, not {strategy!r}")
+        unknown = sorted(set(given) - set(impl.params))
+        if unknown:
+            allowed = ", ".join(sorted(impl.params)) or "none"
+            raise PlanError(f"{path}.{unknown[0]}: unknown parameter for {strategy!r} (allowed: {allowed}, rescale, fp8)")
+        params = {}
+        for name, spec in impl.params.items():
+            value = given.get(name, spec.default)
+            error = spec.check(value)
+            if error:
+                raise PlanError(f"{path}.{name}: {error}")
+            params[name] = _freeze(value)
+        return cls(strategy, tuple(sorted(params.items())), modifiers["rescale"], modifiers["fp8"])
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"strategy": self.strategy}
+        out.update({k: _thaw(v) for k, v in self.params})
+        if self.rescale:
+            out["rescale"] = True
+        if self.fp8:
+            out["fp8"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, path: str) -> "HeadStrategy":
+        if isinstance(data, str):
+            return cls.make(data, path)
+        if not isinstance(data, Mapping) or "strategy" not in data:
+            raise PlanError(f"{path}: expected an object with a \"strategy\" key, got {data!r}")
+        given = dict(data)
+        return cls.make(given.pop("strategy"), path, **given)
+
+    def describe(self) -> str:
+        extras = [f"{k}={_thaw(v)}" for k, v in self.params]
+        extras += [m for m in MODIFIERS if getattr(self, m)]
+        return self.strategy + (f"({', '.join(extras)})" if extras else "")
+
+
+DENSE = HeadStrategy("dense")
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    transformer_class: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+    def mismatch(self, other: "ModelFingerprint") -> str | None:
+        fields = ("transformer_class", "num_layers", "num_heads", "head_dim")
+        diffs = [f"{f}: plan has {getattr(self, f)!r}, model has {getattr(other, f)!r}" for f in fields
+                 if getattr(self, f) != getattr(other, f)]
+        return "; ".join(diffs) or None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the plan applies. dense_first is a fraction of the denoising steps that run dense at the start."""
+
+    dense_first: float = 0.0
+    dense_last_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+    refresh_interval: int = 5
+
+    @classmethod
+    def from_json(cls, data: Any, path: str = "$.schedule") -> "Schedule":
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{path}: expected an object, got {data!r}")
+        unknown = sorted(set(data) - {"dense_first", "dense_last_steps", "dense_layers", "refresh_interval"})
+        if unknown:
+            raise PlanError(f"{path}.{unknown[0]}: unknown key (allowed: dense_first, dense_last_steps, dense_layers, refresh_interval)")
+        values = dict(data)
+        if isinstance(values.get("dense_layers"), list):
+            values["dense_layers"] = tuple(values["dense_layers"])
+        out = cls(**values)
+        out.validate(path)
+        return out
+
+    def validate(self, path: str = "$.schedule") -> None:
+        if not _is_number(self.dense_first) or not 0.0 <= self.dense_first <= 1.0:
+            raise PlanError(f"{path}.dense_first: must be a fraction of steps in [0, 1], got {self.dense_first!r}")
+        if not _is_int(self.dense_last_steps) or self.dense_last_steps < 0:
+            raise PlanError(f"{path}.dense_last_steps: must be an integer >= 0, got {self.dense_last_steps!r}")
+        if not isinstance(self.dense_layers, tuple) or not all(_is_int(i) and i >= 0 for i in self.dense_layers):
+            raise PlanError(f"{path}.dense_layers: must be a list of layer indices >= 0, got {self.dense_layers!r}")
+        if not _is_int(self.refresh_interval) or self.refresh_interval < 1:
+            raise PlanError(f"{path}.refresh_interval: must be an integer >= 1, got {self.refresh_interval!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dense_first": self.dense_first, "dense_last_steps": self.dense_last_steps,
+                "dense_layers": list(self.dense_layers), "refresh_interval": self.refresh_interval}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """A per-module, per-head plan for one transformer architecture."""
+
+    model: ModelFingerprint
+    modules: Mapping[str, tuple[HeadStrategy, ...]] = field(default_factory=dict)
+    default: HeadStrategy = DENSE
+    schedule: Schedule = Schedule()
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, heads in self.modules.items():
+            if len(heads) != self.model.num_heads:
+                raise PlanError(
+                    f"$.modules[{name!r}]: {len(heads)} head strategies for a model with {self.model.num_heads} heads"
+                )
+        self.schedule.validate()
+
+    # -- queries ---------------------------------------------------------------------------------------------
+    def heads_for(self, module_name: str) -> tuple[HeadStrategy, ...]:
+        """The strategy of every head of one attention module (the default where the plan says nothing)."""
+        return self.modules.get(module_name) or (self.default,) * self.model.num_heads
+
+    def spec_for(self, module_name: str, head: int) -> HeadStrategy:
+        return self.heads_for(module_name)[head]
+
+    def strategy_for(self, module_name: str, head: int) -> str:
+        """Name of the strategy that runs in this module and head."""
+        return self.spec_for(module_name, head).strategy
+
+    # -- builders ----------------------------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, transformer, strategy: str, *, schedule: Schedule | None = None, **params) -> "SparsePlan":
+        """Every supported self-attention of `transformer` runs `strategy` with `params` on every head."""
+        from .adapters import adapter_for_transformer
+
+        adapter = adapter_for_transformer(transformer)
+        fingerprint = adapter.fingerprint(transformer)
+        spec = HeadStrategy.make(strategy, "$.default", **params)
+        modules = {name: (spec,) * fingerprint.num_heads for name, _ in adapter.covered_modules(transformer)}
+        return cls(fingerprint, modules, spec, schedule or Schedule())
+
+    def with_module(self, module_name: str, spec: HeadStrategy | list[HeadStrategy]) -> "SparsePlan":
+        """A copy with one module overridden (one strategy for every head, or one per head)."""
+        heads = tuple(spec) if isinstance(spec, (list, tuple)) else (spec,) * self.model.num_heads
+        return replace(self, modules={**self.modules, module_name: heads})
+
+    def with_schedule(self, **changes) -> "SparsePlan":
+        return replace(self, schedule=replace(self.schedule, **changes))
+
+    # -- JSON --------------------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        modules = {}
+        for name, heads in self.modules.items():
+            modules[name] = heads[0].to_json() if len(set(heads)) == 1 else [h.to_json() for h in heads]
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": {"transformer_class": self.model.transformer_class, "num_layers": self.model.num_layers,
+                      "num_heads": self.model.num_heads, "head_dim": self.model.head_dim},
+            "calibration": dict(self.calibration),
+            "default": self.default.to_json(),
+            "schedule": self.schedule.to_json(),
+            "modules": modules,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan atomically (a crash never leaves a half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SparsePlan":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise PlanError(f"plan file not found: {path}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return cls.from_json(data, source=str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "<plan>") -> "SparsePlan":
+        try:
+            return cls._parse(data)
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from None
+
+    @classmethod
+    def _parse(cls, data: Any) -> "SparsePlan":
+        if not isinstance(data, Mapping):
+            raise PlanError("$: a plan must be a JSON object")
+        allowed = {"format", "version", "model", "calibration", "default", "schedule", "modules"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise PlanError(f"$.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"$.format: expected {PLAN_FORMAT!r}, got {data.get('format')!r}")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"$.version: this dit-sparse reads version {PLAN_VERSION}, got {data.get('version')!r}")
+        model = cls._parse_model(data.get("model"))
+        default = HeadStrategy.from_json(data.get("default", "dense"), "$.default")
+        schedule = Schedule.from_json(data.get("schedule", {}))
+        raw_modules = data.get("modules", {})
+        if not isinstance(raw_modules, Mapping):
+            raise PlanError("$.modules: expected an object keyed by module name")
+        modules = {}
+        for name, entry in raw_modules.items():
+            path = f"$.modules[{name!r}]"
+            if isinstance(entry, list):
+                if len(entry) != model.num_heads:
+                    raise PlanError(f"{path}: {len(entry)} head strategies, but the model has {model.num_heads} heads")
+                modules[name] = tuple(HeadStrategy.from_json(h, f"{path}[{i}]") for i, h in enumerate(entry))
+            else:
+                modules[name] = (HeadStrategy.from_json(entry, path),) * model.num_heads
+        calibration = data.get("calibration", {})
+        if not isinstance(calibration, Mapping):
+            raise PlanError("$.calibration: expected an object")
+        return cls(model, modules, default, schedule, dict(calibration))
+
+    @staticmethod
+    def _parse_model(data: Any) -> ModelFingerprint:
+        if not isinstance(data, Mapping):
+            raise PlanError("$.model: expected an object with transformer_class, num_layers, num_heads, head_dim")
+        expected = {"transformer_class": str, "num_layers": int, "num_heads": int, "head_dim": int}
+        unknown = sorted(set(data) - set(expected))
+        if unknown:
+            raise PlanError(f"$.model.{unknown[0]}: unknown key (allowed: {', '.join(expected)})")
+        for key, kind in expected.items():
+            value = data.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+                raise PlanError(f"$.model.{key}: expected {'a positive integer' if kind is int else 'a string'}, got {value!r}")
+        return ModelFingerprint(**{k: data[k] for k in expected})

@@ -1,0 +1,13 @@
+"""tiny-shapes: the embedded default text-to-video DiT (procedural data, checker, pipeline, training)."""
+
+from .model import TinyShapesConfig, build_pipeline
+from .pipeline import WEIGHTS_DIR, TinyShapesPipeline, TinyShapesPipelineOutput, load_tiny_shapes
+
+__all__ = [
+    "TinyShapesConfig",
+    "TinyShapesPipeline",
+    "TinyShapesPipelineOutput",
+    "WEIGHTS_DIR",
+    "build_pipeline",
+    "load_tiny_shapes",
+]

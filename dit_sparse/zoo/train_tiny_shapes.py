@@ -1,0 +1,180 @@
+"""Train tiny-shapes from scratch on procedural clips (rectified flow), then export the EMA pipeline.
+
+    python -m dit_sparse.zoo.train_tiny_shapes --out /tmp/tiny_shapes_ckpt [--steps N] [--resume]
+
+Seeded and resumable: batch ``i`` is a pure function of ``(seed, i)`` (clips, noise, timesteps and caption
+dropout), and a checkpoint (model, EMA, optimizer, step) is written atomically every ``--ckpt-minutes``, so a
+resumed run follows the same trajectory as an uninterrupted one. At the end the EMA weights are exported with
+``save_pretrained`` to ``--export`` (default: the package folder ``dit_sparse/zoo/weights/tiny-shapes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .model import TinyShapesConfig, build_pipeline, encode_text
+from .pipeline import WEIGHTS_DIR
+from .shapes_data import sample_batch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="checkpoint / log directory")
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-frac", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.998, help="maximum EMA decay (warmed up as (1+s)/(10+s))")
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast dtype for the forward")
+    p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early (and export) after this wall time")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--export", default=str(WEIGHTS_DIR), help="where to save_pretrained the EMA pipeline")
+    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=32)
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, a) -> float:
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    t = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def make_batch(step: int, a, tokenizer, text_encoder):
+    """Everything random about step ``step`` comes from (seed, step)."""
+    caps, x0 = sample_batch(a.seed * 1_000_003 + step, a.batch_size, a.frames, a.size)
+    g = torch.Generator().manual_seed(a.seed * 7_919 + step + 17)
+    drop = torch.rand(len(caps), generator=g) < a.caption_dropout
+    caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = torch.sigmoid(torch.randn(len(caps), generator=g))  # logit-normal(0, 1)
+    return caps, x0, noise, sigma
+
+
+def save_checkpoint(path: Path, state: dict):
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export(pipe_modules, ema_state, out_dir: Path, info: dict):
+    pipe = build_pipeline(TinyShapesConfig(**info["config"]))
+    pipe.transformer.load_state_dict(ema_state["transformer"])
+    pipe.text_encoder.load_state_dict(ema_state["text_encoder"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return pipe
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    cfg = TinyShapesConfig()
+    torch.manual_seed(a.seed)
+    pipe = build_pipeline(cfg, seed=a.seed)
+    tok, te, tr = pipe.tokenizer, pipe.text_encoder, pipe.transformer
+    te.train()
+    tr.train()
+    params = list(tr.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
+    ema = {"transformer": {k: v.detach().clone() for k, v in tr.state_dict().items()},
+           "text_encoder": {k: v.detach().clone() for k, v in te.state_dict().items()}}
+    step, elapsed_before, loss_avg, history = 0, 0.0, None, []
+    if a.resume and ckpt_path.exists():
+        st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        tr.load_state_dict(st["transformer"])
+        te.load_state_dict(st["text_encoder"])
+        opt.load_state_dict(st["optimizer"])
+        ema = st["ema"]
+        step, elapsed_before, loss_avg, history = st["step"], st["elapsed"], st["loss_avg"], st["history"]
+        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    log = open(out / "train_log.jsonl", "a")
+
+    def state():
+        return {"transformer": tr.state_dict(), "text_encoder": te.state_dict(), "optimizer": opt.state_dict(),
+                "ema": ema, "step": step, "elapsed": elapsed_before + time.time() - t_start, "loss_avg": loss_avg,
+                "history": history, "args": vars(a), "config": cfg.to_dict()}
+
+    t_start = time.time()
+    last_ckpt = time.time()
+    amp = a.amp == "bf16"
+    bar = tqdm(total=a.steps, initial=step, desc="train tiny-shapes", dynamic_ncols=True, mininterval=2.0)
+    while step < a.steps:
+        if a.max_minutes is not None and (elapsed_before + time.time() - t_start) / 60 > a.max_minutes:
+            print(f"time budget of {a.max_minutes} min reached at step {step}", flush=True)
+            break
+        caps, x0, noise, sigma = make_batch(step, a, tok, te)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = noise - x0
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step, a)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            emb = encode_text(tok, te, caps)
+            pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        d = min(a.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, mod in (("transformer", tr), ("text_encoder", te)):
+                for k, v in mod.state_dict().items():
+                    e = ema[name][k]
+                    if v.dtype.is_floating_point:
+                        e.mul_(d).add_(v.detach(), alpha=1 - d)
+                    else:
+                        e.copy_(v)
+        lv = loss.item()
+        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr_at(step - 1, a):.2e}")
+        if step % 25 == 0 or step == a.steps:
+            rec = {"step": step, "loss": lv, "loss_avg": loss_avg, "grad_norm": float(gnorm),
+                   "lr": lr_at(step - 1, a), "elapsed_s": round(elapsed_before + time.time() - t_start, 1)}
+            history.append(rec)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), flush=True)
+        if time.time() - last_ckpt > a.ckpt_minutes * 60:
+            save_checkpoint(ckpt_path, state())
+            last_ckpt = time.time()
+    bar.close()
+    save_checkpoint(ckpt_path, state())
+    total = elapsed_before + time.time() - t_start
+    info = {"config": cfg.to_dict(), "args": {k: v for k, v in vars(a).items() if k not in ("out", "export")},
+            "steps_done": step, "wall_seconds": round(total, 1), "final_loss_avg": loss_avg,
+            "command": "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(sys.argv[1:] if argv is None else argv),
+            "torch": torch.__version__}
+    print(json.dumps({k: info[k] for k in ("steps_done", "wall_seconds", "final_loss_avg")}), flush=True)
+    if not a.no_export:
+        export(pipe, ema, Path(a.export), info)
+        print(f"exported EMA pipeline to {a.export}", flush=True)
+    return info
+
+
+if __name__ == "__main__":
+    main()
