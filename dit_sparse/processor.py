@@ -52,6 +52,10 @@ def _context_hook():
             super().__init__()
             self.state = StateManager(_NoState)
 
+        def reset_state(self, module):
+            # Pipelines reset stateful hooks after each generation; our step state resets itself by timestep.
+            return module
+
     return _ContextHook()
 
 

@@ -46,3 +46,29 @@ def cogvideox_inputs(batch=2, frames=3, height=10, width=14, text=6, seed=1):
         timestep=torch.full((batch,), 500, dtype=torch.long),
         return_dict=False,
     )
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """WanPipeline with a tiny transformer and VAE; no text encoder (tests pass prompt embeddings)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=tiny_wan(seed), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipe
+
+
+def tiny_cogvideox_pipeline(seed: int = 0):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), transformer=tiny_cogvideox(seed),
+                             scheduler=CogVideoXDDIMScheduler())
+    return pipe

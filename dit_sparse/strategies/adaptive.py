@@ -93,8 +93,8 @@ class BlockAdaptive(Strategy):
         mass, order, mass_before = ranked_block_mass(ctx)
         nk = mass.shape[-1]
         rank = torch.arange(nk, device=mass.device)
-        keep_sorted = mass_before < params["tau"] if params["topk"] is None else rank < params["topk"]
-        keep_sorted &= rank < max(1, math.ceil(params["cap"] * nk))
+        by_mass = mass_before < params["tau"] if params["topk"] is None else (rank < params["topk"]).expand_as(mass)
+        keep_sorted = by_mass & (rank < max(1, math.ceil(params["cap"] * nk)))
         keep = _unsort(keep_sorted, order)
         forced_keys, dense_rows, own = guards(ctx, params["min_similarity"])
         keep = keep | forced_keys | dense_rows | own

@@ -1,0 +1,214 @@
+"""SparseProcessor inside real diffusers transformers and pipelines (tiny, random weights)."""
+
+import pytest
+import torch
+from tiny_models import (cogvideox_inputs, tiny_cogvideox, tiny_cogvideox_pipeline, tiny_wan, tiny_wan_pipeline,
+                         wan_inputs)
+
+import dit_sparse
+from dit_sparse import AlreadyAppliedError, PlanMismatchError, SparsePlan, SparseProcessor, UnsupportedModelError
+from dit_sparse.attend import AttentionSite, attend
+from dit_sparse.executors import get_executor
+from dit_sparse.layout import Grid
+from dit_sparse.plan import HeadStrategy
+
+BLOCKS = (16, 16)
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("build,inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)])
+def test_dense_plan_equals_stock_and_remove_restores(build, inputs):
+    model, x = build(), inputs()
+    originals = dict(model.attn_processors)
+    stock = run(model, x)
+    processor = dit_sparse.apply(model, SparsePlan.uniform(model, "dense"))
+    assert (run(model, x) - stock).abs().max() <= 1e-6
+    assert processor.stats.calls == 2
+    dit_sparse.remove(model)
+    assert all(model.attn_processors[k] is v for k, v in originals.items())
+    assert torch.equal(run(model, x), stock)
+
+
+@pytest.mark.parametrize("build,inputs", [(tiny_wan, wan_inputs), (tiny_cogvideox, cogvideox_inputs)])
+def test_one_line_form_equals_apply(build, inputs):
+    model, x = build(), inputs()
+    plan = SparsePlan.uniform(model, "diagonal", window=[0, 1, 1])
+    dit_sparse.apply(model, plan, block_size=BLOCKS)
+    applied = run(model, x)
+    dit_sparse.remove(model)
+    model.set_attn_processor(SparseProcessor(plan, block_size=BLOCKS))
+    assert torch.equal(run(model, x), applied)
+    assert "diagonal" in dit_sparse.summary(model)
+    dit_sparse.remove(model)
+    assert not any(isinstance(p, SparseProcessor) for p in model.attn_processors.values())
+
+
+def test_sparse_plan_changes_output_by_a_measured_amount_and_counts_work():
+    model, x = tiny_wan(), wan_inputs(frames=3, height=10, width=14)
+    stock = run(model, x)
+    processor = dit_sparse.apply(model, SparsePlan.uniform(model, "diagonal", window=[0, 1, 1]), block_size=BLOCKS)
+    out = run(model, x)
+    rel = float((out - stock).norm() / stock.norm())
+    assert 0 < rel < 1
+    grid = Grid(3, 5, 7)
+    layout = dit_sparse.strategies.get_strategy("diagonal").layout({"window": (0, 1, 1)},
+                                                                   dit_sparse.strategies.BuildContext(grid, *BLOCKS))
+    assert processor.stats.executed_density == pytest.approx(layout.density())
+    assert processor.stats.executed_density < 1
+
+
+def test_unsupported_transformer_lists_supported_and_leaves_model_unchanged():
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    before = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    assert before
+    plan = SparsePlan.uniform(tiny_wan(), "dense")
+    with pytest.raises(UnsupportedModelError, match="supported transformers: .*WanTransformer3DModel"):
+        dit_sparse.apply(model, plan)
+    assert all(dict(model.named_modules())[k].processor is v for k, v in before.items())
+
+
+def test_plan_for_another_model_names_both():
+    plan = SparsePlan.uniform(tiny_wan(), "dense")
+    from diffusers import WanTransformer3DModel
+
+    other = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=3)
+    before = dict(other.attn_processors)
+    with pytest.raises(PlanMismatchError) as err:
+        dit_sparse.apply(other, plan)
+    message = str(err.value)
+    assert "num_layers: plan has 2, model has 3" in message and "num_heads: plan has 2, model has 4" in message
+    assert all(other.attn_processors[k] is v for k, v in before.items())
+
+
+def test_applying_twice_is_refused():
+    model = tiny_wan()
+    plan = SparsePlan.uniform(model, "dense")
+    dit_sparse.apply(model, plan)
+    with pytest.raises(AlreadyAppliedError, match="remove"):
+        dit_sparse.apply(model, plan)
+
+
+def test_nan_input_behaves_like_dense_attention():
+    model, x = tiny_wan(), wan_inputs()
+    x["hidden_states"][0, 0, 0, 0, 0] = float("nan")
+    stock = run(model, x)
+    dit_sparse.apply(model, SparsePlan.uniform(model, "diagonal", window=[0, 1, 1]), block_size=BLOCKS)
+    out = run(model, x)
+    assert torch.isnan(stock).any() and torch.isnan(out).any()  # propagated, not masked away
+
+
+def test_batch_dtypes_and_changing_resolution():
+    model = tiny_wan()
+    plan = SparsePlan.uniform(model, "block_adaptive", tau=0.8)
+    dit_sparse.apply(model, plan, block_size=BLOCKS)
+    for frames, height, width in [(3, 10, 14), (2, 12, 8), (4, 6, 10)]:
+        out = run(model, wan_inputs(batch=2, frames=frames, height=height, width=width))
+        assert out.shape == (2, 4, frames, height, width) and torch.isfinite(out).all()
+    ref = run(model, wan_inputs(batch=2))
+    for dtype in (torch.bfloat16, torch.float16):
+        low = model.to(dtype)
+        x = wan_inputs(batch=2)
+        x["hidden_states"] = x["hidden_states"].to(dtype)
+        x["encoder_hidden_states"] = x["encoder_hidden_states"].to(dtype)
+        out = run(low, x)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert float((out.float() - ref).norm() / ref.norm()) < 0.1
+    model.to(torch.float32)
+
+
+def _site(spec, grid, step, cache, executor="cpu"):
+    return AttentionSite("blocks.0.attn1", (spec, spec), grid, step, False, 3, "cond", get_executor(executor),
+                         16, 16, cache, {})
+
+
+def test_rescale_refresh_is_exact_dense_and_reuses_its_statistics():
+    grid = Grid(3, 5, 7)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, grid.num_tokens, 2, 16, generator=g) for _ in range(3))
+    spec = HeadStrategy.make("diagonal", window=[0, 1, 1], rescale=True)
+    plain = HeadStrategy.make("diagonal", window=[0, 1, 1])
+    cache = {}
+    dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    refreshed = attend(q, k, v, _site(spec, grid, 0, cache))
+    assert (refreshed - dense).abs().max() < 1e-5
+    # Same inputs one step later: the cached share and residual reproduce dense attention exactly.
+    assert (attend(q, k, v, _site(spec, grid, 1, cache)) - dense).abs().max() < 1e-5
+    # New inputs: re-scaled sparse differs from plain sparse, and from its own refresh.
+    q2 = q + 0.3 * torch.randn(q.shape, generator=g)
+    rescaled = attend(q2, k, v, _site(spec, grid, 2, cache))
+    sparse = attend(q2, k, v, _site(plain, grid, 2, {}))
+    dense2 = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q2, k, v))).transpose(1, 2)
+    assert (rescaled - sparse).abs().max() > 1e-3
+    assert (rescaled - dense2).norm() < (sparse - dense2).norm()
+    # Past the refresh interval it refreshes to dense again.
+    assert (attend(q2, k, v, _site(spec, grid, 3, cache)) - dense2).abs().max() < 1e-5
+    # The reference executor gives the same numbers.
+    assert (attend(q2, k, v, _site(spec, grid, 4, dict(cache), "reference")) -
+            attend(q2, k, v, _site(spec, grid, 4, dict(cache), "cpu"))).abs().max() < 1e-5
+
+
+def _pipe_call(pipe, steps=4, **kw):
+    g = torch.Generator().manual_seed(0)
+    text = pipe.transformer.config.get("max_text_seq_length", 5) if hasattr(pipe.transformer.config, "get") else 5
+    emb = torch.randn(1, text, 24, generator=g)
+    neg = torch.randn(1, text, 24, generator=g)
+    return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, guidance_scale=4.0,
+                output_type="pt", generator=torch.Generator().manual_seed(1), **kw).frames
+
+
+@pytest.mark.parametrize("build,size", [(tiny_wan_pipeline, dict(height=64, width=80, num_frames=5)),
+                                        (tiny_cogvideox_pipeline, dict(height=40, width=56, num_frames=9))])
+def test_sparse_plan_in_a_pipeline_end_to_end(build, size):
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    dense = _pipe_call(pipe, **size)
+    processor = dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, "diagonal", window=[0, 1, 1]).with_schedule(
+        dense_first=0.25), block_size=BLOCKS)
+    sparse = _pipe_call(pipe, **size)
+    err = float((sparse - dense).abs().max())
+    print(f"{type(pipe).__name__}: executed attention {processor.stats.executed_density:.1%}, max abs diff {err:.4f}")
+    assert 0 < err and torch.isfinite(sparse).all()
+    # dense first 25% of 4 steps = step 0 dense; the rest at the diagonal layout's density.
+    assert 0.0 < processor.stats.executed_density < 1.0
+    dit_sparse.remove(pipe)
+    assert torch.equal(_pipe_call(pipe, **size), dense)
+
+
+def test_dense_first_steps_come_from_the_pipeline_not_call_counts():
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    plan = SparsePlan.uniform(pipe.transformer, "diagonal", window=[0, 1, 1]).with_schedule(dense_first=0.5)
+    processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    seen = []
+    original = processor._dense_now
+
+    def spy(state, layer):
+        result = original(state, layer)
+        seen.append((state.step, state.branch, result))
+        return result
+
+    processor._dense_now = spy
+    _pipe_call(pipe, steps=4, height=64, width=80, num_frames=5)
+    steps = sorted({(s, b, d) for s, b, d in seen})
+    assert steps == [(0, "cond", True), (0, "uncond", True), (1, "cond", True), (1, "uncond", True),
+                     (2, "cond", False), (2, "uncond", False), (3, "cond", False), (3, "uncond", False)]
+
+
+def test_dynamic_layout_cache_is_keyed_by_branch_and_refreshed():
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    plan = SparsePlan.uniform(pipe.transformer, "block_adaptive", tau=0.7).with_schedule(refresh_interval=2)
+    processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    _pipe_call(pipe, steps=3, height=64, width=80, num_frames=5)
+    state = next(iter(processor._states.values()))
+    branches = {key[3] for key in state.cache if key[0] == "layout"}
+    assert branches == {"cond", "uncond"}
+    assert {entry["step"] for entry in state.cache.values()} == {2}  # estimated at step 0, refreshed at step 2
