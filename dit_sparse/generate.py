@@ -1,0 +1,226 @@
+"""`dit-sparse generate`: the same prompt and seed dense and sparse, with timings, fidelity and the caption check."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .api import apply, remove
+from .metrics import psnr, ssim, to_uint8_video
+from .plan import SparsePlan
+from .strategies import STRATEGIES
+from .timing import AttentionTimer
+
+logger = logging.getLogger(__name__)
+
+TINY_SHAPES = "tiny-shapes"
+PLANS_DIR = Path(__file__).resolve().parent / "plans"
+DEFAULT_PLANS = {"TinyShapesPipeline": PLANS_DIR / "tiny-shapes.plan.json"}
+DEFAULT_PROMPTS = {"TinyShapesPipeline": "a red circle moving right on a dark background"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class GenerateError(ValueError):
+    """Bad arguments for generate: the message says what was wrong and how to fix it."""
+
+
+@dataclass
+class GenerateConfig:
+    prompt: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    plan: str | None = None
+    model: str = TINY_SHAPES
+    device: str = "cpu"
+    dtype: str = "float32"
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    out: str | None = "out/generate"
+    executor: str | None = None
+    progress: bool = True
+
+
+def load_model(model: str, device: str, dtype: torch.dtype):
+    """tiny-shapes from the package's shipped weights, or any diffusers pipeline by local path or hub id."""
+    if model == TINY_SHAPES:
+        from .zoo import load_tiny_shapes
+
+        return load_tiny_shapes(device=device, dtype=dtype)
+    from diffusers import DiffusionPipeline
+
+    if not Path(model).exists() and model.count("/") != 1:
+        raise GenerateError(f"--model: {model!r} is neither a local directory nor a hub id (owner/name)")
+    pipeline_cls = DiffusionPipeline
+    index = Path(model) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "TinyShapesPipeline":
+        from .zoo import TinyShapesPipeline
+
+        pipeline_cls = TinyShapesPipeline  # diffusers cannot resolve the project's own pipeline class by name
+    try:
+        pipe = pipeline_cls.from_pretrained(model, torch_dtype=dtype)
+    except OSError as e:
+        raise GenerateError(f"--model: could not load {model!r}: {e}") from None
+    return pipe.to(device)
+
+
+def resolve_plan(spec: str | None, pipe, transformer) -> SparsePlan:
+    """A plan file, a uniform strategy name, or the shipped default plan of the pipeline's kind."""
+    kind = type(pipe).__name__
+    if spec is None or spec == "default":
+        if kind not in DEFAULT_PLANS:
+            raise GenerateError(f"no default plan ships for {kind}; pass --plan FILE or a strategy name "
+                                f"({', '.join(sorted(STRATEGIES))})")
+        return SparsePlan.load(DEFAULT_PLANS[kind])
+    if spec in STRATEGIES:
+        return SparsePlan.uniform(transformer, spec)
+    if not Path(spec).exists():
+        raise GenerateError(f"--plan: {spec!r} is neither a plan file nor a strategy "
+                            f"(known strategies: {', '.join(sorted(STRATEGIES))})")
+    return SparsePlan.load(spec)
+
+
+def _call_kwargs(cfg: GenerateConfig, pipe) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"output_type": "np"}
+    kwargs["prompt"] = cfg.prompt or DEFAULT_PROMPTS.get(type(pipe).__name__, "a cat walking on grass")
+    for name, value in (("num_inference_steps", cfg.steps), ("guidance_scale", cfg.guidance),
+                        ("height", cfg.height), ("width", cfg.width), ("num_frames", cfg.frames)):
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
+def _validate(cfg: GenerateConfig) -> None:
+    if cfg.steps is not None and cfg.steps <= 0:
+        raise GenerateError(f"--steps must be a positive number of denoising steps, got {cfg.steps}")
+    for name in ("height", "width", "frames"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise GenerateError(f"--{name} must be positive, got {value}")
+    if cfg.dtype not in DTYPES:
+        raise GenerateError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerateError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
+
+
+def _run(pipe, kwargs, seed, device, timer_target) -> tuple[np.ndarray, float, float]:
+    timer = AttentionTimer()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with timer.measure(*timer_target):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            result = pipe(generator=generator, **kwargs)
+        except ValueError as e:
+            raise GenerateError(f"the pipeline refused these settings: {e}") from None
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        total = time.perf_counter() - start
+    frames = result.frames[0]
+    frames = frames.float().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    return frames, total, timer.seconds
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
+    import imageio.v2 as imageio
+
+    video = to_uint8_video(frames)
+    scale = max(1, 256 // video.shape[1])  # tiny clips are upscaled (nearest) to be visible
+    video = video.repeat(scale, axis=1).repeat(scale, axis=2)
+    imageio.mimwrite(str(path), list(video), fps=fps, macro_block_size=1)
+
+
+def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
+    """Generate dense and sparse with the same seed; return (and write, with --out) the report."""
+    _validate(cfg)
+    dtype = DTYPES[cfg.dtype]
+    pipe = load_model(cfg.model, cfg.device, dtype)
+    pipe.set_progress_bar_config(disable=not cfg.progress, desc="denoising")
+    from .api import transformers_of
+
+    transformers = transformers_of(pipe)
+    plan = resolve_plan(cfg.plan, pipe, transformers[0])
+    kwargs = _call_kwargs(cfg, pipe)
+
+    dense, dense_s, dense_attn = _run(pipe, kwargs, cfg.seed, cfg.device, transformers)
+    processor = apply(pipe, plan, executor=cfg.executor)
+    try:
+        sparse, sparse_s, sparse_attn = _run(pipe, kwargs, cfg.seed, cfg.device, transformers)
+    finally:
+        remove(pipe)
+
+    report: dict[str, Any] = {
+        "model": cfg.model,
+        "plan": cfg.plan or "default",
+        "prompt": kwargs["prompt"],
+        "seed": cfg.seed,
+        "steps": kwargs.get("num_inference_steps"),
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "frames_shape": list(dense.shape),
+        "dense_seconds": dense_s,
+        "sparse_seconds": sparse_s,
+        "speedup": dense_s / sparse_s,
+        "dense_attention_seconds": dense_attn,
+        "sparse_attention_seconds": sparse_attn,
+        "attention_speedup": dense_attn / sparse_attn if sparse_attn else None,
+        "executed_attention_density": processor.stats.executed_density,
+        "psnr": psnr(dense, sparse),
+        "ssim": ssim(dense, sparse),
+        "dense_caption_ok": None,
+        "sparse_caption_ok": None,
+        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                     "torch_threads": torch.get_num_threads(),
+                     "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None},
+        "versions": _versions(),
+    }
+    if type(pipe).__name__ == "TinyShapesPipeline":
+        from .zoo.checker import check_clip
+
+        try:
+            report["dense_caption_ok"] = bool(check_clip(dense, kwargs["prompt"]).ok)
+            report["sparse_caption_ok"] = bool(check_clip(sparse, kwargs["prompt"]).ok)
+        except ValueError as e:  # a prompt outside the grammar cannot be checked
+            report["caption_check"] = str(e)
+    if cfg.out:
+        _write_outputs(Path(cfg.out), report, dense, sparse)
+    return report
+
+
+def _write_outputs(out: Path, report: dict, dense: np.ndarray, sparse: np.ndarray) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_video(out / "dense.mp4", dense)
+    write_video(out / "sparse.mp4", sparse)
+    write_video(out / "side_by_side.mp4", np.concatenate([dense, sparse], axis=2))
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out / "report.json")
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    from . import __version__
+
+    return {"dit_sparse": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    keys = ["dense_seconds", "sparse_seconds", "speedup", "dense_attention_seconds", "sparse_attention_seconds",
+            "attention_speedup", "executed_attention_density", "psnr", "ssim", "dense_caption_ok", "sparse_caption_ok"]
+    return "\n".join(f"{k:>28}: {fmt(report[k])}" for k in keys)
