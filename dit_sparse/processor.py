@@ -156,6 +156,8 @@ class SparseProcessor:
         self._states: dict[int, _TransformerState] = {}
         self._module_state: dict[int, _TransformerState] = {}
         self._static_layouts: dict = {}
+        # Called as observer(site, q, k, v, text) before every covered attention; calibration records through it.
+        self.observers: list = []
         if executor is not None:
             get_executor(executor)  # fail early on an unknown name
 
@@ -260,8 +262,12 @@ class SparseProcessor:
         site = self._site(state, binding, hidden_states)
 
         def bound_attend(q, k, v, text=None):
+            for observe in self.observers:
+                observe(site, q, k, v, text)
             return attend(q, k, v, site, text)
 
+        # Where text and image arrive as one sequence (Flux single blocks), the adapter needs the image token count.
+        bound_attend.grid = site.grid
         return state.adapter.attention(bound_attend, attn, hidden_states, encoder_hidden_states, attention_mask,
                                        rotary, **kwargs)
 

@@ -1,0 +1,1 @@
+"""dit_sparse.demo (placeholder package; see the issues)."""

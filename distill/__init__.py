@@ -1,0 +1,1 @@
+"""dit_sparse.distill (placeholder package; see the issues)."""

@@ -1,0 +1,1 @@
+"""dit_sparse.search (placeholder package; see the issues)."""
