@@ -69,7 +69,7 @@ def load_model(model: str, device: str, dtype: torch.dtype):
 
         pipeline_cls = TinyShapesPipeline  # diffusers cannot resolve the project's own pipeline class by name
     try:
-        pipe = pipeline_cls.from_pretrained(model, torch_dtype=dtype)
+        pipe = pipeline_cls.from_pretrained(model, dtype=dtype)
     except OSError as e:
         raise GenerateError(f"--model: could not load {model!r}: {e}") from None
     return pipe.to(device)
