@@ -33,7 +33,7 @@ def adapter_for_transformer(transformer: torch.nn.Module) -> ModelAdapter:
     return ADAPTERS[name]
 
 
-from . import cogvideox, wan  # noqa: E402,F401  (registration side effects)
+from . import cogvideox, flux, hunyuan_video, ltx_video, mochi, pixart, sd3, wan  # noqa: E402,F401 (they register)
 
 __all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_transformer", "register_adapter",
            "supported_transformers"]
