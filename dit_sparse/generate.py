@@ -142,34 +142,28 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
     imageio.mimwrite(str(path), list(video), fps=fps, macro_block_size=1)
 
 
-def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
-    """Generate dense and sparse with the same seed; return (and write, with --out) the report."""
-    _validate(cfg)
-    dtype = DTYPES[cfg.dtype]
-    pipe = load_model(cfg.model, cfg.device, dtype)
-    pipe.set_progress_bar_config(disable=not cfg.progress, desc="denoising")
+@dataclass
+class Comparison:
+    """One dense and one sparse generation with the same seed, and what was measured."""
+
+    dense: np.ndarray  # (T, H, W, 3) float in [0, 1]
+    sparse: np.ndarray
+    metrics: dict[str, Any]
+
+
+def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], seed: int, device: str = "cpu",
+                         executor: str | None = None) -> Comparison:
+    """Run `pipe` dense, then with `plan` applied, same seed; time both (total and attention) and compare."""
     from .api import transformers_of
 
     transformers = transformers_of(pipe)
-    plan = resolve_plan(cfg.plan, pipe, transformers[0])
-    kwargs = _call_kwargs(cfg, pipe)
-
-    dense, dense_s, dense_attn = _run(pipe, kwargs, cfg.seed, cfg.device, transformers)
-    processor = apply(pipe, plan, executor=cfg.executor)
+    dense, dense_s, dense_attn = _run(pipe, call_kwargs, seed, device, transformers)
+    processor = apply(pipe, plan, executor=executor)
     try:
-        sparse, sparse_s, sparse_attn = _run(pipe, kwargs, cfg.seed, cfg.device, transformers)
+        sparse, sparse_s, sparse_attn = _run(pipe, call_kwargs, seed, device, transformers)
     finally:
         remove(pipe)
-
-    report: dict[str, Any] = {
-        "model": cfg.model,
-        "plan": cfg.plan or "default",
-        "prompt": kwargs["prompt"],
-        "seed": cfg.seed,
-        "steps": kwargs.get("num_inference_steps"),
-        "device": cfg.device,
-        "dtype": cfg.dtype,
-        "frames_shape": list(dense.shape),
+    metrics: dict[str, Any] = {
         "dense_seconds": dense_s,
         "sparse_seconds": sparse_s,
         "speedup": dense_s / sparse_s,
@@ -181,21 +175,45 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         "ssim": ssim(dense, sparse),
         "dense_caption_ok": None,
         "sparse_caption_ok": None,
-        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads(),
-                     "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None},
-        "versions": _versions(),
     }
     if type(pipe).__name__ == "TinyShapesPipeline":
         from .zoo.checker import check_clip
 
         try:
-            report["dense_caption_ok"] = bool(check_clip(dense, kwargs["prompt"]).ok)
-            report["sparse_caption_ok"] = bool(check_clip(sparse, kwargs["prompt"]).ok)
+            metrics["dense_caption_ok"] = bool(check_clip(dense, call_kwargs["prompt"]).ok)
+            metrics["sparse_caption_ok"] = bool(check_clip(sparse, call_kwargs["prompt"]).ok)
         except ValueError as e:  # a prompt outside the grammar cannot be checked
-            report["caption_check"] = str(e)
+            metrics["caption_check"] = str(e)
+    return Comparison(dense, sparse, metrics)
+
+
+def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
+    """Generate dense and sparse with the same seed; return (and write, with --out) the report."""
+    _validate(cfg)
+    pipe = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype])
+    pipe.set_progress_bar_config(disable=not cfg.progress, desc="denoising")
+    from .api import transformers_of
+
+    plan = resolve_plan(cfg.plan, pipe, transformers_of(pipe)[0])
+    kwargs = _call_kwargs(cfg, pipe)
+    result = compare_dense_sparse(pipe, plan, kwargs, cfg.seed, cfg.device, cfg.executor)
+    report: dict[str, Any] = {
+        "model": cfg.model,
+        "plan": cfg.plan or "default",
+        "prompt": kwargs["prompt"],
+        "seed": cfg.seed,
+        "steps": kwargs.get("num_inference_steps"),
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "frames_shape": list(result.dense.shape),
+        **result.metrics,
+        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                     "torch_threads": torch.get_num_threads(),
+                     "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None},
+        "versions": _versions(),
+    }
     if cfg.out:
-        _write_outputs(Path(cfg.out), report, dense, sparse)
+        _write_outputs(Path(cfg.out), report, result.dense, result.sparse)
     return report
 
 
