@@ -7,6 +7,7 @@ import torch
 from .adapters import adapter_for_transformer
 from .plan import SparsePlan
 from .processor import SparseProcessor, attention_modules, set_module_processor
+from .executors import get_executor
 from .strategies import get_strategy
 from .strategies.base import BuildContext
 
@@ -102,13 +103,15 @@ def _describe(processor: SparseProcessor, transformer) -> list[str]:
         f"  schedule: dense first {sched.dense_first:.0%} of steps, dense last {sched.dense_last_steps} steps, "
         f"dense layers {list(sched.dense_layers)}, refresh every {sched.refresh_interval} steps",
     ]
+    device = next(transformer.parameters()).device
+    blocks = processor.block_size or get_executor(processor.executor_name, device).block_sizes(device, plan.model.head_dim)
     densities = []
     for name, layer in adapter.covered_modules(transformer):
         heads = plan.heads_for(name)
         groups: dict[str, int] = {}
         for spec in heads:
             groups[spec.describe()] = groups.get(spec.describe(), 0) + 1
-        density = _expected_density(heads, grid) if grid is not None else None
+        density = _expected_density(heads, grid, blocks) if grid is not None else None
         if density is not None:
             densities.append(density)
         shown = "n/a" if density is None else f"{density:.1%}"
@@ -123,8 +126,8 @@ def _describe(processor: SparseProcessor, transformer) -> list[str]:
     return lines
 
 
-def _expected_density(heads, grid) -> float:
-    """Mean over heads of the static layouts' density at 128-token blocks (dynamic heads counted as dense)."""
+def _expected_density(heads, grid, blocks: tuple[int, int]) -> float:
+    """Mean over heads of the static layouts' density at the executor's blocks (dynamic heads counted as dense)."""
     total = 0.0
     for spec in heads:
         strategy = get_strategy(spec.strategy)
@@ -133,5 +136,5 @@ def _expected_density(heads, grid) -> float:
         if strategy.dynamic or spec.strategy == "dense":
             total += 1.0
             continue
-        total += strategy.layout(spec.param_dict, BuildContext(grid, 128, 128)).density()
+        total += strategy.layout(spec.param_dict, BuildContext(grid, *blocks)).density()
     return total / len(heads)

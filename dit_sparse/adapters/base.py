@@ -79,3 +79,41 @@ def patched_grid(shape: tuple[int, int, int], patch: tuple[int, int, int]) -> Gr
     frames, height, width = shape
     pt, ph, pw = patch
     return Grid(-(-frames // pt), height // ph, width // pw)
+
+
+def project_heads(attn, hidden_states: torch.Tensor):
+    """q, k, v (B, S, H, D) from a diffusers attention's to_q/to_k/to_v, with its per-head q/k norms."""
+    query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+    key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def project_added_heads(attn, encoder_hidden_states: torch.Tensor):
+    """The text stream's q, k, v (B, S, H, D) of a joint attention (add_*_proj, norm_added_*)."""
+    query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+    key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+    value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+    if attn.norm_added_q is not None:
+        query = attn.norm_added_q(query)
+    if attn.norm_added_k is not None:
+        key = attn.norm_added_k(key)
+    return query, key, value
+
+
+def two_stack_modules(transformer, pattern: str) -> list[tuple[str, int]]:
+    """Double-stream blocks (`transformer_blocks`) numbered first, then the single-stream stack after them.
+
+    `pattern` must capture the stack name as group 1 and the index within it as group 2.
+    """
+    double, single = [], []
+    for name, _ in transformer.named_modules():
+        match = re.fullmatch(pattern, name)
+        if match:
+            (double if match.group(1) == "transformer_blocks" else single).append((name, int(match.group(2))))
+    offset = len(transformer.transformer_blocks)
+    return double + [(n, offset + i) for n, i in single]

@@ -9,14 +9,13 @@ image); inputs whose ids do not form one rectangle (e.g. Kontext's reference ima
 
 from __future__ import annotations
 
-import re
 
 import torch
 
 from ..attend import TextTokens
 from ..layout import Grid
 from . import register_adapter
-from .base import ModelAdapter
+from .base import ModelAdapter, two_stack_modules
 
 
 def grid_from_ids(img_ids: torch.Tensor) -> Grid:
@@ -39,13 +38,7 @@ class FluxAdapter(ModelAdapter):
     covered_pattern = r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn"
 
     def covered_modules(self, transformer):
-        double, single = [], []
-        for name, _ in transformer.named_modules():
-            match = re.fullmatch(self.covered_pattern, name)
-            if match:
-                (double if match.group(1) == "transformer_blocks" else single).append((name, int(match.group(2))))
-        offset = len(transformer.transformer_blocks)
-        return [(n, i) for n, i in double] + [(n, offset + i) for n, i in single]
+        return two_stack_modules(transformer, self.covered_pattern)
 
     def grid(self, transformer, inputs):
         img_ids = inputs.arguments.get("img_ids")

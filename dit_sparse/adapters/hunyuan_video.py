@@ -10,14 +10,13 @@ self-attention over the prompt is not covered and runs its own processor.
 
 from __future__ import annotations
 
-import re
 
 import torch
 
 from ..attend import TextTokens
 from ..layout import Grid
 from . import register_adapter
-from .base import ModelAdapter
+from .base import ModelAdapter, project_added_heads, project_heads, two_stack_modules
 
 
 def text_key_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, text_len: int) -> torch.Tensor | None:
@@ -46,13 +45,7 @@ class HunyuanVideoAdapter(ModelAdapter):
     covered_pattern = r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn"
 
     def covered_modules(self, transformer):
-        double, single = [], []
-        for name, _ in transformer.named_modules():
-            match = re.fullmatch(self.covered_pattern, name)
-            if match:
-                (double if match.group(1) == "transformer_blocks" else single).append((name, int(match.group(2))))
-        offset = len(transformer.transformer_blocks)
-        return [(n, i) for n, i in double] + [(n, offset + i) for n, i in single]
+        return two_stack_modules(transformer, self.covered_pattern)
 
     def grid(self, transformer, inputs):
         _, _, frames, height, width = inputs.arguments["hidden_states"].shape  # (B, C, T, H, W)
@@ -76,25 +69,13 @@ class HunyuanVideoAdapter(ModelAdapter):
         text_len = encoder_hidden_states.shape[1]
         double = attn.add_q_proj is not None
         video = hidden_states if double else torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(video).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(video).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(video).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, video)
         if rotary is not None:
             n_video = hidden_states.shape[1]
             query = torch.cat([apply_rotary_emb(query[:, :n_video], rotary, sequence_dim=1), query[:, n_video:]], 1)
             key = torch.cat([apply_rotary_emb(key[:, :n_video], rotary, sequence_dim=1), key[:, n_video:]], 1)
         if double:
-            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = project_added_heads(attn, encoder_hidden_states)
             query, key, value = (torch.cat(pair, 1) for pair in ((query, text_q), (key, text_k), (value, text_v)))
         b, s = query.shape[:2]
         mask = text_key_mask(attention_mask, b, s, text_len)

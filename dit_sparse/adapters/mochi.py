@@ -12,7 +12,7 @@ import torch
 
 from ..attend import TextTokens
 from . import register_adapter
-from .base import ModelAdapter, patched_grid
+from .base import ModelAdapter, patched_grid, project_added_heads, project_heads
 
 
 def apply_mochi_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -49,20 +49,8 @@ class MochiAdapter(ModelAdapter):
 
     def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
                   **kwargs):
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
+        query, key, value = project_heads(attn, hidden_states)
+        text_q, text_k, text_v = project_added_heads(attn, encoder_hidden_states)
         if rotary is not None:
             query, key = apply_mochi_rotary(query, *rotary), apply_mochi_rotary(key, *rotary)
         n_video, text_len = query.shape[1], text_q.shape[1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..layout import Grid
 from . import register_adapter
-from .base import ModelAdapter
+from .base import ModelAdapter, project_heads
 
 
 @register_adapter
@@ -30,13 +30,7 @@ class PixArtAdapter(ModelAdapter):
             raise ValueError("PixArt self-attention with spatial or group norm is not supported by dit-sparse")
         residual = hidden_states
         b = hidden_states.shape[0]
-        query = attn.to_q(hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
-        key = attn.to_k(hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
-        value = attn.to_v(hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states)
         out = attend(query, key, value).reshape(b, -1, attn.heads * self.head_dim(attn)).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

@@ -15,7 +15,7 @@ import torch
 from ..attend import TextTokens
 from ..layout import Grid
 from . import register_adapter
-from .base import ModelAdapter
+from .base import ModelAdapter, project_added_heads, project_heads
 
 
 @register_adapter
@@ -48,24 +48,12 @@ class SD3Adapter(ModelAdapter):
         if attention_mask is not None:
             raise ValueError("SD3 attention with an attention mask is not supported by dit-sparse")
         b = hidden_states.shape[0]
-        query = attn.to_q(hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
-        key = attn.to_k(hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
-        value = attn.to_v(hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
         # The norms act on the last (head) dimension, so (B, S, H, D) gives what the stock (B, H, S, D) gives.
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states)
         if encoder_hidden_states is None:
             out = attend(query, key, value).reshape(b, -1, attn.heads * self.head_dim(attn)).to(query.dtype)
             return attn.to_out[1](attn.to_out[0](out))
-        text_q = attn.add_q_proj(encoder_hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
-        text_k = attn.add_k_proj(encoder_hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
-        text_v = attn.add_v_proj(encoder_hidden_states).view(b, -1, attn.heads, self.head_dim(attn))
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
+        text_q, text_k, text_v = project_added_heads(attn, encoder_hidden_states)
         text_len = text_q.shape[1]
         out = attend(torch.cat([query, text_q], 1), torch.cat([key, text_k], 1), torch.cat([value, text_v], 1),
                      text=TextTokens(text_len, first=False))

@@ -95,9 +95,9 @@ def cpu_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None, f
         vv = torch.index_select(v_flat, 0, rows).view(n, 1, width, d)
         qq = q_blocks[:, :, start:stop].reshape(n, 1, bq, d)
         mask = row_bias[:, :, start:stop].reshape(n, 1, 1, width) if needs_mask else None
-        o, l = _fused_attention(qq, kk, vv, mask, scale)
-        out[:, :, start:stop] = o.view(b, h, stop - start, bq, d)
-        lse[:, :, start:stop] = l.float().view(b, h, stop - start, bq)
+        block_out, block_lse = _fused_attention(qq, kk, vv, mask, scale)
+        out[:, :, start:stop] = block_out.view(b, h, stop - start, bq, d)
+        lse[:, :, start:stop] = block_lse.float().view(b, h, stop - start, bq)
     out = out.view(b, h, nq * bq, d)[:, :, :s].permute(0, 2, 1, 3)
     return out.to(out_dtype), lse.view(b, h, nq * bq)[:, :, :s]
 
