@@ -1,0 +1,30 @@
+"""The kernel benchmark's pieces on a tiny CPU problem (the real sizes run from benchmarks/bench_kernels.py)."""
+
+import json
+
+import pytest
+import torch
+
+from dit_sparse.kernels import bench
+from dit_sparse.layout import Grid
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+def test_random_layout_hits_the_density(density):
+    layout = bench.random_layout(4096, 256, 128, 2, density, "cpu")
+    assert abs(layout.density() - density) <= 0.05
+
+
+def test_bench_shape_and_outputs(tmp_path):
+    records = bench.bench_shape(torch.device("cpu"), 2, 16, Grid(2, 8, 16), [0.5, 1.0], torch.float32,
+                                backward=False, fp8=False, budget_s=0.01)
+    impls = {r["impl"] for r in records}
+    assert impls == {"sdpa", "cpu"}
+    ours = [r for r in records if r["impl"] == "cpu"]
+    assert all(r["ms"] > 0 and r["tflops_dense_equiv"] >= r["tflops_executed"] for r in ours)
+    assert [r for r in ours if r["density"] == 1.0][0]["linearity"] == 1.0
+    env = bench.environment(torch.device("cpu"))
+    json_path, csv_path = bench.write(records, env, tmp_path)
+    assert json.loads(json_path.read_text())["environment"]["torch"] == torch.__version__
+    assert csv_path.read_text().startswith("heads,head_dim,seq,impl")
+    assert "speedup_vs_dense_sdpa" in bench.table(records, env)
