@@ -207,7 +207,7 @@ def load_tiny_shapes(device: str | torch.device = "cpu", dtype: torch.dtype = to
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"tiny-shapes weights not found at {path}; produce them with `python -m dit_sparse.zoo.train_tiny_shapes`")
-    pipe = TinyShapesPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    pipe = TinyShapesPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return pipe.to(device)
 
 

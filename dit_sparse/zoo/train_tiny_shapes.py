@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--export", default=str(WEIGHTS_DIR), help="where to save_pretrained the EMA pipeline")
     p.add_argument("--no-export", action="store_true")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the EMA weights of OUT/checkpoint.pt to --export and exit (no training)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--config", default=None,
+                   help="JSON object overriding TinyShapesConfig fields (for tests / experiments)")
     return p.parse_args(argv)
 
 
@@ -90,7 +95,18 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    cfg = TinyShapesConfig()
+    cfg = TinyShapesConfig(**(json.loads(a.config) if a.config else {}))
+    if a.export_only:
+        st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        info = {"config": st["config"], "args": {k: v for k, v in st["args"].items() if k not in ("out", "export")},
+                "steps_done": st["step"], "wall_seconds": round(st["elapsed"], 1), "final_loss_avg": st["loss_avg"],
+                "command": "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(
+                    f"--{k.replace('_', '-')} {v}" for k, v in st["args"].items()
+                    if v not in (None, False) and k not in ("out", "export", "resume")),
+                "torch": torch.__version__}
+        export(None, st["ema"], Path(a.export), info)
+        print(f"exported EMA weights of step {st['step']} to {a.export}", flush=True)
+        return info
     torch.manual_seed(a.seed)
     pipe = build_pipeline(cfg, seed=a.seed)
     tok, te, tr = pipe.tokenizer, pipe.text_encoder, pipe.transformer
@@ -119,8 +135,19 @@ def main(argv=None):
     t_start = time.time()
     last_ckpt = time.time()
     amp = a.amp == "bf16"
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # finish the current step, checkpoint, and exit without exporting
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     bar = tqdm(total=a.steps, initial=step, desc="train tiny-shapes", dynamic_ncols=True, mininterval=2.0)
     while step < a.steps:
+        if stop["signal"] is not None:
+            save_checkpoint(ckpt_path, state())
+            print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume", flush=True)
+            return None
         if a.max_minutes is not None and (elapsed_before + time.time() - t_start) / 60 > a.max_minutes:
             print(f"time budget of {a.max_minutes} min reached at step {step}", flush=True)
             break

@@ -1,0 +1,49 @@
+import json
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from dit_sparse.zoo import TinyShapesPipeline
+from dit_sparse.zoo import train_tiny_shapes as tts
+from dit_sparse.zoo.model import TinyShapesConfig
+
+TINY = json.dumps({k: v for k, v in asdict(TinyShapesConfig(
+    num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16, text_dim=16,
+    text_layers=1, text_heads=2, text_ff=32)).items() if k != "extra"})
+BASE = ["--batch-size", "2", "--frames", "2", "--size", "8", "--warmup", "2", "--config", TINY, "--threads", "1"]
+
+
+def _ckpt(path):
+    return torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def test_training_resume_matches_uninterrupted_run_and_exports(tmp_path):
+    straight, resumed, export = tmp_path / "a", tmp_path / "b", tmp_path / "export"
+    tts.main(["--out", str(straight), "--steps", "3", "--no-export", *BASE])
+    tts.main(["--out", str(resumed), "--steps", "3", "--max-minutes", "0", "--no-export", *BASE])
+    assert _ckpt(resumed)["step"] == 0  # the time budget stopped it before the first step
+    info = tts.main(["--out", str(resumed), "--steps", "3", "--resume", "--export", str(export), *BASE])
+    a, b = _ckpt(straight), _ckpt(resumed)
+    assert a["step"] == b["step"] == 3 and info["steps_done"] == 3
+    for part in ("transformer", "text_encoder"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), k
+            assert torch.equal(a["ema"][part][k], b["ema"][part][k]), k
+    log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 3 and np.isfinite(log[-1]["loss"])
+    pipe = TinyShapesPipeline.from_pretrained(export, local_files_only=True)
+    assert pipe.transformer.config.num_layers == 1
+    for k, v in pipe.transformer.state_dict().items():
+        assert torch.equal(v, b["ema"]["transformer"][k].to(v.dtype)), k
+    assert json.loads((export / "training.json").read_text())["steps_done"] == 3
+
+
+def test_batches_are_pure_functions_of_seed_and_step():
+    a = tts.parse_args(["--out", "x", "--batch-size", "3"])
+    tok = None
+    c1, x1, n1, s1 = tts.make_batch(5, a, tok, None)
+    c2, x2, n2, s2 = tts.make_batch(5, a, tok, None)
+    assert c1 == c2 and torch.equal(x1, x2) and torch.equal(n1, n2) and torch.equal(s1, s2)
+    c3, *_ = tts.make_batch(6, a, tok, None)
+    assert c3 != c1 or not torch.equal(tts.make_batch(6, a, tok, None)[1], x1)
