@@ -41,6 +41,14 @@ def fake_quantize_qkv(q, k, v, block_q: int, block_k: int):
     return quantize_tiles(q, block_q), quantize_tiles(k, block_k), quantize_channels(v)
 
 
+def centring_lse_shift(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H, S) fp32: what centring k removed from every score row, to add back to the LSE.
+
+    Centred scores are q . (k - mean k) * scale, so the true LSE is the centred one plus scale * q . mean(k).
+    """
+    return scale * torch.einsum("bshd,bhd->bhs", q.float(), k.float().mean(dim=1))
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     signal = reference.float().pow(2).mean()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dit_sparse.fp8 import fake_quantize_qkv
+from dit_sparse.fp8 import centring_lse_shift, fake_quantize_qkv
 from dit_sparse.layout import BlockLayout
 
 from . import ops  # noqa: F401  (registers torch.ops.dit_sparse.*)
@@ -133,11 +133,10 @@ def _fp8_forward(q, k, v, layout: BlockLayout, scale: float):
             "emulation in %s instead (same numerics, no speedup)", q.device, q.dtype,
         )
         _warned_fp8_fallback = True
-    mean_k = k.float().mean(dim=1)
     qd, kd, vd = (x.to(q.dtype) for x in fake_quantize_qkv(q, k, v, layout.block_q, layout.block_k))
     out, lse = _sparse_forward(qd, kd, vd, layout, scale)
     # fake_quantize_qkv centres k; add back the per-row shift so the LSE is that of the original scores.
-    return out, lse + scale * torch.einsum("bshd,bhd->bhs", q.float(), mean_k)
+    return out, lse + centring_lse_shift(q, k, scale)
 
 
 def _check(q, k, v, layout: BlockLayout):

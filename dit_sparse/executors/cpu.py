@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..fp8 import fake_quantize_qkv
+from ..fp8 import centring_lse_shift, fake_quantize_qkv
 from ..layout import BlockLayout, num_blocks
 from . import Executor, register_executor
 from .reference import extended_keys
@@ -62,6 +62,7 @@ def cpu_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None, f
     """q, k, v: (B, S, H, D). Returns out (B, S, H, D) in q's dtype and lse (B, H, S) fp32."""
     out_dtype = q.dtype
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    lse_shift = centring_lse_shift(q, k, scale) if fp8 else 0.0
     if fp8:
         q, k, v = fake_quantize_qkv(q, k, v, layout.block_q, layout.block_k)
     b, s, h, d = q.shape
@@ -99,7 +100,7 @@ def cpu_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None, f
         out[:, :, start:stop] = block_out.view(b, h, stop - start, bq, d)
         lse[:, :, start:stop] = block_lse.float().view(b, h, stop - start, bq)
     out = out.view(b, h, nq * bq, d)[:, :, :s].permute(0, 2, 1, 3)
-    return out.to(out_dtype), lse.view(b, h, nq * bq)[:, :, :s]
+    return out.to(out_dtype), lse.view(b, h, nq * bq)[:, :, :s] + lse_shift
 
 
 register_executor(

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..fp8 import fake_quantize_qkv
+from ..fp8 import centring_lse_shift, fake_quantize_qkv
 from ..layout import BlockLayout, ln_group_sizes, pool_tokens
 from . import Executor, register_executor
 
@@ -44,6 +44,7 @@ def reference_attention(q, k, v, layout: BlockLayout, *, scale: float | None = N
     """q, k, v: (B, S, H, D). Returns out (B, S, H, D) in q's dtype and lse (B, H, S) fp32."""
     out_dtype = q.dtype
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    lse_shift = centring_lse_shift(q, k, scale) if fp8 else 0.0
     if fp8:
         q, k, v = fake_quantize_qkv(q, k, v, layout.block_q, layout.block_k)
     q, k, v = q.float(), k.float(), v.float()
@@ -54,7 +55,7 @@ def reference_attention(q, k, v, layout: BlockLayout, *, scale: float | None = N
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
     out = torch.einsum("bhst,bthd->bshd", probs, v_ext)
-    return out.to(out_dtype), lse
+    return out.to(out_dtype), lse + lse_shift
 
 
 register_executor(
