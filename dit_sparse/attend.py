@@ -126,13 +126,14 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
         if not get_strategy(spec.strategy).computes:
             out_v[:, :, heads] = 0
             continue
-        idx = torch.tensor(heads, device=q.device)
-        qg, kg, vg = (x.index_select(2, idx) for x in (qv, kv, vv))
+        # A contiguous run of heads is a view; only scattered heads need a gather.
+        sel = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else \
+            torch.tensor(heads, device=q.device)
+        qg, kg, vg = qv[:, :, sel], kv[:, :, sel], vv[:, :, sel]
         o, lse = _run_group(spec, heads, qg, kg, vg, site)
         if text:
-            o, lse = merge_partials(o, lse, out_vt.index_select(2, idx), lse_vt.index_select(1, idx))
-        out_v[:, :, heads] = o.to(out.dtype)
-    out[:, video] = out_v
+            o, lse = merge_partials(o, lse, out_vt[:, :, sel], lse_vt[:, sel])
+        out_v[:, :, sel] = o.to(out.dtype)
     return out
 
 

@@ -114,7 +114,8 @@ def _validate(cfg: GenerateConfig) -> None:
         raise GenerateError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
 
 
-def _run(pipe, kwargs, seed, device, timer_target) -> tuple[np.ndarray, float, float]:
+def timed_generation(pipe, kwargs, seed, device, timer_target) -> tuple[np.ndarray, float, float]:
+    """One generation: (frames (T, H, W, 3) in [0, 1], total seconds, seconds inside attention modules)."""
     timer = AttentionTimer()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with timer.measure(*timer_target):
@@ -157,10 +158,10 @@ def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], se
     from .api import transformers_of
 
     transformers = transformers_of(pipe)
-    dense, dense_s, dense_attn = _run(pipe, call_kwargs, seed, device, transformers)
+    dense, dense_s, dense_attn = timed_generation(pipe, call_kwargs, seed, device, transformers)
     processor = apply(pipe, plan, executor=executor)
     try:
-        sparse, sparse_s, sparse_attn = _run(pipe, call_kwargs, seed, device, transformers)
+        sparse, sparse_s, sparse_attn = timed_generation(pipe, call_kwargs, seed, device, transformers)
     finally:
         remove(pipe)
     metrics: dict[str, Any] = {

@@ -9,7 +9,7 @@ added to its score, ``n`` being the number of tokens it stands for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +59,8 @@ class BlockLayout:
     kv_index: torch.Tensor
     kv_count: torch.Tensor
     kv_level: torch.Tensor | None = None
+    # Derived tables executors compute once per layout (static layouts are reused across steps and calls).
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         nq, nk = num_blocks(self.seq_len, self.block_q), num_blocks(self.seq_len, self.block_k)

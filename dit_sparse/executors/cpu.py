@@ -58,6 +58,25 @@ def key_rows(layout: BlockLayout):
     return index.gather(-1, order), valid.gather(-1, order), row_levels.gather(-1, order)
 
 
+def _flat_rows(layout: BlockLayout, b: int, h: int, s_ext: int, device):
+    """Row indices into (B * S * H, D) views of q and of the extended keys, memoised per layout and shape.
+
+    Returns q_rows (B, H, NQ, block_q) (the ragged last block repeats the last token; those rows are dropped),
+    k_rows (B, H, NQ, L) and valid (B', H', NQ, L).
+    """
+    key = ("flat_rows", b, h, s_ext, str(device))
+    if key not in layout.memo:
+        index, valid, _ = key_rows(layout)
+        nq, bq, s = layout.num_q_blocks, layout.block_q, layout.seq_len
+        batch = torch.arange(b, device=device).view(b, 1, 1, 1)
+        head = torch.arange(h, device=device).view(1, h, 1, 1)
+        tokens = torch.arange(nq * bq, device=device).clamp_max(s - 1).view(1, 1, nq, bq)
+        q_rows = (batch * s + tokens) * h + head
+        k_rows = (batch * s_ext + index.to(device).expand(b, h, nq, -1)) * h + head
+        layout.memo[key] = (q_rows, k_rows, valid.to(device))
+    return layout.memo[key]
+
+
 def cpu_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None, fp8: bool = False):
     """q, k, v: (B, S, H, D). Returns out (B, S, H, D) in q's dtype and lse (B, H, S) fp32."""
     out_dtype = q.dtype
@@ -70,31 +89,29 @@ def cpu_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None, f
     compute_dtype = q.dtype if q.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
 
-    index, valid, _ = key_rows(layout)
     k_ext, v_ext, bias = extended_keys(k, v, layout.max_level)
     s_ext = k_ext.shape[1]
-    index = index.expand(b, h, nq, -1)
-    width = index.shape[-1]
-    needs_mask = layout.max_level > 0 or not bool(valid.all())
-    if needs_mask:
-        row_bias = torch.where(valid, bias[index], float("-inf"))
-        row_bias = row_bias.expand(b, h, nq, width).to(compute_dtype)
-
-    k_flat = k_ext.permute(0, 2, 1, 3).reshape(b * h * s_ext, d)
-    v_flat = v_ext.permute(0, 2, 1, 3).reshape(b * h * s_ext, d)
-    base = (torch.arange(b * h, device=q.device) * s_ext).view(b, h, 1, 1)
-    q_blocks = torch.nn.functional.pad(q.permute(0, 2, 1, 3), (0, 0, 0, nq * bq - s)).view(b, h, nq, bq, d)
+    q_rows, k_rows, valid = _flat_rows(layout, b, h, s_ext, q.device)
+    width = k_rows.shape[-1]
+    needs_mask = not bool(valid.all()) or layout.max_level > 0
+    bias_key = ("row_bias", b, h, s_ext, compute_dtype, str(q.device))
+    if needs_mask and bias_key not in layout.memo:
+        key_token = k_rows // h - (torch.arange(b, device=q.device) * s_ext).view(b, 1, 1, 1)
+        layout.memo[bias_key] = torch.where(valid, bias[key_token], float("-inf")).to(compute_dtype)
+    row_bias = layout.memo.get(bias_key)
+    # Rows of the (B * S * H, D) views: gathering straight from (B, S, H, D) avoids transposed copies.
+    q_flat, k_flat, v_flat = q.reshape(-1, d), k_ext.reshape(-1, d), v_ext.reshape(-1, d)
 
     out = torch.empty(b, h, nq, bq, d, dtype=compute_dtype, device=q.device)
     lse = torch.empty(b, h, nq, bq, dtype=torch.float32, device=q.device)
     chunk = max(1, _GATHER_BUDGET // max(1, b * h * width * d * 2))
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
-        rows = (index[:, :, start:stop] + base).reshape(-1)
+        rows = k_rows[:, :, start:stop].reshape(-1)
         n = b * h * (stop - start)
         kk = torch.index_select(k_flat, 0, rows).view(n, 1, width, d)
         vv = torch.index_select(v_flat, 0, rows).view(n, 1, width, d)
-        qq = q_blocks[:, :, start:stop].reshape(n, 1, bq, d)
+        qq = torch.index_select(q_flat, 0, q_rows[:, :, start:stop].reshape(-1)).view(n, 1, bq, d)
         mask = row_bias[:, :, start:stop].reshape(n, 1, 1, width) if needs_mask else None
         block_out, block_lse = _fused_attention(qq, kk, vv, mask, scale)
         out[:, :, start:stop] = block_out.view(b, h, stop - start, bq, d)

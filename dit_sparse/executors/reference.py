@@ -20,6 +20,8 @@ def extended_keys(k: torch.Tensor, v: torch.Tensor, max_level: int):
     Returns k_ext, v_ext (B, S_ext, H, D) and bias (S_ext,), with level l occupying its own section.
     """
     seq = k.shape[1]
+    if max_level == 0:
+        return k, v, torch.zeros(seq, device=k.device)
     ks = [pool_tokens(k, level) for level in range(max_level + 1)]
     vs = [pool_tokens(v, level) for level in range(max_level + 1)]
     bias = torch.cat([ln_group_sizes(seq, level, k.device) for level in range(max_level + 1)])

@@ -1,0 +1,227 @@
+"""`dit-sparse bench e2e`: end-to-end speed and fidelity of several plans against dense, measured in one run.
+
+Every prompt and seed is generated once dense and once per plan; per plan the report gives mean total and attention
+seconds (measured with hooks around the attention modules), the speedup over dense from the same run, the executed
+attention density, PSNR and SSIM against dense, and on tiny-shapes the caption accuracy of both.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .api import apply, remove, transformers_of
+from .generate import DTYPES, GenerateError, load_model, resolve_plan, timed_generation
+from .metrics import psnr, ssim
+from .plan import SparsePlan
+from .strategies import STRATEGIES
+
+
+@dataclass
+class PlanRun:
+    label: str
+    plan: SparsePlan | None  # None: dense
+
+
+def parse_plan_spec(spec: str, pipe, transformer) -> PlanRun:
+    """'default', a plan file, or a uniform strategy with optional parameters: 'block_adaptive:tau=0.8,cap=0.3'."""
+    name, _, params_text = spec.partition(":")
+    if name in STRATEGIES:
+        params = {}
+        for item in filter(None, split_top_level(params_text)):
+            key, _, value = item.partition("=")
+            try:
+                params[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                raise GenerateError(f"--plans {spec!r}: {value!r} is not a JSON value") from None
+        return PlanRun(spec, SparsePlan.uniform(transformer, name, **params))
+    return PlanRun(spec, resolve_plan(spec, pipe, transformer))
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside brackets: 'window=[1,2,2],fp8=true' -> ['window=[1,2,2]', 'fp8=true']."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char == "["
+        depth -= char == "]"
+        if char == sep and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def default_prompts(pipe, count: int) -> list[str]:
+    if type(pipe).__name__ == "TinyShapesPipeline":
+        from .zoo.shapes_data import heldout_prompts
+
+        return heldout_prompts()[:count]
+    raise GenerateError("--prompts FILE is needed for models other than tiny-shapes")
+
+
+def _caption_ok(pipe, frames, prompt) -> bool | None:
+    if type(pipe).__name__ != "TinyShapesPipeline":
+        return None
+    from .zoo.checker import check_clip
+
+    return bool(check_clip(frames, prompt).ok)
+
+
+def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_prompts: int, seeds: list[int],
+            steps: int | None, device: str = "cpu", dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
+    pipe = load_model(model, device, DTYPES[dtype])
+    pipe.set_progress_bar_config(disable=True)
+    transformers = transformers_of(pipe)
+    runs = [PlanRun("dense", None)] + [parse_plan_spec(s, pipe, transformers[0]) for s in plan_specs]
+    prompts = prompts or default_prompts(pipe, num_prompts)
+    if not prompts:
+        raise GenerateError("no prompts to benchmark")
+    kwargs: dict[str, Any] = {"output_type": "np"}
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    samples: dict[str, list[dict[str, Any]]] = {r.label: [] for r in runs}
+    jobs = [(p, s) for p in prompts for s in seeds]
+    from tqdm.auto import tqdm
+
+    for prompt, seed in tqdm(jobs, desc="bench e2e", disable=not progress):
+        call = {**kwargs, "prompt": prompt}
+        dense_frames = None
+        for run in runs:
+            processor = apply(pipe, run.plan) if run.plan is not None else None
+            try:
+                frames, total, attention = timed_generation(pipe, call, seed, device, transformers)
+            finally:
+                if processor is not None:
+                    remove(pipe)
+            dense_frames = frames if run.plan is None else dense_frames
+            samples[run.label].append({
+                "seconds": total, "attention_seconds": attention,
+                "density": processor.stats.executed_density if processor else 1.0,
+                "psnr": psnr(dense_frames, frames) if processor else float("inf"),
+                "ssim": ssim(dense_frames, frames) if processor else 1.0,
+                "caption_ok": _caption_ok(pipe, frames, prompt),
+            })
+    dense = samples["dense"]
+    records = [_summarise(label, rows, dense) for label, rows in samples.items()]
+    return {
+        "benchmark": "bench e2e",
+        "model": model,
+        "device": device,
+        "dtype": dtype,
+        "steps": steps,
+        "prompts": len(prompts),
+        "seeds": seeds,
+        "command": "dit-sparse " + " ".join(sys.argv[1:]) if sys.argv and "dit-sparse" in sys.argv[0] else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(device),
+        "versions": versions(),
+        "results": records,
+    }
+
+
+def _summarise(label: str, rows: list[dict], dense: list[dict]) -> dict[str, Any]:
+    mean = lambda key, src=rows: float(np.mean([r[key] for r in src]))  # noqa: E731
+    captions = [r["caption_ok"] for r in rows if r["caption_ok"] is not None]
+    finite_psnr = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
+    return {
+        "plan": label,
+        "seconds": mean("seconds"),
+        "attention_seconds": mean("attention_seconds"),
+        "speedup": mean("seconds", dense) / mean("seconds"),
+        "attention_speedup": mean("attention_seconds", dense) / mean("attention_seconds"),
+        "executed_density": mean("density"),
+        "psnr": float(np.mean(finite_psnr)) if finite_psnr else float("inf"),
+        "ssim": mean("ssim"),
+        "caption_accuracy": float(np.mean(captions)) if captions else None,
+    }
+
+
+def hardware(device: str) -> dict[str, Any]:
+    info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+
+    from . import __version__
+
+    out = {"dit_sparse": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    """results.json (one record per plan, with the run's metadata), results.md and speedup_vs_psnr.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(markdown_table(result) + "\n")
+    plot(result, out / "speedup_vs_psnr.png")
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    def fmt(value, spec):
+        if value is None:
+            return "n/a"
+        if isinstance(value, float) and not np.isfinite(value):
+            return "exact"
+        return format(value, spec)
+
+    lines = [
+        f"{result['model']} on {result['device']} ({result['dtype']}), {result['prompts']} prompts x "
+        f"{len(result['seeds'])} seeds, steps={result['steps'] or 'default'}; {result['hardware'].get('gpu') or result['hardware']['processor'] or result['hardware']['machine']}, "
+        f"{result['hardware']['cpus']} CPUs; torch {result['versions']['torch']}, diffusers {result['versions']['diffusers']}",
+        "",
+        "| plan | total s | attention s | speedup | attention speedup | executed density | PSNR dB | SSIM | caption accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(
+            f"| {r['plan']} | {fmt(r['seconds'], '.2f')} | {fmt(r['attention_seconds'], '.2f')} | "
+            f"{fmt(r['speedup'], '.2f')}x | {fmt(r['attention_speedup'], '.2f')}x | {fmt(r['executed_density'], '.1%')} | "
+            f"{fmt(r['psnr'], '.1f')} | {fmt(r['ssim'], '.3f')} | {fmt(r['caption_accuracy'], '.0%')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in result["results"] if r["plan"] != "dense"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["psnr"], r["speedup"])
+        ax.annotate(r["plan"], (r["psnr"], r["speedup"]), fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("PSNR vs dense (dB)")
+    ax.set_ylabel("end-to-end speedup over dense")
+    ax.set_title(f"{result['model']} on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

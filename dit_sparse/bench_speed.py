@@ -1,0 +1,150 @@
+"""Speed-only benchmark of real architectures with random weights: transformer forwards, dense vs fixed plans.
+
+Random weights do not change the time of a fixed (static) plan, so these speed numbers are honest; fidelity is not
+measured here (use `bench e2e` on a trained model for that). Dynamic strategies are excluded because their density
+depends on the weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .api import apply, remove
+from .bench_e2e import hardware, versions
+from .timing import AttentionTimer
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A published transformer config and how to make its inputs for (frames, height, width) in pixels."""
+
+    transformer_class: str
+    config: dict[str, Any]
+    inputs: Callable[[dict, int, int, int, torch.dtype, str], dict[str, Any]]
+    default_size: tuple[int, int, int]  # frames, height, width
+
+
+def _wan_inputs(cfg, frames, height, width, dtype, device):
+    latent = (1, cfg["in_channels"], (frames - 1) // 4 + 1, height // 8, width // 8)
+    return dict(hidden_states=torch.randn(latent, dtype=dtype, device=device),
+                timestep=torch.tensor([500.0], device=device),
+                encoder_hidden_states=torch.randn(1, 512, cfg["text_dim"], dtype=dtype, device=device),
+                return_dict=False)
+
+
+def _cogvideox_inputs(cfg, frames, height, width, dtype, device):
+    latent = (1, (frames - 1) // 4 + 1, cfg["in_channels"], height // 8, width // 8)
+    return dict(hidden_states=torch.randn(latent, dtype=dtype, device=device),
+                encoder_hidden_states=torch.randn(1, 226, cfg["text_embed_dim"], dtype=dtype, device=device),
+                timestep=torch.tensor([500], device=device), return_dict=False)
+
+
+def _hunyuan_inputs(cfg, frames, height, width, dtype, device):
+    latent = (1, cfg["in_channels"], (frames - 1) // 4 + 1, height // 8, width // 8)
+    return dict(hidden_states=torch.randn(latent, dtype=dtype, device=device),
+                timestep=torch.tensor([500], device=device),
+                encoder_hidden_states=torch.randn(1, 256, cfg["text_embed_dim"], dtype=dtype, device=device),
+                encoder_attention_mask=torch.ones(1, 256, device=device),
+                pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], dtype=dtype, device=device),
+                guidance=torch.tensor([6000.0], device=device), return_dict=False)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # Wan 2.1 T2V 1.3B (480p, 81 frames -> 21 x 30 x 52 = 32,760 tokens).
+    "wan2.1-1.3b": Architecture("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6), _wan_inputs, (81, 480, 832)),
+    # CogVideoX-5B (480x720, 49 frames -> 13 x 30 x 45 = 17,550 video tokens + 226 text).
+    "cogvideox-5b": Architecture("CogVideoXTransformer3DModel", dict(
+        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=42,
+        text_embed_dim=4096, time_embed_dim=512, use_rotary_positional_embeddings=True, sample_width=90,
+        sample_height=60, sample_frames=49, patch_size=2), _cogvideox_inputs, (49, 480, 720)),
+    # HunyuanVideo at a reduced size that fits (its real config, fewer blocks by default).
+    "hunyuanvideo": Architecture("HunyuanVideoTransformer3DModel", dict(
+        in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+        num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+        rope_theta=256.0, rope_axes_dim=(16, 56, 56)), _hunyuan_inputs, (33, 320, 512)),
+}
+
+
+def build(arch: Architecture, layers: int | None, dtype: torch.dtype, device: str, seed: int = 0):
+    import diffusers
+
+    config = dict(arch.config)
+    if layers is not None:
+        config["num_layers"] = layers
+        if "num_single_layers" in config:
+            config["num_single_layers"] = layers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(diffusers, arch.transformer_class)(**config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _time_forward(model, inputs, repeats: int, device: str) -> tuple[float, float]:
+    timer = AttentionTimer()
+    best, best_attention = float("inf"), 0.0
+    with torch.no_grad():
+        model(**inputs)  # warm-up: kernels, layouts, caches
+        for _ in range(repeats):
+            timer.seconds = 0.0
+            with timer.measure(model):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(**inputs)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+            if elapsed < best:
+                best, best_attention = elapsed, timer.seconds
+    return best, best_attention
+
+
+def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, height: int | None = None,
+              width: int | None = None, layers: int | None = None, repeats: int = 3, device: str = "cpu",
+              dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    from .bench_e2e import parse_plan_spec
+
+    arch = ARCHITECTURES[arch_name]
+    f, h, w = frames or arch.default_size[0], height or arch.default_size[1], width or arch.default_size[2]
+    model = build(arch, layers, dtype, device)
+    inputs = arch.inputs(arch.config, f, h, w, dtype, device)
+    records, grid = [], None
+    dense_s, dense_attn = _time_forward(model, inputs, repeats, device)
+    records.append({"plan": "dense", "seconds": dense_s, "attention_seconds": dense_attn, "speedup": 1.0,
+                    "attention_speedup": 1.0, "executed_density": 1.0})
+    for spec in plan_specs:
+        run = parse_plan_spec(spec, None, model)
+        if any(h.strategy in ("block_adaptive", "pyramid") for heads in run.plan.modules.values() for h in heads):
+            raise ValueError(f"{spec}: dynamic strategies have weight-dependent density; speed-only mode refuses them")
+        processor = apply(model, run.plan)
+        try:
+            seconds, attention = _time_forward(model, inputs, repeats, device)
+            density = processor.stats.executed_density
+            grid = processor.grid_of(model)
+        finally:
+            remove(model)
+        records.append({"plan": spec, "seconds": seconds, "attention_seconds": attention,
+                        "speedup": dense_s / seconds, "attention_speedup": dense_attn / attention if attention else None,
+                        "executed_density": density})
+    return {
+        "benchmark": "bench speed (random weights; fidelity not measured)",
+        "architecture": arch_name,
+        "layers": layers or arch.config["num_layers"],
+        "size": {"frames": f, "height": h, "width": w, "video_tokens": grid.num_tokens if grid else None},
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(device),
+        "versions": versions(),
+        "results": records,
+    }
+
