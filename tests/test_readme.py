@@ -23,3 +23,12 @@ def test_ci_runs_the_readme_test_command():
     assert pytest_part in ci
     assert "pip install --quiet torch==2.13.0" in ci
     assert "dit-sparse generate" in blocks[0]
+
+
+def test_results_section_is_rendered_from_the_result_files():
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render_results.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr

@@ -1,0 +1,107 @@
+"""Render the README's results section from the committed result files (numbers are never typed by hand).
+
+    python benchmarks/render_results.py          # rewrite the section between the markers in README.md
+    python benchmarks/render_results.py --check  # exit 1 if README.md is not what the result files give
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _hardware(result: dict) -> str:
+    hw = result.get("hardware", {})
+    where = hw.get("gpu") or f"{hw.get('cpus')}-core {hw.get('machine')} CPU ({hw.get('torch_threads')} threads)"
+    versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
+    return f"{where}; {versions}; {result.get('date', '')[:10]}"
+
+
+def render_cpu_executor(path: Path, result: dict) -> list[str]:
+    shape = result["shape"]
+    lines = [
+        f"**CPU executor vs dense SDPA** (`{result['command'].strip()}`; fp32, one sequence of {shape['seq']} tokens, "
+        f"{shape['heads']} heads, head dim {shape['head_dim']}, blocks {shape['block_q']}x{shape['block_k']}; "
+        f"{_hardware(result)}; dense SDPA {result['dense_sdpa_seconds'] * 1e3:.0f} ms; file `{path.relative_to(ROOT)}`)",
+        "",
+        "| layout | density | ms | speedup over dense SDPA | linearity |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['layout']} | {r['density']:.2%} | {r['seconds'] * 1e3:.0f} | {r['speedup']:.2f}x | "
+                     f"{r['linearity']:.2f} |")
+    return lines
+
+
+def render_e2e(path: Path, result: dict) -> list[str]:
+    from dit_sparse.bench_e2e import markdown_table
+
+    return [f"**End to end: {result['model']}** (`{result.get('command') or 'dit-sparse bench e2e'}`; "
+            f"file `{path.relative_to(ROOT)}`)", "", markdown_table(result)]
+
+
+def render_speed(path: Path, result: dict) -> list[str]:
+    size = result["size"]
+    lines = [
+        f"**Speed only, {result['architecture']} architecture with random weights** ({result['layers']} layers, "
+        f"{size['frames']}x{size['height']}x{size['width']} px = {size['video_tokens']} video tokens, {result['dtype']}; "
+        f"{_hardware(result)}; fidelity not measured; file `{path.relative_to(ROOT)}`)",
+        "",
+        "| plan | forward s | attention s | speedup | executed density |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(f"| {r['plan']} | {r['seconds']:.3f} | {r['attention_seconds']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['executed_density']:.1%} |")
+    return lines
+
+
+RENDERERS = {
+    "cpu executor vs dense SDPA (fp32, one sequence)": render_cpu_executor,
+    "bench e2e": render_e2e,
+    "bench speed (random weights; fidelity not measured)": render_speed,
+}
+
+
+def render() -> str:
+    sections = []
+    for path in sorted(RESULTS.rglob("*.json")):
+        result = json.loads(path.read_text())
+        renderer = RENDERERS.get(result.get("benchmark")) if isinstance(result, dict) else None
+        if renderer is not None:
+            sections.append("\n".join(renderer(path, result)))
+    return "\n\n".join(sections) if sections else "No result files yet."
+
+
+def updated_readme(text: str) -> str:
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{render()}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = updated_readme(text)
+    if args.check:
+        if new != text:
+            print("README.md results section is stale: run python benchmarks/render_results.py", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
