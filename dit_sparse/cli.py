@@ -48,6 +48,76 @@ def _add_bench(sub):
     k.add_argument("--out", default="benchmarks/results")
     k.add_argument("--quick", action="store_true", help="fewer sizes")
     k.set_defaults(func=_bench_kernels)
+    e = bench.add_parser("e2e", help="end-to-end generation: dense vs plans, speed and fidelity")
+    e.add_argument("--model", default="tiny-shapes")
+    e.add_argument("--plans", nargs="+", default=["default"],
+                   help="'default', plan files, or uniform strategies like 'diagonal:window=[1,0.25,0.25]'")
+    e.add_argument("--prompts", default=None, help="file with one prompt per line (default: tiny-shapes held-out)")
+    e.add_argument("--num-prompts", type=int, default=8)
+    e.add_argument("--seeds", type=int, nargs="+", default=[0])
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--out", default="out/bench-e2e")
+    e.set_defaults(func=_bench_e2e)
+    sp = bench.add_parser("speed", help="transformer forwards of a real architecture with random weights")
+    sp.add_argument("--arch", default="wan2.1-1.3b", help="wan2.1-1.3b, cogvideox-5b or hunyuanvideo")
+    sp.add_argument("--plans", nargs="+", default=["diagonal:window=[1,0.125,0.125]"])
+    sp.add_argument("--frames", type=int, default=None)
+    sp.add_argument("--height", type=int, default=None)
+    sp.add_argument("--width", type=int, default=None)
+    sp.add_argument("--layers", type=int, default=None, help="fewer layers than the published config (CPU)")
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--dtype", default="float32")
+    sp.add_argument("--out", default="out/bench-speed")
+    sp.set_defaults(func=_bench_speed)
+
+
+def _write_json(result: dict, out: str, name: str) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{name}.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path / name)
+
+
+def _bench_e2e(args) -> int:
+    from pathlib import Path
+
+    from .bench_e2e import markdown_table, run_e2e, write_results
+    from .generate import GenerateError
+
+    prompts = None
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise GenerateError(f"--prompts {args.prompts}: the file has no prompts")
+    result = run_e2e(args.model, args.plans, prompts, args.num_prompts, args.seeds, args.steps, args.device, args.dtype)
+    write_results(result, Path(args.out))
+    print(markdown_table(result))
+    print(f"wrote {args.out}/results.json, results.md, speedup_vs_psnr.png")
+    return 0
+
+
+def _bench_speed(args) -> int:
+    from .bench_speed import ARCHITECTURES, run_speed
+    from .generate import DTYPES, GenerateError
+
+    if args.arch not in ARCHITECTURES:
+        raise GenerateError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {args.arch!r}")
+    result = run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
+                       args.device, DTYPES[args.dtype])
+    _write_json(result, args.out, "results.json")
+    for row in result["results"]:
+        print(f"{row['plan']:<40} {row['seconds']:.3f}s  speedup {row['speedup']:.2f}x  "
+              f"density {row['executed_density']:.1%}")
+    print("fidelity is not measured in speed-only mode (random weights)")
+    return 0
 
 
 def _bench_kernels(args) -> int:
@@ -79,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    from .search.cli import add_search_parser
+    add_search_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

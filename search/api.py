@@ -1,0 +1,527 @@
+"""`search(...)`: calibrate a model on prompts, solve for a budget, write the plan, its report and the statistics."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dit_sparse.adapters import adapter_for_transformer
+from dit_sparse.api import apply, remove, transformers_of
+from dit_sparse.executors import get_executor
+from dit_sparse.layout import Grid, num_blocks
+from dit_sparse.plan import ModelFingerprint, SparsePlan
+
+from .calibration import CalibrationObserver, sample_steps
+from .candidates import Candidate, default_candidates, with_fp8
+from .cost import CostModel, flop_cost, measure_cost
+from .errors import SearchError
+from .solver import Budget, InfeasibleBudget, Solution, solve
+from .stats import CalibrationStats
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = [
+    "a cat walking on grass",
+    "waves crashing on a rocky shore at sunset",
+    "a person riding a bicycle down a city street",
+]
+# Observer work per evaluated call, in units of one dense attention call over the sampled rows (measured on
+# tiny-shapes on CPU); used only for the estimate printed before a run.
+EVAL_COST_FACTOR = 12.0
+
+
+@dataclass
+class SearchResult:
+    plan: SparsePlan
+    solution: Solution
+    stats: CalibrationStats
+    paths: dict[str, Path] = field(default_factory=dict)
+    closest: bool = False
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise SearchError(f"--prompts: no such file {path}")
+    prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise SearchError(f"--prompts: {path} has no prompt (give one prompt per line)")
+    return prompts
+
+
+def default_prompts(pipe) -> list[str]:
+    if type(pipe).__name__ == "TinyShapesPipeline":
+        import random
+
+        from dit_sparse.zoo.shapes_data import sample_attrs
+
+        rng = random.Random(20240)
+        return [sample_attrs(rng).caption for _ in range(4)]
+    return list(DEFAULT_PROMPTS)
+
+
+def output_paths(out: str | Path | None, model: str) -> dict[str, Path]:
+    if out is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name or model)
+        out = Path("out/search") / f"{name}.plan.json"
+    out = Path(out)
+    stem = out.name[: -len(".plan.json")] if out.name.endswith(".plan.json") else out.stem
+    return {"plan": out, "report": out.with_name(f"{stem}.report.md"), "png": out.with_name(f"{stem}.report.png"),
+            "stats": out.with_name(f"{stem}.stats.json")}
+
+
+def model_fingerprint(model: str) -> tuple[ModelFingerprint, list[tuple[str, int]]]:
+    """Fingerprint and covered modules of a model from its configuration only (built on the meta device)."""
+    from dit_sparse.generate import TINY_SHAPES
+
+    if model == TINY_SHAPES:
+        from dit_sparse.zoo import WEIGHTS_DIR
+
+        if (WEIGHTS_DIR / "model_index.json").is_file():
+            model = str(WEIGHTS_DIR)
+        else:
+            from dit_sparse.zoo.model import TinyShapesConfig, build_transformer
+
+            with torch.device("meta"):
+                transformer = build_transformer(TinyShapesConfig())
+            adapter = adapter_for_transformer(transformer)
+            return adapter.fingerprint(transformer), adapter.covered_modules(transformer)
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(model)
+        cls = getattr(diffusers, index["transformer"][1])
+        config = cls.load_config(model, subfolder="transformer")
+    except (OSError, KeyError, AttributeError, TypeError) as e:
+        raise SearchError(f"--model: could not read the transformer configuration of {model!r}: {e}") from None
+    with torch.device("meta"):
+        transformer = cls.from_config(config)
+    adapter = adapter_for_transformer(transformer)
+    return adapter.fingerprint(transformer), adapter.covered_modules(transformer)
+
+
+def _pipeline_defaults(pipe) -> dict[str, Any]:
+    params = inspect.signature(pipe.__call__).parameters
+    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def pipeline_runner(pipe, prompts: list[str], *, steps: int, guidance: float | None = None,
+                    height: int | None = None, width: int | None = None, frames: int | None = None,
+                    seed: int = 0) -> Callable[[int, Callable[[], None]], None]:
+    """run(i, on_step): the i-th calibration generation (latents only, nothing decoded)."""
+    params = inspect.signature(pipe.__call__).parameters
+    base: dict[str, Any] = {"num_inference_steps": steps}
+    for name, value in (("guidance_scale", guidance), ("height", height), ("width", width), ("num_frames", frames)):
+        if value is not None:
+            if name not in params:
+                raise SearchError(f"{type(pipe).__name__} takes no {name!r}; leave that option out")
+            base[name] = value
+    if "output_type" in params:
+        base["output_type"] = "latent"
+
+    def run(i: int, on_step: Callable[[], None]) -> None:
+        kwargs = dict(base, prompt=prompts[i])
+        if "callback_on_step_end" in params:
+            kwargs["callback_on_step_end"] = lambda *_args: (on_step(), {})[1]
+        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        try:
+            pipe(generator=generator, **kwargs)
+        except ValueError as e:
+            raise SearchError(f"the pipeline refused these settings: {e}") from None
+        if "callback_on_step_end" not in params:
+            for _ in range(steps):
+                on_step()
+
+    return run
+
+
+# -- calibration -----------------------------------------------------------------------------------------------------
+@dataclass
+class Probe:
+    grid: Grid
+    batch: int
+    calls_per_step: float
+    step_seconds: float
+
+
+def probe(target, run_one_step: Callable[[], None]) -> Probe:
+    """One denoising step with a dense plan: the video grid, batch per call, calls per step, time per step."""
+    transformer = transformers_of(target)[0]
+    processor = apply(target, SparsePlan.uniform(transformer, "dense"))
+    seen: dict[str, Any] = {"calls": 0}
+    first = adapter_for_transformer(transformer).covered_modules(transformer)[0][0]
+
+    def observe(site, q, k, v, text):
+        if site.module_name == first:
+            seen["calls"] += 1
+            seen["grid"], seen["batch"] = site.grid, q.shape[0]
+
+    processor.observers.append(observe)
+    try:
+        start = time.perf_counter()
+        run_one_step()
+        seconds = time.perf_counter() - start
+    finally:
+        remove(target)
+    if "grid" not in seen:
+        raise SearchError("the pipeline never called a covered attention module; is this a supported model?")
+    return Probe(seen["grid"], seen["batch"], float(seen["calls"]), seconds)
+
+
+class _ModuleTimer:
+    """Wall time inside the covered attention modules (projections included), the observer's own time excluded."""
+
+    def __init__(self, observer: CalibrationObserver):
+        self.observer = observer
+        self.seconds = 0.0
+        self._starts: dict[int, tuple[float, float]] = {}
+
+    def attach(self, modules) -> list:
+        handles = []
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(self._pre))
+            handles.append(module.register_forward_hook(self._post))
+        return handles
+
+    def _pre(self, module, args):
+        self._starts[id(module)] = (time.perf_counter(), self.observer.seconds)
+
+    def _post(self, module, args, output):
+        start, observed = self._starts.pop(id(module))
+        self.seconds += time.perf_counter() - start - (self.observer.seconds - observed)
+
+
+def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_samples: int, *, num_steps: int,
+              grid: Grid, candidates: list[Candidate] | None = None, dense_first: float = 0.2,
+              calib_steps: int = 5, refresh_interval: int = 5, executor: str | None = None,
+              block_size: tuple[int, int] | None = None, device: str | torch.device = "cpu",
+              progress: bool = True, max_rows: int = 4096, query_blocks: int = 8, seed: int = 0,
+              info: dict[str, Any] | None = None) -> CalibrationStats:
+    """Run `num_samples` generations (run(i, on_step)) with a dense plan and the calibration observer.
+
+    target: what dit_sparse.apply takes (a pipeline or a transformer). Returns the statistics (no cost table).
+    """
+    transformer = transformers_of(target)[0]
+    adapter = adapter_for_transformer(transformer)
+    fingerprint = adapter.fingerprint(transformer)
+    covered = adapter.covered_modules(transformer)
+    ex = get_executor(executor, torch.device(device))
+    block_q, block_k = block_size or ex.block_sizes(torch.device(device), fingerprint.head_dim)
+    candidates = candidates if candidates is not None else default_candidates(grid, block_q, block_k)
+    steps = sample_steps(num_steps, dense_first, calib_steps)
+    first_sparse = int(round(dense_first * num_steps))
+    observer = CalibrationObserver([n for n, _ in covered], fingerprint.num_heads, candidates, block_q, block_k,
+                                   steps, first_sparse, refresh_interval, max_rows=max_rows,
+                                   query_blocks=query_blocks, seed=seed)
+    processor = apply(target, SparsePlan.uniform(transformer, "dense"), executor=executor, block_size=block_size)
+    processor.observers.append(observer)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_samples * num_steps, desc="calibrating", unit="step", file=sys.stderr)
+    wall, attention = [], []
+    timer = _ModuleTimer(observer)
+    handles = timer.attach([dict(t.named_modules())[name] for t in transformers_of(target) for name, _ in covered
+                            if name in dict(t.named_modules())])
+    try:
+        for i in range(num_samples):
+            before, attn_before = observer.seconds, timer.seconds
+            start = time.perf_counter()
+            with torch.no_grad():
+                run(i, bar.update if bar is not None else (lambda: None))
+            wall.append(time.perf_counter() - start - (observer.seconds - before))
+            attention.append(timer.seconds - attn_before)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if bar is not None:
+            bar.close()
+        remove(target)
+    missing = observer.missing_modules()
+    if missing:
+        raise SearchError(f"calibration never evaluated {', '.join(missing[:3])}: no call reached the sampled steps "
+                          f"{steps} (does the pipeline run {num_steps} steps?)")
+    error, density, columns = observer.results()
+    calls = observer.calls_per_module.get(covered[0][0], 0)
+    info = dict(info or {})
+    info.update({
+        "num_steps": num_steps,
+        "sample_steps": steps,
+        "dense_first": dense_first,
+        "refresh_interval": refresh_interval,
+        "calls_per_step": calls / max(1, num_samples * num_steps),
+        "batch": observer.batch,
+        "branches": sorted(observer.branches),
+        "executor": ex.name,
+        # The first generation warms up; later ones are representative.
+        "seconds_per_generation": sum(wall[1:] or wall) / len(wall[1:] or wall),
+        "attention_seconds_per_generation": sum(attention[1:] or attention) / len(attention[1:] or attention),
+        "observer_seconds": observer.seconds,
+        "rows": "all" if grid.num_tokens <= max_rows else f"{query_blocks} query blocks per call",
+    })
+    return CalibrationStats(fingerprint, [n for n, _ in covered], [layer for _, layer in covered], observer.grid,
+                            block_q, block_k, candidates, error, density, columns, info)
+
+
+def _estimate(prb: Probe, prompts: int, steps: int, calib_steps: int, calls_per_step: float, layers: int,
+              dense_layer: float | None, candidates: int, max_rows: int, query_blocks: int, block_q: int,
+              heads: int, head_dim: int, dynamic: int) -> tuple[float, float]:
+    """(seconds, extra bytes) expected for calibration."""
+    seconds = prb.step_seconds * steps * prompts
+    seq = prb.grid.num_tokens
+    rows = seq if seq <= max_rows else min(seq, query_blocks * block_q)
+    if dense_layer:
+        evaluated = prompts * calib_steps * calls_per_step * layers
+        seconds += evaluated * dense_layer * (rows / seq) * EVAL_COST_FACTOR * max(1.0, candidates / 20)
+    nk = num_blocks(seq, 128)
+    stored = layers * max(1, int(calls_per_step)) * dynamic * prb.batch * heads * nk * nk
+    working = 4 * prb.batch * rows * heads * (2 * seq + 8 * nk * (head_dim + 1))
+    return seconds, float(min(working, 4 * (1 << 26) * 3) + stored)
+
+
+# -- the whole search -------------------------------------------------------------------------------------------------
+def search(model: str | None = None, prompts: list[str] | str | Path | None = None, *, height: int | None = None,
+           width: int | None = None, frames: int | None = None, steps: int | None = None,
+           guidance: float | None = None, max_error: float | None = None, target_density: float | None = None,
+           target_speedup: float | None = None, dense_first: float = 0.2, dense_layers: tuple[int, ...] = (),
+           stats: str | Path | None = None, out: str | Path | None = None, device: str = "cpu",
+           dtype: str = "float32", allow_closest: bool = False, cost: str = "measured",
+           cache_dir: str | Path | None = None, calib_steps: int = 5, seed: int = 0, progress: bool = True,
+           threads: int | None = None, echo: Callable[[str], None] | None = None, pipe=None) -> SearchResult:
+    """Calibrate (or load `stats`), solve for the budget, write plan + report (+ statistics). See `dit-sparse search`.
+
+    Budgets: `max_error` is the relative L2 error of attention outputs (default 0.1 when no target is given);
+    `target_speedup` is the predicted attention speedup over a whole generation; `target_density` the mean
+    fraction of attention work of the covered heads during sparse steps. Raises SearchError on bad input and
+    when the budget cannot be met (unless `allow_closest`). `threads`: torch CPU threads for the whole search
+    (None: the cores not already busy, see `auto_threads`).
+    """
+    from dit_sparse.generate import DTYPES
+
+    echo = echo or logger.info
+    budget = Budget(max_error, target_speedup, target_density)
+    try:
+        budget.validate()
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+    if not 0.0 <= dense_first < 1.0:
+        raise SearchError(f"--dense-first must be a fraction of steps in [0, 1), got {dense_first}")
+    if cost not in ("measured", "flop"):
+        raise SearchError(f"--cost must be 'measured' or 'flop', got {cost!r}")
+    if dtype not in DTYPES:
+        raise SearchError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SearchError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
+    if isinstance(prompts, (str, Path)):
+        prompts = read_prompts(prompts)
+    elif prompts is not None and not [p for p in prompts if p.strip()]:
+        raise SearchError("no prompt given (the prompt list is empty)")
+    if threads is not None and threads < 1:
+        raise SearchError(f"--threads must be >= 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    if not device.startswith("cuda"):
+        torch.set_num_threads(threads or auto_threads())
+    try:
+        return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
+                       stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
+                       pipe)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers, stats, out,
+            device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe) -> SearchResult:
+    from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
+
+    if stats is not None:
+        st = CalibrationStats.load(stats)
+        source = model or st.info.get("model") or "the model"
+        if model is not None:
+            try:
+                fingerprint, _ = model_fingerprint(model)
+            except GenerateError as e:
+                raise SearchError(str(e)) from None
+            st.check_model(fingerprint, repr(model))
+        for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps)):
+            known = st.info.get("num_steps" if name == "steps" else name)
+            if value is not None and known is not None and value != known:
+                raise SearchError(f"--{name} {value} differs from the statistics ({known}); calibrate again at "
+                                  f"this setting or leave --{name} out")
+        model = source
+        cost_model = _cost_for_stats(st, cost, device, dtype, cache_dir, progress)
+        paths = output_paths(out, model)
+        paths.pop("stats")
+    else:
+        model = model or TINY_SHAPES
+        paths = output_paths(out, model)
+        try:
+            pipe = pipe if pipe is not None else load_model(model, device, DTYPES[dtype])
+        except (GenerateError, FileNotFoundError) as e:
+            raise SearchError(str(e)) from None
+        st, cost_model = _calibrate_pipeline(pipe, model, prompts, height=height, width=width, frames=frames,
+                                             steps=steps, guidance=guidance, dense_first=dense_first,
+                                             device=device, dtype=dtype, cost=cost, cache_dir=cache_dir,
+                                             calib_steps=calib_steps, seed=seed, progress=progress, echo=echo)
+        st.save(paths["stats"])
+        echo(f"statistics saved to {paths['stats']} (re-solve in seconds with --stats {paths['stats']})")
+
+    wall = st.info.get("seconds_per_generation")
+    closest = False
+    try:
+        solution = solve(st, cost_model, budget, dense_first=dense_first, dense_layers=tuple(dense_layers),
+                         wall_seconds=wall)
+    except InfeasibleBudget as e:
+        if not allow_closest:
+            hint = f"; statistics are in {paths['stats']}" if "stats" in paths else ""
+            raise SearchError(f"{e}. No plan written (pass --allow-closest to write the closest plan){hint}") \
+                from None
+        echo(f"warning: {e}; writing the closest plan (--allow-closest)")
+        solution, closest = e.closest, True
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+
+    solution.plan.save(paths["plan"])
+    from .report import write_report
+
+    written = write_report(solution, st, cost_model, paths["report"], paths["png"], plan_path=paths["plan"],
+                           budget=budget, closest=closest)
+    if "png" not in written:
+        paths.pop("png")
+    return SearchResult(solution.plan, solution, st, paths, closest)
+
+
+def _cost_for_stats(st: CalibrationStats, cost: str, device, dtype, cache_dir, progress) -> CostModel:
+    from dit_sparse.generate import DTYPES
+
+    if st.cost is not None and st.cost.get("kind") == cost:
+        return CostModel.from_json(st.cost)
+    fp = st.fingerprint
+    if cost == "flop":
+        return flop_cost(st.candidates, st.grid, st.block_q, st.block_k, fp.num_heads, fp.head_dim)
+    return measure_cost(st.candidates, st.grid, st.block_q, st.block_k, int(st.info.get("batch") or 1), fp.num_heads,
+                        fp.head_dim, device, DTYPES[dtype], st.info.get("executor"), cache_dir, progress=progress)
+
+
+def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, steps, guidance, dense_first, device,
+                        dtype, cost, cache_dir, calib_steps, seed, progress, echo):
+    from dit_sparse.generate import DTYPES
+
+    transformer = transformers_of(pipe)[0]
+    adapter = adapter_for_transformer(transformer)  # unsupported models fail here, before any work
+    fingerprint = adapter.fingerprint(transformer)
+    prompts = list(prompts) if prompts else default_prompts(pipe)
+    defaults = _pipeline_defaults(pipe)
+    steps = steps or defaults.get("num_inference_steps")
+    if not isinstance(steps, int) or steps <= 0:
+        raise SearchError(f"--steps: give a positive number of denoising steps (got {steps!r})")
+    if guidance is None:
+        guidance = defaults.get("guidance_scale")
+    for name, value in (("height", height), ("width", width), ("frames", frames)):
+        if value is not None and value <= 0:
+            raise SearchError(f"--{name} must be positive, got {value}")
+    if progress and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    run = pipeline_runner(pipe, prompts, steps=steps, guidance=guidance, height=height, width=width, frames=frames,
+                          seed=seed)
+    one_step = pipeline_runner(pipe, prompts[:1], steps=1, guidance=guidance, height=height, width=width,
+                               frames=frames, seed=seed)
+    prb = probe(pipe, lambda: one_step(0, lambda: None))
+    dev = torch.device(device)
+    ex = get_executor(None, dev)
+    block_q, block_k = ex.block_sizes(dev, fingerprint.head_dim)
+    candidates = default_candidates(prb.grid, block_q, block_k)
+    if dev.type == "cuda":
+        candidates += [with_fp8(c) for c in candidates if c.computes and not c.per_head and not c.dynamic]
+    torch_dtype = DTYPES[dtype]
+    if cost == "measured":
+        cost_model = measure_cost(candidates, prb.grid, block_q, block_k, prb.batch, fingerprint.num_heads,
+                                  fingerprint.head_dim, dev, torch_dtype, ex.name, cache_dir, progress=progress)
+        candidates = _keep_faster_fp8(candidates, cost_model)
+    else:
+        candidates = [c for c in candidates if not c.fp8]
+        cost_model = flop_cost(candidates, prb.grid, block_q, block_k, fingerprint.num_heads, fingerprint.head_dim)
+    layers = len(adapter.covered_modules(transformer))
+    seconds, memory = _estimate(prb, len(prompts), steps, calib_steps, prb.calls_per_step, layers,
+                                cost_model.dense_layer if cost_model.kind == "measured" else None, len(candidates),
+                                4096, 8, block_q, fingerprint.num_heads, fingerprint.head_dim,
+                                sum(c.dynamic for c in candidates))
+    echo(f"calibration on {dev}{f' ({torch.get_num_threads()} threads)' if dev.type == 'cpu' else ''}: "
+         f"{len(prompts)} prompts x {steps} steps on grid {prb.grid.frames}x{prb.grid.height}x"
+         f"{prb.grid.width} ({prb.grid.num_tokens} tokens), {layers} layers x {fingerprint.num_heads} heads x "
+         f"{len(candidates)} candidates; estimated {_fmt_seconds(seconds)} and {memory / 2**20:.0f} MiB beyond "
+         f"the model")
+    info = {"model": model, "prompts": prompts, "guidance": guidance, "height": height, "width": width,
+            "frames": frames, "device": str(dev), "dtype": dtype}
+    start = time.perf_counter()
+    st = calibrate(pipe, run, len(prompts), num_steps=steps, grid=prb.grid, candidates=candidates,
+                   dense_first=dense_first, calib_steps=calib_steps, device=dev, progress=progress, seed=seed,
+                   info=info)
+    st.info["calibration_seconds"] = time.perf_counter() - start
+    if cost_model.kind == "measured" and st.info.get("batch") != prb.batch:
+        cost_model = measure_cost(candidates, prb.grid, block_q, block_k, st.info["batch"], fingerprint.num_heads,
+                                  fingerprint.head_dim, dev, torch_dtype, ex.name, cache_dir, progress=progress)
+    st.cost = cost_model.to_json()
+    return st, cost_model
+
+
+def _keep_faster_fp8(candidates: list[Candidate], cost_model: CostModel) -> list[Candidate]:
+    """fp8 variants stay only where the cost model says they are faster than the same layout without fp8."""
+    base = {c.spec.describe().replace(", fp8", "").replace("(fp8)", ""): c for c in candidates
+            if not c.per_head and not c.fp8}
+    keep = []
+    for c in candidates:
+        if c.fp8:
+            plain = base.get(c.key.replace(", fp8", "").replace("(fp8)", ""))
+            if plain is None or cost_model.head_time(c, 0.5) >= cost_model.head_time(plain, 0.5):
+                continue
+        keep.append(c)
+    return keep
+
+
+def auto_threads() -> int:
+    """torch's default thread count, less the cores other processes keep busy (1-minute load average).
+
+    Small tensor ops with more threads than free cores spend their time waiting for descheduled threads: on a
+    2-core machine shared with a training job, tiny-shapes calibration ran several times faster on one thread.
+    """
+    import os
+
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return torch.get_num_threads()
+    free = int((os.cpu_count() or 1) - busy + 0.5)
+    return max(1, min(torch.get_num_threads(), free))
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    return f"~{seconds / 60:.1f} min" if seconds < 5400 else f"~{seconds / 3600:.1f} h"
+
+
+__all__ = [
+    "SearchError",
+    "SearchResult",
+    "calibrate",
+    "model_fingerprint",
+    "output_paths",
+    "pipeline_runner",
+    "probe",
+    "read_prompts",
+    "search",
+]

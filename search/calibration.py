@@ -1,0 +1,499 @@
+"""Calibration: run the model densely and measure, on the fly, what every candidate would do to every head.
+
+An all-dense plan is applied through ``dit_sparse.apply`` and a :class:`CalibrationObserver` is added to the
+processor's observers. On the sampled denoising steps (both CFG branches) it takes the post-RoPE q, k, v of each
+covered attention call and, for sampled query rows (all rows of short sequences, a few query blocks of long ones),
+computes per key block the softmax partial sums
+
+    Z[r, kb] = sum_{j in kb} exp(s_rj - m_r),    U[r, kb] = sum_{j in kb} exp(s_rj - m_r) v_j
+
+at full resolution and, when a pyramid candidate exists, over keys mean-pooled 2, 4 and 8 times (each pooled key
+gets +ln(n), as the executors do). Any candidate's exact output on those rows is then
+``sum_kb U[level(kb)] / sum_kb Z[level(kb)]`` over the blocks its layout visits, so every candidate costs a
+(rows x key blocks x head_dim) reduction instead of a new attention. Text keys of joint models are always
+included (the processor attends them densely); only video rows are scored.
+
+Per (module, head, candidate) the observer accumulates the squared error against dense divided by the layer's
+mean per-head dense output energy (so a head whose values are zero has error 0 under every candidate, skip
+included), averaged over calls; and the measured density of dynamic candidates. Dynamic layouts are estimated the
+way the processor does it: at refresh steps, then reused (stale) until the next refresh. Nothing proportional to
+the number of calls is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dit_sparse.attend import TextTokens
+from dit_sparse.fp8 import fake_quantize_qkv
+from dit_sparse.layout import (
+    MAX_LEVEL,
+    Grid,
+    block_sizes,
+    ln_group_sizes,
+    num_blocks,
+    pool_tokens,
+)
+from dit_sparse.strategies import BuildContext, get_strategy
+
+from .candidates import Candidate, mass_columns, mass_spec, static_level_map
+
+logger = logging.getLogger(__name__)
+
+# Elements of the score matrix plus partial sums processed at once (bounds the observer's extra memory).
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+class CalibrationError(RuntimeError):
+    pass
+
+
+def sample_steps(num_steps: int, dense_first: float, count: int) -> list[int]:
+    """`count` denoising steps spread evenly over the steps the plan will run sparse (first and last included)."""
+    first = int(round(dense_first * num_steps))
+    if first >= num_steps:
+        raise CalibrationError(f"dense_first={dense_first} leaves no sparse step out of {num_steps}")
+    picks = np.linspace(first, num_steps - 1, max(1, min(count, num_steps - first)))
+    return sorted({int(round(x)) for x in picks})
+
+
+@dataclass
+class _Module:
+    err: np.ndarray  # (H, C) sum over evaluated calls of the normalised squared error
+    density: np.ndarray  # (H, C) sum over evaluated calls of measured density (dynamic) / fixed (static)
+    evaluated: int = 0
+    block_mass: np.ndarray | None = None  # (H, NK) attention mass per key block, for the per-head stripes
+    token_mass: np.ndarray | None = None  # (H, S)
+    columns: dict[int, list[list[int]]] | None = None  # candidate index -> per-head columns, once frozen
+    column_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # candidate index -> (1, H, NQ, NK)
+
+
+class CalibrationObserver:
+    """``observer(site, q, k, v, text)`` for ``SparseProcessor.observers``; see the module docstring.
+
+    modules: covered module names in forward order; candidates: what to evaluate; steps: denoising steps to
+    evaluate; first_sparse_step and refresh_interval: where dynamic layouts are refreshed at run time.
+    max_rows: sequences up to this many video tokens are scored on every row, longer ones on `query_blocks`
+    randomly chosen query blocks per call.
+    """
+
+    def __init__(self, modules: list[str], num_heads: int, candidates: list[Candidate], block_q: int, block_k: int,
+                 steps: list[int], first_sparse_step: int, refresh_interval: int = 5, *, max_rows: int = 4096,
+                 query_blocks: int = 8, stale_layouts: bool = True, seed: int = 0,
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_evaluate=None):
+        self.modules = {name: i for i, name in enumerate(modules)}
+        self.num_heads = num_heads
+        self.candidates = candidates
+        self.block_q, self.block_k = block_q, block_k
+        self.steps = set(steps)
+        self.first_sparse_step = first_sparse_step
+        self.refresh_interval = refresh_interval
+        self.max_rows, self.query_blocks = max_rows, query_blocks
+        self.stale_layouts = stale_layouts
+        self.seed = seed
+        self.chunk_elements = chunk_elements
+        self.on_evaluate = on_evaluate
+        self.grid: Grid | None = None
+        self.calls = 0
+        self.calls_per_module: dict[str, int] = {}
+        self.batch: int | None = None
+        self.evaluated_steps: set[int] = set()
+        self.branches: set[str] = set()
+        self.seconds = 0.0
+        self._state: dict[int, _Module] = {}
+        self._static: dict[int, torch.Tensor] = {}
+        self._static_stack: dict[tuple, tuple] = {}
+        self._stored: dict[tuple, tuple[int, torch.Tensor]] = {}
+        self._levels = any(c.family == "pyramid" for c in candidates)
+        self._fp8 = any(c.fp8 for c in candidates)
+        self._mass_steps = {s - 1 for s in steps if s - 1 >= 0} | set(steps)
+
+    # -- what is accumulated -----------------------------------------------------------------------------------
+    def results(self) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, int, int], list[int]]]:
+        """(error (M, H, C), density (M, H, C), per-head columns {(m, h, c): columns}), means over calls."""
+        m, h, c = len(self.modules), self.num_heads, len(self.candidates)
+        err, dens = np.full((m, h, c), np.nan), np.full((m, h, c), np.nan)
+        columns = {}
+        for mi, st in self._state.items():
+            if st.evaluated:
+                err[mi] = st.err / st.evaluated
+                dens[mi] = st.density / st.evaluated
+            for ci, per_head in (st.columns or {}).items():
+                for hi, cols in enumerate(per_head):
+                    columns[(mi, hi, ci)] = cols
+        return err, dens, columns
+
+    def missing_modules(self) -> list[str]:
+        return [name for name, i in self.modules.items() if i not in self._state or not self._state[i].evaluated]
+
+    # -- the observer ------------------------------------------------------------------------------------------
+    def __call__(self, site, q, k, v, text: TextTokens | None):
+        if site.module_name not in self.modules:
+            return
+        start = time.perf_counter()
+        try:
+            self._observe(site, q, k, v, text)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _observe(self, site, q, k, v, text):
+        self.calls += 1
+        self.calls_per_module[site.module_name] = self.calls_per_module.get(site.module_name, 0) + 1
+        if site.step is None:
+            raise CalibrationError("the processor could not tell the denoising step (no timestep reached the "
+                                   "transformer); calibration needs it to sample steps")
+        if self.grid is None:
+            self.grid = site.grid
+        elif site.grid != self.grid:
+            raise CalibrationError(f"calibration saw two video shapes ({self.grid} and {site.grid}); "
+                                   "calibrate at one resolution and frame count")
+        mi = self.modules[site.module_name]
+        step = site.step
+        evaluate = step in self.steps
+        anchor = self._is_anchor(step)
+        needs_mass = self._needs_mass(mi, step)
+        if not (evaluate or anchor or needs_mass):
+            return
+        seq = q.shape[1]
+        video, text_part = text.slices(seq) if text else (slice(0, seq), None)
+        qv, kv, vv = q[:, video].float(), k[:, video].float(), v[:, video].float()
+        txt = None
+        if text:
+            mask = None if text.mask is None else text.mask.bool().to(q.device)
+            txt = (k[:, text_part].float(), v[:, text_part].float(), mask)
+        state = self._module_state(mi, qv.shape[1])
+        self.batch = qv.shape[0]
+        dynamic = {}
+        if evaluate or (anchor and self.stale_layouts):
+            dynamic = self._dynamic_levels(mi, site.branch, step, qv, kv, store=anchor)
+        if not evaluate:
+            if needs_mass:
+                self._accumulate_mass(state, qv, kv, txt)
+            return
+        self.evaluated_steps.add(step)
+        self.branches.add(site.branch)
+        if needs_mass:
+            self._accumulate_mass(state, qv, kv, txt)
+        self._freeze_columns(state)
+        err, energy = self._evaluate(state, qv, kv, vv, txt, dynamic)
+        mean_energy = float(energy.mean())
+        state.err += err / mean_energy if mean_energy > 0 else 0.0
+        state.density += self._densities(state, dynamic, qv.shape[1])
+        state.evaluated += 1
+        if self.on_evaluate is not None:
+            self.on_evaluate()
+
+    # -- steps -------------------------------------------------------------------------------------------------
+    def _anchor_of(self, step: int) -> int:
+        r = self.refresh_interval
+        return self.first_sparse_step + ((step - self.first_sparse_step) // r) * r
+
+    def _is_anchor(self, step: int) -> bool:
+        """A refresh step of dynamic layouts whose layout a later sampled step will reuse."""
+        if not self.stale_layouts or step < self.first_sparse_step or self._anchor_of(step) != step:
+            return False
+        if not any(c.dynamic for c in self.candidates):
+            return False
+        return any(step < s < step + self.refresh_interval for s in self.steps)
+
+    def _needs_mass(self, mi: int, step: int) -> bool:
+        if not any(c.per_head for c in self.candidates):
+            return False
+        st = self._state.get(mi)
+        return step in self._mass_steps and (st is None or st.columns is None)
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def _module_state(self, mi: int, seq: int) -> _Module:
+        if mi not in self._state:
+            h, c = self.num_heads, len(self.candidates)
+            nk = num_blocks(seq, self.block_k)
+            self._state[mi] = _Module(np.zeros((h, c)), np.zeros((h, c)), block_mass=np.zeros((h, nk)),
+                                      token_mass=np.zeros((h, seq)))
+        return self._state[mi]
+
+    def _static_levels(self, ci: int) -> torch.Tensor:
+        if ci not in self._static:
+            self._static[ci] = static_level_map(self.candidates[ci], self.grid, self.block_q, self.block_k)
+        return self._static[ci]
+
+    def _dynamic_levels(self, mi, branch, step, q, k, store: bool) -> dict[int, torch.Tensor]:
+        """Level maps (B, H, NQ, NK) int8 of the dynamic candidates as the processor would use them at `step`."""
+        out = {}
+        anchor = self._anchor_of(step) if step >= self.first_sparse_step else step
+        ctx = None
+        for ci, cand in enumerate(self.candidates):
+            if not cand.dynamic:
+                continue
+            key = (mi, branch, ci)
+            stored = self._stored.get(key)
+            if self.stale_layouts and anchor != step and stored is not None and stored[0] == anchor \
+                    and stored[1].shape[0] == q.shape[0]:
+                out[ci] = stored[1].to(q.device)
+                continue
+            if ctx is None:
+                # The processor estimates dynamic layouts from unquantized q and k, fp8 or not.
+                ctx = BuildContext(self.grid, self.block_q, self.block_k, q, k)
+            levels = get_strategy(cand.family).layout(cand.spec.param_dict, ctx).level_map().to(torch.int8)
+            out[ci] = levels
+            if store:
+                self._stored[key] = (step, levels.cpu())
+        return out
+
+    # -- per-head vertical stripes -----------------------------------------------------------------------------
+    def _accumulate_mass(self, state: _Module, q, k, txt):
+        rows = self._rows(q.shape[1], q.device, salt=7)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        seq = k.shape[1]
+        nk = num_blocks(seq, self.block_k)
+        for hs in self._head_chunks(q.shape[0], len(rows), seq, q.shape[-1]):
+            s = torch.einsum("brhd,bnhd->bhrn", q[:, rows, hs], k[:, :, hs]) * scale
+            lse = torch.logsumexp(s, -1, keepdim=True)
+            if txt is not None:
+                st = torch.einsum("brhd,bthd->bhrt", q[:, rows, hs], txt[0][:, :, hs]) * scale
+                if txt[2] is not None:
+                    st = st.masked_fill(~txt[2][:, None, None, :], float("-inf"))
+                lse = torch.logaddexp(lse, torch.logsumexp(st, -1, keepdim=True))
+            token = torch.exp(s - lse).sum((0, 2))  # (h, S)
+            padded = torch.nn.functional.pad(token, (0, nk * self.block_k - seq)).view(token.shape[0], nk, -1)
+            state.token_mass[hs] += token.double().cpu().numpy()
+            state.block_mass[hs] += padded.sum(-1).double().cpu().numpy()
+
+    def _freeze_columns(self, state: _Module):
+        if state.columns is not None:
+            return
+        state.columns = {}
+        for ci, cand in enumerate(self.candidates):
+            if not cand.per_head:
+                continue
+            per_head = [mass_columns(torch.from_numpy(state.block_mass[h]), torch.from_numpy(state.token_mass[h]),
+                                     cand.mass_blocks, self.block_k) for h in range(self.num_heads)]
+            state.columns[ci] = per_head
+            maps = [static_level_map(type(cand)(cand.key, cand.family, mass_spec(cols)), self.grid, self.block_q,
+                                     self.block_k) for cols in per_head]
+            state.column_maps[ci] = torch.cat(maps, dim=1)
+
+    # -- rows and chunks ---------------------------------------------------------------------------------------
+    def _query_blocks(self, seq: int, salt: int = 0) -> torch.Tensor:
+        """Query blocks scored in this call: all of them for short sequences, else a random few."""
+        nq = num_blocks(seq, self.block_q)
+        if seq <= self.max_rows:
+            return torch.arange(nq)
+        rng = np.random.default_rng([self.seed, self.calls, salt])
+        return torch.from_numpy(np.sort(rng.choice(nq, size=min(self.query_blocks, nq), replace=False)))
+
+    def _rows(self, seq: int, device, salt: int = 0) -> torch.Tensor:
+        blocks = self._query_blocks(seq, salt)
+        rows = (blocks[:, None] * self.block_q + torch.arange(self.block_q)).flatten()
+        return rows[rows < seq].to(device)
+
+    def _head_chunks(self, batch: int, rows: int, seq: int, head_dim: int) -> list[slice]:
+        nk = num_blocks(seq, self.block_k)
+        per_head = batch * rows * (3 * seq + 2 * nk * (head_dim + 1) + len(self.candidates) * (head_dim + 1))
+        step = max(1, min(self.num_heads, self.chunk_elements // max(1, per_head)))
+        return [slice(h, min(h + step, self.num_heads)) for h in range(0, self.num_heads, step)]
+
+    # -- the evaluation ----------------------------------------------------------------------------------------
+    def _evaluate(self, state: _Module, q, k, v, txt, dynamic: dict[int, torch.Tensor]):
+        """Raw squared errors (H, C) summed over batch and sampled rows, and dense output energy per head (H,)."""
+        b, seq, h_all, d = q.shape
+        blocks = self._query_blocks(seq, salt=1)
+        rows = blocks[:, None] * self.block_q + torch.arange(self.block_q)  # (J, bq)
+        valid = (rows < seq).to(q.device)
+        all_valid = bool(valid.all())
+        rows = rows.clamp(max=seq - 1).to(q.device)
+        err = np.zeros((h_all, len(self.candidates)))
+        energy = np.zeros(h_all)
+        variants = [(False, q, k, v)]
+        if self._fp8:
+            variants.append((True, *fake_quantize_qkv(q, k, v, self.block_q, self.block_k)))
+        scored = [ci for ci, c in enumerate(self.candidates) if c.computes and not (c.family == "dense" and not c.fp8)]
+        for hs in self._head_chunks(b, rows.numel(), seq, d):
+            dense = None
+            for fp8, qq, kk, vv in variants:
+                sums = partial_sums(qq[:, rows][:, :, :, hs], kk[:, :, hs], vv[:, :, hs], _text_heads(txt, hs),
+                                    self.block_k, self._levels)
+                if not fp8:
+                    dense = dense_output(sums)  # (B, h, J, bq, D)
+                    rows_energy = dense.square().sum(-1)  # (B, h, J, bq)
+                    if not all_valid:
+                        rows_energy = rows_energy * valid[None, None]
+                    energy[hs] = rows_energy.sum((0, 2, 3)).double().cpu().numpy()
+                group = [ci for ci in scored if self.candidates[ci].fp8 == fp8]
+                if not group:
+                    continue
+                levels = self._stacked_levels(state, group, dynamic, blocks, b, q.device)[:, hs]  # (B, h, J, C', NK)
+                out = layout_outputs(sums, levels)  # (B, h, J, C', bq, D)
+                diff = (out - dense.unsqueeze(3)).square().sum(-1)  # (B, h, J, C', bq)
+                if not all_valid:
+                    diff = diff * valid[None, None, :, None, :]
+                err[hs, group] = diff.sum((0, 2, 4)).double().cpu().numpy()
+            for ci, cand in enumerate(self.candidates):
+                if not cand.computes:
+                    err[hs, ci] = energy[hs]
+        return err, energy
+
+    def _stacked_levels(self, state: _Module, group: list[int], dynamic, blocks, batch: int, device) -> torch.Tensor:
+        """(B, H, J, C', NK) levels of the candidates in `group` at the sampled query blocks."""
+        key = tuple(group)
+        if key not in self._static_stack:
+            static = [ci for ci in group if not self.candidates[ci].dynamic and not self.candidates[ci].per_head]
+            stack = torch.stack([self._static_levels(ci)[0, 0] for ci in static], dim=1) if static else None
+            self._static_stack[key] = (static, stack)
+        static, stack = self._static_stack[key]
+        blocks = blocks.to(device)
+        parts = {}
+        if stack is not None:
+            picked = stack.to(device)[blocks].expand(batch, self.num_heads, -1, -1, -1)
+            parts.update({ci: picked[:, :, :, i] for i, ci in enumerate(static)})
+        for ci in group:
+            if ci not in parts:
+                lv = self._levels_for(state, ci, self.candidates[ci], dynamic).to(device)
+                parts[ci] = lv[:, :, blocks].expand(batch, self.num_heads, -1, -1)
+        return torch.stack([parts[ci] for ci in group], dim=3)
+
+    def _levels_for(self, state: _Module, ci: int, cand: Candidate, dynamic) -> torch.Tensor:
+        if cand.dynamic:
+            return dynamic[ci]
+        if cand.per_head:
+            return state.column_maps[ci]
+        return self._static_levels(ci)
+
+    def _densities(self, state: _Module, dynamic: dict[int, torch.Tensor], seq: int) -> np.ndarray:
+        h, c = self.num_heads, len(self.candidates)
+        out = np.zeros((h, c))
+        for ci, cand in enumerate(self.candidates):
+            if not cand.computes:
+                continue
+            if cand.family == "dense":
+                out[:, ci] = 1.0
+                continue
+            levels = self._levels_for(state, ci, cand, dynamic)
+            out[:, ci] = level_density(levels, seq, self.block_q, self.block_k).mean(0).numpy()
+        return out
+
+
+def level_density(levels: torch.Tensor, seq: int, block_q: int, block_k: int) -> torch.Tensor:
+    """(B, H) fraction of dense work of a level map (B, H, NQ, NK) (-1 = not visited; pooled keys counted once)."""
+    levels = levels.cpu().long()
+    q_sizes = block_sizes(seq, block_q).double()
+    k_sizes = block_sizes(seq, block_k).double()
+    work = torch.zeros(levels.shape, dtype=torch.float64)
+    for level in range(MAX_LEVEL + 1):
+        work += (levels == level) * torch.ceil(k_sizes / 2**level)
+    return (work.sum(-1) * q_sizes).sum(-1) / float(seq * seq)
+
+
+def _text_heads(txt, hs: slice):
+    return None if txt is None else (txt[0][:, :, hs], txt[1][:, :, hs], txt[2])
+
+
+@dataclass
+class PartialSums:
+    """Per level l: zu[l] (B, h, J, NK, bq * (D + 1)) holds, for each sampled query block j, key block kb and row
+    of j, U = sum_{keys in kb} exp(s - m) v (D values) followed by Z = sum exp(s - m); text (B, h, J, bq, D + 1)
+    the same over the text keys (always attended)."""
+
+    zu: list[torch.Tensor]
+    text: torch.Tensor
+    block_q: int
+    head_dim: int
+
+
+def partial_sums(q, k, v, text, block_k: int, pooled: bool) -> PartialSums:
+    """Softmax partial sums of sampled query rows per key block, relative to one maximum per row.
+
+    q: (B, J, bq, h, D) sampled rows grouped by query block; k, v: (B, S, h, D) video keys; text: None or
+    (k_text, v_text (B, T, h, D), mask (B, T) bool or None). Levels 0..3 when `pooled` (keys mean-pooled over
+    2**l tokens, scores + ln n, as the executors do), else level 0 only.
+    """
+    b, nj, bq, h, d = q.shape
+    seq = k.shape[1]
+    nk = num_blocks(seq, block_k)
+    scale = 1.0 / math.sqrt(d)
+    rows = q.reshape(b, nj * bq, h, d) * scale
+    s = torch.einsum("brhd,bnhd->bhrn", rows, k)
+    row_max = s.amax(-1)
+    st = None
+    if text is not None:
+        st = torch.einsum("brhd,bthd->bhrt", rows, text[0])
+        if text[2] is not None:
+            st = st.masked_fill(~text[2][:, None, None, :], float("-inf"))
+        row_max = torch.maximum(row_max, st.amax(-1))
+    row_max = row_max.unsqueeze(-1)
+    ones = torch.ones(1, 1, 1, 1, device=q.device, dtype=v.dtype)
+    zu = []
+    for level in range(MAX_LEVEL + 1 if pooled else 1):
+        if level == 0:
+            p, vl = s.sub_(row_max).exp_(), v
+        else:
+            # A pooled key scores at most ln(2**level) above the best full key: no overflow against row_max.
+            kl, vl = pool_tokens(k, level), pool_tokens(v, level)
+            sl = torch.einsum("brhd,bnhd->bhrn", rows, kl)
+            p = sl.add_(ln_group_sizes(seq, level, q.device)).sub_(row_max).exp_()
+        per_block = block_k >> level
+        width = nk * per_block
+        if width != p.shape[-1]:
+            p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+            vl = torch.nn.functional.pad(vl, (0, 0, 0, 0, 0, width - vl.shape[1]))
+        ve = torch.cat([vl, ones.expand(b, vl.shape[1], h, 1)], dim=-1).view(b, nk, per_block, h, d + 1)
+        u = torch.einsum("bhrkt,bkthe->bhkre", p.view(b, h, nj * bq, nk, per_block), ve)  # (B, h, NK, R, D+1)
+        zu.append(u.reshape(b, h, nk, nj, bq * (d + 1)).transpose(2, 3).contiguous())
+        del p
+    if st is None:
+        txt = torch.zeros(b, h, nj, bq, d + 1, device=q.device, dtype=v.dtype)
+    else:
+        pt = torch.exp(st - row_max)
+        vt = torch.cat([text[1], ones.expand(b, text[1].shape[1], h, 1)], dim=-1)
+        txt = torch.einsum("bhrt,bthe->bhre", pt, vt).view(b, h, nj, bq, d + 1)
+    return PartialSums(zu, txt, bq, d)
+
+
+def _normalise(ue: torch.Tensor) -> torch.Tensor:
+    # A row whose visited keys all underflow against its maximum gets 0 (its error then counts fully).
+    return ue[..., :-1] / ue[..., -1:].clamp_min(1e-30)
+
+
+def dense_output(sums: PartialSums) -> torch.Tensor:
+    """(B, h, J, bq, D) exact dense output of the sampled rows."""
+    b, h, nj = sums.zu[0].shape[:3]
+    total = sums.zu[0].sum(3).view(b, h, nj, sums.block_q, sums.head_dim + 1) + sums.text
+    return _normalise(total)
+
+
+def layout_outputs(sums: PartialSums, levels: torch.Tensor) -> torch.Tensor:
+    """Exact outputs (B, h, J, C, bq, D) of the sampled rows under C layouts at once.
+
+    levels: (B, h, J, C, NK) int8, the level of each key block for each sampled query block and layout
+    (-1 = not visited). One batched matrix product per level: (C x NK) weights times (NK x rows * (D + 1));
+    pooled levels only for the layouts that use them.
+    """
+    if int(levels.max()) >= len(sums.zu):
+        raise CalibrationError("a layout uses pooled levels but pooled sums were not computed")
+    b, h, nj, c, _ = levels.shape
+    bq, e = sums.block_q, sums.head_dim + 1
+    zu0 = sums.zu[0]
+    total = torch.matmul((levels == 0).to(zu0.dtype), zu0)  # (B, h, J, C, bq * (D + 1))
+    pooled = (levels > 0).flatten(0, 2).any(0).flatten(1).any(1).nonzero().flatten() if len(sums.zu) > 1 else []
+    if len(pooled):
+        sub = levels.index_select(3, pooled)
+        part = None
+        for level in range(1, len(sums.zu)):
+            w = (sub == level).to(zu0.dtype)
+            term = torch.matmul(w, sums.zu[level])
+            part = term if part is None else part + term
+        total.index_add_(3, pooled, part)
+    total = total.view(b, h, nj, c, bq, e) + sums.text.unsqueeze(3)
+    return _normalise(total)
+
+
+def layout_output(levels: torch.Tensor, sums: PartialSums) -> torch.Tensor:
+    """One layout: levels (B', h', J, NK) -> (B, h, J, bq, D)."""
+    b, h, nj = sums.zu[0].shape[:3]
+    return layout_outputs(sums, levels.expand(b, h, nj, -1).unsqueeze(3))[:, :, :, 0]

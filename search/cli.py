@@ -1,0 +1,89 @@
+"""`dit-sparse search`: registered into the main CLI by ``add_search_parser(subparsers)``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def add_search_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "search", help="calibrate on prompts and search a per-head sparse plan under a fidelity budget",
+        description="Run the model densely on a few prompts, measure what every candidate strategy would do to "
+                    "every head, time the candidates on this machine, and write the fastest plan within the "
+                    "budget, with a report (markdown + PNG) and the statistics (to re-solve with --stats).")
+    p.add_argument("--model", default=None,
+                   help="tiny-shapes (default), a local diffusers pipeline directory, or a hub id")
+    p.add_argument("--prompts", default=None, help="text file with one calibration prompt per line")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    budget = p.add_argument_group("budget (default: --max-error 0.1)")
+    budget.add_argument("--max-error", type=float, default=None,
+                        help="largest relative L2 error of attention outputs (mean over layers), e.g. 0.1")
+    budget.add_argument("--target-density", type=float, default=None,
+                        help="largest mean fraction of attention work of the covered heads in sparse steps")
+    budget.add_argument("--target-speedup", type=float, default=None,
+                        help="smallest predicted attention speedup over a whole generation")
+    budget.add_argument("--allow-closest", action="store_true",
+                        help="when the budget cannot be met, write the closest plan instead of failing")
+    p.add_argument("--dense-first", type=float, default=0.2, help="fraction of the first steps that stay dense")
+    p.add_argument("--dense-layers", type=_layers, default=(), help="comma-separated layers that stay dense")
+    p.add_argument("--stats", default=None,
+                   help="statistics file of an earlier search: solve again without calibrating")
+    p.add_argument("--out", default=None,
+                   help="plan path (default out/search/<model>.plan.json); report and statistics go beside it")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--cost", choices=("measured", "flop"), default="measured",
+                   help="time candidates on this machine (cached) or use a FLOP model")
+    p.add_argument("--cache-dir", default=None, help="cost-table cache (default ~/.cache/dit_sparse)")
+    p.add_argument("--calib-steps", type=int, default=5, help="denoising steps sampled for calibration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the cores not already busy, from the load average)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or estimates")
+    p.set_defaults(func=run_search)
+
+
+def run_search(args) -> int:
+    from dit_sparse.adapters import UnsupportedModelError
+    from dit_sparse.plan import PlanError
+    from dit_sparse.processor import PlanMismatchError
+
+    from .api import search
+    from .errors import SearchError
+
+    def echo(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
+    try:
+        result = search(
+            args.model, args.prompts, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+            guidance=args.guidance, max_error=args.max_error, target_density=args.target_density,
+            target_speedup=args.target_speedup, dense_first=args.dense_first, dense_layers=args.dense_layers,
+            stats=args.stats, out=args.out, device=args.device, dtype=args.dtype, allow_closest=args.allow_closest,
+            cost=args.cost, cache_dir=args.cache_dir, calib_steps=args.calib_steps, seed=args.seed, threads=args.threads,
+            progress=not args.quiet, echo=echo)
+    except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = result.solution.metrics
+    e2e = m["end_to_end_speedup"]
+    print(f"{result.solution.binding}")
+    print(f"predicted: relative L2 error {m['relative_l2_error']:.4f}, density {m['density']:.1%} in sparse steps, "
+          f"attention {m['attention_speedup']:.2f}x" + (f", end to end {e2e:.2f}x" if e2e else ""))
+    for kind, path in result.paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0

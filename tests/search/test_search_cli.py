@@ -1,0 +1,130 @@
+"""`dit-sparse search` end to end on a tiny pipeline, and its bad-input errors: clear message, exit status 2,
+nothing written."""
+
+import json
+import os
+
+import pytest
+import torch
+from dit_sparse.search import search
+from dit_sparse.search.candidates import default_candidates
+from dit_sparse.search.cost import measure_cost
+from search_helpers import synthetic_stats
+
+from dit_sparse import SparsePlan, UnsupportedModelError, apply, remove
+from dit_sparse.cli import main
+from dit_sparse.layout import Grid
+from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
+
+TINY = TinyShapesConfig(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16,
+                        text_dim=16, text_layers=1, text_heads=2, text_ff=32)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_pipe():
+    pipe = build_pipeline(TINY, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_search_on_a_tiny_pipeline_writes_plan_report_and_stats(tiny_pipe, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right on a dark background\n\n# a comment\n")
+    result = search("tiny-test", prompts, pipe=tiny_pipe, steps=3, frames=4, height=32, width=32, dense_first=0.0,
+                    calib_steps=2, cost="flop", out=tmp_path / "tiny.plan.json", max_error=0.3, progress=False)
+    st = result.stats
+    assert st.info["branches"] == ["cond", "uncond"] and st.info["calls_per_step"] == 2
+    assert st.grid == Grid(4, 16, 16) and st.info["prompts"] == ["a red circle moving right on a dark background"]
+    assert st.info["sample_steps"] == [0, 2]
+    for key in ("plan", "report", "png", "stats"):
+        assert result.paths[key].exists(), key
+    plan = SparsePlan.load(result.paths["plan"])
+    apply(tiny_pipe, plan)
+    try:
+        out = tiny_pipe("a red circle moving right on a dark background", num_inference_steps=2, num_frames=4,
+                        output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        remove(tiny_pipe)
+    assert torch.isfinite(out).all()
+
+
+def test_cli_resolves_from_stats_and_reports(tmp_path, capsys):
+    stats = synthetic_stats().save(tmp_path / "tiny.stats.json")
+    out = tmp_path / "x.plan.json"
+    assert main(["search", "--stats", str(stats), "--cost", "flop", "--target-speedup", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "target is binding" in printed and "wrote plan" in printed
+    assert json.loads(out.read_text())["calibration"]["predicted"]["attention_speedup"] >= 2.0
+
+
+def test_empty_prompt_file_is_a_clear_error(tmp_path, capsys):
+    prompts = tmp_path / "empty.txt"
+    prompts.write_text("\n  \n")
+    out = tmp_path / "out"
+    assert main(["search", "--prompts", str(prompts), "--out", str(out / "p.plan.json"), "--quiet"]) == 2
+    assert "has no prompt" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_infeasible_budget_writes_nothing_unless_asked(tmp_path, capsys):
+    stats = synthetic_stats().save(tmp_path / "tiny.stats.json")
+    out = tmp_path / "p.plan.json"
+    args = ["search", "--stats", str(stats), "--cost", "flop", "--target-speedup", "8", "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach attention speedup 8x" in err and "--allow-closest" in err
+    assert sorted(os.listdir(tmp_path)) == ["tiny.stats.json"]
+    assert main(args + ["--allow-closest"]) == 0
+    assert out.exists() and "closest plan" in out.with_name("p.report.md").read_text()
+
+
+def test_unsupported_model_is_a_clear_error(tmp_path, capsys):
+    from diffusers import DiTTransformer2DModel
+
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    model_dir = tmp_path / "dit"
+    dit.save_config(model_dir / "transformer")
+    (model_dir / "model_index.json").write_text(json.dumps(
+        {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]}))
+    stats = synthetic_stats().save(tmp_path / "s.stats.json")
+    assert main(["search", "--model", str(model_dir), "--stats", str(stats), "--cost", "flop", "--quiet",
+                 "--out", str(tmp_path / "p.plan.json")]) == 2
+    assert "no adapter for DiTTransformer2DModel" in capsys.readouterr().err
+    with pytest.raises(UnsupportedModelError, match="supported transformers"):
+        search("dit", ["a cat"], pipe=type("Pipe", (), {"transformer": dit})(), out=tmp_path / "q.plan.json",
+               cost="flop", progress=False)
+    assert not (tmp_path / "p.plan.json").exists() and not (tmp_path / "q.plan.json").exists()
+
+
+def test_bad_budgets_are_clear_errors(tmp_path, capsys):
+    stats = synthetic_stats().save(tmp_path / "s.stats.json")
+    for args, message in ((["--target-speedup", "2", "--target-density", "0.3"], "not both"),
+                          (["--max-error", "-1"], "--max-error must be"),
+                          (["--dense-first", "1.0"], "--dense-first must be"),
+                          (["--dense-layers", "7"], "no covered layer 7")):
+        assert main(["search", "--stats", str(stats), "--cost", "flop", "--quiet",
+                     "--out", str(tmp_path / "p.plan.json")] + args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.plan.json").exists()
+
+
+def test_measured_cost_table_is_cached(tmp_path, monkeypatch):
+    grid = Grid(2, 4, 8)
+    cands = default_candidates(grid, 16, 16)
+    first = measure_cost(cands, grid, 16, 16, 1, 2, 8, cache_dir=tmp_path, rounds=1)
+    files = list((tmp_path / "cost").glob("*.json"))
+    assert len(files) == 1 and first.kind == "measured" and first.dense_layer > 0
+    assert all(first.head_time(c, 0.5) >= 0 for c in cands)
+
+    import dit_sparse.search.cost as cost
+
+    monkeypatch.setattr(cost._Bench, "run", lambda *a, **k: pytest.fail("timed again despite the cache"))
+    again = measure_cost(cands, grid, 16, 16, 1, 2, 8, cache_dir=tmp_path)
+    assert again.per_head == first.per_head
