@@ -36,7 +36,7 @@ DEFAULT_PROMPTS = [
 ]
 # Observer work per evaluated call, in units of one dense attention call over the sampled rows (measured on
 # tiny-shapes on CPU); used only for the estimate printed before a run.
-EVAL_COST_FACTOR = 12.0
+EVAL_COST_FACTOR = 5.0
 
 
 @dataclass
@@ -368,6 +368,8 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
     else:
         model = model or TINY_SHAPES
         paths = output_paths(out, model)
+        if pipe is None and model != TINY_SHAPES:
+            model_fingerprint(model)  # an unsupported transformer fails here, before any weight is loaded
         try:
             pipe = pipe if pipe is not None else load_model(model, device, DTYPES[dtype])
         except (GenerateError, FileNotFoundError) as e:

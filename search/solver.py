@@ -505,9 +505,8 @@ def predicted_metrics(prob: Problem, a: np.ndarray, wall_seconds: float | None =
         # Time saved per generation by the cost model, at most the attention time measured in the calibration
         # run scaled by the predicted attention speedup (timings in isolation and in the run may differ).
         saved = prob.total_dense - total
-        measured = prob.stats.info.get("attention_seconds_per_generation")
-        if measured:
-            saved = min(saved, measured * (1.0 - total / prob.total_dense))
+        measured = prob.stats.info.get("attention_seconds_per_generation") or wall_seconds
+        saved = min(saved, min(measured, wall_seconds) * (1.0 - total / prob.total_dense))
         e2e = wall_seconds / max(wall_seconds - saved, 1e-9)
     per_head_err = np.take_along_axis(prob.err, a[..., None], 2)[..., 0]
     per_head_dens = np.take_along_axis(prob.dens, a[..., None], 2)[..., 0]

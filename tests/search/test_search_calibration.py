@@ -153,3 +153,32 @@ def test_long_sequences_are_scored_on_sampled_query_blocks():
     # Random q, k: sampled rows estimate the same errors (loosely).
     mask = e_full > 0.05
     assert np.all(np.abs(np.log(e_part[mask] / e_full[mask])) < math.log(3))
+
+
+def test_calibrating_a_joint_attention_model_with_batched_cfg():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tiny_models import cogvideox_inputs, tiny_cogvideox
+
+    from dit_sparse.search import calibrate
+
+    model = tiny_cogvideox()
+    grid = Grid(3, 5, 7)
+
+    def run(i, on_step):
+        for step, t in enumerate((900, 500, 100)):
+            inputs = cogvideox_inputs(batch=2, seed=10 * i + step)  # both CFG branches in one call, as CogVideoX does
+            inputs["timestep"] = torch.full((2,), t, dtype=torch.long)
+            with model.cache_context("cond_uncond"):
+                model(**inputs)
+            on_step()
+
+    stats = calibrate(model, run, 1, num_steps=3, grid=grid, dense_first=0.0, calib_steps=2, block_size=(16, 16),
+                      progress=False)
+    assert stats.info["batch"] == 2 and stats.info["branches"] == ["cond_uncond"]
+    assert stats.info["calls_per_step"] == 1 and stats.grid == grid
+    assert np.all(np.isfinite(stats.error)) and stats.error.shape[:2] == (2, 2)
+    dense = [i for i, c in enumerate(stats.candidates) if c.family == "dense"][0]
+    assert np.all(stats.error[:, :, dense] == 0)

@@ -1,0 +1,206 @@
+"""Searched plans against the best uniform single-strategy plans at equal attention density.
+
+For every uniform candidate of a search (one strategy on every head), the solver is asked again, from the same
+statistics, for the most faithful plan at that candidate's predicted density; both run end to end on held-out
+prompts against dense with the same seeds (``dit_sparse.bench_e2e``: PSNR, SSIM, caption accuracy, measured
+attention and total speedup, executed density). Writes ``compare.json``, ``compare.md`` and
+``psnr_vs_density.png``.
+
+    python -m dit_sparse.search.compare_uniform --stats out/search/tiny-shapes.stats.json \\
+        --plan out/search/tiny-shapes.plan.json --prompts 5 --out benchmarks/results/search-tiny-shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dit_sparse.plan import Schedule, SparsePlan
+
+from ._io import write_json, write_text
+from .cost import CostModel, flop_cost
+from .solver import Budget, InfeasibleBudget, solve
+from .stats import CalibrationStats
+
+
+def uniform_plans(stats: CalibrationStats, dense_first: float) -> list[tuple[str, SparsePlan, float]]:
+    """(label, plan, predicted density in sparse steps) for every shared sparse candidate of the search."""
+    out = []
+    heads = stats.fingerprint.num_heads
+    for ci, cand in enumerate(stats.candidates):
+        if cand.per_head or not cand.computes or cand.family == "dense":
+            continue
+        modules = {name: (cand.spec,) * heads for name in stats.modules}
+        plan = SparsePlan(stats.fingerprint, modules, schedule=Schedule(dense_first=dense_first),
+                          calibration={"source": f"uniform {cand.key}"})
+        out.append((cand.key, plan, float(np.mean(stats.density[:, :, ci]))))
+    return out
+
+
+def searched_at(stats: CalibrationStats, cost: CostModel, density: float, dense_first: float) -> SparsePlan:
+    try:
+        return solve(stats, cost, Budget(target_density=density), dense_first=dense_first).plan
+    except InfeasibleBudget as e:
+        return e.closest.plan
+
+
+def compare(stats_path: str | Path, plan_path: str | Path | None = None, baseline: str | Path | None = None,
+            model: str | None = None, prompts: int = 5, seeds: tuple[int, ...] = (0,), steps: int | None = None,
+            out: str | Path = "benchmarks/results/search-compare", families: list[str] | None = None,
+            cost: str = "measured", progress: bool = True) -> dict[str, Any]:
+    from dit_sparse.bench_e2e import run_e2e
+
+    stats = CalibrationStats.load(stats_path)
+    model = model or stats.info.get("model") or "tiny-shapes"
+    dense_first = float(stats.info.get("dense_first", 0.2))
+    cost_model = CostModel.from_json(stats.cost) if stats.cost and cost == "measured" else \
+        flop_cost(stats.candidates, stats.grid, stats.block_q, stats.block_k, stats.fingerprint.num_heads,
+                  stats.fingerprint.head_dim)
+    out = Path(out)
+    plans_dir = out / "plans"
+    pairs, specs = [], []
+    for i, (label, uniform, density) in enumerate(uniform_plans(stats, dense_first)):
+        if families and uniform.heads_for(stats.modules[0])[0].strategy not in families:
+            continue
+        u_path, s_path = plans_dir / f"uniform-{i:02d}.plan.json", plans_dir / f"searched-{i:02d}.plan.json"
+        uniform.save(u_path)
+        searched_at(stats, cost_model, density, dense_first).save(s_path)
+        pairs.append({"uniform": label, "predicted_density": density, "uniform_plan": str(u_path),
+                      "searched_plan": str(s_path)})
+        specs += [str(u_path), str(s_path)]
+    extra = {}
+    for name, path in (("searched (default budget)", plan_path), ("baseline", baseline)):
+        if path is not None:
+            extra[name] = str(path)
+            specs.append(str(path))
+    result = run_e2e(model, specs, None, prompts, list(seeds), steps, progress=progress)
+    by_plan = {r["plan"]: r for r in result["results"]}
+    for pair in pairs:
+        pair["uniform_result"] = by_plan[pair["uniform_plan"]]
+        pair["searched_result"] = by_plan[pair["searched_plan"]]
+        pair["searched_wins"] = bool(pair["searched_result"]["psnr"] > pair["uniform_result"]["psnr"])
+    summary = {
+        "benchmark": "search vs uniform at equal density",
+        "stats": str(stats_path),
+        "model": model,
+        "prompts": result["prompts"],
+        "seeds": list(seeds),
+        "dense_first": dense_first,
+        "cost_model": cost_model.kind,
+        "hardware": result["hardware"],
+        "versions": result["versions"],
+        "date": result["date"],
+        "dense": by_plan["dense"],
+        "pairs": pairs,
+        "extra": {name: by_plan[path] for name, path in extra.items()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "compare.json", summary)
+    write_text(out / "compare.md", markdown(summary))
+    _plot(summary, out / "psnr_vs_density.png")
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    def f(value, spec):
+        if value is None:
+            return "n/a"
+        if isinstance(value, float) and not np.isfinite(value):
+            return "exact"
+        return format(value, spec)
+
+    hw = summary["hardware"]
+    lines = [
+        f"Searched vs uniform plans on {summary['model']}: {summary['prompts']} held-out prompts x "
+        f"{len(summary['seeds'])} seeds, dense first {summary['dense_first']:.0%} of steps, cost model "
+        f"{summary['cost_model']}; {hw.get('gpu') or hw.get('processor') or hw.get('machine')}, {hw['cpus']} CPUs, "
+        f"{hw['torch_threads']} torch threads; torch {summary['versions']['torch']}, diffusers "
+        f"{summary['versions']['diffusers']}. Dense caption accuracy "
+        f"{f(summary['dense']['caption_accuracy'], '.0%')}.",
+        "",
+        "| uniform strategy | predicted density | executed density (uniform / searched) | PSNR dB (uniform / "
+        "searched) | SSIM (uniform / searched) | caption acc. (uniform / searched) | attention speedup (uniform / "
+        "searched) | total speedup (uniform / searched) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in summary["pairs"]:
+        u, s = p["uniform_result"], p["searched_result"]
+        win = "**" if p["searched_wins"] else ""
+        lines.append(
+            f"| `{p['uniform']}` | {p['predicted_density']:.1%} | {f(u['executed_density'], '.1%')} / "
+            f"{f(s['executed_density'], '.1%')} | {f(u['psnr'], '.1f')} / {win}{f(s['psnr'], '.1f')}{win} | "
+            f"{f(u['ssim'], '.3f')} / {f(s['ssim'], '.3f')} | {f(u['caption_accuracy'], '.0%')} / "
+            f"{f(s['caption_accuracy'], '.0%')} | {f(u['attention_speedup'], '.2f')}x / "
+            f"{f(s['attention_speedup'], '.2f')}x | {f(u['speedup'], '.2f')}x / {f(s['speedup'], '.2f')}x |")
+    if summary["extra"]:
+        lines += ["", "| plan | executed density | PSNR dB | SSIM | caption acc. | attention speedup | total speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in summary["extra"].items():
+            lines.append(f"| {name} | {f(r['executed_density'], '.1%')} | {f(r['psnr'], '.1f')} | "
+                         f"{f(r['ssim'], '.3f')} | {f(r['caption_accuracy'], '.0%')} | "
+                         f"{f(r['attention_speedup'], '.2f')}x | {f(r['speedup'], '.2f')}x |")
+    wins = sum(p["searched_wins"] for p in summary["pairs"])
+    lines += ["", f"The searched plan has the higher PSNR at {wins} of {len(summary['pairs'])} densities."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from ._io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for key, marker, label in (("uniform_result", "o", "uniform"), ("searched_result", "*", "searched")):
+        xs = [p[key]["executed_density"] for p in summary["pairs"]]
+        ys = [min(p[key]["psnr"], 99.0) for p in summary["pairs"]]
+        ax.scatter(xs, ys, marker=marker, label=label, s=60 if marker == "*" else 30)
+    for p in summary["pairs"]:
+        ax.plot([p["uniform_result"]["executed_density"], p["searched_result"]["executed_density"]],
+                [min(p["uniform_result"]["psnr"], 99), min(p["searched_result"]["psnr"], 99)], color="#bbbbbb",
+                lw=0.7, zorder=0)
+    ax.set_xlabel("executed attention density (whole generation)")
+    ax.set_ylabel("PSNR vs dense (dB)")
+    ax.set_title(f"{summary['model']}: searched vs uniform at equal density", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dit_sparse.search.compare_uniform", description=__doc__.split("\n")[0])
+    p.add_argument("--stats", required=True, help="statistics file written by `dit-sparse search`")
+    p.add_argument("--plan", default=None, help="the searched plan to report as well")
+    p.add_argument("--baseline", default=None, help="another plan to report (e.g. the hand-made default)")
+    p.add_argument("--model", default=None, help="default: the model of the statistics")
+    p.add_argument("--prompts", type=int, default=5, help="number of held-out prompts")
+    p.add_argument("--seeds", default="0", help="comma-separated generation seeds")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--families", default=None, help="comma-separated strategy families to compare (default all)")
+    p.add_argument("--cost", choices=("measured", "flop"), default="measured")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="benchmarks/results/search-compare")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = compare(args.stats, args.plan, args.baseline, args.model, args.prompts,
+                      tuple(int(s) for s in args.seeds.split(",")), args.steps, args.out,
+                      args.families.split(",") if args.families else None, args.cost)
+    print(markdown(summary))
+    print(f"wrote {Path(args.out) / 'compare.json'}, compare.md and psnr_vs_density.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
