@@ -182,3 +182,28 @@ def test_calibrating_a_joint_attention_model_with_batched_cfg():
     assert np.all(np.isfinite(stats.error)) and stats.error.shape[:2] == (2, 2)
     dense = [i for i, c in enumerate(stats.candidates) if c.family == "dense"][0]
     assert np.all(stats.error[:, :, dense] == 0)
+
+
+def test_fp8_candidates_are_scored_with_the_executors_quantisation():
+    from dit_sparse.search.api import _keep_faster_fp8
+    from dit_sparse.search.candidates import with_fp8
+    from dit_sparse.search.cost import flop_cost
+
+    q, k, v = qkv(batch=1, heads=2)
+    plain = shared("diagonal", window=[0, 1, 1])
+    cands = [shared("dense"), plain, with_fp8(plain)]
+    assert cands[2].fp8 and cands[2].key == "diagonal(window=[0, 1, 1], fp8)"
+    obs = CalibrationObserver(["m"], 2, cands, BQ, BK, steps=[0], first_sparse_step=0)
+    obs(site(0, "m"), q, k, v, None)
+    err, _, _ = obs.results()
+    layout = get_strategy("diagonal").layout({"window": (0, 1, 1)}, BuildContext(GRID, BQ, BK))
+    dense, _ = dense_attention_lse(q, k, v)
+    quantised, _ = reference_attention(q, k, v, layout, fp8=True)
+    expected = (quantised - dense).square().sum((0, 1, 3)) / dense.square().sum((0, 1, 3)).mean()
+    assert np.allclose(err[0, :, 2], expected.numpy(), rtol=1e-3)
+    assert not np.allclose(err[0, :, 2], err[0, :, 1]) and np.allclose(err[0, :, 2], err[0, :, 1], atol=0.1)
+    # fp8 variants stay only where the cost model says they are faster.
+    cost = flop_cost(cands, GRID, BQ, BK, 2, 16)
+    assert _keep_faster_fp8(cands, cost) == cands[:2]
+    cost.per_head[cands[2].key] = cost.per_head[plain.key] / 2
+    assert _keep_faster_fp8(cands, cost) == cands
