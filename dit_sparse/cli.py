@@ -1,4 +1,4 @@
-"""`dit-sparse` command line: generate, bench (search, distill and demo come with their packages)."""
+"""`dit-sparse` command line: generate, bench, search and demo."""
 
 from __future__ import annotations
 
@@ -149,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    from .demo.cli import add_demo_parser
     from .search.cli import add_search_parser
+
     add_search_parser(sub)
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
