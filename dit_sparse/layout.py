@@ -9,7 +9,7 @@ added to its score, ``n`` being the number of tokens it stands for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,10 +59,11 @@ class BlockLayout:
     kv_index: torch.Tensor
     kv_count: torch.Tensor
     kv_level: torch.Tensor | None = None
-    # Derived tables executors compute once per layout (static layouts are reused across steps and calls).
-    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        # Derived tables executors compute once per layout (static layouts are reused across steps and calls);
+        # not a dataclass field, so hashing and tracing see only the table itself.
+        object.__setattr__(self, "_memo", {})
         nq, nk = num_blocks(self.seq_len, self.block_q), num_blocks(self.seq_len, self.block_k)
         if self.kv_index.dim() != 4 or self.kv_index.shape[2] != nq:
             raise ValueError(f"kv_index must be (B, H, {nq}, K), got {tuple(self.kv_index.shape)}")
@@ -74,6 +75,10 @@ class BlockLayout:
             raise ValueError(f"block_k must be a multiple of {2**MAX_LEVEL} for pooled levels")
         if int(self.kv_count.min()) < 1 or int(self.kv_count.max()) > nk:
             raise ValueError("every query block must visit between 1 and all key blocks")
+
+    @property
+    def memo(self) -> dict:
+        return self._memo
 
     @property
     def num_q_blocks(self) -> int:
