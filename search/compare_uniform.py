@@ -24,7 +24,7 @@ from dit_sparse.plan import Schedule, SparsePlan
 
 from ._io import write_json, write_text
 from .cost import CostModel, flop_cost
-from .solver import Budget, InfeasibleBudget, solve
+from .solver import Budget, BudgetError, InfeasibleBudget, evaluate_plan, solve
 from .stats import CalibrationStats
 
 
@@ -49,10 +49,19 @@ def searched_at(stats: CalibrationStats, cost: CostModel, density: float, dense_
         return e.closest.plan
 
 
+def _predicted(stats: CalibrationStats, cost: CostModel, plan: SparsePlan) -> dict[str, float] | None:
+    """The search's own prediction for a plan (None when the plan uses strategies that were not calibrated)."""
+    try:
+        m = evaluate_plan(stats, cost, plan)
+    except BudgetError:
+        return None
+    return {k: m[k] for k in ("relative_l2_error", "density", "attention_speedup")}
+
+
 def compare(stats_path: str | Path, plan_path: str | Path | None = None, baseline: str | Path | None = None,
             model: str | None = None, prompts: int = 5, seeds: tuple[int, ...] = (0,), steps: int | None = None,
             out: str | Path = "benchmarks/results/search-compare", families: list[str] | None = None,
-            cost: str = "measured", progress: bool = True) -> dict[str, Any]:
+            cost: str = "measured", progress: bool = True, pairs: bool = True) -> dict[str, Any]:
     from dit_sparse.bench_e2e import run_e2e
 
     stats = CalibrationStats.load(stats_path)
@@ -64,20 +73,24 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
     out = Path(out)
     plans_dir = out / "plans"
     pairs, specs = [], []
-    for i, (label, uniform, density) in enumerate(uniform_plans(stats, dense_first)):
+    for i, (label, uniform, density) in enumerate(uniform_plans(stats, dense_first) if pairs else []):
         if families and uniform.heads_for(stats.modules[0])[0].strategy not in families:
             continue
         u_path, s_path = plans_dir / f"uniform-{i:02d}.plan.json", plans_dir / f"searched-{i:02d}.plan.json"
         uniform.save(u_path)
-        searched_at(stats, cost_model, density, dense_first).save(s_path)
+        searched = searched_at(stats, cost_model, density, dense_first)
+        searched.save(s_path)
         pairs.append({"uniform": label, "predicted_density": density, "uniform_plan": str(u_path),
-                      "searched_plan": str(s_path)})
+                      "searched_plan": str(s_path),
+                      "uniform_predicted": _predicted(stats, cost_model, uniform),
+                      "searched_predicted": _predicted(stats, cost_model, searched)})
         specs += [str(u_path), str(s_path)]
-    extra = {}
+    extra, extra_predicted = {}, {}
     for name, path in (("searched (default budget)", plan_path), ("baseline", baseline)):
         if path is not None:
             extra[name] = str(path)
             specs.append(str(path))
+            extra_predicted[name] = _predicted(stats, cost_model, SparsePlan.load(path))
     result = run_e2e(model, specs, None, prompts, list(seeds), steps, progress=progress)
     by_plan = {r["plan"]: r for r in result["results"]}
     for pair in pairs:
@@ -97,7 +110,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
         "date": result["date"],
         "dense": by_plan["dense"],
         "pairs": pairs,
-        "extra": {name: by_plan[path] for name, path in extra.items()},
+        "extra": {name: dict(by_plan[path], predicted=extra_predicted[name]) for name, path in extra.items()},
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "compare.json", summary)
@@ -123,25 +136,30 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{summary['versions']['diffusers']}. Dense caption accuracy "
         f"{f(summary['dense']['caption_accuracy'], '.0%')}.",
         "",
-        "| uniform strategy | predicted density | executed density (uniform / searched) | PSNR dB (uniform / "
-        "searched) | SSIM (uniform / searched) | caption acc. (uniform / searched) | attention speedup (uniform / "
-        "searched) | total speedup (uniform / searched) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| uniform strategy | predicted density | predicted rel. L2 error (uniform / searched) | executed density "
+        "(uniform / searched) | PSNR dB (uniform / searched) | SSIM (uniform / searched) | caption acc. (uniform / "
+        "searched) | attention speedup (uniform / searched) | total speedup (uniform / searched) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in summary["pairs"]:
         u, s = p["uniform_result"], p["searched_result"]
         win = "**" if p["searched_wins"] else ""
+        pu, ps = p.get("uniform_predicted") or {}, p.get("searched_predicted") or {}
         lines.append(
-            f"| `{p['uniform']}` | {p['predicted_density']:.1%} | {f(u['executed_density'], '.1%')} / "
+            f"| `{p['uniform']}` | {p['predicted_density']:.1%} | {f(pu.get('relative_l2_error'), '.3f')} / "
+            f"{f(ps.get('relative_l2_error'), '.3f')} | {f(u['executed_density'], '.1%')} / "
             f"{f(s['executed_density'], '.1%')} | {f(u['psnr'], '.1f')} / {win}{f(s['psnr'], '.1f')}{win} | "
             f"{f(u['ssim'], '.3f')} / {f(s['ssim'], '.3f')} | {f(u['caption_accuracy'], '.0%')} / "
             f"{f(s['caption_accuracy'], '.0%')} | {f(u['attention_speedup'], '.2f')}x / "
             f"{f(s['attention_speedup'], '.2f')}x | {f(u['speedup'], '.2f')}x / {f(s['speedup'], '.2f')}x |")
     if summary["extra"]:
-        lines += ["", "| plan | executed density | PSNR dB | SSIM | caption acc. | attention speedup | total speedup |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| plan | predicted rel. L2 error | predicted attention speedup | executed density | PSNR dB | "
+                  "SSIM | caption acc. | attention speedup | total speedup |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in summary["extra"].items():
-            lines.append(f"| {name} | {f(r['executed_density'], '.1%')} | {f(r['psnr'], '.1f')} | "
+            pr = r.get("predicted") or {}
+            lines.append(f"| {name} | {f(pr.get('relative_l2_error'), '.3f')} | "
+                         f"{f(pr.get('attention_speedup'), '.2f')}x | {f(r['executed_density'], '.1%')} | "
+                         f"{f(r['psnr'], '.1f')} | "
                          f"{f(r['ssim'], '.3f')} | {f(r['caption_accuracy'], '.0%')} | "
                          f"{f(r['attention_speedup'], '.2f')}x | {f(r['speedup'], '.2f')}x |")
     wins = sum(p["searched_wins"] for p in summary["pairs"])
@@ -183,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats", required=True, help="statistics file written by `dit-sparse search`")
     p.add_argument("--plan", default=None, help="the searched plan to report as well")
     p.add_argument("--baseline", default=None, help="another plan to report (e.g. the hand-made default)")
+    p.add_argument("--no-pairs", action="store_true", help="only the --plan and --baseline plans, no uniform sweep")
     p.add_argument("--model", default=None, help="default: the model of the statistics")
     p.add_argument("--prompts", type=int, default=5, help="number of held-out prompts")
     p.add_argument("--seeds", default="0", help="comma-separated generation seeds")
@@ -196,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     summary = compare(args.stats, args.plan, args.baseline, args.model, args.prompts,
                       tuple(int(s) for s in args.seeds.split(",")), args.steps, args.out,
-                      args.families.split(",") if args.families else None, args.cost)
+                      args.families.split(",") if args.families else None, args.cost, pairs=not args.no_pairs)
     print(markdown(summary))
     print(f"wrote {Path(args.out) / 'compare.json'}, compare.md and psnr_vs_density.png")
     return 0

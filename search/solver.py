@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from dit_sparse.plan import DENSE, Schedule, SparsePlan
 
@@ -529,3 +530,44 @@ def predicted_metrics(prob: Problem, a: np.ndarray, wall_seconds: float | None =
         "dense_steps": prob.dense_steps,
         "num_steps": prob.num_steps,
     }
+
+
+def assignment_of(stats: CalibrationStats, plan: SparsePlan) -> np.ndarray:
+    """(M, H) candidate index of every head of an existing plan, matching specs exactly or, for static
+    strategies, by identical layout at the statistics' block sizes. Raises BudgetError when a head's strategy
+    was not among the calibrated candidates."""
+    from .candidates import Candidate, static_level_map
+
+    mismatch = stats.fingerprint.mismatch(plan.model)
+    if mismatch:
+        raise BudgetError(f"the plan is for another model ({mismatch})")
+    layouts = {}
+    for ci, cand in enumerate(stats.candidates):
+        if cand.spec is not None and not cand.dynamic and cand.computes:
+            layouts[ci] = static_level_map(cand, stats.grid, stats.block_q, stats.block_k)
+    a = np.zeros((len(stats.modules), stats.fingerprint.num_heads), dtype=np.int64)
+    for mi, name in enumerate(stats.modules):
+        for hi, spec in enumerate(plan.heads_for(name)):
+            found = [ci for ci in range(len(stats.candidates)) if stats.spec(mi, hi, ci) == spec]
+            if not found and spec.strategy in ("diagonal", "multi_diagonal", "vertical_stripe"):
+                levels = static_level_map(Candidate(spec.describe(), spec.strategy, spec), stats.grid, stats.block_q,
+                                          stats.block_k)
+                found = [ci for ci, lv in layouts.items() if stats.candidates[ci].fp8 == spec.fp8
+                         and torch.equal(lv, levels)]
+                if not found and bool((levels == 0).all()):
+                    found = [next(i for i, c in enumerate(stats.candidates) if c.family == "dense" and not c.fp8)]
+            if not found:
+                raise BudgetError(f"{name} head {hi}: {spec.describe()} was not calibrated")
+            a[mi, hi] = found[0]
+    return a
+
+
+def evaluate_plan(stats: CalibrationStats, cost: CostModel, plan: SparsePlan,
+                  wall_seconds: float | None = None) -> dict[str, Any]:
+    """Predicted metrics (error, density, speedups) of an existing plan from the statistics."""
+    prob = Problem(stats, cost, plan.schedule.dense_first, plan.schedule.dense_layers)
+    a = assignment_of(stats, plan)
+    for mi, layer in enumerate(stats.layers):
+        if layer in plan.schedule.dense_layers:
+            a[mi] = prob.dense_index
+    return predicted_metrics(prob, a, wall_seconds)

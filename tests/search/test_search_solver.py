@@ -127,3 +127,24 @@ def test_dense_layers_and_warm_up_are_in_the_plan_and_the_prediction(stats):
     assert sol.metrics["dense_steps"] == 5 and sol.metrics["executed_density"] > sol.metrics["density"]
     assert plan.calibration["source"] == "dit-sparse search"
     assert sol.frontier and sol.frontier[0]["relative_l2_error"] == 0.0
+
+
+def test_existing_plans_are_evaluated_from_the_statistics(stats):
+    from dit_sparse.plan import HeadStrategy, Schedule, SparsePlan
+    from dit_sparse.search.solver import assignment_of, evaluate_plan
+
+    cost = flop_cost(stats.candidates, stats.grid, 256, 128, 4, 32)
+    sol = solve(stats, cost, Budget(max_error=0.1))
+    again = evaluate_plan(stats, cost, sol.plan)
+    assert again["relative_l2_error"] == pytest.approx(sol.metrics["relative_l2_error"])
+    assert again["attention_speedup"] == pytest.approx(sol.metrics["attention_speedup"])
+    # A window written differently but with the same layout at these blocks maps to the calibrated candidate.
+    hand = HeadStrategy.make("diagonal", window=[1, 0.5, 0.5])
+    plan = SparsePlan(stats.fingerprint, {name: (hand,) * 4 for name in stats.modules},
+                      schedule=Schedule(dense_first=0.2, dense_layers=(0,)))
+    a = assignment_of(stats, plan)
+    assert {stats.candidates[c].key for c in a[1:].ravel()} == {"diagonal(window=[1, 0.125, 0.125])"}
+    m = evaluate_plan(stats, cost, plan)
+    assert m["head_error"][0] == [0.0] * 4 and m["density"] > 0.25
+    with pytest.raises(BudgetError, match="was not calibrated"):
+        assignment_of(stats, plan.with_module("blocks.2.attn1", HeadStrategy.make("block_adaptive", tau=0.5)))
