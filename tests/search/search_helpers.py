@@ -28,8 +28,8 @@ def synthetic_stats(fingerprint: ModelFingerprint = TINY_SHAPES, seed: int = 0) 
             d = rng.uniform(0.1, 0.6)
             density[..., ci] = d + rng.uniform(-0.05, 0.05, (m, h)) * cand.dynamic
             error[..., ci] = (1 - d) ** 2 * rng.uniform(0.001, 0.2, (m, h))
-    columns = {(mi, hi, ci): [0, 1000] for mi in range(m) for hi in range(h) for ci, cand in enumerate(cands)
-               if cand.per_head}
+    columns = {(mi, hi, ci): [1000 + 128 * j for j in range(cand.mass_blocks)] for mi in range(m) for hi in range(h)
+               for ci, cand in enumerate(cands) if cand.per_head}
     info = {"model": "tiny-shapes", "num_steps": 20, "dense_first": 0.2, "refresh_interval": 5, "calls_per_step": 2,
             "batch": 1, "prompts": ["a red circle moving right on a dark background"], "sample_steps": [4, 8, 12, 15, 19],
             "branches": ["cond", "uncond"], "executor": "cpu", "device": "cpu", "rows": "all"}

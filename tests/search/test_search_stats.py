@@ -21,7 +21,7 @@ def test_round_trip(stats, tmp_path):
     assert np.allclose(back.error, stats.error, rtol=1e-5) and np.allclose(back.density, stats.density, rtol=1e-5)
     assert back.columns == stats.columns and back.info == stats.info
     per_head = next(i for i, c in enumerate(back.candidates) if c.per_head)
-    assert back.spec(0, 0, per_head).param_dict["columns"] == (0, 1000)
+    assert back.spec(0, 0, per_head).param_dict["columns"] == (1000,)
 
 
 def test_save_is_atomic(stats, tmp_path, monkeypatch):
