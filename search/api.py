@@ -21,6 +21,7 @@ from dit_sparse.layout import Grid, num_blocks
 from dit_sparse.plan import ModelFingerprint, SparsePlan
 
 from .calibration import CalibrationObserver, sample_steps
+from .sensitivity import LayerSensitivity
 from .candidates import Candidate, default_candidates, with_fp8
 from .cost import CostModel, flop_cost, measure_cost
 from .errors import SearchError
@@ -187,6 +188,7 @@ class _ModuleTimer:
     def __init__(self, observer: CalibrationObserver):
         self.observer = observer
         self.seconds = 0.0
+        self.paused = False
         self._starts: dict[int, tuple[float, float]] = {}
 
     def attach(self, modules) -> list:
@@ -197,11 +199,13 @@ class _ModuleTimer:
         return handles
 
     def _pre(self, module, args):
-        self._starts[id(module)] = (time.perf_counter(), self.observer.seconds)
+        if not self.paused:
+            self._starts[id(module)] = (time.perf_counter(), self.observer.seconds)
 
     def _post(self, module, args, output):
-        start, observed = self._starts.pop(id(module))
-        self.seconds += time.perf_counter() - start - (self.observer.seconds - observed)
+        if id(module) in self._starts:
+            start, observed = self._starts.pop(id(module))
+            self.seconds += time.perf_counter() - start - (self.observer.seconds - observed)
 
 
 def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_samples: int, *, num_steps: int,
@@ -209,10 +213,12 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
               calib_steps: int = 5, refresh_interval: int = 5, executor: str | None = None,
               block_size: tuple[int, int] | None = None, device: str | torch.device = "cpu",
               progress: bool = True, max_rows: int = 4096, query_blocks: int = 8, seed: int = 0,
-              info: dict[str, Any] | None = None) -> CalibrationStats:
+              sensitivity_samples: int = 1, info: dict[str, Any] | None = None) -> CalibrationStats:
     """Run `num_samples` generations (run(i, on_step)) with a dense plan and the calibration observer.
 
     target: what dit_sparse.apply takes (a pipeline or a transformer). Returns the statistics (no cost table).
+    sensitivity_samples: during the first this-many generations, measure each layer's sensitivity (one extra
+    transformer call per covered layer at every sampled step; 0 turns it off).
     """
     transformer = transformers_of(target)[0]
     adapter = adapter_for_transformer(transformer)
@@ -237,8 +243,16 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
     timer = _ModuleTimer(observer)
     handles = timer.attach([dict(t.named_modules())[name] for t in transformers_of(target) for name, _ in covered
                             if name in dict(t.named_modules())])
+    sensitivity = None
+    if sensitivity_samples > 0:
+        modules = dict(transformer.named_modules())
+        sensitivity = LayerSensitivity(transformer, [modules[name] for name, _ in covered], observer, set(steps),
+                                       timer, seed=seed)
+        handles.append(sensitivity.attach())
     try:
         for i in range(num_samples):
+            if sensitivity is not None:
+                sensitivity.active = i < sensitivity_samples
             before, attn_before = observer.seconds, timer.seconds
             start = time.perf_counter()
             with torch.no_grad():
@@ -272,6 +286,7 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
         "attention_seconds_per_generation": sum(attention[1:] or attention) / len(attention[1:] or attention),
         "observer_seconds": observer.seconds,
         "rows": "all" if grid.num_tokens <= max_rows else f"{query_blocks} query blocks per call",
+        "layer_sensitivity": sensitivity.values() if sensitivity is not None else None,
     })
     return CalibrationStats(fingerprint, [n for n, _ in covered], [layer for _, layer in covered], observer.grid,
                             block_q, block_k, candidates, error, density, columns, info)
@@ -301,14 +316,16 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
            stats: str | Path | None = None, out: str | Path | None = None, device: str = "cpu",
            dtype: str = "float32", allow_closest: bool = False, cost: str = "measured",
            cache_dir: str | Path | None = None, calib_steps: int = 5, seed: int = 0, progress: bool = True,
-           threads: int | None = None, echo: Callable[[str], None] | None = None, pipe=None) -> SearchResult:
+           threads: int | None = None, layer_weights: str = "sensitivity", echo: Callable[[str], None] | None = None,
+           pipe=None) -> SearchResult:
     """Calibrate (or load `stats`), solve for the budget, write plan + report (+ statistics). See `dit-sparse search`.
 
     Budgets: `max_error` is the relative L2 error of attention outputs (default 0.1 when no target is given);
     `target_speedup` is the predicted attention speedup over a whole generation; `target_density` the mean
     fraction of attention work of the covered heads during sparse steps. Raises SearchError on bad input and
     when the budget cannot be met (unless `allow_closest`). `threads`: torch CPU threads for the whole search
-    (None: the cores not already busy, see `auto_threads`).
+    (None: the cores not already busy, see `auto_threads`). `layer_weights`: "sensitivity" (each layer's error
+    weighted by its measured effect on the transformer output) or "none".
     """
     from dit_sparse.generate import DTYPES
 
@@ -338,13 +355,14 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     try:
         return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
                        stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
-                       pipe)
+                       pipe, layer_weights)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers, stats, out,
-            device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe) -> SearchResult:
+            device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe,
+            layer_weights) -> SearchResult:
     from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
 
     if stats is not None:
@@ -385,7 +403,7 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
     closest = False
     try:
         solution = solve(st, cost_model, budget, dense_first=dense_first, dense_layers=tuple(dense_layers),
-                         wall_seconds=wall)
+                         wall_seconds=wall, layer_weights=layer_weights)
     except InfeasibleBudget as e:
         if not allow_closest:
             hint = f"; statistics are in {paths['stats']}" if "stats" in paths else ""

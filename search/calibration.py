@@ -106,6 +106,8 @@ class CalibrationObserver:
         self.evaluated_steps: set[int] = set()
         self.branches: set[str] = set()
         self.seconds = 0.0
+        self.paused = False  # set while another tool re-runs the transformer (see sensitivity.py)
+        self.last_step: int | None = None
         self._state: dict[int, _Module] = {}
         self._static: dict[int, torch.Tensor] = {}
         self._static_stack: dict[tuple, tuple] = {}
@@ -134,8 +136,9 @@ class CalibrationObserver:
 
     # -- the observer ------------------------------------------------------------------------------------------
     def __call__(self, site, q, k, v, text: TextTokens | None):
-        if site.module_name not in self.modules:
+        if self.paused or site.module_name not in self.modules:
             return
+        self.last_step = site.step
         start = time.perf_counter()
         try:
             self._observe(site, q, k, v, text)

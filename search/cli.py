@@ -49,6 +49,8 @@ def add_search_parser(subparsers) -> None:
                    help="time candidates on this machine (cached) or use a FLOP model")
     p.add_argument("--cache-dir", default=None, help="cost-table cache (default ~/.cache/dit_sparse)")
     p.add_argument("--calib-steps", type=int, default=5, help="denoising steps sampled for calibration")
+    p.add_argument("--layer-weights", choices=("sensitivity", "none"), default="sensitivity",
+                   help="weight each layer's attention error by its measured effect on the output (default), or not")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the cores not already busy, from the load average)")
@@ -75,6 +77,7 @@ def run_search(args) -> int:
             target_speedup=args.target_speedup, dense_first=args.dense_first, dense_layers=args.dense_layers,
             stats=args.stats, out=args.out, device=args.device, dtype=args.dtype, allow_closest=args.allow_closest,
             cost=args.cost, cache_dir=args.cache_dir, calib_steps=args.calib_steps, seed=args.seed, threads=args.threads,
+            layer_weights=args.layer_weights,
             progress=not args.quiet, echo=echo)
     except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,6 +32,8 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
                     png_name: str | None = None, budget: Budget | None = None, closest: bool = False) -> str:
     m = solution.metrics
     info = stats.info
+    weights = m.get("layer_weights") or [1.0] * len(stats.modules)
+    weighted = "" if all(w == 1.0 for w in weights) else ", layers weighted by measured sensitivity"
     fp = stats.fingerprint
     plan = solution.plan
     lines = [f"# dit-sparse search report: {info.get('model', fp.transformer_class)}", ""]
@@ -63,7 +65,9 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
         "",
         "| quantity | value |",
         "|---|---|",
-        f"| attention-output relative L2 error (mean over layers, sparse steps) | {m['relative_l2_error']:.4f} |",
+        f"| attention-output relative L2 error (mean over layers, sparse steps{weighted}) | "
+        f"{m['relative_l2_error']:.4f} |",
+        f"| the same, every layer weighted alike | {m['unweighted_relative_l2_error']:.4f} |",
         f"| attention density during sparse steps | {m['density']:.1%} |",
         f"| attention work over the whole generation | {m['executed_density']:.1%} |",
         f"| attention speedup over the whole generation | {m['attention_speedup']:.2f}x |",
@@ -73,7 +77,9 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
         "",
         "What the budget cost in fidelity: the plan changes each covered layer's attention output by the relative "
         "L2 error below (dense = 0); the whole plan by "
-        f"{m['relative_l2_error']:.4f} on average over layers during the sparse steps.",
+        f"{m['unweighted_relative_l2_error']:.4f} on average over layers during the sparse steps"
+        + (f" ({m['relative_l2_error']:.4f} with each layer weighted by how much a change of its attention output "
+           "changes the transformer output, which is what the budget limits)." if weighted else "."),
         "",
         "## Speed against fidelity (fastest plan for each error budget)",
         "",
@@ -83,14 +89,14 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
     for pt in solution.frontier:
         lines.append(f"| {pt['max_error']:.3g} | {pt['relative_l2_error']:.4f} | {pt['attention_speedup']:.2f}x | "
                      f"{pt['density']:.1%} |")
-    lines += ["", "## Layers", "", "| layer | module | relative L2 error | density | head groups | strategies |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Layers", "", "| layer | module | sensitivity weight | relative L2 error | density | head groups | "
+              "strategies |", "|---|---|---|---|---|---|---|"]
     head_err = np.asarray(m["head_error"])
     head_dens = np.asarray(m["head_density"])
     for mi, name in enumerate(stats.modules):
         specs = plan.heads_for(name)
         counts = Counter(s.strategy for s in specs)
-        lines.append(f"| {stats.layers[mi]} | `{name}` | {m['layer_relative_l2_error'][mi]:.4f} | "
+        lines.append(f"| {stats.layers[mi]} | `{name}` | {weights[mi]:.2f} | {m['layer_relative_l2_error'][mi]:.4f} | "
                      f"{head_dens[mi].mean():.1%} | {m['groups_per_layer'][mi]} | "
                      f"{', '.join(f'{n}x {s}' for s, n in counts.items())} |")
     if png_name:

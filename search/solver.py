@@ -89,16 +89,31 @@ class Solution:
     frontier: list[dict[str, float]] = field(default_factory=list)
 
 
+def layer_weight_values(stats: CalibrationStats, kind: str) -> np.ndarray:
+    """Per-layer error weights (mean 1): the measured sensitivities, or ones."""
+    if kind not in ("sensitivity", "none"):
+        raise BudgetError(f"--layer-weights must be 'sensitivity' or 'none', got {kind!r}")
+    values = stats.info.get("layer_sensitivity")
+    m = len(stats.modules)
+    if kind == "none" or not values or len(values) != m or not np.all(np.isfinite(values)) or min(values) <= 0:
+        return np.ones(m)
+    values = np.asarray(values, dtype=np.float64)
+    return values / values.mean()
+
+
 class Problem:
     """Arrays over (module m, head h, candidate c) and the exact objective with head-group launches."""
 
-    def __init__(self, stats: CalibrationStats, cost: CostModel, dense_first: float, dense_layers: tuple[int, ...]):
+    def __init__(self, stats: CalibrationStats, cost: CostModel, dense_first: float, dense_layers: tuple[int, ...],
+                 layer_weights: str = "sensitivity"):
         self.stats, self.cost = stats, cost
         m, h, c = stats.error.shape
         self.shape = (m, h, c)
         cands = stats.candidates
         self.dense_index = next(i for i, x in enumerate(cands) if x.family == "dense" and not x.fp8)
-        self.err = np.nan_to_num(stats.error, nan=np.inf)
+        self.raw_err = np.nan_to_num(stats.error, nan=np.inf)
+        self.weights = layer_weight_values(stats, layer_weights)
+        self.err = self.raw_err * self.weights[:, None, None]
         self.dens = np.nan_to_num(stats.density, nan=1.0)
         self.p = np.zeros((m, h, c))
         for ci, cand in enumerate(cands):
@@ -358,10 +373,14 @@ def _pair_move(prob: Problem, a: np.ndarray, single, fi: int, gi: int, f_scale: 
 # -- public ----------------------------------------------------------------------------------------------------------
 def solve(stats: CalibrationStats, cost: CostModel, budget: Budget, *, dense_first: float = 0.2,
           dense_layers: tuple[int, ...] = (), refresh_interval: int | None = None,
-          wall_seconds: float | None = None) -> Solution:
-    """The plan for `budget`. Raises InfeasibleBudget (with the closest plan) when it cannot be met."""
+          wall_seconds: float | None = None, layer_weights: str = "sensitivity") -> Solution:
+    """The plan for `budget`. Raises InfeasibleBudget (with the closest plan) when it cannot be met.
+
+    layer_weights: "sensitivity" weights each layer's attention error by its measured effect on the transformer
+    output (when the statistics have it; mean weight 1), "none" counts every layer alike.
+    """
     budget.validate()
-    prob = Problem(stats, cost, dense_first, dense_layers)
+    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights)
     refresh = int(refresh_interval or stats.info.get("refresh_interval", 5))
 
     if budget.target_speedup is None and budget.target_density is None:
@@ -487,6 +506,7 @@ def _solution(prob: Problem, a: np.ndarray, budget: Budget, note: str, dense_fir
         "executor": stats.info.get("executor"),
         "device": stats.info.get("device"),
         "cost_model": prob.cost.kind,
+        "error_weights": "layer sensitivity" if not np.all(prob.weights == 1) else "none",
         "budget": budget.describe(),
         "binding": note,
         "predicted": {k: metrics[k] for k in ("relative_l2_error", "density", "executed_density",
@@ -509,12 +529,14 @@ def predicted_metrics(prob: Problem, a: np.ndarray, wall_seconds: float | None =
         measured = prob.stats.info.get("attention_seconds_per_generation") or wall_seconds
         saved = min(saved, min(measured, wall_seconds) * (1.0 - total / prob.total_dense))
         e2e = wall_seconds / max(wall_seconds - saved, 1e-9)
-    per_head_err = np.take_along_axis(prob.err, a[..., None], 2)[..., 0]
+    raw_err = np.take_along_axis(prob.raw_err, a[..., None], 2)[..., 0]
     per_head_dens = np.take_along_axis(prob.dens, a[..., None], 2)[..., 0]
     return {
         "error": err,
         "relative_l2_error": math.sqrt(max(err, 0.0)),
-        "layer_relative_l2_error": np.sqrt(np.maximum(per_head_err.mean(1), 0)).tolist(),
+        "unweighted_relative_l2_error": math.sqrt(max(float(raw_err.mean()), 0.0)),
+        "layer_weights": prob.weights.tolist(),
+        "layer_relative_l2_error": np.sqrt(np.maximum(raw_err.mean(1), 0)).tolist(),
         "density": density,
         "executed_density": (prob.dense_steps + prob.sparse_steps * density) / prob.num_steps,
         "attention_speedup": speedup,
@@ -523,7 +545,7 @@ def predicted_metrics(prob: Problem, a: np.ndarray, wall_seconds: float | None =
         "end_to_end_speedup": e2e,
         "attention_seconds_dense": prob.total_dense if prob.cost.kind == "measured" else None,
         "attention_seconds_plan": total if prob.cost.kind == "measured" else None,
-        "head_error": per_head_err.tolist(),
+        "head_error": raw_err.tolist(),
         "head_density": per_head_dens.tolist(),
         "groups_per_layer": [len({prob.stats.spec(mi, hi, int(ci)) for hi, ci in enumerate(a[mi])
                                       if prob.computes[ci]}) for mi in range(prob.shape[0])],
@@ -562,10 +584,10 @@ def assignment_of(stats: CalibrationStats, plan: SparsePlan) -> np.ndarray:
     return a
 
 
-def evaluate_plan(stats: CalibrationStats, cost: CostModel, plan: SparsePlan,
-                  wall_seconds: float | None = None) -> dict[str, Any]:
+def evaluate_plan(stats: CalibrationStats, cost: CostModel, plan: SparsePlan, wall_seconds: float | None = None,
+                  layer_weights: str = "sensitivity") -> dict[str, Any]:
     """Predicted metrics (error, density, speedups) of an existing plan from the statistics."""
-    prob = Problem(stats, cost, plan.schedule.dense_first, plan.schedule.dense_layers)
+    prob = Problem(stats, cost, plan.schedule.dense_first, plan.schedule.dense_layers, layer_weights)
     a = assignment_of(stats, plan)
     for mi, layer in enumerate(stats.layers):
         if layer in plan.schedule.dense_layers:

@@ -41,6 +41,9 @@ def test_search_on_a_tiny_pipeline_writes_plan_report_and_stats(tiny_pipe, tmp_p
     assert st.info["branches"] == ["cond", "uncond"] and st.info["calls_per_step"] == 2
     assert st.grid == Grid(4, 16, 16) and st.info["prompts"] == ["a red circle moving right on a dark background"]
     assert st.info["sample_steps"] == [0, 2]
+    sensitivity = st.info["layer_sensitivity"]
+    assert len(sensitivity) == 2 and all(v > 0 for v in sensitivity)
+    assert result.solution.plan.calibration["error_weights"] == "layer sensitivity"
     for key in ("plan", "report", "png", "stats"):
         assert result.paths[key].exists(), key
     plan = SparsePlan.load(result.paths["plan"])

@@ -148,3 +148,23 @@ def test_existing_plans_are_evaluated_from_the_statistics(stats):
     assert m["head_error"][0] == [0.0] * 4 and m["density"] > 0.25
     with pytest.raises(BudgetError, match="was not calibrated"):
         assignment_of(stats, plan.with_module("blocks.2.attn1", HeadStrategy.make("block_adaptive", tau=0.5)))
+
+
+def test_layer_sensitivity_weights_the_error_budget(stats):
+    from dit_sparse.search.solver import layer_weight_values
+
+    cost = flop_cost(stats.candidates, stats.grid, 256, 128, 4, 32)
+    plain = solve(stats, cost, Budget(max_error=0.1))
+    stats.info["layer_sensitivity"] = [4.0, 2.0, 1.0, 1.0]
+    assert layer_weight_values(stats, "sensitivity").tolist() == [2.0, 1.0, 0.5, 0.5]
+    assert layer_weight_values(stats, "none").tolist() == [1.0] * 4
+    weighted = solve(stats, cost, Budget(max_error=0.1))
+    assert weighted.metrics["layer_weights"] == [2.0, 1.0, 0.5, 0.5]
+    assert weighted.plan.calibration["error_weights"] == "layer sensitivity"
+    # The insensitive last layers take more of the error budget than without weights, the first no more.
+    w_err, p_err = weighted.metrics["layer_relative_l2_error"], plain.metrics["layer_relative_l2_error"]
+    assert w_err[0] <= p_err[0] and sum(w_err[2:]) > sum(p_err[2:])
+    unweighted = solve(stats, cost, Budget(max_error=0.1), layer_weights="none")
+    assert unweighted.metrics["relative_l2_error"] == pytest.approx(plain.metrics["relative_l2_error"])
+    with pytest.raises(BudgetError, match="--layer-weights"):
+        solve(stats, cost, Budget(max_error=0.1), layer_weights="depth")
