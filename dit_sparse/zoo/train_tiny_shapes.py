@@ -42,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast dtype for the forward")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (and export) after this step while keeping the --steps learning-rate schedule")
+    p.add_argument("--mixed-from", type=int, default=None,
+                   help="from this step on, draw half of the noise levels uniformly in (0, 1) instead of "
+                        "logit-normal (trains the very low and very high noise levels more)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (and export) after this wall time")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--export", default=str(WEIGHTS_DIR), help="where to save_pretrained the EMA pipeline")
@@ -70,6 +75,9 @@ def make_batch(step: int, a, tokenizer, text_encoder):
     caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
     noise = torch.randn(x0.shape, generator=g)
     sigma = torch.sigmoid(torch.randn(len(caps), generator=g))  # logit-normal(0, 1)
+    if a.mixed_from is not None and step >= a.mixed_from:
+        uniform = torch.rand(len(caps), generator=g).clamp(1e-3, 1 - 1e-3)
+        sigma = torch.where(torch.rand(len(caps), generator=g) < 0.5, uniform, sigma)
     return caps, x0, noise, sigma
 
 
@@ -143,7 +151,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     bar = tqdm(total=a.steps, initial=step, desc="train tiny-shapes", dynamic_ncols=True, mininterval=2.0)
-    while step < a.steps:
+    while step < (a.steps if a.stop_at is None else min(a.steps, a.stop_at)):
         if stop["signal"] is not None:
             save_checkpoint(ckpt_path, state())
             print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume", flush=True)
