@@ -21,10 +21,10 @@ from dit_sparse.layout import Grid, num_blocks
 from dit_sparse.plan import ModelFingerprint, SparsePlan
 
 from .calibration import CalibrationObserver, sample_steps
-from .sensitivity import LayerSensitivity
 from .candidates import Candidate, default_candidates, with_fp8
 from .cost import CostModel, flop_cost, measure_cost
 from .errors import SearchError
+from .sensitivity import LayerSensitivity
 from .solver import Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
 

@@ -59,9 +59,9 @@ def _predicted(stats: CalibrationStats, cost: CostModel, plan: SparsePlan) -> di
 
 
 def compare(stats_path: str | Path, plan_path: str | Path | None = None, baseline: str | Path | None = None,
-            model: str | None = None, prompts: int = 5, seeds: tuple[int, ...] = (0,), steps: int | None = None,
+            model: str | None = None, prompts: int | list[str] = 5, seeds: tuple[int, ...] = (0,), steps: int | None = None,
             out: str | Path = "benchmarks/results/search-compare", families: list[str] | None = None,
-            cost: str = "measured", progress: bool = True, pairs: bool = True) -> dict[str, Any]:
+            cost: str = "measured", progress: bool = True, sweep: bool = True) -> dict[str, Any]:
     from dit_sparse.bench_e2e import run_e2e
 
     stats = CalibrationStats.load(stats_path)
@@ -73,7 +73,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
     out = Path(out)
     plans_dir = out / "plans"
     pairs, specs = [], []
-    for i, (label, uniform, density) in enumerate(uniform_plans(stats, dense_first) if pairs else []):
+    for i, (label, uniform, density) in enumerate(uniform_plans(stats, dense_first) if sweep else []):
         if families and uniform.heads_for(stats.modules[0])[0].strategy not in families:
             continue
         u_path, s_path = plans_dir / f"uniform-{i:02d}.plan.json", plans_dir / f"searched-{i:02d}.plan.json"
@@ -91,7 +91,9 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
             extra[name] = str(path)
             specs.append(str(path))
             extra_predicted[name] = _predicted(stats, cost_model, SparsePlan.load(path))
-    result = run_e2e(model, specs, None, prompts, list(seeds), steps, progress=progress)
+    prompt_list = list(prompts) if isinstance(prompts, list) else None
+    result = run_e2e(model, specs, prompt_list, len(prompt_list) if prompt_list else prompts, list(seeds), steps,
+                     progress=progress)
     by_plan = {r["plan"]: r for r in result["results"]}
     for pair in pairs:
         pair["uniform_result"] = by_plan[pair["uniform_plan"]]
@@ -129,7 +131,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
     hw = summary["hardware"]
     lines = [
-        f"Searched vs uniform plans on {summary['model']}: {summary['prompts']} held-out prompts x "
+        f"Searched vs uniform plans on {summary['model']}: {summary['prompts']} prompts x "
         f"{len(summary['seeds'])} seeds, dense first {summary['dense_first']:.0%} of steps, cost model "
         f"{summary['cost_model']}; {hw.get('gpu') or hw.get('processor') or hw.get('machine')}, {hw['cpus']} CPUs, "
         f"{hw['torch_threads']} torch threads; torch {summary['versions']['torch']}, diffusers "
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pairs", action="store_true", help="only the --plan and --baseline plans, no uniform sweep")
     p.add_argument("--model", default=None, help="default: the model of the statistics")
     p.add_argument("--prompts", type=int, default=5, help="number of held-out prompts")
+    p.add_argument("--prompt-file", default=None, help="prompts to use instead, one per line")
     p.add_argument("--seeds", default="0", help="comma-separated generation seeds")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--families", default=None, help="comma-separated strategy families to compare (default all)")
@@ -213,9 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = compare(args.stats, args.plan, args.baseline, args.model, args.prompts,
+    prompts = args.prompts
+    if args.prompt_file:
+        from .api import read_prompts
+
+        prompts = read_prompts(args.prompt_file)
+    summary = compare(args.stats, args.plan, args.baseline, args.model, prompts,
                       tuple(int(s) for s in args.seeds.split(",")), args.steps, args.out,
-                      args.families.split(",") if args.families else None, args.cost, pairs=not args.no_pairs)
+                      args.families.split(",") if args.families else None, args.cost, sweep=not args.no_pairs)
     print(markdown(summary))
     print(f"wrote {Path(args.out) / 'compare.json'}, compare.md and psnr_vs_density.png")
     return 0

@@ -431,10 +431,29 @@ def solve(stats: CalibrationStats, cost: CostModel, budget: Budget, *, dense_fir
 DEFAULT_MAX_ERROR = 0.1
 
 
+def _best_of_starts(prob: Problem, f_name: str, g_name: str, limit: float, starts: int = 4):
+    """Local search from the Lagrangian solution and from the best feasible uniform plans (one candidate on every
+    allowed head); the best result. The relaxation alone can miss a plan as simple as a uniform one."""
+    first, _ = _lagrange(prob, f_name, g_name, limit)
+    seeds = [first]
+    uniform = []
+    for c in range(prob.shape[2]):
+        a = np.where(prob.allowed[:, :, c], c, prob.dense_index)
+        totals = prob.totals(a)
+        if totals[g_name] <= limit + 1e-12:
+            uniform.append((totals[f_name], a))
+    seeds += [a for _, a in sorted(uniform, key=lambda t: t[0])[:starts]]
+    best = None
+    for seed in seeds:
+        a, blocked = _local_search(prob, seed, f_name, g_name, limit)
+        if best is None or prob.totals(a)[f_name] < prob.totals(best[0])[f_name] - 1e-15:
+            best = (a, blocked)
+    return best
+
+
 def _min_time_under_error(prob: Problem, max_error: float) -> tuple[np.ndarray, str]:
     limit = max_error ** 2
-    a, _ = _lagrange(prob, "time", "error", limit)
-    a, blocked = _local_search(prob, a, "time", "error", limit)
+    a, blocked = _best_of_starts(prob, "time", "error", limit)
     got = math.sqrt(max(prob.error(a), 0.0))
     if blocked:
         note = (f"the error budget is binding: relative L2 error {got:.4f} of {max_error:g} allowed; faster plans "
@@ -446,8 +465,7 @@ def _min_time_under_error(prob: Problem, max_error: float) -> tuple[np.ndarray, 
 
 
 def _min_error_under(prob: Problem, g_name: str, limit: float) -> tuple[np.ndarray, bool]:
-    a, _ = _lagrange(prob, "error", g_name, limit)
-    return _local_search(prob, a, "error", g_name, limit)
+    return _best_of_starts(prob, "error", g_name, limit)
 
 
 def _fmt_g(prob: Problem, g_name: str, a: np.ndarray) -> str:

@@ -160,9 +160,8 @@ def test_calibrating_a_joint_attention_model_with_batched_cfg():
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tiny_models import cogvideox_inputs, tiny_cogvideox
-
     from dit_sparse.search import calibrate
+    from tiny_models import cogvideox_inputs, tiny_cogvideox
 
     model = tiny_cogvideox()
     grid = Grid(3, 5, 7)

@@ -130,8 +130,9 @@ def test_dense_layers_and_warm_up_are_in_the_plan_and_the_prediction(stats):
 
 
 def test_existing_plans_are_evaluated_from_the_statistics(stats):
-    from dit_sparse.plan import HeadStrategy, Schedule, SparsePlan
     from dit_sparse.search.solver import assignment_of, evaluate_plan
+
+    from dit_sparse.plan import HeadStrategy, Schedule, SparsePlan
 
     cost = flop_cost(stats.candidates, stats.grid, 256, 128, 4, 32)
     sol = solve(stats, cost, Budget(max_error=0.1))
