@@ -148,7 +148,9 @@ def _summarise(label: str, rows: list[dict], dense: list[dict]) -> dict[str, Any
 
 def hardware(device: str) -> dict[str, Any]:
     info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            # Other work on the machine skews CPU timings badly (thread oversubscription): record it.
+            "load_average_1min": os.getloadavg()[0]}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
