@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_bench(sub)
     from .demo.cli import add_demo_parser
+    from .distill.cli import add_distill_parser
     from .search.cli import add_search_parser
 
     add_search_parser(sub)
+    add_distill_parser(sub)
     add_demo_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -1,0 +1,176 @@
+"""`dit-sparse distill`: registered into the main CLI by ``add_distill_parser(subparsers)``.
+
+    dit-sparse distill --teacher tiny-shapes --plan default --student-steps 4 --max-steps 300 --out runs/ts4
+    dit-sparse distill --resume runs/ts4                  # continues exactly where it stopped
+    dit-sparse distill --config run.yaml --set lr=2e-5 --set betas=[0,0.99]
+    accelerate launch -m dit_sparse.distill --config wan13b.yaml   # several processes, same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# flag -> config key, for the flags that map one to one (None defaults: only given flags override)
+_FLAGS = {
+    "teacher": str, "plan": str, "executor": str, "student_steps": int, "max_steps": int, "out": str,
+    "fake_updates": int, "lr": float, "fake_lr": float, "guidance": float, "batch_size": int, "grad_accum": int,
+    "prompts": str, "height": int, "width": int, "frames": int, "seed": int, "mixed_precision": str,
+    "lora_rank": int, "checkpoint_every": int, "keep_checkpoints": int, "validate_every": int, "threads": int,
+    "ema_decay": float, "max_minutes": float, "shift": float, "terminal_sigma": float, "teacher_steps": int,
+}
+_HELP = {
+    "teacher": "tiny-shapes, or a local diffusers pipeline directory / hub id (the dense many-step model)",
+    "plan": "'default', a plan file, or a uniform strategy with parameters, e.g. 'diagonal:window=[1,0.25,0.25]'",
+    "executor": "attention executor of the student: reference, cpu or triton (default: best for the device)",
+    "student_steps": "K, the student's number of sampling steps (default 4)",
+    "max_steps": "student updates to run (default 300); small values for smoke runs",
+    "max_minutes": "stop earlier after this wall time: checkpoint, validate and export (resume continues)",
+    "out": "run folder: config, checkpoints, metrics.jsonl, validation videos, export/",
+    "fake_updates": "fake-score updates per student update (default 5)",
+    "lr": "student learning rate (default 1e-5)",
+    "fake_lr": "fake-score learning rate (default 5e-5)",
+    "guidance": "classifier-free guidance of the teacher's score (default 4.5); the student samples with 1",
+    "batch_size": "samples per process and micro-batch (default 2)",
+    "grad_accum": "micro-batches per update (default 1)",
+    "prompts": "text file with one training prompt per line (tiny-shapes: its training captions)",
+    "mixed_precision": "no, bf16 or fp16",
+    "lora_rank": "> 0: train LoRA adapters (peft) instead of the full student; the teacher is the base model",
+    "checkpoint_every": "checkpoint every N steps (default 50; 0: only at the end)",
+    "keep_checkpoints": "how many checkpoints to keep (default 2)",
+    "validate_every": "student validation videos every N steps (default: only at the end)",
+    "shift": "static shift of the student's sigma grid (default: the teacher scheduler's)",
+    "terminal_sigma": "last non-zero level of the grid (default 1/K: evenly spaced at shift 1)",
+    "teacher_steps": "steps of the dense teacher's reference videos (default 50)",
+}
+
+
+def add_distill_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "distill", help="train a few-step student that runs a sparse plan, from a dense many-step teacher",
+        description="Sparsity-aware step distillation (data-free trajectory distribution matching): the student runs "
+                    "the sparse plan in every forward, the teacher stays dense. Writes checkpoints, a metrics log, "
+                    "validation videos and an exported pipeline (OUT/export) with its plan and sampler.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure_parser(p)
+    p.set_defaults(func=run_distill)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    for key, kind in _FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=_HELP.get(key))
+    p.add_argument("--config", default=None, help="YAML file of DistillConfig keys (flags override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, value parsed as YAML (repeatable)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its newest checkpoint (its config.yaml, then these overrides)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything, time two updates, print memory and time estimates; writes only the prompt-embedding "
+                        "cache (no checkpoints, logs or export)")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --resume: export the newest checkpoint's student to DIR/export and stop")
+    p.add_argument("--no-validation", action="store_true", help="skip the teacher and student validation videos")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--cpu", action="store_true", default=None, help="train on CPU even where CUDA exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_config(args):
+    from .config import DistillConfig, parse_set
+
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        cfg = DistillConfig.load(saved) if saved.is_file() else (
+            DistillConfig.load(args.config) if args.config else DistillConfig())
+        cfg = cfg.updated(out=str(args.resume))
+    else:
+        cfg = DistillConfig.load(args.config) if args.config else DistillConfig()
+    given = {k: getattr(args, k) for k in _FLAGS if getattr(args, k, None) is not None}
+    if args.no_validation:
+        given["validation"] = False
+    if args.gradient_checkpointing:
+        given["gradient_checkpointing"] = True
+    if args.cpu:
+        given["cpu"] = True
+    cfg = cfg.updated(**given)
+    return cfg.updated(**parse_set(args.set))
+
+
+def run_distill(args) -> int:
+    from .config import ConfigError
+
+    try:
+        cfg = build_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.resume and not Path(args.resume).is_dir():
+        print(f"error: --resume {args.resume}: no such run folder", file=sys.stderr)
+        return 2
+    from dit_sparse.generate import GenerateError
+    from dit_sparse.plan import PlanError
+    from dit_sparse.processor import PlanMismatchError
+
+    from .pipelines import PipelineKindError
+    from .roles import RoleError
+    from .trainer import Distiller
+
+    try:
+        distiller = Distiller(cfg, resume=bool(args.resume), progress=not args.quiet)
+    except (GenerateError, PlanError, PlanMismatchError, PipelineKindError, RoleError, ConfigError,
+            FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        report = distiller.dry_run()
+        if distiller.accelerator.is_main_process:
+            print(format_dry_run(report))
+        return 0
+    if args.export_only:
+        path = distiller.export()
+        print(f"exported the student of step {distiller.state.step} to {path}")
+        return 0
+    result = distiller.train()
+    if distiller.accelerator.is_main_process:
+        print(json.dumps({k: v for k, v in result.items() if k != "last"}, indent=1, default=str))
+        if "export" in result:
+            print(f"run it: dit-sparse generate --model {result['export']} --steps {cfg.student_steps} --guidance 1 "
+                  f"--plan {result['export']}/plan.json")
+    return 0
+
+
+def format_dry_run(r: dict) -> str:
+    lines = [
+        f"device {r['device']} x {r['processes']} process(es), mixed precision {r['mixed_precision']}",
+        f"sample {r['sample_shape']}, batch {r['batch_per_process']} x accumulation {r['grad_accum']}, "
+        f"K={r['student_steps']} sigmas {r['sigmas']}",
+        "memory (per process):",
+        f"  teacher {r['params_teacher_GB']:.3f} GB, student {r['params_student_GB']:.3f} GB, "
+        f"fake score {r['params_fake_GB']:.3f} GB",
+        f"  trainable: student {r['trainable_student']:,} fake {r['trainable_fake']:,} parameters; grads + Adam + EMA "
+        f"{r['grads_optimizer_ema_GB']:.3f} GB",
+        f"  static total {r['static_total_GB']:.3f} GB; measured peak of one update {r['measured_peak_GB']:.3f} GB "
+        f"({r['measured_peak_kind']})",
+        f"time: {r['seconds_per_step']:.2f} s per step (measured) x {r['max_steps']} steps = "
+        f"{r['estimated_hours'] * 60:.1f} min (without validation and checkpoints)",
+        f"forwards per step: {', '.join(f'{k} {v:g}' for k, v in r['forwards_per_step'].items())}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    parser = argparse.ArgumentParser(prog="dit-sparse distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure_parser(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return run_distill(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
