@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
     p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast dtype for the forward")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--stop-at", type=int, default=None,
@@ -111,13 +112,14 @@ def main(argv=None):
                 "command": "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(
                     f"--{k.replace('_', '-')} {v}" for k, v in st["args"].items()
                     if v not in (None, False) and k not in ("out", "export", "resume")),
-                "torch": torch.__version__}
+                "phases": st.get("phases"), "torch": torch.__version__}
         export(None, st["ema"], Path(a.export), info)
         print(f"exported EMA weights of step {st['step']} to {a.export}", flush=True)
         return info
     torch.manual_seed(a.seed)
     pipe = build_pipeline(cfg, seed=a.seed)
-    tok, te, tr = pipe.tokenizer, pipe.text_encoder, pipe.transformer
+    device = torch.device(a.device)
+    tok, te, tr = pipe.tokenizer, pipe.text_encoder.to(device), pipe.transformer.to(device)
     te.train()
     tr.train()
     params = list(tr.parameters()) + list(te.parameters())
@@ -125,20 +127,28 @@ def main(argv=None):
     ema = {"transformer": {k: v.detach().clone() for k, v in tr.state_dict().items()},
            "text_encoder": {k: v.detach().clone() for k, v in te.state_dict().items()}}
     step, elapsed_before, loss_avg, history = 0, 0.0, None, []
+    command = "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(sys.argv[1:] if argv is None else argv)
+    phases = []  # one record per (re)start: the exact command and the step it started from
     if a.resume and ckpt_path.exists():
         st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         tr.load_state_dict(st["transformer"])
         te.load_state_dict(st["text_encoder"])
         opt.load_state_dict(st["optimizer"])
-        ema = st["ema"]
+        ema = {name: {k: v.to(device) for k, v in part.items()} for name, part in st["ema"].items()}
         step, elapsed_before, loss_avg, history = st["step"], st["elapsed"], st["loss_avg"], st["history"]
+        # checkpoints written before phases were recorded know only their last command
+        phases = st.get("phases") or [{"from_step": 0, "command": st.get("command", "unrecorded"),
+                                       "args": {k: v for k, v in st["args"].items() if k not in ("out", "export")}}]
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    phases.append({"from_step": step, "command": command,
+                   "args": {k: v for k, v in vars(a).items() if k not in ("out", "export")}})
     log = open(out / "train_log.jsonl", "a")
 
     def state():
         return {"transformer": tr.state_dict(), "text_encoder": te.state_dict(), "optimizer": opt.state_dict(),
                 "ema": ema, "step": step, "elapsed": elapsed_before + time.time() - t_start, "loss_avg": loss_avg,
-                "history": history, "args": vars(a), "config": cfg.to_dict()}
+                "history": history, "args": vars(a), "config": cfg.to_dict(),
+                "command": command, "phases": phases}
 
     t_start = time.time()
     last_ckpt = time.time()
@@ -159,13 +169,13 @@ def main(argv=None):
         if a.max_minutes is not None and (elapsed_before + time.time() - t_start) / 60 > a.max_minutes:
             print(f"time budget of {a.max_minutes} min reached at step {step}", flush=True)
             break
-        caps, x0, noise, sigma = make_batch(step, a, tok, te)
+        caps, x0, noise, sigma = (t.to(device) if torch.is_tensor(t) else t for t in make_batch(step, a, tok, te))
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         target = noise - x0
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, a)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             emb = encode_text(tok, te, caps)
             pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), target)
@@ -202,8 +212,7 @@ def main(argv=None):
     total = elapsed_before + time.time() - t_start
     info = {"config": cfg.to_dict(), "args": {k: v for k, v in vars(a).items() if k not in ("out", "export")},
             "steps_done": step, "wall_seconds": round(total, 1), "final_loss_avg": loss_avg,
-            "command": "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(sys.argv[1:] if argv is None else argv),
-            "torch": torch.__version__}
+            "command": command, "phases": phases, "torch": torch.__version__}
     print(json.dumps({k: info[k] for k in ("steps_done", "wall_seconds", "final_loss_avg")}), flush=True)
     if not a.no_export:
         export(pipe, ema, Path(a.export), info)

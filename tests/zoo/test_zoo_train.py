@@ -36,7 +36,11 @@ def test_training_resume_matches_uninterrupted_run_and_exports(tmp_path):
     assert pipe.transformer.config.num_layers == 1
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, b["ema"]["transformer"][k].to(v.dtype)), k
-    assert json.loads((export / "training.json").read_text())["steps_done"] == 3
+    training = json.loads((export / "training.json").read_text())
+    assert training["steps_done"] == 3
+    # every (re)start is recorded with its exact command, so the README can say how the weights were made
+    assert [p["from_step"] for p in training["phases"]] == [0, 0]
+    assert "--max-minutes 0" in training["phases"][0]["command"] and "--resume" in training["phases"][1]["command"]
 
 
 def test_batches_are_pure_functions_of_seed_and_step():
