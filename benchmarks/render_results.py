@@ -73,6 +73,10 @@ def render() -> str:
     sections = []
     for path in sorted(RESULTS.rglob("*.json")):
         result = json.loads(path.read_text())
+        if isinstance(result, list) and result and isinstance(result[0], dict):  # one record per plan
+            from dit_sparse.bench_e2e import grouped
+
+            result = grouped(result)
         renderer = RENDERERS.get(result.get("benchmark")) if isinstance(result, dict) else None
         if renderer is not None:
             sections.append("\n".join(renderer(path, result)))

@@ -83,6 +83,7 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
     pipe.set_progress_bar_config(disable=True)
     transformers = transformers_of(pipe)
     runs = [PlanRun("dense", None)] + [parse_plan_spec(s, pipe, transformers[0]) for s in plan_specs]
+    runs = _unique_labels(runs)
     prompts = prompts or default_prompts(pipe, num_prompts)
     if not prompts:
         raise GenerateError("no prompts to benchmark")
@@ -129,6 +130,17 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
     }
 
 
+def _unique_labels(runs: list[PlanRun]) -> list[PlanRun]:
+    """Results are keyed by label: a plan spec given twice, or a plan spelled 'dense', gets a numbered label."""
+    seen: dict[str, int] = {}
+    out = []
+    for run in runs:
+        n = seen.get(run.label, 0) + 1
+        seen[run.label] = n
+        out.append(run if n == 1 else PlanRun(f"{run.label} #{n}", run.plan))
+    return out
+
+
 def _summarise(label: str, rows: list[dict], dense: list[dict]) -> dict[str, Any]:
     mean = lambda key, src=rows: float(np.mean([r[key] for r in src]))  # noqa: E731
     captions = [r["caption_ok"] for r in rows if r["caption_ok"] is not None]
@@ -172,11 +184,30 @@ def versions() -> dict[str, str]:
     return out
 
 
+PLAN_KEYS = ("plan", "seconds", "attention_seconds", "speedup", "attention_speedup", "executed_density", "psnr", "ssim",
+             "caption_accuracy")
+
+
+def records_of(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat record per plan, each carrying the run's metadata (model, hardware, versions, command, date)."""
+    meta = {k: v for k, v in result.items() if k != "results"}
+    return [{**meta, **r} for r in result["results"]]
+
+
+def grouped(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The inverse of :func:`records_of`: the run's metadata once, with the per-plan rows under ``results``."""
+    if not records:
+        raise ValueError("no records")
+    meta = {k: v for k, v in records[0].items() if k not in PLAN_KEYS}
+    return {**meta, "results": [{k: r[k] for k in PLAN_KEYS if k in r} for r in records]}
+
+
 def write_results(result: dict[str, Any], out: Path) -> None:
-    """results.json (one record per plan, with the run's metadata), results.md and speedup_vs_psnr.png."""
+    """results.json (a list with one record per plan, each with the run's metadata), results.md and
+    speedup_vs_psnr.png."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps(records_of(result), indent=1) + "\n")
     os.replace(tmp, out / "results.json")
     (out / "results.md").write_text(markdown_table(result) + "\n")
     plot(result, out / "speedup_vs_psnr.png")

@@ -5,17 +5,13 @@ In CI (CI set) a missing browser or Playwright fails these tests; elsewhere they
 """
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT = ROOT / "docs" / "demo.png"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from dit_sparse.demo.screenshot import CHROMIUM, CHROMIUM_ARGS, VIDEOS_READY, free_port
+
 PROMPT = "a blue square moving up on a light background"
 # prompt, seed, steps, guidance, resolution, frames, plan source, shipped plan, plan file, strategy, knob
 API_INPUTS = [PROMPT, 0, 2, 4.5, "32x32", 4, "shipped plan", "tiny-shapes.plan.json", None, "diagonal", 0.25]
@@ -32,19 +28,13 @@ def _browser_missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     """The demo app (tiny-shapes) launched on 127.0.0.1 in this process; yields (app, url)."""
     from dit_sparse.demo.app import build_app, launch_app
 
     app = build_app()
-    port = _free_port()
+    port = free_port()
     launch_app(app, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield app, f"http://127.0.0.1:{port}/"
@@ -122,9 +112,7 @@ def test_page_generates_and_shows_the_numbers_the_api_returns(server, page, tmp_
     page.locator("#run").click()
 
     # both videos loaded and decodable by the browser, and the metrics table filled in
-    page.wait_for_function(
-        "() => ['#dense-video', '#sparse-video', '#side-by-side'].every(id => {"
-        "  const v = document.querySelector(id + ' video'); return v && v.readyState >= 2 && v.videoWidth > 0; })")
+    page.wait_for_function(VIDEOS_READY)
     page.locator("#metrics").scroll_into_view_if_needed()  # the table renders only the rows in view
     page.wait_for_function(f"() => {SHOWN_ROWS}.length >= 11")
     page.wait_for_selector("#heatmap img")
@@ -148,9 +136,9 @@ def test_page_generates_and_shows_the_numbers_the_api_returns(server, page, tmp_
     assert metrics_table({k: float(v) if v == "inf" else v for k, v in callback_raw.items()}) == shown
 
     page.wait_for_timeout(700)  # let the autoplaying clips show a frame
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.stat().st_size > 10_000
+    shot = tmp_path / "demo.png"  # the README's screenshot comes from `python -m dit_sparse.demo.screenshot`
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
     assert time.perf_counter() - start < 90
 
 
