@@ -11,8 +11,10 @@ resumed run follows the same trajectory as an uninterrupted one. At the end the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes drawing batches ahead (GPU training; the batches are the same as with 0)")
     p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast dtype for the forward")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--stop-at", type=int, default=None,
@@ -80,6 +84,33 @@ def make_batch(step: int, a, tokenizer, text_encoder):
         uniform = torch.rand(len(caps), generator=g).clamp(1e-3, 1 - 1e-3)
         sigma = torch.where(torch.rand(len(caps), generator=g) < 0.5, uniform, sigma)
     return caps, x0, noise, sigma
+
+
+class BatchSource:
+    """Batch ``step`` of the run, drawn in this process or, with workers, by a process pool a window ahead."""
+
+    WINDOW = 32  # steps drawn ahead per round (bounded memory)
+
+    def __init__(self, a):
+        self.a = a
+        self.pool = multiprocessing.get_context("spawn").Pool(a.workers) if a.workers > 0 else None
+        self.ready: dict[int, tuple] = {}
+
+    def get(self, step: int):
+        if self.pool is None:
+            return make_batch(step, self.a, None, None)
+        if step not in self.ready:
+            steps = range(step, step + self.WINDOW)
+            self.ready = dict(zip(steps, self.pool.map(functools.partial(_batch, a=self.a), steps)))
+        return self.ready.pop(step)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def _batch(step: int, a):
+    return make_batch(step, a, None, None)
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -161,15 +192,17 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     bar = tqdm(total=a.steps, initial=step, desc="train tiny-shapes", dynamic_ncols=True, mininterval=2.0)
+    source = BatchSource(a)
     while step < (a.steps if a.stop_at is None else min(a.steps, a.stop_at)):
         if stop["signal"] is not None:
             save_checkpoint(ckpt_path, state())
             print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume", flush=True)
+            source.close()
             return None
         if a.max_minutes is not None and (elapsed_before + time.time() - t_start) / 60 > a.max_minutes:
             print(f"time budget of {a.max_minutes} min reached at step {step}", flush=True)
             break
-        caps, x0, noise, sigma = (t.to(device) if torch.is_tensor(t) else t for t in make_batch(step, a, tok, te))
+        caps, x0, noise, sigma = (t.to(device) if torch.is_tensor(t) else t for t in source.get(step))
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         target = noise - x0
@@ -208,6 +241,7 @@ def main(argv=None):
             save_checkpoint(ckpt_path, state())
             last_ckpt = time.time()
     bar.close()
+    source.close()
     save_checkpoint(ckpt_path, state())
     total = elapsed_before + time.time() - t_start
     info = {"config": cfg.to_dict(), "args": {k: v for k, v in vars(a).items() if k not in ("out", "export")},

@@ -51,3 +51,13 @@ def test_batches_are_pure_functions_of_seed_and_step():
     assert c1 == c2 and torch.equal(x1, x2) and torch.equal(n1, n2) and torch.equal(s1, s2)
     c3, *_ = tts.make_batch(6, a, tok, None)
     assert c3 != c1 or not torch.equal(tts.make_batch(6, a, tok, None)[1], x1)
+
+
+def test_worker_processes_draw_the_same_batches(tmp_path):
+    """--workers (for GPU training) changes where batches are drawn, not what they are."""
+    plain, pooled = tmp_path / "a", tmp_path / "b"
+    tts.main(["--out", str(plain), "--steps", "2", "--no-export", *BASE])
+    tts.main(["--out", str(pooled), "--steps", "2", "--no-export", "--workers", "2", *BASE])
+    a, b = _ckpt(plain), _ckpt(pooled)
+    for k, v in a["transformer"].items():
+        assert torch.equal(v, b["transformer"][k]), k
