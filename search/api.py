@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dit_sparse.adapters import adapter_for_transformer
@@ -23,6 +24,7 @@ from dit_sparse.plan import ModelFingerprint, SparsePlan
 from .calibration import CalibrationObserver, sample_steps
 from .candidates import Candidate, default_candidates, with_fp8
 from .cost import CostModel, flop_cost, measure_cost
+from .distributed import Processes, processes
 from .errors import SearchError
 from .sensitivity import LayerSensitivity
 from .solver import Budget, InfeasibleBudget, Solution, solve
@@ -213,13 +215,17 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
               calib_steps: int = 5, refresh_interval: int = 5, executor: str | None = None,
               block_size: tuple[int, int] | None = None, device: str | torch.device = "cpu",
               progress: bool = True, max_rows: int = 4096, query_blocks: int = 8, seed: int = 0,
-              sensitivity_samples: int = 1, info: dict[str, Any] | None = None) -> CalibrationStats:
+              sensitivity_samples: int = 1, info: dict[str, Any] | None = None,
+              procs: Processes | None = None) -> CalibrationStats:
     """Run `num_samples` generations (run(i, on_step)) with a dense plan and the calibration observer.
 
     target: what dit_sparse.apply takes (a pipeline or a transformer). Returns the statistics (no cost table).
     sensitivity_samples: during the first this-many generations, measure each layer's sensitivity (one extra
-    transformer call per covered layer at every sampled step; 0 turns it off).
+    transformer call per covered layer at every sampled step; 0 turns it off). procs: with several processes,
+    each runs its share of the generations and every process returns the statistics of all of them.
     """
+    procs = procs or Processes()
+    indices = procs.shard(num_samples)
     transformer = transformers_of(target)[0]
     adapter = adapter_for_transformer(transformer)
     fingerprint = adapter.fingerprint(transformer)
@@ -231,14 +237,17 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
     first_sparse = int(round(dense_first * num_steps))
     observer = CalibrationObserver([n for n, _ in covered], fingerprint.num_heads, candidates, block_q, block_k,
                                    steps, first_sparse, refresh_interval, max_rows=max_rows,
-                                   query_blocks=query_blocks, seed=seed)
+                                   query_blocks=query_blocks, seed=seed,
+                                   reduce=procs.sum if procs.distributed else None,
+                                   share_first=procs.from_first if procs.distributed else None)
     processor = apply(target, SparsePlan.uniform(transformer, "dense"), executor=executor, block_size=block_size)
     processor.observers.append(observer)
     bar = None
-    if progress:
+    if progress and procs.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_samples * num_steps, desc="calibrating", unit="step", file=sys.stderr)
+        bar = tqdm(total=len(indices) * num_steps, desc="calibrating" + (f" (1 of {procs.world} processes)"
+                   if procs.distributed else ""), unit="step", file=sys.stderr)
     wall, attention = [], []
     timer = _ModuleTimer(observer)
     handles = timer.attach([dict(t.named_modules())[name] for t in transformers_of(target) for name, _ in covered
@@ -250,9 +259,9 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
                                        timer, seed=seed)
         handles.append(sensitivity.attach())
     try:
-        for i in range(num_samples):
+        for n, i in enumerate(indices):
             if sensitivity is not None:
-                sensitivity.active = i < sensitivity_samples
+                sensitivity.active = n < sensitivity_samples
             before, attn_before = observer.seconds, timer.seconds
             start = time.perf_counter()
             with torch.no_grad():
@@ -265,11 +274,11 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
         if bar is not None:
             bar.close()
         remove(target)
-    missing = observer.missing_modules()
+    error, density, columns = observer.results()  # summed over processes: every process reaches this
+    missing = [name for name, mi in observer.modules.items() if np.isnan(error[mi]).all()]
     if missing:
         raise SearchError(f"calibration never evaluated {', '.join(missing[:3])}: no call reached the sampled steps "
                           f"{steps} (does the pipeline run {num_steps} steps?)")
-    error, density, columns = observer.results()
     calls = observer.calls_per_module.get(covered[0][0], 0)
     info = dict(info or {})
     info.update({
@@ -277,7 +286,7 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
         "sample_steps": steps,
         "dense_first": dense_first,
         "refresh_interval": refresh_interval,
-        "calls_per_step": calls / max(1, num_samples * num_steps),
+        "calls_per_step": calls / max(1, len(indices) * num_steps),
         "batch": observer.batch,
         "branches": sorted(observer.branches),
         "executor": ex.name,
@@ -286,10 +295,18 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
         "attention_seconds_per_generation": sum(attention[1:] or attention) / len(attention[1:] or attention),
         "observer_seconds": observer.seconds,
         "rows": "all" if grid.num_tokens <= max_rows else f"{query_blocks} query blocks per call",
-        "layer_sensitivity": sensitivity.values() if sensitivity is not None else None,
+        "layer_sensitivity": _merged_sensitivity(sensitivity, procs) if sensitivity is not None else None,
     })
+    if procs.distributed:
+        info["processes"] = procs.world
     return CalibrationStats(fingerprint, [n for n, _ in covered], [layer for _, layer in covered], observer.grid,
                             block_q, block_k, candidates, error, density, columns, info)
+
+
+def _merged_sensitivity(sensitivity: LayerSensitivity, procs: Processes) -> list[float] | None:
+    sums = procs.sum(np.asarray(sensitivity.sums, dtype=np.float64))
+    count = float(procs.sum(np.asarray([sensitivity.count], dtype=np.float64))[0])
+    return (sums / count).tolist() if count else None
 
 
 def _estimate(prb: Probe, prompts: int, steps: int, calib_steps: int, calls_per_step: float, layers: int,
@@ -330,6 +347,10 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     from dit_sparse.generate import DTYPES
 
     echo = echo or logger.info
+    procs = processes(device)  # several under accelerate launch / torchrun; otherwise just this one
+    device = procs.device(device)
+    if not procs.is_main:
+        echo, progress = (lambda message: None), False
     budget = Budget(max_error, target_speedup, target_density)
     try:
         budget.validate()
@@ -355,14 +376,15 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     try:
         return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
                        stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
-                       pipe, layer_weights)
+                       pipe, layer_weights, procs)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers, stats, out,
             device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe,
-            layer_weights) -> SearchResult:
+            layer_weights, procs: Processes) -> SearchResult:
+    """The search proper; with several processes each calibrates its share, and only the first writes files."""
     from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
 
     if stats is not None:
@@ -380,7 +402,8 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
                 raise SearchError(f"--{name} {value} differs from the statistics ({known}); calibrate again at "
                                   f"this setting or leave --{name} out")
         model = source
-        cost_model = _cost_for_stats(st, cost, device, dtype, cache_dir, progress)
+        cost_model = procs.broadcast(_cost_for_stats(st, cost, device, dtype, cache_dir, progress)
+                                     if procs.is_main else None)
         paths = output_paths(out, model)
         paths.pop("stats")
     else:
@@ -395,8 +418,10 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
         st, cost_model = _calibrate_pipeline(pipe, model, prompts, height=height, width=width, frames=frames,
                                              steps=steps, guidance=guidance, dense_first=dense_first,
                                              device=device, dtype=dtype, cost=cost, cache_dir=cache_dir,
-                                             calib_steps=calib_steps, seed=seed, progress=progress, echo=echo)
-        st.save(paths["stats"])
+                                             calib_steps=calib_steps, seed=seed, progress=progress, echo=echo,
+                                             procs=procs)
+        if procs.is_main:
+            st.save(paths["stats"])
         echo(f"statistics saved to {paths['stats']} (re-solve in seconds with --stats {paths['stats']})")
 
     wall = st.info.get("seconds_per_generation")
@@ -414,6 +439,9 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
     except ValueError as e:
         raise SearchError(str(e)) from None
 
+    if not procs.is_main:
+        procs.barrier()
+        return SearchResult(solution.plan, solution, st, {}, closest)
     solution.plan.save(paths["plan"])
     from .report import write_report
 
@@ -421,6 +449,7 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
                            budget=budget, closest=closest)
     if "png" not in written:
         paths.pop("png")
+    procs.barrier()
     return SearchResult(solution.plan, solution, st, paths, closest)
 
 
@@ -437,7 +466,7 @@ def _cost_for_stats(st: CalibrationStats, cost: str, device, dtype, cache_dir, p
 
 
 def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, steps, guidance, dense_first, device,
-                        dtype, cost, cache_dir, calib_steps, seed, progress, echo):
+                        dtype, cost, cache_dir, calib_steps, seed, progress, echo, procs: Processes):
     from dit_sparse.generate import DTYPES
 
     transformer = transformers_of(pipe)[0]
@@ -463,17 +492,11 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
     dev = torch.device(device)
     ex = get_executor(None, dev)
     block_q, block_k = ex.block_sizes(dev, fingerprint.head_dim)
-    candidates = default_candidates(prb.grid, block_q, block_k)
-    if dev.type == "cuda":
-        candidates += [with_fp8(c) for c in candidates if c.computes and not c.per_head and not c.dynamic]
     torch_dtype = DTYPES[dtype]
-    if cost == "measured":
-        cost_model = measure_cost(candidates, prb.grid, block_q, block_k, prb.batch, fingerprint.num_heads,
-                                  fingerprint.head_dim, dev, torch_dtype, ex.name, cache_dir, progress=progress)
-        candidates = _keep_faster_fp8(candidates, cost_model)
-    else:
-        candidates = [c for c in candidates if not c.fp8]
-        cost_model = flop_cost(candidates, prb.grid, block_q, block_k, fingerprint.num_heads, fingerprint.head_dim)
+    # The first process times the candidates; all calibrate the same list (fp8 kept only where it is faster).
+    candidates, cost_model = procs.broadcast(
+        _candidates_and_cost(prb, block_q, block_k, fingerprint, dev, torch_dtype, ex.name, cost, cache_dir,
+                             progress) if procs.is_main else None)
     layers = len(adapter.covered_modules(transformer))
     seconds, memory = _estimate(prb, len(prompts), steps, calib_steps, prb.calls_per_step, layers,
                                 cost_model.dense_layer if cost_model.kind == "measured" else None, len(candidates),
@@ -489,13 +512,29 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
     start = time.perf_counter()
     st = calibrate(pipe, run, len(prompts), num_steps=steps, grid=prb.grid, candidates=candidates,
                    dense_first=dense_first, calib_steps=calib_steps, device=dev, progress=progress, seed=seed,
-                   info=info)
+                   info=info, procs=procs)
     st.info["calibration_seconds"] = time.perf_counter() - start
     if cost_model.kind == "measured" and st.info.get("batch") != prb.batch:
-        cost_model = measure_cost(candidates, prb.grid, block_q, block_k, st.info["batch"], fingerprint.num_heads,
-                                  fingerprint.head_dim, dev, torch_dtype, ex.name, cache_dir, progress=progress)
+        cost_model = procs.broadcast(
+            measure_cost(candidates, prb.grid, block_q, block_k, st.info["batch"], fingerprint.num_heads,
+                         fingerprint.head_dim, dev, torch_dtype, ex.name, cache_dir, progress=progress)
+            if procs.is_main else None)
     st.cost = cost_model.to_json()
     return st, cost_model
+
+
+def _candidates_and_cost(prb: Probe, block_q: int, block_k: int, fingerprint: ModelFingerprint, dev: torch.device,
+                         torch_dtype: torch.dtype, executor: str, cost: str, cache_dir, progress: bool
+                         ) -> tuple[list[Candidate], CostModel]:
+    candidates = default_candidates(prb.grid, block_q, block_k)
+    if dev.type == "cuda":
+        candidates += [with_fp8(c) for c in candidates if c.computes and not c.per_head and not c.dynamic]
+    if cost == "measured":
+        cost_model = measure_cost(candidates, prb.grid, block_q, block_k, prb.batch, fingerprint.num_heads,
+                                  fingerprint.head_dim, dev, torch_dtype, executor, cache_dir, progress=progress)
+        return _keep_faster_fp8(candidates, cost_model), cost_model
+    candidates = [c for c in candidates if not c.fp8]
+    return candidates, flop_cost(candidates, prb.grid, block_q, block_k, fingerprint.num_heads, fingerprint.head_dim)
 
 
 def _keep_faster_fp8(candidates: list[Candidate], cost_model: CostModel) -> list[Candidate]:

@@ -86,7 +86,7 @@ class CalibrationObserver:
     def __init__(self, modules: list[str], num_heads: int, candidates: list[Candidate], block_q: int, block_k: int,
                  steps: list[int], first_sparse_step: int, refresh_interval: int = 5, *, max_rows: int = 4096,
                  query_blocks: int = 8, stale_layouts: bool = True, seed: int = 0,
-                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_evaluate=None):
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_evaluate=None, reduce=None, share_first=None):
         self.modules = {name: i for i, name in enumerate(modules)}
         self.num_heads = num_heads
         self.candidates = candidates
@@ -99,6 +99,11 @@ class CalibrationObserver:
         self.seed = seed
         self.chunk_elements = chunk_elements
         self.on_evaluate = on_evaluate
+        # Multi-process search (None: one process): `reduce` sums an array over the processes; `share_first`
+        # gives every process the first one's array. Stripes are chosen from the first process's attention mass
+        # (its first prompt, as in one process), so every process evaluates the same columns.
+        self.reduce = reduce
+        self.share_first = share_first
         self.grid: Grid | None = None
         self.calls = 0
         self.calls_per_module: dict[str, int] = {}
@@ -118,18 +123,27 @@ class CalibrationObserver:
 
     # -- what is accumulated -----------------------------------------------------------------------------------
     def results(self) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, int, int], list[int]]]:
-        """(error (M, H, C), density (M, H, C), per-head columns {(m, h, c): columns}), means over calls."""
-        m, h, c = len(self.modules), self.num_heads, len(self.candidates)
-        err, dens = np.full((m, h, c), np.nan), np.full((m, h, c), np.nan)
+        """(error (M, H, C), density (M, H, C), per-head columns {(m, h, c): columns}), means over calls (over the
+        calls of every process when `reduce` is set; every process must call this)."""
+        err_sum, dens_sum, count = self._sums()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            err = np.where(count[:, None, None] > 0, err_sum / count[:, None, None], np.nan)
+            dens = np.where(count[:, None, None] > 0, dens_sum / count[:, None, None], np.nan)
         columns = {}
         for mi, st in self._state.items():
-            if st.evaluated:
-                err[mi] = st.err / st.evaluated
-                dens[mi] = st.density / st.evaluated
             for ci, per_head in (st.columns or {}).items():
                 for hi, cols in enumerate(per_head):
                     columns[(mi, hi, ci)] = cols
         return err, dens, columns
+
+    def _sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        m, h, c = len(self.modules), self.num_heads, len(self.candidates)
+        err, dens, count = np.zeros((m, h, c)), np.zeros((m, h, c)), np.zeros(m)
+        for mi, st in self._state.items():
+            err[mi], dens[mi], count[mi] = st.err, st.density, st.evaluated
+        if self.reduce is not None:
+            err, dens, count = self.reduce(err), self.reduce(dens), self.reduce(count)
+        return err, dens, count
 
     def missing_modules(self) -> list[str]:
         return [name for name, i in self.modules.items() if i not in self._state or not self._state[i].evaluated]
@@ -272,6 +286,8 @@ class CalibrationObserver:
         if state.columns is not None:
             return
         state.columns = {}
+        if self.share_first is not None:
+            state.block_mass, state.token_mass = self.share_first(state.block_mass), self.share_first(state.token_mass)
         for ci, cand in enumerate(self.candidates):
             if not cand.per_head:
                 continue

@@ -82,6 +82,8 @@ def run_search(args) -> int:
     except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not result.paths:  # another process of a multi-process search: the first one reports
+        return 0
     m = result.solution.metrics
     e2e = m["end_to_end_speedup"]
     print(f"{result.solution.binding}")
