@@ -62,15 +62,68 @@ def render_speed(path: Path, result: dict) -> list[str]:
     return lines
 
 
+def render_search_compare(path: Path, result: dict) -> list[str]:
+    from dit_sparse.search.compare_uniform import markdown
+
+    saved = sorted(path.parent.glob("*.stats.json"))
+    stats = f"; statistics: `{saved[0].relative_to(ROOT)}`" if saved else ""
+    return [f"**Searched vs uniform plans at equal density: {result['model']}** (`python -m "
+            f"dit_sparse.search.compare_uniform --stats {result['stats']} ...`; {result['date'][:10]}; file "
+            f"`{path.relative_to(ROOT)}`{stats})", "", markdown(result)]
+
+
 RENDERERS = {
     "cpu executor vs dense SDPA (fp32, one sequence)": render_cpu_executor,
     "bench e2e": render_e2e,
     "bench speed (random weights; fidelity not measured)": render_speed,
+    "search vs uniform at equal density": render_search_compare,
 }
+
+
+ZOO_RESULTS = ROOT / "dit_sparse" / "zoo" / "results"
+
+
+def render_zoo_eval(path: Path, result: dict) -> list[str]:
+    held, checker = result["heldout"], result["checker_ground_truth"]
+    attrs = ", ".join(f"{k} {v:.0%}" for k, v in held["per_attribute"].items())
+    seen = result.get("seen_combinations")
+    return [
+        f"**tiny-shapes caption accuracy** (`python -m dit_sparse.zoo.evaluate --seen-prompts 10`; {result['steps']} "
+        f"steps, guidance {result['guidance_scale']}, {result['size']}; file `{path.relative_to(ROOT)}`): "
+        f"held-out prompts **{held['caption_accuracy']:.0%}** of {held['n']} (per attribute: {attrs}; "
+        f"{held['seconds_per_clip']} s per clip)"
+        + (f"; seen attribute combinations, new seeds: {seen['caption_accuracy']:.0%} of {seen['n']}" if seen else "")
+        + f"; the checker on {checker['n']} ground-truth clips: {checker['accuracy']:.0%}.",
+    ]
+
+
+def render_zoo_attention(path: Path, result: dict) -> list[str]:
+    w = result["window"]
+    lines = [
+        f"**tiny-shapes attention structure** (`python -m dit_sparse.zoo.attention_report`; share of self-attention "
+        f"heads with >= {result['threshold']:.0%} of their mass inside +/-{w['frames']} frame, +/-{w['rows']} x "
+        f"+/-{w['cols']} tokens, a window holding {result['window_fraction_of_keys']:.1%} of the keys; "
+        f"{len(result['prompts'])} held-out prompts, every step and CFG branch; file `{path.relative_to(ROOT)}`; "
+        "maps: `docs/attention_maps.png`)",
+        "",
+        "| layer | share of local heads | share of local head-calls | mean local mass per head |",
+        "|---|---|---|---|",
+    ]
+    for layer, r in result["layers"].items():
+        masses = ", ".join(f"{h['local']:.2f}" for h in r["heads"])
+        lines.append(f"| {layer} | {r['share_local_heads']:.0%} | {r['share_local_head_calls']:.0%} | {masses} |")
+    return lines
+
+
+ZOO_RENDERERS = {"eval.json": render_zoo_eval, "attention.json": render_zoo_attention}
 
 
 def render() -> str:
     sections = []
+    for name, renderer in ZOO_RENDERERS.items():
+        path = ZOO_RESULTS / name
+        if path.is_file():
+            sections.append("\n".join(renderer(path, json.loads(path.read_text()))))
     for path in sorted(RESULTS.rglob("*.json")):
         result = json.loads(path.read_text())
         if isinstance(result, list) and result and isinstance(result[0], dict):  # one record per plan

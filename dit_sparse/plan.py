@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -242,14 +241,9 @@ class SparsePlan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan atomically (a crash never leaves a half-written file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        from .atomic import write_json
+
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SparsePlan":

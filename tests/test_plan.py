@@ -1,6 +1,8 @@
 """Plan JSON: round trip, builders, and errors that name the JSON path of the problem."""
 
-import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -100,13 +102,27 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     path = plan.save(tmp_path / "p.json")
     before = path.read_text()
 
-    def boom(*args, **kwargs):
+    real_write = Path.write_text
+
+    def half_then_boom(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", boom)
+    monkeypatch.setattr(Path, "write_text", half_then_boom)
     with pytest.raises(OSError):
         plan.with_schedule(dense_first=0.5).save(path)
+    monkeypatch.undo()
     assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # no temporary file left behind
+
+
+def test_saved_plan_has_ordinary_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = SparsePlan.from_json(plan_json()).save(tmp_path / "p.json")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # shareable, not mkstemp's private 0600
 
 
 def test_builders():
