@@ -72,12 +72,26 @@ def render_search_compare(path: Path, result: dict) -> list[str]:
             f"`{path.relative_to(ROOT)}`{stats})", "", markdown(result)]
 
 
+def render_distill(path: Path, result: dict) -> list[str]:
+    from dit_sparse.distill.evaluate_student import markdown
+
+    d = result["distill"]
+    return [f"**Distilled {result['student_steps']}-step sparse student vs the dense teacher: {result['teacher']}** "
+            f"(`python -m dit_sparse.distill.evaluate_student --student {result['student']} --num-prompts "
+            f"{result['num_prompts']}`; student: {d.get('distill_steps')} TDM steps from the teacher with its "
+            f"default plan (`dit-sparse distill --teacher {d.get('teacher')} --plan default ...`, exact command in "
+            f"`{(path.parent / 'command.txt').relative_to(ROOT)}`); {result['hardware']['cpus']}-core {result['hardware']['machine']} CPU; "
+            f"file `{path.relative_to(ROOT)}`)", "", markdown(result)]
+
+
 RENDERERS = {
     "cpu executor vs dense SDPA (fp32, one sequence)": render_cpu_executor,
     "bench e2e": render_e2e,
     "bench speed (random weights; fidelity not measured)": render_speed,
     "search vs uniform at equal density": render_search_compare,
+    "distilled student vs teacher": render_distill,
 }
+FILE_RENDERERS = {"eval_student.json": render_distill}  # files written before they carried a "benchmark" key
 
 
 ZOO_RESULTS = ROOT / "dit_sparse" / "zoo" / "results"
@@ -130,7 +144,8 @@ def render() -> str:
             from dit_sparse.bench_e2e import grouped
 
             result = grouped(result)
-        renderer = RENDERERS.get(result.get("benchmark")) if isinstance(result, dict) else None
+        renderer = (RENDERERS.get(result.get("benchmark")) or FILE_RENDERERS.get(path.name)) \
+            if isinstance(result, dict) else None
         if renderer is not None:
             sections.append("\n".join(renderer(path, result)))
     return "\n\n".join(sections) if sections else "No result files yet."

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .api import apply, remove, transformers_of
-from .generate import DTYPES, GenerateError, load_model, resolve_plan, timed_generation
+from .generate import DTYPES, GenerateError, load_model, resolve_plan, timed_generation, warm_up
 from .metrics import psnr, ssim
 from .plan import SparsePlan
 from .strategies import STRATEGIES
@@ -94,6 +94,7 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
     jobs = [(p, s) for p in prompts for s in seeds]
     from tqdm.auto import tqdm
 
+    warm_up(pipe, {**kwargs, "prompt": jobs[0][0]})
     for prompt, seed in tqdm(jobs, desc="bench e2e", disable=not progress):
         call = {**kwargs, "prompt": prompt}
         dense_frames = None
