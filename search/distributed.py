@@ -89,6 +89,9 @@ def processes(device: str = "cpu") -> Processes:
     if not dist.is_initialized():
         cuda = device.startswith("cuda")
         if cuda:
+            if local_rank >= torch.cuda.device_count():
+                raise SearchError(f"process {rank} wants GPU {local_rank}, but this machine has "
+                                  f"{torch.cuda.device_count()}; launch at most that many processes per machine")
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
     return Processes(rank, world, local_rank)
