@@ -115,12 +115,13 @@ def _validate(cfg: GenerateConfig) -> None:
 
 
 def warm_up(pipe, kwargs) -> None:
-    """One untimed single-step generation, so that one-time costs (allocator, kernel selection, lazy imports) are
-    not charged to whichever timed run comes first."""
+    """One untimed short generation, so that one-time costs (allocator, kernel selection, lazy imports) are not
+    charged to whichever timed run comes first. Two steps, not one: a scheduler stretched to a terminal sigma
+    (e.g. a distilled student's) cannot make a one-step grid."""
     progress = getattr(pipe, "_progress_bar_config", None)
     pipe.set_progress_bar_config(disable=True)
     try:
-        pipe(generator=torch.Generator(device="cpu").manual_seed(0), **{**kwargs, "num_inference_steps": 1})
+        pipe(generator=torch.Generator(device="cpu").manual_seed(0), **{**kwargs, "num_inference_steps": min(2, kwargs.get("num_inference_steps") or 2)})
     except ValueError as e:
         raise GenerateError(f"the pipeline refused these settings: {e}") from None
     finally:

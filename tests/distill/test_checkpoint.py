@@ -7,7 +7,7 @@ import torch
 
 from dit_sparse.distill.trainer import list_checkpoints
 
-from conftest import make_distiller
+from distill_helpers import make_distiller
 
 
 def _run(d):

@@ -8,7 +8,7 @@ from dit_sparse.distill.cli import add_distill_parser, build_config, main
 from dit_sparse.distill.config import ConfigError, DistillConfig
 from dit_sparse.distill.trainer import list_checkpoints
 
-from conftest import SPARSE
+from distill_helpers import SPARSE
 
 
 def _parse(argv):

@@ -9,7 +9,7 @@ from dit_sparse.distill.sigmas import sigma_grid
 from dit_sparse.plan import SparsePlan
 from dit_sparse.zoo import TinyShapesPipeline
 
-from conftest import make_distiller
+from distill_helpers import make_distiller
 
 
 def _generate(pipe, steps, emb, seed=0):

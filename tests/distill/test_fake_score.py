@@ -1,6 +1,6 @@
 import torch
 
-from conftest import make_distiller
+from distill_helpers import make_distiller
 
 
 def test_fake_score_loss_on_a_frozen_student_falls(teacher_dir, tmp_path):

@@ -5,7 +5,7 @@ import torch
 from dit_sparse.distill import losses as L
 from dit_sparse.distill import trainer as T
 
-from conftest import make_distiller
+from distill_helpers import make_distiller
 
 
 def _assert_proportional(grad: torch.Tensor, direction: torch.Tensor):

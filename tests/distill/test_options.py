@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_distiller
+from distill_helpers import make_distiller
 
 
 def _params(module):

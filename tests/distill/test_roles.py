@@ -5,7 +5,7 @@ import torch
 
 from dit_sparse.processor import SparseProcessor
 
-from conftest import make_distiller
+from distill_helpers import make_distiller
 
 
 def _count_forwards(module):

@@ -1,8 +1,8 @@
 """Kernel tests run the Triton kernels in the CPU interpreter when there is no GPU.
 
-TRITON_INTERPRET must be set before Triton decorates a kernel; dit_sparse.kernels decorates lazily at the
-first launch, and this file is imported before any test module here, so setting it now is early enough.
-With a GPU the same tests run compiled on CUDA.
+TRITON_INTERPRET must be set before Triton is imported; tests/conftest.py sets it for the whole suite (other
+folders' tests import Triton indirectly, e.g. through peft), and this file sets it again when only this folder
+runs. With a GPU the same tests run compiled on CUDA.
 """
 
 import os
