@@ -43,6 +43,7 @@ def render_e2e(path: Path, result: dict) -> list[str]:
     from dit_sparse.bench_e2e import markdown_table
 
     return [f"**End to end: {result['model']}** (`{result.get('command') or 'dit-sparse bench e2e'}`; "
+            f"{result['date'][:10]}; 1-minute load average {result['hardware'].get('load_average_1min', 'n/a')}; "
             f"file `{path.relative_to(ROOT)}`)", "", markdown_table(result)]
 
 
