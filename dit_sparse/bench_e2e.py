@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .api import apply, remove, transformers_of
+from .atomic import write_json
 from .generate import DTYPES, GenerateError, load_model, resolve_plan, timed_generation, warm_up
 from .metrics import psnr, ssim
 from .plan import SparsePlan
@@ -206,10 +207,7 @@ def grouped(records: list[dict[str, Any]]) -> dict[str, Any]:
 def write_results(result: dict[str, Any], out: Path) -> None:
     """results.json (a list with one record per plan, each with the run's metadata), results.md and
     speedup_vs_psnr.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(records_of(result), indent=1) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", records_of(result))
     (out / "results.md").write_text(markdown_table(result) + "\n")
     plot(result, out / "speedup_vs_psnr.png")
 

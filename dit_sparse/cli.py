@@ -74,18 +74,6 @@ def _add_bench(sub):
     sp.set_defaults(func=_bench_speed)
 
 
-def _write_json(result: dict, out: str, name: str) -> None:
-    import json
-    import os
-    from pathlib import Path
-
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{name}.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path / name)
-
-
 def _bench_e2e(args) -> int:
     from pathlib import Path
 
@@ -105,6 +93,9 @@ def _bench_e2e(args) -> int:
 
 
 def _bench_speed(args) -> int:
+    from pathlib import Path
+
+    from .atomic import write_json
     from .bench_speed import ARCHITECTURES, run_speed
     from .generate import DTYPES, GenerateError
 
@@ -112,7 +103,7 @@ def _bench_speed(args) -> int:
         raise GenerateError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {args.arch!r}")
     result = run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
                        args.device, DTYPES[args.dtype])
-    _write_json(result, args.out, "results.json")
+    write_json(Path(args.out) / "results.json", result)
     for row in result["results"]:
         print(f"{row['plan']:<40} {row['seconds']:.3f}s  speedup {row['speedup']:.2f}x  "
               f"density {row['executed_density']:.1%}")

@@ -121,7 +121,8 @@ def warm_up(pipe, kwargs) -> None:
     progress = getattr(pipe, "_progress_bar_config", None)
     pipe.set_progress_bar_config(disable=True)
     try:
-        pipe(generator=torch.Generator(device="cpu").manual_seed(0), **{**kwargs, "num_inference_steps": min(2, kwargs.get("num_inference_steps") or 2)})
+        steps = min(2, kwargs.get("num_inference_steps") or 2)
+        pipe(generator=torch.Generator(device="cpu").manual_seed(0), **{**kwargs, "num_inference_steps": steps})
     except ValueError as e:
         raise GenerateError(f"the pipeline refused these settings: {e}") from None
     finally:

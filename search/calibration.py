@@ -145,9 +145,6 @@ class CalibrationObserver:
             err, dens, count = self.reduce(err), self.reduce(dens), self.reduce(count)
         return err, dens, count
 
-    def missing_modules(self) -> list[str]:
-        return [name for name, i in self.modules.items() if i not in self._state or not self._state[i].evaluated]
-
     # -- the observer ------------------------------------------------------------------------------------------
     def __call__(self, site, q, k, v, text: TextTokens | None):
         if self.paused or site.module_name not in self.modules:

@@ -47,9 +47,7 @@ class Processes:
             return array
         import torch.distributed as dist
 
-        tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(tensor)
-        return tensor.cpu().numpy().reshape(np.shape(array))
+        return _collective(array, dist.all_reduce)
 
     def from_first(self, array: np.ndarray) -> np.ndarray:
         """The first process's `array` (same shape on every process)."""
@@ -57,9 +55,7 @@ class Processes:
             return array
         import torch.distributed as dist
 
-        tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float64, device=_collective_device())
-        dist.broadcast(tensor, src=0)
-        return tensor.cpu().numpy().reshape(np.shape(array))
+        return _collective(array, lambda tensor: dist.broadcast(tensor, src=0))
 
     def broadcast(self, obj):
         """rank 0's `obj` on every process."""
@@ -97,7 +93,11 @@ def processes(device: str = "cpu") -> Processes:
     return Processes(rank, world, local_rank)
 
 
-def _collective_device() -> torch.device:
+def _collective(array: np.ndarray, op) -> np.ndarray:
+    """`op` applied in place to `array` as a float64 tensor on the backend's device (nccl needs CUDA tensors)."""
     import torch.distributed as dist
 
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float64, device=device)
+    op(tensor)
+    return tensor.cpu().numpy().reshape(np.shape(array))
