@@ -73,16 +73,28 @@ def render_search_compare(path: Path, result: dict) -> list[str]:
             f"`{path.relative_to(ROOT)}`{stats})", "", markdown(result)]
 
 
+def stale_weights(recorded: str | None, what: str) -> str:
+    """A warning when a tiny-shapes result was measured on other weights than the shipped ones."""
+    from dit_sparse.zoo.pipeline import weights_id
+
+    shipped = weights_id()
+    if recorded is None or recorded == shipped:
+        return ""
+    return (f"\n\n*Measured with earlier tiny-shapes weights ({what} {recorded}; shipped now: {shipped}); "
+            "re-run the command above to refresh.*")
+
+
 def render_distill(path: Path, result: dict) -> list[str]:
     from dit_sparse.distill.evaluate_student import markdown
 
     d = result["distill"]
+    stale = stale_weights(result.get("teacher_weights"), "teacher weights id")
     return [f"**Distilled {result['student_steps']}-step sparse student vs the dense teacher: {result['teacher']}** "
             f"(`python -m dit_sparse.distill.evaluate_student --student {result['student']} --num-prompts "
             f"{result['num_prompts']}`; student: {d.get('distill_steps')} TDM steps from the teacher with its "
             f"default plan (`dit-sparse distill --teacher {d.get('teacher')} --plan default ...`, exact command in "
             f"`{(path.parent / 'command.txt').relative_to(ROOT)}`); {result['hardware']['cpus']}-core {result['hardware']['machine']} CPU; "
-            f"file `{path.relative_to(ROOT)}`)", "", markdown(result)]
+            f"file `{path.relative_to(ROOT)}`)", "", markdown(result) + stale]
 
 
 RENDERERS = {
@@ -92,7 +104,6 @@ RENDERERS = {
     "search vs uniform at equal density": render_search_compare,
     "distilled student vs teacher": render_distill,
 }
-FILE_RENDERERS = {"eval_student.json": render_distill}  # files written before they carried a "benchmark" key
 
 
 ZOO_RESULTS = ROOT / "dit_sparse" / "zoo" / "results"
@@ -108,7 +119,8 @@ def render_zoo_eval(path: Path, result: dict) -> list[str]:
         f"held-out prompts **{held['caption_accuracy']:.0%}** of {held['n']} (per attribute: {attrs}; "
         f"{held['seconds_per_clip']} s per clip)"
         + (f"; seen attribute combinations, new seeds: {seen['caption_accuracy']:.0%} of {seen['n']}" if seen else "")
-        + f"; the checker on {checker['n']} ground-truth clips: {checker['accuracy']:.0%}.",
+        + f"; the checker on {checker['n']} ground-truth clips: {checker['accuracy']:.0%}."
+        + stale_weights(result.get("weights_id"), "weights id"),
     ]
 
 
@@ -127,6 +139,7 @@ def render_zoo_attention(path: Path, result: dict) -> list[str]:
     for layer, r in result["layers"].items():
         masses = ", ".join(f"{h['local']:.2f}" for h in r["heads"])
         lines.append(f"| {layer} | {r['share_local_heads']:.0%} | {r['share_local_head_calls']:.0%} | {masses} |")
+    lines[-1] += stale_weights(result.get("weights_id"), "weights id")
     return lines
 
 
@@ -145,8 +158,7 @@ def render() -> str:
             from dit_sparse.bench_e2e import grouped
 
             result = grouped(result)
-        renderer = (RENDERERS.get(result.get("benchmark")) or FILE_RENDERERS.get(path.name)) \
-            if isinstance(result, dict) else None
+        renderer = RENDERERS.get(result.get("benchmark")) if isinstance(result, dict) else None
         if renderer is not None:
             sections.append("\n".join(renderer(path, result)))
     return "\n\n".join(sections) if sections else "No result files yet."

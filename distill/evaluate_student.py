@@ -50,7 +50,8 @@ def evaluate(student: str, teacher: str = "tiny-shapes", num_prompts: int = 50, 
     info = json.loads((Path(student) / EXPORT_INFO).read_text())
     k = info["student_steps"]
     pairs = heldout_eval_set(seed)[:num_prompts]
-    result = {"benchmark": "distilled student vs teacher", "student": str(student), "teacher": teacher, "student_steps": k, "num_prompts": len(pairs),
+    result = {"benchmark": "distilled student vs teacher", "student": str(student), "teacher": teacher,
+              "teacher_weights": weights_id() if teacher == "tiny-shapes" else None, "student_steps": k, "num_prompts": len(pairs),
               "seed": seed, "teacher_guidance": guidance, "distill": info, "rows": {},
               "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
                            "torch_threads": torch.get_num_threads()},

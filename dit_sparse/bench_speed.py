@@ -112,6 +112,7 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
               width: int | None = None, layers: int | None = None, repeats: int = 3, device: str = "cpu",
               dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     from .bench_e2e import parse_plan_spec
+    from .generate import GenerateError
 
     arch = ARCHITECTURES[arch_name]
     f, h, w = frames or arch.default_size[0], height or arch.default_size[1], width or arch.default_size[2]
@@ -124,7 +125,9 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
     for spec in plan_specs:
         run = parse_plan_spec(spec, None, model)
         if any(h.strategy in ("block_adaptive", "pyramid") for heads in run.plan.modules.values() for h in heads):
-            raise ValueError(f"{spec}: dynamic strategies have weight-dependent density; speed-only mode refuses them")
+            raise GenerateError(f"{spec}: dynamic strategies (block_adaptive, pyramid) have a weight-dependent "
+                                "density, so random weights would time the wrong work; speed-only mode refuses them "
+                                "(time them with `dit-sparse bench e2e` on a trained model)")
         processor = apply(model, run.plan)
         try:
             seconds, attention = _time_forward(model, inputs, repeats, device)

@@ -32,3 +32,21 @@ def test_results_section_is_rendered_from_the_result_files():
     check = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render_results.py"), "--check"],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
+    """After a retraining, a result left over from the earlier weights says so instead of passing as current."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
+    render_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_results)
+    import dit_sparse.zoo.pipeline as zoo_pipeline
+
+    current = zoo_pipeline.weights_id()
+    assert "earlier tiny-shapes weights" not in render_results.stale_weights(current, "weights id")
+    assert render_results.stale_weights(None, "weights id") == ""  # results that do not depend on the weights
+    monkeypatch.setattr(zoo_pipeline, "weights_id", lambda path=None: "0123456789ab")
+    warning = render_results.stale_weights(current, "weights id")
+    assert f"weights id {current}; shipped now: 0123456789ab" in warning
+    assert "earlier tiny-shapes weights" in render_results.render()

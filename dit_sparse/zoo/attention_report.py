@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, load_tiny_shapes
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, load_tiny_shapes, weights_id
 from .shapes_data import heldout_prompts
 
 WINDOW = (1, 3, 3)  # +/- frames, rows, cols (tokens)
@@ -211,7 +211,7 @@ def main(argv=None):
     pipe = load_tiny_shapes(path=a.model)
     pipe.set_progress_bar_config(disable=True)
     prompts = heldout_prompts()[:: max(1, 50 // a.prompts)][: a.prompts]
-    res = report(pipe, prompts, a.steps, a.guidance, png=a.png)
+    res = {"weights_id": weights_id(a.model), **report(pipe, prompts, a.steps, a.guidance, png=a.png)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     for k, v in res["layers"].items():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checker import check_clip, checker_accuracy
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, load_tiny_shapes
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, load_tiny_shapes, weights_id
 from .shapes_data import TRAIN_COMBOS, heldout_eval_set
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "eval.json"
@@ -69,7 +69,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    result = {"model": a.model, "steps": a.steps, "guidance_scale": a.guidance, "seed": a.seed,
+    result = {"model": a.model, "weights_id": weights_id(a.model), "steps": a.steps, "guidance_scale": a.guidance, "seed": a.seed,
               "size": "8 frames x 32x32", "heldout": "50 attribute combinations never seen in training"}
     t0 = time.time()
     ck = checker_accuracy(a.checker_clips)

@@ -211,6 +211,20 @@ def load_tiny_shapes(device: str | torch.device = "cpu", dtype: torch.dtype = to
     return pipe.to(device)
 
 
+def weights_id(path: str | Path | None = None) -> str:
+    """Short content hash of a saved tiny-shapes pipeline's weights (transformer + text encoder).
+
+    Results measured on the model record it, so a result taken on earlier weights can be recognised as stale.
+    """
+    import hashlib
+
+    path = Path(path) if path is not None else WEIGHTS_DIR
+    h = hashlib.sha256()
+    for part in sorted(path.glob("*/*.safetensors")):
+        h.update(part.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def frames_to_uint8(frames) -> np.ndarray:
     """(T, H, W, 3) float in [0, 1] (one video of an "np" output) -> uint8."""
     return (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)

@@ -45,7 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes drawing batches ahead (GPU training; the batches are the same as with 0)")
-    p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast dtype for the forward")
+    p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                   help="autocast dtype for the forward; auto = bf16 on CUDA, fp32 on CPU (a CPU without native "
+                        "bf16, e.g. AVX2 only, runs a bf16 training step about 8x slower than fp32)")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (and export) after this step while keeping the --steps learning-rate schedule")
@@ -54,6 +56,9 @@ def parse_args(argv=None):
                         "logit-normal (trains the very low and very high noise levels more)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (and export) after this wall time")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--init-from", default=None,
+                   help="start from the weights of a saved tiny-shapes pipeline (fresh optimizer, step 0); "
+                        "recorded in the phases of training.json")
     p.add_argument("--export", default=str(WEIGHTS_DIR), help="where to save_pretrained the EMA pipeline")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--export-only", action="store_true",
@@ -62,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--config", default=None,
                    help="JSON object overriding TinyShapesConfig fields (for tests / experiments)")
+    p.set_defaults(flow_shift=1.0)  # not an option: main() takes it from the model config (scheduler shift)
     return p.parse_args(argv)
 
 
@@ -70,6 +76,15 @@ def lr_at(step: int, a) -> float:
         return a.lr * (step + 1) / a.warmup
     t = (step - a.warmup) / max(1, a.steps - a.warmup)
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The scheduler's time shift (FlowMatchEulerDiscreteScheduler ``shift``) applied to training noise levels.
+
+    Flat-coloured clips keep their layout visible under a lot of noise, so position, shape and motion are decided
+    at sigma > 0.8; shifting the training levels like the sampling levels puts the training there too.
+    """
+    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def make_batch(step: int, a, tokenizer, text_encoder):
@@ -83,7 +98,7 @@ def make_batch(step: int, a, tokenizer, text_encoder):
     if a.mixed_from is not None and step >= a.mixed_from:
         uniform = torch.rand(len(caps), generator=g).clamp(1e-3, 1 - 1e-3)
         sigma = torch.where(torch.rand(len(caps), generator=g) < 0.5, uniform, sigma)
-    return caps, x0, noise, sigma
+    return caps, x0, noise, shift_sigma(sigma, a.flow_shift)
 
 
 class BatchSource:
@@ -129,6 +144,18 @@ def export(pipe_modules, ema_state, out_dir: Path, info: dict):
     return pipe
 
 
+def init_from(pipe, path: Path, cfg: TinyShapesConfig):
+    """Load the transformer and text encoder weights of a saved pipeline whose sizes match ``cfg``."""
+    from .pipeline import load_tiny_shapes
+
+    src = load_tiny_shapes(path=path)
+    for name in ("transformer", "text_encoder"):
+        try:
+            getattr(pipe, name).load_state_dict(getattr(src, name).state_dict())
+        except RuntimeError as e:
+            raise SystemExit(f"--init-from {path}: its {name} does not match --config {cfg.to_dict()}: {e}") from e
+
+
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -142,13 +169,16 @@ def main(argv=None):
                 "steps_done": st["step"], "wall_seconds": round(st["elapsed"], 1), "final_loss_avg": st["loss_avg"],
                 "command": "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(
                     f"--{k.replace('_', '-')} {v}" for k, v in st["args"].items()
-                    if v not in (None, False) and k not in ("out", "export", "resume")),
+                    if v not in (None, False) and k not in ("out", "export", "resume", "flow_shift")),
                 "phases": st.get("phases"), "torch": torch.__version__}
         export(None, st["ema"], Path(a.export), info)
         print(f"exported EMA weights of step {st['step']} to {a.export}", flush=True)
         return info
+    a.flow_shift = cfg.flow_shift
     torch.manual_seed(a.seed)
     pipe = build_pipeline(cfg, seed=a.seed)
+    if a.init_from:
+        init_from(pipe, Path(a.init_from), cfg)
     device = torch.device(a.device)
     tok, te, tr = pipe.tokenizer, pipe.text_encoder.to(device), pipe.transformer.to(device)
     te.train()
@@ -183,7 +213,7 @@ def main(argv=None):
 
     t_start = time.time()
     last_ckpt = time.time()
-    amp = a.amp == "bf16"
+    amp = a.amp == "bf16" or (a.amp == "auto" and device.type == "cuda")
     stop = {"signal": None}
 
     def on_signal(signum, frame):  # finish the current step, checkpoint, and exit without exporting

@@ -18,7 +18,8 @@ MODE_OFFSETS = (-1.5, 0.0, 1.5)  # modes of a prompt: base + a * u along one uni
 NOISE = 0.02
 
 TINY_TEACHER = TinyShapesConfig(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, freq_dim=32,
-                                text_dim=16, text_layers=1, text_heads=2, text_ff=32)
+                                text_dim=16, text_layers=1, text_heads=2, text_ff=32,
+                                flow_shift=1.0)  # the toy is trained on unshifted noise levels
 
 
 def tiny_teacher_pipeline(seed: int = 0, config: TinyShapesConfig = TINY_TEACHER):

@@ -2,6 +2,7 @@ import json
 from dataclasses import asdict
 
 import numpy as np
+import pytest
 import torch
 
 from dit_sparse.zoo import TinyShapesPipeline
@@ -61,3 +62,33 @@ def test_worker_processes_draw_the_same_batches(tmp_path):
     a, b = _ckpt(plain), _ckpt(pooled)
     for k, v in a["transformer"].items():
         assert torch.equal(v, b["transformer"][k]), k
+
+
+def test_training_noise_levels_follow_the_model_time_shift():
+    """The sampler spends its steps at shift * s / (1 + (shift - 1) s); training draws its noise levels the same way."""
+    s = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert torch.equal(tts.shift_sigma(s, 1.0), s)
+    assert torch.allclose(tts.shift_sigma(s, 3.0), torch.tensor([0.0, 0.5, 0.75, 0.9, 1.0]))
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # its training grid of sigmas
+    assert torch.allclose(sched.sigmas, tts.shift_sigma(torch.arange(1000, 0, -1) / 1000, 3.0), atol=1e-6)
+    a = tts.parse_args(["--out", "x", "--batch-size", "64"])
+    a.flow_shift = 1.0
+    plain = tts.make_batch(0, a, None, None)[3]
+    a.flow_shift = 3.0
+    shifted = tts.make_batch(0, a, None, None)[3]
+    assert torch.allclose(shifted, tts.shift_sigma(plain, 3.0)) and shifted.median() > plain.median() + 0.15
+
+
+def test_init_from_a_saved_pipeline_starts_from_its_weights(tmp_path):
+    first, second, export = tmp_path / "a", tmp_path / "b", tmp_path / "export"
+    tts.main(["--out", str(first), "--steps", "2", "--export", str(export), *BASE])
+    tts.main(["--out", str(second), "--steps", "1", "--no-export", "--init-from", str(export), "--lr", "0", *BASE])
+    saved = TinyShapesPipeline.from_pretrained(export, local_files_only=True).transformer.state_dict()
+    for k, v in _ckpt(second)["transformer"].items():  # lr 0: the weights are still the initial ones
+        assert torch.equal(v, saved[k]), k
+    other = json.dumps({**json.loads(TINY), "ffn_dim": 48})
+    args = [a if a != TINY else other for a in BASE]
+    with pytest.raises(SystemExit, match="does not match"):
+        tts.main(["--out", str(tmp_path / "c"), "--steps", "1", "--no-export", "--init-from", str(export), *args])

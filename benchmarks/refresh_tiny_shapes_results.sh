@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Re-derive everything that depends on the shipped tiny-shapes weights, after they were retrained:
+# evaluation, attention report, the searched default plan (+ the e0.15 plan the e2e bench compares), the
+# searched-vs-uniform comparison, the end-to-end bench, and the README results section.
+# Run it alone on the machine: every timing it records assumes no other job shares the CPU.
+#   bash benchmarks/refresh_tiny_shapes_results.sh [FROM_STEP]   (FROM_STEP 1-6 resumes a partial refresh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+from=${1:-1}
+step() { [ "$1" -ge "$from" ] && echo "== step $1: $2" >&2; [ "$1" -ge "$from" ]; }
+
+if step 1 "caption accuracy"; then
+    python -m dit_sparse.zoo.evaluate --seen-prompts 10 --grid docs/tiny_shapes_heldout.png
+fi
+if step 2 "attention structure"; then
+    python -m dit_sparse.zoo.attention_report
+fi
+if step 3 "search (default budget) -> shipped default plan"; then
+    dit-sparse search --out out/search/tiny-shapes.plan.json
+    cp out/search/tiny-shapes.plan.json dit_sparse/plans/tiny-shapes.plan.json
+    sed 's#^- plan: `out/search/tiny-shapes.plan.json`#- plan: `dit_sparse/plans/tiny-shapes.plan.json` (written by `dit-sparse search --out out/search/tiny-shapes.plan.json`, then copied)#' \
+        out/search/tiny-shapes.report.md > docs/tiny-shapes.search-report.md
+    cp out/search/tiny-shapes.report.png docs/tiny-shapes.report.png
+    dit-sparse search --stats out/search/tiny-shapes.stats.json --max-error 0.15 --out out/search/e0.15/plan.json
+    cp out/search/e0.15/plan.json benchmarks/results/plans/tiny-shapes-searched-e0.15.plan.json
+    cp out/search/tiny-shapes.stats.json benchmarks/results/search-tiny-shapes/tiny-shapes.stats.json
+fi
+if step 4 "searched vs uniform"; then
+    python -m dit_sparse.search.compare_uniform --stats out/search/tiny-shapes.stats.json \
+        --plan out/search/tiny-shapes.plan.json --baseline benchmarks/results/plans/tiny-shapes-handmade.plan.json \
+        --prompts 5 --out benchmarks/results/search-tiny-shapes
+fi
+if step 5 "end to end"; then
+    dit-sparse bench e2e --plans default benchmarks/results/plans/tiny-shapes-searched-e0.15.plan.json \
+        benchmarks/results/plans/tiny-shapes-handmade.plan.json "diagonal:window=[1,0.25,0.25]" \
+        --num-prompts 20 --out benchmarks/results/e2e-tiny-shapes-cpu
+fi
+if step 6 "README results"; then
+    python benchmarks/render_results.py
+fi
