@@ -26,7 +26,7 @@ import torch
 
 from dit_sparse.generate import load_model
 from dit_sparse.zoo.evaluate import generate_and_check, summarize
-from dit_sparse.zoo.pipeline import DEFAULT_GUIDANCE
+from dit_sparse.zoo.pipeline import DEFAULT_GUIDANCE, weights_id
 from dit_sparse.zoo.shapes_data import heldout_eval_set
 
 from .export import EXPORT_INFO, load_student
@@ -51,7 +51,8 @@ def evaluate(student: str, teacher: str = "tiny-shapes", num_prompts: int = 50, 
     k = info["student_steps"]
     pairs = heldout_eval_set(seed)[:num_prompts]
     result = {"benchmark": "distilled student vs teacher", "student": str(student), "teacher": teacher,
-              "teacher_weights": weights_id() if teacher == "tiny-shapes" else None, "student_steps": k, "num_prompts": len(pairs),
+              "teacher_weights": weights_id() if teacher == "tiny-shapes" else None, "student_steps": k,
+              "num_prompts": len(pairs),
               "seed": seed, "teacher_guidance": guidance, "distill": info, "rows": {},
               "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
                            "torch_threads": torch.get_num_threads()},

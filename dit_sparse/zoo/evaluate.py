@@ -69,7 +69,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    result = {"model": a.model, "weights_id": weights_id(a.model), "steps": a.steps, "guidance_scale": a.guidance, "seed": a.seed,
+    result = {"model": a.model, "weights_id": weights_id(a.model),
+              "steps": a.steps, "guidance_scale": a.guidance, "seed": a.seed,
               "size": "8 frames x 32x32", "heldout": "50 attribute combinations never seen in training"}
     t0 = time.time()
     ck = checker_accuracy(a.checker_clips)
