@@ -144,8 +144,9 @@ def export(pipe_modules, ema_state, out_dir: Path, info: dict):
     return pipe
 
 
-def init_from(pipe, path: Path, cfg: TinyShapesConfig):
-    """Load the transformer and text encoder weights of a saved pipeline whose sizes match ``cfg``."""
+def init_from(pipe, path: Path, cfg: TinyShapesConfig) -> dict | None:
+    """Load the transformer and text encoder weights of a saved pipeline whose sizes match ``cfg``; return that
+    pipeline's ``training.json`` (how its weights were made), which the new run carries forward."""
     from .pipeline import load_tiny_shapes
 
     src = load_tiny_shapes(path=path)
@@ -154,6 +155,8 @@ def init_from(pipe, path: Path, cfg: TinyShapesConfig):
             getattr(pipe, name).load_state_dict(getattr(src, name).state_dict())
         except RuntimeError as e:
             raise SystemExit(f"--init-from {path}: its {name} does not match --config {cfg.to_dict()}: {e}") from e
+    record = path / "training.json"
+    return json.loads(record.read_text()) if record.is_file() else {"path": str(path), "training": "unrecorded"}
 
 
 def main(argv=None):
@@ -170,15 +173,14 @@ def main(argv=None):
                 "command": "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(
                     f"--{k.replace('_', '-')} {v}" for k, v in st["args"].items()
                     if v not in (None, False) and k not in ("out", "export", "resume", "flow_shift")),
-                "phases": st.get("phases"), "torch": torch.__version__}
+                "phases": st.get("phases"), "init_from": st.get("init_from"), "torch": torch.__version__}
         export(None, st["ema"], Path(a.export), info)
         print(f"exported EMA weights of step {st['step']} to {a.export}", flush=True)
         return info
     a.flow_shift = cfg.flow_shift
     torch.manual_seed(a.seed)
     pipe = build_pipeline(cfg, seed=a.seed)
-    if a.init_from:
-        init_from(pipe, Path(a.init_from), cfg)
+    init_record = init_from(pipe, Path(a.init_from), cfg) if a.init_from else None
     device = torch.device(a.device)
     tok, te, tr = pipe.tokenizer, pipe.text_encoder.to(device), pipe.transformer.to(device)
     te.train()
@@ -197,6 +199,7 @@ def main(argv=None):
         opt.load_state_dict(st["optimizer"])
         ema = {name: {k: v.to(device) for k, v in part.items()} for name, part in st["ema"].items()}
         step, elapsed_before, loss_avg, history = st["step"], st["elapsed"], st["loss_avg"], st["history"]
+        init_record = st.get("init_from") or init_record
         # checkpoints written before phases were recorded know only their last command
         phases = st.get("phases") or [{"from_step": 0, "command": st.get("command", "unrecorded"),
                                        "args": {k: v for k, v in st["args"].items() if k not in ("out", "export")}}]
@@ -209,7 +212,7 @@ def main(argv=None):
         return {"transformer": tr.state_dict(), "text_encoder": te.state_dict(), "optimizer": opt.state_dict(),
                 "ema": ema, "step": step, "elapsed": elapsed_before + time.time() - t_start, "loss_avg": loss_avg,
                 "history": history, "args": vars(a), "config": cfg.to_dict(),
-                "command": command, "phases": phases}
+                "command": command, "phases": phases, "init_from": init_record}
 
     t_start = time.time()
     last_ckpt = time.time()
@@ -276,7 +279,7 @@ def main(argv=None):
     total = elapsed_before + time.time() - t_start
     info = {"config": cfg.to_dict(), "args": {k: v for k, v in vars(a).items() if k not in ("out", "export")},
             "steps_done": step, "wall_seconds": round(total, 1), "final_loss_avg": loss_avg,
-            "command": command, "phases": phases, "torch": torch.__version__}
+            "command": command, "phases": phases, "init_from": init_record, "torch": torch.__version__}
     print(json.dumps({k: info[k] for k in ("steps_done", "wall_seconds", "final_loss_avg")}), flush=True)
     if not a.no_export:
         export(pipe, ema, Path(a.export), info)

@@ -88,6 +88,10 @@ def test_init_from_a_saved_pipeline_starts_from_its_weights(tmp_path):
     saved = TinyShapesPipeline.from_pretrained(export, local_files_only=True).transformer.state_dict()
     for k, v in _ckpt(second)["transformer"].items():  # lr 0: the weights are still the initial ones
         assert torch.equal(v, saved[k]), k
+    # how the starting weights were made travels with the new run into its export
+    tts.main(["--out", str(second), "--export-only", "--export", str(tmp_path / "export2"), *BASE])
+    training = json.loads((tmp_path / "export2" / "training.json").read_text())
+    assert training["init_from"]["steps_done"] == 2 and "--init-from" in training["phases"][0]["command"]
     other = json.dumps({**json.loads(TINY), "ffn_dim": 48})
     args = [a if a != TINY else other for a in BASE]
     with pytest.raises(SystemExit, match="does not match"):
