@@ -159,6 +159,18 @@ def init_from(pipe, path: Path, cfg: TinyShapesConfig) -> dict | None:
     return json.loads(record.read_text()) if record.is_file() else {"path": str(path), "training": "unrecorded"}
 
 
+def command_of(args: dict) -> str:
+    """A runnable command line equivalent to a run's recorded arguments (for exports of a checkpoint)."""
+    import shlex
+
+    parts = ["python -m dit_sparse.zoo.train_tiny_shapes"]
+    for k, v in args.items():
+        if v is None or v is False or k in ("out", "export", "resume", "export_only", "flow_shift"):
+            continue
+        parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}"))
+    return " ".join(parts)
+
+
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -170,9 +182,7 @@ def main(argv=None):
         st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         info = {"config": st["config"], "args": {k: v for k, v in st["args"].items() if k not in ("out", "export")},
                 "steps_done": st["step"], "wall_seconds": round(st["elapsed"], 1), "final_loss_avg": st["loss_avg"],
-                "command": "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(
-                    f"--{k.replace('_', '-')} {v}" for k, v in st["args"].items()
-                    if v not in (None, False) and k not in ("out", "export", "resume", "flow_shift")),
+                "command": command_of(st["args"]),
                 "phases": st.get("phases"), "init_from": st.get("init_from"), "torch": torch.__version__}
         export(None, st["ema"], Path(a.export), info)
         print(f"exported EMA weights of step {st['step']} to {a.export}", flush=True)

@@ -96,3 +96,12 @@ def test_init_from_a_saved_pipeline_starts_from_its_weights(tmp_path):
     args = [a if a != TINY else other for a in BASE]
     with pytest.raises(SystemExit, match="does not match"):
         tts.main(["--out", str(tmp_path / "c"), "--steps", "1", "--no-export", "--init-from", str(export), *args])
+
+
+def test_recorded_command_runs_with_the_same_arguments():
+    import shlex
+
+    argv = ["--out", "x", "--mixed-from", "0", "--no-export", "--config", '{"flow_shift": 3.0}', "--lr", "5e-4"]
+    recorded = vars(tts.parse_args(argv))
+    replayed = vars(tts.parse_args(shlex.split(tts.command_of(recorded))[3:] + ["--out", "x"]))
+    assert replayed == recorded and replayed["mixed_from"] == 0  # 0 is a value, not an absent option
