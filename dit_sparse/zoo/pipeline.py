@@ -49,6 +49,18 @@ class TinyShapesPipeline(DiffusionPipeline):
         self.patch_size = tuple(p)
         self.video_processor = VideoProcessor(vae_scale_factor=1)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' loader, then every tensor copied into freshly allocated memory: tensors loaded from safetensors
+        can sit at addresses that change which SIMD kernels CPU matmuls pick (and so the summation order), and the
+        saved copy of a pipeline must generate bit for bit what the original did."""
+        pipe = super().from_pretrained(*args, **kwargs)
+        with torch.no_grad():
+            for module in (pipe.transformer, pipe.text_encoder):
+                for t in [*module.parameters(), *module.buffers()]:
+                    t.data = t.data.clone()
+        return pipe
+
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance=True,
