@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .checker import check_clip, checker_accuracy
+from .conditioning import attribute_sensitivity
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, load_tiny_shapes, weights_id
 from .shapes_data import TRAIN_COMBOS, heldout_eval_set
 
@@ -64,6 +65,8 @@ def main(argv=None):
     ap.add_argument("--seen-prompts", type=int, default=0,
                     help="also evaluate this many training combinations (new seeds), as a diagnostic")
     ap.add_argument("--checker-clips", type=int, default=300)
+    ap.add_argument("--heldout-prompts", type=int, default=50,
+                    help="evaluate only the first N of the 50 held-out prompts (quick looks; the figure is on 50)")
     ap.add_argument("--grid", default=None, help="write a PNG of the first 10 held-out clips here")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     a = ap.parse_args(argv)
@@ -83,7 +86,8 @@ def main(argv=None):
     pipe = load_tiny_shapes(path=a.model)
     pipe.set_progress_bar_config(disable=True)
     t1 = time.time()
-    rows, frames = generate_and_check(pipe, heldout_eval_set(a.seed), a.steps, a.guidance, keep_frames=bool(a.grid))
+    rows, frames = generate_and_check(pipe, heldout_eval_set(a.seed)[:a.heldout_prompts], a.steps, a.guidance,
+                                      keep_frames=bool(a.grid))
     result["heldout"] = summarize(rows)
     result["heldout"]["seconds_per_clip"] = round((time.time() - t1) / len(rows), 2)
     result["heldout_rows"] = rows
@@ -99,6 +103,9 @@ def main(argv=None):
         result["seen_combinations"] = summarize(srows)
         print(f"seen-combination caption accuracy: {result['seen_combinations']['caption_accuracy']:.3f}",
               flush=True)
+    # which caption attributes the transformer responds to at all (see conditioning.py)
+    result["attribute_sensitivity"] = attribute_sensitivity(pipe)
+    print(f"attribute sensitivity: {result['attribute_sensitivity']}", flush=True)
     result["wall_seconds"] = round(time.time() - t0, 1)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--export-only", action="store_true",
                    help="export the EMA weights of OUT/checkpoint.pt to --export and exit (no training)")
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--frame-mix", default=None, metavar="FxB,...",
+                   help="mixed-duration training, e.g. '8x8,4x16,2x32': step n trains on entry n mod len, "
+                        "B windows of F consecutive frames cut from --frames-long clips (short windows cost far "
+                        "less attention per clip, as joint image/video training does); default: --frames x "
+                        "--batch-size every step")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--config", default=None,
                    help="JSON object overriding TinyShapesConfig fields (for tests / experiments)")
@@ -87,9 +92,31 @@ def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def parse_frame_mix(spec: str | None, frames: int, batch_size: int) -> list[tuple[int, int]]:
+    """'8x8,4x16' -> [(8, 8), (4, 16)]: (frames, batch size) per step, cycled. None -> [(frames, batch_size)]."""
+    if not spec:
+        return [(frames, batch_size)]
+    mix = []
+    for entry in spec.split(","):
+        try:
+            f, b = (int(x) for x in entry.strip().lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--frame-mix entry {entry!r} is not FRAMESxBATCH (e.g. '8x8,4x16')") from None
+        if not 1 <= f <= frames or b < 1:
+            raise SystemExit(f"--frame-mix entry {entry!r}: frames must be in 1..--frames ({frames}) and batch >= 1")
+        mix.append((f, b))
+    return mix
+
+
 def make_batch(step: int, a, tokenizer, text_encoder):
     """Everything random about step ``step`` comes from (seed, step)."""
-    caps, x0 = sample_batch(a.seed * 1_000_003 + step, a.batch_size, a.frames, a.size)
+    mix = parse_frame_mix(a.frame_mix, a.frames, a.batch_size)
+    window, batch_size = mix[step % len(mix)]
+    caps, x0 = sample_batch(a.seed * 1_000_003 + step, batch_size, a.frames, a.size)
+    if window < a.frames:  # a random run of consecutive frames per clip: the motion per frame stays the same
+        gw = torch.Generator().manual_seed(a.seed * 104_729 + step)
+        starts = torch.randint(0, a.frames - window + 1, (batch_size,), generator=gw).tolist()
+        x0 = torch.stack([clip[:, t:t + window] for clip, t in zip(x0, starts)])
     g = torch.Generator().manual_seed(a.seed * 7_919 + step + 17)
     drop = torch.rand(len(caps), generator=g) < a.caption_dropout
     caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
@@ -188,6 +215,7 @@ def main(argv=None):
         print(f"exported EMA weights of step {st['step']} to {a.export}", flush=True)
         return info
     a.flow_shift = cfg.flow_shift
+    parse_frame_mix(a.frame_mix, a.frames, a.batch_size)  # a malformed spec fails before any work
     torch.manual_seed(a.seed)
     pipe = build_pipeline(cfg, seed=a.seed)
     init_record = init_from(pipe, Path(a.init_from), cfg) if a.init_from else None

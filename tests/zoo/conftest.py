@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
 

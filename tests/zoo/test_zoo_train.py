@@ -54,6 +54,28 @@ def test_batches_are_pure_functions_of_seed_and_step():
     assert c3 != c1 or not torch.equal(tts.make_batch(6, a, tok, None)[1], x1)
 
 
+def test_frame_mix_cycles_windows_of_consecutive_frames_cut_from_full_clips():
+    from dit_sparse.zoo.shapes_data import sample_batch
+
+    a = tts.parse_args(["--out", "x", "--frame-mix", "8x2,3x4", "--seed", "2"])
+    caps, x0, noise, sigma = tts.make_batch(1, a, None, None)  # step 1 -> entry 1: 4 windows of 3 frames
+    assert x0.shape == (4, 3, 3, 32, 32) and noise.shape == x0.shape and len(caps) == sigma.shape[0] == 4
+    full_caps, full = sample_batch(a.seed * 1_000_003 + 1, 4, 8, 32)
+    for clip, whole in zip(x0, full):  # each window is a run of consecutive frames of its clip, same motion
+        assert any(torch.equal(clip, whole[:, t:t + 3]) for t in range(6))
+    assert tts.make_batch(2, a, None, None)[1].shape == (2, 3, 8, 32, 32)  # the mix cycles
+    assert torch.equal(tts.make_batch(1, a, None, None)[1], x0)
+    # without a mix the batches are exactly what they were before the option existed
+    plain = tts.parse_args(["--out", "x", "--batch-size", "3", "--seed", "2"])
+    assert torch.equal(tts.make_batch(4, plain, None, None)[1], sample_batch(2 * 1_000_003 + 4, 3, 8, 32)[1])
+
+
+@pytest.mark.parametrize("spec", ["8by8", "9x8", "0x4", "4x0", "4x"])
+def test_malformed_frame_mix_is_refused_with_the_expected_form(spec, tmp_path):
+    with pytest.raises(SystemExit, match="--frame-mix"):
+        tts.main(["--out", str(tmp_path), "--frame-mix", spec, "--steps", "1"])
+
+
 def test_worker_processes_draw_the_same_batches(tmp_path):
     """--workers (for GPU training) changes where batches are drawn, not what they are."""
     plain, pooled = tmp_path / "a", tmp_path / "b"

@@ -1,0 +1,81 @@
+"""How much does the tiny-shapes transformer listen to each attribute of its caption?
+
+For a few base captions, swap one attribute (colour, shape, motion or background) for another value of the
+grammar and run the transformer on the *same* noisy clip with both captions; the sensitivity of that attribute at a
+noise level is the relative L2 change of the predicted clean clip ``x0 = x_t - sigma * v``. An attribute whose
+sensitivity stays near 0 at high noise, where layout, shape and motion are decided, is one the sampler cannot
+follow, whatever the guidance scale (guidance scales a difference that is not there).
+
+Caption accuracy moves in steps of 2 points on 50 prompts and takes minutes of sampling; this takes seconds and
+says which attribute training has not yet tied to the caption.
+
+    python -m dit_sparse.zoo.conditioning [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import replace
+
+import torch
+
+from .model import encode_text
+from .shapes_data import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, TRAIN_COMBOS, Attrs, render_clip
+
+ATTRIBUTE_VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "motion": MOTIONS, "background": tuple(BACKGROUNDS)}
+DEFAULT_SIGMAS = (0.95, 0.8, 0.6)
+
+
+def _variants(base: Attrs, rng: random.Random) -> dict[str, Attrs]:
+    return {name: replace(base, **{name: rng.choice([v for v in values if v != getattr(base, name)])})
+            for name, values in ATTRIBUTE_VALUES.items()}
+
+
+@torch.no_grad()
+def attribute_sensitivity(pipe, sigmas=DEFAULT_SIGMAS, num_captions: int = 6, seed: int = 0) -> dict:
+    """{attribute: {sigma: mean relative change of the x0 prediction}} over ``num_captions`` base captions."""
+    rng = random.Random(seed)
+    bases = [TRAIN_COMBOS[rng.randrange(len(TRAIN_COMBOS))] for _ in range(num_captions)]
+    names = list(ATTRIBUTE_VALUES)
+    captions, clips = [], []
+    for i, base in enumerate(bases):
+        variants = _variants(base, rng)
+        captions += [base.caption] + [variants[n].caption for n in names]
+        clips.append(render_clip(base, seed * 1000 + i))
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    emb = encode_text(pipe.tokenizer, pipe.text_encoder, captions, device=device, dtype=dtype)
+    x0 = torch.stack(clips).permute(0, 4, 1, 2, 3).to(device, dtype)  # (N, 3, T, H, W)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    group = 1 + len(names)
+    result = {n: {} for n in names}
+    for sigma in sigmas:
+        xt = ((1 - sigma) * x0 + sigma * noise).repeat_interleave(group, dim=0)
+        t = torch.full((xt.shape[0],), sigma * 1000.0, device=device, dtype=dtype)
+        v = pipe.transformer(hidden_states=xt, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+        pred = (xt - sigma * v).float().view(num_captions, group, -1)
+        base_pred = pred[:, 0]
+        change = (pred[:, 1:] - base_pred[:, None]).norm(dim=-1) / base_pred.norm(dim=-1, keepdim=True)
+        for j, n in enumerate(names):
+            result[n][str(sigma)] = round(float(change[:, j].mean()), 4)
+    return result
+
+
+def main(argv=None):
+    from .pipeline import WEIGHTS_DIR, load_tiny_shapes, weights_id
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(WEIGHTS_DIR))
+    ap.add_argument("--captions", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    pipe = load_tiny_shapes(path=a.model)
+    result = {"weights_id": weights_id(a.model), "sensitivity": attribute_sensitivity(pipe, num_captions=a.captions)}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
