@@ -120,8 +120,19 @@ def render_zoo_eval(path: Path, result: dict) -> list[str]:
         f"{held['seconds_per_clip']} s per clip)"
         + (f"; seen attribute combinations, new seeds: {seen['caption_accuracy']:.0%} of {seen['n']}" if seen else "")
         + f"; the checker on {checker['n']} ground-truth clips: {checker['accuracy']:.0%}."
+        + _sensitivity_sentence(result.get("attribute_sensitivity"))
         + stale_weights(result.get("weights_id"), "weights id"),
     ]
+
+
+def _sensitivity_sentence(sensitivity: dict | None) -> str:
+    """How strongly the prediction responds to each caption attribute at the highest noise level measured."""
+    if not sensitivity:
+        return ""
+    sigma = max(next(iter(sensitivity.values())), key=float)
+    parts = ", ".join(f"{name} {per[sigma]:.3f}" for name, per in sensitivity.items())
+    return (f" Attribute sensitivity (relative change of the predicted clean clip when only that attribute of the "
+            f"caption changes, sigma {sigma}; `dit_sparse/zoo/conditioning.py`): {parts}.")
 
 
 def render_zoo_attention(path: Path, result: dict) -> list[str]:

@@ -50,3 +50,15 @@ def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
     warning = render_results.stale_weights(current, "weights id")
     assert f"weights id {current}; shipped now: 0123456789ab" in warning
     assert "earlier tiny-shapes weights" in render_results.render()
+
+
+def test_attribute_sensitivity_is_rendered_at_the_highest_noise_level():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
+    render_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_results)
+    sentence = render_results._sensitivity_sentence({"colour": {"0.6": 0.1, "0.95": 0.375}, "motion": {"0.6": 0.002,
+                                                                                                     "0.95": 0.012}})
+    assert "sigma 0.95" in sentence and "colour 0.375, motion 0.012" in sentence
+    assert render_results._sensitivity_sentence(None) == ""  # evaluations written before it was measured
