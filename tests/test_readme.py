@@ -34,13 +34,19 @@ def test_results_section_is_rendered_from_the_result_files():
     assert check.returncode == 0, check.stderr
 
 
-def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
-    """After a retraining, a result left over from the earlier weights says so instead of passing as current."""
+def _load_render_results():
+    """benchmarks/render_results.py is a script, not a package module: load it from its file."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
-    render_results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render_results)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
+    """After a retraining, a result left over from the earlier weights says so instead of passing as current."""
+    render_results = _load_render_results()
     import dit_sparse.zoo.pipeline as zoo_pipeline
 
     current = zoo_pipeline.weights_id()
@@ -53,11 +59,7 @@ def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
 
 
 def test_attribute_sensitivity_is_rendered_at_the_highest_noise_level():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
-    render_results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render_results)
+    render_results = _load_render_results()
     sentence = render_results._sensitivity_sentence({"colour": {"0.6": 0.1, "0.95": 0.375}, "motion": {"0.6": 0.002,
                                                                                                      "0.95": 0.012}})
     assert "sigma 0.95" in sentence and "colour 0.375, motion 0.012" in sentence
