@@ -67,8 +67,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its newest checkpoint (its config.yaml, then these overrides)")
     p.add_argument("--dry-run", action="store_true",
-                   help="build everything, time two updates, print memory and time estimates; writes only the prompt-embedding "
-                        "cache (no checkpoints, logs or export)")
+                   help="build everything, time two updates, print memory and time estimates; writes only the "
+                        "prompt-embedding cache (no checkpoints, logs or export)")
     p.add_argument("--export-only", action="store_true",
                    help="with --resume: export the newest checkpoint's student to DIR/export and stop")
     p.add_argument("--no-validation", action="store_true", help="skip the teacher and student validation videos")
@@ -127,17 +127,17 @@ def run_distill(args) -> int:
         report = distiller.dry_run()
         if distiller.accelerator.is_main_process:
             print(format_dry_run(report))
-        return 0
-    if args.export_only:
+    elif args.export_only:
         path = distiller.export()
-        print(f"exported the student of step {distiller.state.step} to {path}")
-        return 0
-    result = distiller.train()
-    if distiller.accelerator.is_main_process:
-        print(json.dumps({k: v for k, v in result.items() if k != "last"}, indent=1, default=str))
-        if "export" in result:
-            print(f"run it: dit-sparse generate --model {result['export']} --steps {cfg.student_steps} --guidance 1 "
-                  f"--plan {result['export']}/plan.json")
+        if distiller.accelerator.is_main_process:
+            print(f"exported the student of step {distiller.state.step} to {path}")
+    else:
+        result = distiller.train()
+        if distiller.accelerator.is_main_process:
+            print(json.dumps({k: v for k, v in result.items() if k != "last"}, indent=1, default=str))
+            if "export" in result:
+                print(f"run it: dit-sparse generate --model {result['export']} --steps {cfg.student_steps} "
+                      f"--guidance 1 --plan {result['export']}/plan.json")
     return 0
 
 
