@@ -32,7 +32,7 @@ if step 4 "searched vs uniform"; then
 fi
 if step 5 "end to end"; then
     dit-sparse bench e2e --plans default benchmarks/results/plans/tiny-shapes-searched-e0.15.plan.json \
-        benchmarks/results/plans/tiny-shapes-handmade.plan.json "diagonal:window=[1,0.25,0.25]" \
+        benchmarks/results/plans/tiny-shapes-handmade.plan.json "diagonal:window=[1,0.25,0.25]" --ceiling \
         --num-prompts 20 --out benchmarks/results/e2e-tiny-shapes-cpu
 fi
 if step 6 "README results"; then

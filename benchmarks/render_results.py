@@ -40,11 +40,16 @@ def render_cpu_executor(path: Path, result: dict) -> list[str]:
 
 
 def render_e2e(path: Path, result: dict) -> list[str]:
-    from dit_sparse.bench_e2e import markdown_table
+    from dit_sparse.bench_e2e import CEILING_LABEL, markdown_table
 
-    return [f"**End to end: {result['model']}** (`{result.get('command') or 'dit-sparse bench e2e'}`; "
-            f"{result['date'][:10]}; 1-minute load average {result['hardware'].get('load_average_1min', 'n/a')}; "
-            f"file `{path.relative_to(ROOT)}`)", "", markdown_table(result)]
+    lines = [f"**End to end: {result['model']}** (`{result.get('command') or 'dit-sparse bench e2e'}`; "
+             f"{result['date'][:10]}; 1-minute load average {result['hardware'].get('load_average_1min', 'n/a')}; "
+             f"file `{path.relative_to(ROOT)}`)", "", markdown_table(result)]
+    ceiling = next((r for r in result["results"] if r["plan"] == CEILING_LABEL), None)
+    if ceiling is not None:
+        lines += ["", f"The ceiling row skips every covered self-attention head while the rest of the model runs: "
+                      f"no plan can be faster end to end than its {ceiling['speedup']:.2f}x on this model and machine."]
+    return lines
 
 
 def render_speed(path: Path, result: dict) -> list[str]:

@@ -3,6 +3,9 @@
 Every prompt and seed is generated once dense and once per plan; per plan the report gives mean total and attention
 seconds (measured with hooks around the attention modules), the speedup over dense from the same run, the executed
 attention density, PSNR and SSIM against dense, and on tiny-shapes the caption accuracy of both.
+
+`--ceiling` adds a run with every covered self-attention head skipped: the rest of the model still runs, so its
+speedup is the most any plan can reach on that model and machine (its video is meaningless: no fidelity reported).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from .strategies import STRATEGIES
 class PlanRun:
     label: str
     plan: SparsePlan | None  # None: dense
+    speed_only: bool = False  # the ceiling run: its frames say nothing, so fidelity is not reported
+
+
+CEILING_LABEL = "ceiling (covered attention skipped)"
 
 
 def parse_plan_spec(spec: str, pipe, transformer) -> PlanRun:
@@ -79,11 +86,14 @@ def _caption_ok(pipe, frames, prompt) -> bool | None:
 
 
 def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_prompts: int, seeds: list[int],
-            steps: int | None, device: str = "cpu", dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
+            steps: int | None, device: str = "cpu", dtype: str = "float32", progress: bool = True,
+            ceiling: bool = False) -> dict[str, Any]:
     pipe = load_model(model, device, DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)
     transformers = transformers_of(pipe)
     runs = [PlanRun("dense", None)] + [parse_plan_spec(s, pipe, transformers[0]) for s in plan_specs]
+    if ceiling:
+        runs.append(PlanRun(CEILING_LABEL, SparsePlan.uniform(transformers[0], "skip"), speed_only=True))
     runs = _unique_labels(runs)
     prompts = prompts or default_prompts(pipe, num_prompts)
     if not prompts:
@@ -115,7 +125,8 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
                 "caption_ok": _caption_ok(pipe, frames, prompt),
             })
     dense = samples["dense"]
-    records = [_summarise(label, rows, dense) for label, rows in samples.items()]
+    speed_only = {r.label for r in runs if r.speed_only}
+    records = [_summarise(label, rows, dense, label in speed_only) for label, rows in samples.items()]
     return {
         "benchmark": "bench e2e",
         "model": model,
@@ -139,21 +150,26 @@ def _unique_labels(runs: list[PlanRun]) -> list[PlanRun]:
     for run in runs:
         n = seen.get(run.label, 0) + 1
         seen[run.label] = n
-        out.append(run if n == 1 else PlanRun(f"{run.label} #{n}", run.plan))
+        out.append(run if n == 1 else PlanRun(f"{run.label} #{n}", run.plan, run.speed_only))
     return out
 
 
-def _summarise(label: str, rows: list[dict], dense: list[dict]) -> dict[str, Any]:
+def _summarise(label: str, rows: list[dict], dense: list[dict], speed_only: bool = False) -> dict[str, Any]:
     mean = lambda key, src=rows: float(np.mean([r[key] for r in src]))  # noqa: E731
     captions = [r["caption_ok"] for r in rows if r["caption_ok"] is not None]
     finite_psnr = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
-    return {
+    speed = {
         "plan": label,
         "seconds": mean("seconds"),
         "attention_seconds": mean("attention_seconds"),
         "speedup": mean("seconds", dense) / mean("seconds"),
         "attention_speedup": mean("attention_seconds", dense) / mean("attention_seconds"),
         "executed_density": mean("density"),
+    }
+    if speed_only:
+        return {**speed, "psnr": None, "ssim": None, "caption_accuracy": None}
+    return {
+        **speed,
         "psnr": float(np.mean(finite_psnr)) if finite_psnr else float("inf"),
         "ssim": mean("ssim"),
         "caption_accuracy": float(np.mean(captions)) if captions else None,
@@ -245,7 +261,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [r for r in result["results"] if r["plan"] != "dense"]
+    rows = [r for r in result["results"] if r["plan"] != "dense" and r["psnr"] is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter(r["psnr"], r["speedup"])

@@ -58,6 +58,9 @@ def _add_bench(sub):
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32")
+    e.add_argument("--ceiling", action="store_true",
+                   help="also time a run with every covered attention head skipped: the speedup no plan can beat on "
+                        "this model and machine (its video is meaningless; fidelity not reported)")
     e.add_argument("--out", default="out/bench-e2e")
     e.set_defaults(func=_bench_e2e)
     sp = bench.add_parser("speed", help="transformer forwards of a real architecture with random weights")
@@ -85,7 +88,8 @@ def _bench_e2e(args) -> int:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
             raise GenerateError(f"--prompts {args.prompts}: the file has no prompts")
-    result = run_e2e(args.model, args.plans, prompts, args.num_prompts, args.seeds, args.steps, args.device, args.dtype)
+    result = run_e2e(args.model, args.plans, prompts, args.num_prompts, args.seeds, args.steps, args.device, args.dtype,
+                     ceiling=args.ceiling)
     write_results(result, Path(args.out))
     print(markdown_table(result))
     print(f"wrote {args.out}/results.json, results.md, speedup_vs_psnr.png")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dit_sparse.bench_e2e import grouped, records_of
+from dit_sparse.bench_e2e import CEILING_LABEL, grouped, records_of
 from dit_sparse.cli import main
 from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
 
@@ -40,6 +40,19 @@ def test_bench_e2e_writes_one_record_per_plan_table_and_plot(tiny_dir, tmp_path,
     table = (out / "results.md").read_text()
     assert "| diagonal" in table and table in capsys.readouterr().out + "\n"
     assert records_of(grouped(records)) == records
+
+
+def test_bench_e2e_ceiling_skips_every_covered_head_and_reports_speed_only(tiny_dir, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "diagonal:window=[0,1,1]", "--ceiling", "--num-prompts", "1",
+                 "--steps", "2", "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert [r["plan"] for r in records] == ["dense", "diagonal:window=[0,1,1]", CEILING_LABEL]
+    ceiling = records[-1]
+    assert ceiling["executed_density"] == 0.0 and ceiling["seconds"] > 0 and ceiling["speedup"] > 0
+    assert ceiling["psnr"] is None and ceiling["ssim"] is None and ceiling["caption_accuracy"] is None
+    assert f"| {CEILING_LABEL} |" in (out / "results.md").read_text() and "n/a" in (out / "results.md").read_text()
+    assert (out / "speedup_vs_psnr.png").stat().st_size > 0
 
 
 def test_bench_e2e_bad_plan_is_one_clear_error(tiny_dir, tmp_path, capsys):
