@@ -44,8 +44,8 @@ def test_bench_e2e_writes_one_record_per_plan_table_and_plot(tiny_dir, tmp_path,
 
 def test_bench_e2e_ceiling_skips_every_covered_head_and_reports_speed_only(tiny_dir, tmp_path):
     out = tmp_path / "bench"
-    assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "diagonal:window=[0,1,1]", "--ceiling", "--num-prompts", "1",
-                 "--steps", "2", "--out", str(out)]) == 0
+    assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "diagonal:window=[0,1,1]", "--ceiling",
+                 "--num-prompts", "1", "--steps", "2", "--out", str(out)]) == 0
     records = json.loads((out / "results.json").read_text())
     assert [r["plan"] for r in records] == ["dense", "diagonal:window=[0,1,1]", CEILING_LABEL]
     ceiling = records[-1]
