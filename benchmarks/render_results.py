@@ -126,6 +126,7 @@ def render_zoo_eval(path: Path, result: dict) -> list[str]:
         + (f"; seen attribute combinations, new seeds: {seen['caption_accuracy']:.0%} of {seen['n']}" if seen else "")
         + f"; the checker on {checker['n']} ground-truth clips: {checker['accuracy']:.0%}."
         + _sensitivity_sentence(result.get("attribute_sensitivity"))
+        + _word_choice_sentence(result.get("word_choice"))
         + stale_weights(result.get("weights_id"), "weights id"),
     ]
 
@@ -138,6 +139,18 @@ def _sensitivity_sentence(sensitivity: dict | None) -> str:
     parts = ", ".join(f"{name} {per[sigma]:.3f}" for name, per in sensitivity.items())
     return (f" Attribute sensitivity (relative change of the predicted clean clip when only that attribute of the "
             f"caption changes, sigma {sigma}; `dit_sparse/zoo/conditioning.py`): {parts}.")
+
+
+def _word_choice_sentence(choice: dict | None) -> str:
+    """How often the true word of an attribute gives the lowest denoising loss, against chance."""
+    if not choice:
+        return ""
+    parts = "; ".join(
+        f"{name} " + ", ".join(f"{acc:.0%} at sigma {sigma}" for sigma, acc in per.items())
+        + f" (chance {choice['chance'][name]:.0%})"
+        for name, per in choice.items() if name != "chance")
+    return (f" Word choice (share of real clips on which the caption with the true word gives the strictly lowest "
+            f"denoising loss): {parts}.")
 
 
 def render_zoo_attention(path: Path, result: dict) -> list[str]:

@@ -52,6 +52,7 @@ def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
     current = zoo_pipeline.weights_id()
     assert "earlier tiny-shapes weights" not in render_results.stale_weights(current, "weights id")
     assert render_results.stale_weights(None, "weights id") == ""  # results that do not depend on the weights
+    render_results.render()  # unpatched first: a module first imported under the patch would keep the fake id
     monkeypatch.setattr(zoo_pipeline, "weights_id", lambda path=None: "0123456789ab")
     warning = render_results.stale_weights(current, "weights id")
     assert f"weights id {current}; shipped now: 0123456789ab" in warning
@@ -64,3 +65,13 @@ def test_attribute_sensitivity_is_rendered_at_the_highest_noise_level():
                                                                                                      "0.95": 0.012}})
     assert "sigma 0.95" in sentence and "colour 0.375, motion 0.012" in sentence
     assert render_results._sensitivity_sentence(None) == ""  # evaluations written before it was measured
+
+
+def test_word_choice_is_rendered_against_chance():
+    render_results = _load_render_results()
+    sentence = render_results._word_choice_sentence(
+        {"shape": {"0.9": 0.7, "0.7": 0.5}, "motion": {"0.9": 0.0, "0.7": 0.1},
+         "chance": {"shape": 0.3333, "motion": 0.1429}})
+    assert "shape 70% at sigma 0.9, 50% at sigma 0.7 (chance 33%)" in sentence
+    assert "motion 0% at sigma 0.9, 10% at sigma 0.7 (chance 14%)" in sentence
+    assert render_results._word_choice_sentence(None) == ""

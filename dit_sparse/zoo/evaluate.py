@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checker import check_clip, checker_accuracy
-from .conditioning import attribute_sensitivity
+from .conditioning import attribute_sensitivity, word_choice_accuracy
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, load_tiny_shapes, weights_id
 from .shapes_data import TRAIN_COMBOS, heldout_eval_set
 
@@ -67,6 +67,8 @@ def main(argv=None):
     ap.add_argument("--checker-clips", type=int, default=300)
     ap.add_argument("--heldout-prompts", type=int, default=50,
                     help="evaluate only the first N of the 50 held-out prompts (quick looks; the figure is on 50)")
+    ap.add_argument("--word-choice-clips", type=int, default=10,
+                    help="clips for the word-choice (diffusion classifier) check, see conditioning.py; 0 skips it")
     ap.add_argument("--grid", default=None, help="write a PNG of the first 10 held-out clips here")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     a = ap.parse_args(argv)
@@ -106,6 +108,9 @@ def main(argv=None):
     # which caption attributes the transformer responds to at all (see conditioning.py)
     result["attribute_sensitivity"] = attribute_sensitivity(pipe)
     print(f"attribute sensitivity: {result['attribute_sensitivity']}", flush=True)
+    if a.word_choice_clips:
+        result["word_choice"] = word_choice_accuracy(pipe, num_clips=a.word_choice_clips)
+        print(f"word choice: {result['word_choice']}", flush=True)
     result["wall_seconds"] = round(time.time() - t0, 1)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

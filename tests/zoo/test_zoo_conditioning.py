@@ -21,6 +21,27 @@ def test_a_model_that_ignores_its_caption_scores_zero(tiny_pipe, monkeypatch):
     assert all(v == 0 for per in a.values() for v in per.values())
 
 
+def test_word_choice_reports_every_attribute_against_chance_and_is_deterministic(tiny_pipe):
+    w = conditioning.word_choice_accuracy(tiny_pipe, sigmas=(0.9, 0.5), num_clips=2, draws=1)
+    assert set(w) == {"colour", "shape", "motion", "chance"}
+    assert w["chance"] == {"colour": 0.2, "shape": round(1 / 3, 4), "motion": round(1 / 7, 4)}
+    assert all(set(w[n]) == {"0.9", "0.5"} and all(v in (0.0, 0.5, 1.0) for v in w[n].values())
+               for n in ("colour", "shape", "motion"))
+    assert conditioning.word_choice_accuracy(tiny_pipe, sigmas=(0.9, 0.5), num_clips=2, draws=1) == w
+
+
+def test_word_choice_of_a_model_that_ignores_its_caption_is_zero_not_chance(tiny_pipe, monkeypatch):
+    real = conditioning.encode_text
+
+    def same_embedding_for_all(tok, te, captions, **kw):
+        one = real(tok, te, captions[:1], **kw)
+        return one.expand(len(captions), *one.shape[1:]).contiguous()
+
+    monkeypatch.setattr(conditioning, "encode_text", same_embedding_for_all)
+    w = conditioning.word_choice_accuracy(tiny_pipe, sigmas=(0.9,), num_clips=3, draws=1)
+    assert all(w[n] == {"0.9": 0.0} for n in ("colour", "shape", "motion"))  # ties never count as a choice
+
+
 def test_evaluation_records_attribute_sensitivity_and_the_weights_it_measured(tiny_pipe, tmp_path):
     import json
 
@@ -30,7 +51,8 @@ def test_evaluation_records_attribute_sensitivity_and_the_weights_it_measured(ti
     tiny_pipe.save_pretrained(str(tmp_path / "m"))
     out = tmp_path / "eval.json"
     evaluate.main(["--model", str(tmp_path / "m"), "--steps", "2", "--heldout-prompts", "2", "--checker-clips", "4",
-                   "--threads", "1", "--out", str(out)])
+                   "--word-choice-clips", "1", "--threads", "1", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["weights_id"] == weights_id(tmp_path / "m") and result["heldout"]["n"] == 2
     assert set(result["attribute_sensitivity"]) == {"colour", "shape", "motion", "background"}
+    assert set(result["word_choice"]) == {"colour", "shape", "motion", "chance"}
