@@ -125,8 +125,7 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
                 "caption_ok": _caption_ok(pipe, frames, prompt),
             })
     dense = samples["dense"]
-    speed_only = {r.label for r in runs if r.speed_only}
-    records = [_summarise(label, rows, dense, label in speed_only) for label, rows in samples.items()]
+    records = [_summarise(r.label, samples[r.label], dense, r.speed_only) for r in runs]
     return {
         "benchmark": "bench e2e",
         "model": model,

@@ -78,21 +78,23 @@ def word_choice_accuracy(pipe, sigmas=(0.9, 0.7), num_clips: int = 10, draws: in
     rng = random.Random(seed)
     bases = [TRAIN_COMBOS[rng.randrange(len(TRAIN_COMBOS))] for _ in range(num_clips)]
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    # Each clip and its noise draws once, shared by every attribute and noise level.
+    clips = [render_clip(base, seed * 1000 + i).permute(3, 0, 1, 2)[None].to(device, dtype)
+             for i, base in enumerate(bases)]
+    noises = [[torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1000 + i * draws + d))
+               .to(device, dtype) for d in range(draws)] for i, x0 in enumerate(clips)]
     result: dict = {name: {} for name in attributes}
     result["chance"] = {name: round(1 / len(ATTRIBUTE_VALUES[name]), 4) for name in attributes}
     for name in attributes:
         values = ATTRIBUTE_VALUES[name]
         hits = {sigma: 0 for sigma in sigmas}
-        for i, base in enumerate(bases):
+        for base, x0, draws_of_clip in zip(bases, clips, noises):
             captions = [replace(base, **{name: value}).caption for value in values]
             truth = values.index(getattr(base, name))
             emb = encode_text(pipe.tokenizer, pipe.text_encoder, captions, device=device, dtype=dtype)
-            x0 = render_clip(base, seed * 1000 + i).permute(3, 0, 1, 2)[None].to(device, dtype)
             for sigma in sigmas:
                 loss = torch.zeros(len(values), device=device)
-                for d in range(draws):
-                    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1000 + i * draws + d))
-                    noise = noise.to(device, dtype)
+                for noise in draws_of_clip:
                     xt = ((1 - sigma) * x0 + sigma * noise).expand(len(values), -1, -1, -1, -1)
                     t = torch.full((len(values),), sigma * 1000.0, device=device, dtype=dtype)
                     v = pipe.transformer(hidden_states=xt, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]

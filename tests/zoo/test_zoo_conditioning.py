@@ -1,4 +1,18 @@
+import pytest
+
 from dit_sparse.zoo import conditioning
+
+
+@pytest.fixture
+def caption_blind(monkeypatch):
+    """Every caption of a batch gets the first caption's embedding: a model that ignores its caption."""
+    real = conditioning.encode_text
+
+    def same_embedding_for_all(tok, te, captions, **kw):
+        one = real(tok, te, captions[:1], **kw)
+        return one.expand(len(captions), *one.shape[1:]).contiguous()
+
+    monkeypatch.setattr(conditioning, "encode_text", same_embedding_for_all)
 
 
 def test_sensitivity_reports_every_attribute_at_every_noise_level_and_is_deterministic(tiny_pipe):
@@ -9,14 +23,7 @@ def test_sensitivity_reports_every_attribute_at_every_noise_level_and_is_determi
     assert conditioning.attribute_sensitivity(tiny_pipe, sigmas=(0.9, 0.5), num_captions=2) == a
 
 
-def test_a_model_that_ignores_its_caption_scores_zero(tiny_pipe, monkeypatch):
-    real = conditioning.encode_text
-
-    def same_embedding_for_all(tok, te, captions, **kw):
-        one = real(tok, te, captions[:1], **kw)
-        return one.expand(len(captions), *one.shape[1:]).contiguous()
-
-    monkeypatch.setattr(conditioning, "encode_text", same_embedding_for_all)
+def test_a_model_that_ignores_its_caption_scores_zero(tiny_pipe, caption_blind):
     a = conditioning.attribute_sensitivity(tiny_pipe, sigmas=(0.9,), num_captions=2)
     assert all(v == 0 for per in a.values() for v in per.values())
 
@@ -30,14 +37,7 @@ def test_word_choice_reports_every_attribute_against_chance_and_is_deterministic
     assert conditioning.word_choice_accuracy(tiny_pipe, sigmas=(0.9, 0.5), num_clips=2, draws=1) == w
 
 
-def test_word_choice_of_a_model_that_ignores_its_caption_is_zero_not_chance(tiny_pipe, monkeypatch):
-    real = conditioning.encode_text
-
-    def same_embedding_for_all(tok, te, captions, **kw):
-        one = real(tok, te, captions[:1], **kw)
-        return one.expand(len(captions), *one.shape[1:]).contiguous()
-
-    monkeypatch.setattr(conditioning, "encode_text", same_embedding_for_all)
+def test_word_choice_of_a_model_that_ignores_its_caption_is_zero_not_chance(tiny_pipe, caption_blind):
     w = conditioning.word_choice_accuracy(tiny_pipe, sigmas=(0.9,), num_clips=3, draws=1)
     assert all(w[n] == {"0.9": 0.0} for n in ("colour", "shape", "motion"))  # ties never count as a choice
 
