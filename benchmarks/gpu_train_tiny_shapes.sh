@@ -17,6 +17,9 @@ budget=$(python -c "print($elapsed + $minutes)")
 python -m dit_sparse.zoo.train_tiny_shapes --device cuda --workers 12 --threads 4 --batch-size 64 \
   --steps "$steps" --mixed-from 0 --out "$ckpt" --resume --max-minutes "$budget" --no-export
 last=$(python -c "import torch; print(torch.load('$ckpt/checkpoint.pt', map_location='cpu', weights_only=False)['step'])")
+# Does the run tie words to what they show yet? Motion is the word CPU runs never learned (zoo README).
+python -m dit_sparse.zoo.conditioning --checkpoint "$ckpt/checkpoint.pt" --device cuda --word-choice --clips 48 \
+  --sigmas 0.98,0.9 > "$ckpt/word_choice-step$last.json"
 if [ "$last" -ge "$steps" ]; then
   python -m dit_sparse.zoo.train_tiny_shapes --out "$ckpt" --export-only
   echo "trained $steps steps; exported to dit_sparse/zoo/weights/tiny-shapes"

@@ -128,7 +128,15 @@ class BlockLayout:
         return out[..., : self.num_k_blocks]
 
     def density(self) -> float:
-        """Fraction of dense attention work executed: visited keys per query, pooled keys counted once."""
+        """Fraction of dense attention work executed: visited keys per query, pooled keys counted once.
+
+        Memoised: attend counts it on every call, and computing it costs a few ms (and a device sync on GPU).
+        """
+        if "density" not in self._memo:
+            self._memo["density"] = self._density()
+        return self._memo["density"]
+
+    def _density(self) -> float:
         q_sizes = block_sizes(self.seq_len, self.block_q, self.kv_index.device).double()
         k_sizes = block_sizes(self.seq_len, self.block_k, self.kv_index.device).double()
         levels = self.level_map()

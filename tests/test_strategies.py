@@ -199,3 +199,13 @@ def test_fraction_windows_scale_with_resolution():
     large = layout_of("diagonal", Grid(2, 16, 16), 8, 8, window=[1, 0.25, 0.25])
     assert abs(small.density() - large.density()) < 0.25
     assert large.density() < 1.0
+
+
+def test_layout_density_is_computed_once_per_layout(monkeypatch):
+    mask = torch.tensor([[[[1, 0, 1], [0, 1, 0], [1, 0, 0]]]], dtype=torch.bool)  # 3 query x 3 key blocks
+    layout = BlockLayout.from_block_mask(mask, seq_len=300, block_q=128, block_k=128)
+    first = layout.density()
+    # ragged last blocks (300 = 128 + 128 + 44): visited keys per query row over 300 x 300
+    assert first == pytest.approx((128 * (128 + 44) + 128 * 128 + 44 * 128) / 300**2)
+    monkeypatch.setattr(BlockLayout, "level_map", lambda self: pytest.fail("density recomputed"))
+    assert layout.density() == first

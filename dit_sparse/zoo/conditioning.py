@@ -15,6 +15,10 @@ value of it? The share of clips where it does is compared with chance (1 / numbe
 tied a word to what it shows scores near chance or below, a model that ignores its caption scores 0.
 
     python -m dit_sparse.zoo.conditioning [--model DIR] [--word-choice]
+    python -m dit_sparse.zoo.conditioning --checkpoint OUT/checkpoint.pt --word-choice   # a run while it trains
+
+Word choice on 10 clips moves in steps of 10 points: a difference of one or two clips is noise (a 16-clip probe
+once read 8 of 16 for a motion word that 48 clips put at chance), so use ``--clips 48`` before believing a change.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import replace
 import torch
 
 from .model import encode_text
-from .shapes_data import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, TRAIN_COMBOS, Attrs, render_clip
+from .shapes_data import BACKGROUNDS, COLOURS, DEFAULT_SIZE, MOTIONS, SHAPES, TRAIN_COMBOS, Attrs, render_clip
 
 ATTRIBUTE_VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "motion": MOTIONS, "background": tuple(BACKGROUNDS)}
 DEFAULT_SIGMAS = (0.95, 0.8, 0.6)
@@ -39,7 +43,8 @@ def _variants(base: Attrs, rng: random.Random) -> dict[str, Attrs]:
 
 
 @torch.no_grad()
-def attribute_sensitivity(pipe, sigmas=DEFAULT_SIGMAS, num_captions: int = 6, seed: int = 0) -> dict:
+def attribute_sensitivity(pipe, sigmas=DEFAULT_SIGMAS, num_captions: int = 6, seed: int = 0,
+                          size: int = DEFAULT_SIZE) -> dict:
     """{attribute: {sigma: mean relative change of the x0 prediction}} over ``num_captions`` base captions."""
     rng = random.Random(seed)
     bases = [TRAIN_COMBOS[rng.randrange(len(TRAIN_COMBOS))] for _ in range(num_captions)]
@@ -48,7 +53,7 @@ def attribute_sensitivity(pipe, sigmas=DEFAULT_SIGMAS, num_captions: int = 6, se
     for i, base in enumerate(bases):
         variants = _variants(base, rng)
         captions += [base.caption] + [variants[n].caption for n in names]
-        clips.append(render_clip(base, seed * 1000 + i))
+        clips.append(render_clip(base, seed * 1000 + i, size=size))
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     emb = encode_text(pipe.tokenizer, pipe.text_encoder, captions, device=device, dtype=dtype)
     x0 = torch.stack(clips).permute(0, 4, 1, 2, 3).to(device, dtype)  # (N, 3, T, H, W)
@@ -69,7 +74,7 @@ def attribute_sensitivity(pipe, sigmas=DEFAULT_SIGMAS, num_captions: int = 6, se
 
 @torch.no_grad()
 def word_choice_accuracy(pipe, sigmas=(0.9, 0.7), num_clips: int = 10, draws: int = 2, seed: int = 0,
-                         attributes=("colour", "shape", "motion")) -> dict:
+                         attributes=("colour", "shape", "motion"), size: int = DEFAULT_SIZE) -> dict:
     """{attribute: {sigma: share of clips whose true caption has the strictly lowest loss}, "chance": {...}}.
 
     Clips are training combinations; every candidate caption of a clip is scored on the same noisy inputs
@@ -79,7 +84,7 @@ def word_choice_accuracy(pipe, sigmas=(0.9, 0.7), num_clips: int = 10, draws: in
     bases = [TRAIN_COMBOS[rng.randrange(len(TRAIN_COMBOS))] for _ in range(num_clips)]
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     # Each clip and its noise draws once, shared by every attribute and noise level.
-    clips = [render_clip(base, seed * 1000 + i).permute(3, 0, 1, 2)[None].to(device, dtype)
+    clips = [render_clip(base, seed * 1000 + i, size=size).permute(3, 0, 1, 2)[None].to(device, dtype)
              for i, base in enumerate(bases)]
     noises = [[torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1000 + i * draws + d))
                .to(device, dtype) for d in range(draws)] for i, x0 in enumerate(clips)]
@@ -105,21 +110,47 @@ def word_choice_accuracy(pipe, sigmas=(0.9, 0.7), num_clips: int = 10, draws: in
     return result
 
 
+def _sigmas(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected noise levels like 0.98,0.9, got {text!r}") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"noise levels must be in (0, 1], got {text!r}")
+    return values
+
+
 def main(argv=None):
     from .pipeline import WEIGHTS_DIR, load_tiny_shapes, weights_id
+    from .train_tiny_shapes import load_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(WEIGHTS_DIR))
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--model", default=str(WEIGHTS_DIR), help="a saved tiny-shapes pipeline")
+    source.add_argument("--checkpoint", default=None,
+                        help="a train_tiny_shapes checkpoint (OUT/checkpoint.pt): measures its EMA weights")
+    ap.add_argument("--size", type=int, default=None,
+                    help="clip size in pixels (default: the checkpoint's training size, else 32)")
     ap.add_argument("--captions", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--word-choice", action="store_true",
                     help="also score word choice (diffusion classifier; a few minutes on a 2-core CPU)")
+    ap.add_argument("--clips", type=int, default=10, help="clips per attribute for word choice")
+    ap.add_argument("--sigmas", type=_sigmas, default=(0.9, 0.7), help="noise levels for word choice")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    pipe = load_tiny_shapes(path=a.model)
-    result = {"weights_id": weights_id(a.model), "sensitivity": attribute_sensitivity(pipe, num_captions=a.captions)}
+    if a.checkpoint:
+        pipe, st = load_checkpoint(a.checkpoint)
+        size = a.size or st["args"].get("size", DEFAULT_SIZE)
+        result = {"checkpoint": str(a.checkpoint), "step": st["step"], "size": size}
+    else:
+        pipe, size = load_tiny_shapes(path=a.model), a.size or DEFAULT_SIZE
+        result = {"weights_id": weights_id(a.model), "size": size}
+    pipe.to(a.device)
+    result["sensitivity"] = attribute_sensitivity(pipe, num_captions=a.captions, size=size)
     if a.word_choice:
-        result["word_choice"] = word_choice_accuracy(pipe)
+        result["word_choice"] = word_choice_accuracy(pipe, sigmas=a.sigmas, num_clips=a.clips, size=size)
     print(json.dumps(result, indent=2))
     return result
 

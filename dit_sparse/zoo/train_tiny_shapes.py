@@ -161,10 +161,27 @@ def save_checkpoint(path: Path, state: dict):
     os.replace(tmp, path)
 
 
-def export(pipe_modules, ema_state, out_dir: Path, info: dict):
-    pipe = build_pipeline(TinyShapesConfig(**info["config"]))
+def ema_pipeline(config: dict, ema_state: dict):
+    """A tiny-shapes pipeline holding a run's EMA weights (what export saves and monitoring measures)."""
+    pipe = build_pipeline(TinyShapesConfig(**config))
     pipe.transformer.load_state_dict(ema_state["transformer"])
     pipe.text_encoder.load_state_dict(ema_state["text_encoder"])
+    return pipe
+
+
+def load_checkpoint(path: str | Path) -> tuple:
+    """(EMA pipeline, checkpoint dict) of a training checkpoint, to measure a run while it trains."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"no training checkpoint at {path} (train_tiny_shapes writes OUT/checkpoint.pt)")
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(st, dict) or not {"config", "ema", "step"} <= set(st):
+        raise SystemExit(f"{path} is not a train_tiny_shapes checkpoint (no config, ema and step)")
+    return ema_pipeline(st["config"], st["ema"]), st
+
+
+def export(pipe_modules, ema_state, out_dir: Path, info: dict):
+    pipe = ema_pipeline(info["config"], ema_state)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")

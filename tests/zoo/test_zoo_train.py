@@ -127,3 +127,29 @@ def test_recorded_command_runs_with_the_same_arguments():
     recorded = vars(tts.parse_args(argv))
     replayed = vars(tts.parse_args(shlex.split(tts.command_of(recorded))[3:] + ["--out", "x"]))
     assert replayed == recorded and replayed["mixed_from"] == 0  # 0 is a value, not an absent option
+
+
+def test_conditioning_measures_a_running_checkpoint_at_its_training_size(tmp_path):
+    from dit_sparse.zoo import conditioning
+
+    tts.main(["--out", str(tmp_path), "--steps", "2", "--stop-at", "1", "--no-export", *BASE])
+    pipe, st = tts.load_checkpoint(tmp_path / "checkpoint.pt")
+    for k, v in pipe.transformer.state_dict().items():  # the EMA weights, not the raw ones
+        assert torch.equal(v, st["ema"]["transformer"][k]), k
+    result = conditioning.main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--word-choice", "--clips", "1",
+                                "--sigmas", "0.95", "--captions", "1", "--threads", "1"])
+    assert result["step"] == 1 and result["size"] == 8  # BASE trains on 8x8 clips
+    assert all(set(result["word_choice"][n]) == {"0.95"} for n in ("colour", "shape", "motion"))
+
+
+def test_conditioning_refuses_what_is_not_a_training_checkpoint(tmp_path):
+    from dit_sparse.zoo import conditioning
+
+    with pytest.raises(SystemExit, match="no training checkpoint"):
+        conditioning.main(["--checkpoint", str(tmp_path / "missing.pt")])
+    torch.save({"step": 3}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a train_tiny_shapes checkpoint"):
+        conditioning.main(["--checkpoint", str(tmp_path / "other.pt")])
+    with pytest.raises(SystemExit) as bad:
+        conditioning.main(["--sigmas", "0.9,1.5"])
+    assert bad.value.code == 2  # argparse's usage error, before anything loads
