@@ -169,18 +169,24 @@ def ema_pipeline(config: dict, ema_state: dict):
     return pipe
 
 
-def load_checkpoint(path: str | Path) -> tuple:
-    """(EMA pipeline, checkpoint dict) of a training checkpoint, to measure a run while it trains."""
+def read_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint's state, or a clear exit when the file is missing or is not one."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"no training checkpoint at {path} (train_tiny_shapes writes OUT/checkpoint.pt)")
     st = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(st, dict) or not {"config", "ema", "step"} <= set(st):
         raise SystemExit(f"{path} is not a train_tiny_shapes checkpoint (no config, ema and step)")
+    return st
+
+
+def load_checkpoint(path: str | Path) -> tuple:
+    """(EMA pipeline, checkpoint dict) of a training checkpoint, to measure a run while it trains."""
+    st = read_checkpoint(path)
     return ema_pipeline(st["config"], st["ema"]), st
 
 
-def export(pipe_modules, ema_state, out_dir: Path, info: dict):
+def export(ema_state, out_dir: Path, info: dict):
     pipe = ema_pipeline(info["config"], ema_state)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
@@ -223,12 +229,12 @@ def main(argv=None):
     ckpt_path = out / "checkpoint.pt"
     cfg = TinyShapesConfig(**(json.loads(a.config) if a.config else {}))
     if a.export_only:
-        st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        st = read_checkpoint(ckpt_path)
         info = {"config": st["config"], "args": {k: v for k, v in st["args"].items() if k not in ("out", "export")},
                 "steps_done": st["step"], "wall_seconds": round(st["elapsed"], 1), "final_loss_avg": st["loss_avg"],
                 "command": command_of(st["args"]),
                 "phases": st.get("phases"), "init_from": st.get("init_from"), "torch": torch.__version__}
-        export(None, st["ema"], Path(a.export), info)
+        export(st["ema"], Path(a.export), info)
         print(f"exported EMA weights of step {st['step']} to {a.export}", flush=True)
         return info
     a.flow_shift = cfg.flow_shift
@@ -340,7 +346,7 @@ def main(argv=None):
             "command": command, "phases": phases, "init_from": init_record, "torch": torch.__version__}
     print(json.dumps({k: info[k] for k in ("steps_done", "wall_seconds", "final_loss_avg")}), flush=True)
     if not a.no_export:
-        export(pipe, ema, Path(a.export), info)
+        export(ema, Path(a.export), info)
         print(f"exported EMA pipeline to {a.export}", flush=True)
     return info
 

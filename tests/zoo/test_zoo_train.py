@@ -150,6 +150,8 @@ def test_conditioning_refuses_what_is_not_a_training_checkpoint(tmp_path):
     torch.save({"step": 3}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not a train_tiny_shapes checkpoint"):
         conditioning.main(["--checkpoint", str(tmp_path / "other.pt")])
+    with pytest.raises(SystemExit, match="no training checkpoint"):  # exporting reads checkpoints the same way
+        tts.main(["--out", str(tmp_path / "never-trained"), "--export-only", *BASE])
     with pytest.raises(SystemExit) as bad:
         conditioning.main(["--sigmas", "0.9,1.5"])
     assert bad.value.code == 2  # argparse's usage error, before anything loads
