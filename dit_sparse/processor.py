@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .adapters import ADAPTERS, ModelAdapter, adapter_for_transformer
+from .adapters import ADAPTERS, ModelAdapter, adapter_for_transformer, has_adapter
 from .attend import AttentionSite, AttentionStats, attend
 from .executors import get_executor
 from .layout import Grid
@@ -234,7 +234,7 @@ class SparseProcessor:
             owner = frame.f_locals.get("self")
             if (
                 isinstance(owner, torch.nn.Module)
-                and type(owner).__name__ in ADAPTERS
+                and has_adapter(owner)
                 and "args" in frame.f_locals
                 and "kwargs" in frame.f_locals
                 and any(m is attn for m in owner.modules())

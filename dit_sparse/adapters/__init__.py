@@ -24,16 +24,27 @@ class UnsupportedModelError(TypeError):
     pass
 
 
+def _registered_name(transformer_type: type) -> str | None:
+    """The nearest class in the MRO with an adapter: a subclass of a supported transformer (one that adds input
+    channels, say) keeps its attention modules, so its parent's adapter serves it."""
+    return next((c.__name__ for c in transformer_type.__mro__ if c.__name__ in ADAPTERS), None)
+
+
+def has_adapter(module: torch.nn.Module) -> bool:
+    return _registered_name(type(module)) is not None
+
+
 def adapter_for_transformer(transformer: torch.nn.Module) -> ModelAdapter:
-    name = type(transformer).__name__
-    if name not in ADAPTERS:
+    name = _registered_name(type(transformer))
+    if name is None:
         raise UnsupportedModelError(
-            f"dit-sparse has no adapter for {name}; supported transformers: {', '.join(supported_transformers())}"
+            f"dit-sparse has no adapter for {type(transformer).__name__}; "
+            f"supported transformers: {', '.join(supported_transformers())}"
         )
     return ADAPTERS[name]
 
 
 from . import cogvideox, flux, hunyuan_video, ltx_video, mochi, pixart, sd3, wan  # noqa: E402,F401 (they register)
 
-__all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_transformer", "register_adapter",
-           "supported_transformers"]
+__all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_transformer", "has_adapter",
+           "register_adapter", "supported_transformers"]
