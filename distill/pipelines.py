@@ -42,7 +42,7 @@ def kind_of(pipe) -> PipelineKind:
 
 
 def _tiny_shapes_shape(pipe, frames, height, width):
-    return (pipe.transformer.config.in_channels, frames, height, width)
+    return (pipe.transformer.config.out_channels, frames, height, width)  # in_channels may hold coordinates
 
 
 def _tiny_train_prompts():

@@ -36,6 +36,10 @@ class TinyShapesConfig:
     # noise, so layout, shape and motion are decided at sigma > 0.8: with shift 1 the 3000-step model denoised
     # well below sigma 0.5 but drifted (objects fading out frame by frame) when sampling started from pure noise.
     flow_shift: float = 3.0
+    # Three input channels with each pixel's (frame, row, column) coordinate. RoPE is relative and pixel space has
+    # no VAE padding, so without them the model cannot see where a token is, and "moving left" (which, with objects
+    # kept in frame, starts right and ends left) stays unlearnable: results/experiments/probe16-coords.json.
+    coordinate_channels: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -84,11 +88,14 @@ def build_text_encoder(cfg: TinyShapesConfig, vocab_size: int):
 def build_transformer(cfg: TinyShapesConfig):
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(
+    from .transformer import TinyShapesTransformer
+
+    cls, extra = (TinyShapesTransformer, 3) if cfg.coordinate_channels else (WanTransformer3DModel, 0)
+    return cls(
         patch_size=(1, 2, 2),
         num_attention_heads=cfg.num_attention_heads,
         attention_head_dim=cfg.attention_head_dim,
-        in_channels=3,
+        in_channels=3 + extra,
         out_channels=3,
         text_dim=cfg.text_dim,
         freq_dim=cfg.freq_dim,

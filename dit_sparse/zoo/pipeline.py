@@ -168,7 +168,7 @@ class TinyShapesPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
 
-        shape = (batch, self.transformer.config.in_channels, num_frames, height, width)
+        shape = (batch, self.transformer.config.out_channels, num_frames, height, width)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         else:

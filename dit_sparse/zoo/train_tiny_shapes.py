@@ -255,7 +255,8 @@ def main(argv=None):
     phases = []  # one record per (re)start: the exact command and the step it started from
     if a.resume and ckpt_path.exists():
         st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if st["config"] != cfg.to_dict():  # e.g. a flow_shift-1 checkpoint resumed under today's default of 3
+        # e.g. a flow_shift-1 checkpoint resumed under today's default of 3 (fields added since take their defaults)
+        if TinyShapesConfig(**st["config"]).to_dict() != cfg.to_dict():
             raise SystemExit(f"--resume {ckpt_path}: the checkpoint was trained with config {st['config']}, this run "
                              f"has {cfg.to_dict()}; pass --config with the checkpoint's values")
         tr.load_state_dict(st["transformer"])

@@ -155,3 +155,16 @@ def test_conditioning_refuses_what_is_not_a_training_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as bad:
         conditioning.main(["--sigmas", "0.9,1.5"])
     assert bad.value.code == 2  # argparse's usage error, before anything loads
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_config_field_and_refuses_another_config(tmp_path):
+    tts.main(["--out", str(tmp_path), "--steps", "1", "--no-export", *BASE])
+    st = _ckpt(tmp_path)
+    del st["config"]["coordinate_channels"]  # as written before the field existed
+    torch.save(st, tmp_path / "checkpoint.pt")
+    tts.main(["--out", str(tmp_path), "--steps", "2", "--resume", "--no-export", *BASE])
+    assert _ckpt(tmp_path)["step"] == 2
+    coords = json.dumps({**json.loads(TINY), "coordinate_channels": True})
+    other = [*BASE[:-3], coords, *BASE[-2:]]
+    with pytest.raises(SystemExit, match="coordinate_channels"):
+        tts.main(["--out", str(tmp_path), "--steps", "3", "--resume", "--no-export", *other])

@@ -1,0 +1,73 @@
+"""Coordinate input channels (TinyShapesConfig.coordinate_channels): layout, save/load, and sparse plans."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import torch
+from conftest import TINY
+from diffusers import WanTransformer3DModel
+
+import dit_sparse
+from dit_sparse.plan import SparsePlan
+from dit_sparse.zoo import TinyShapesPipeline
+from dit_sparse.zoo.model import build_pipeline
+from dit_sparse.zoo.transformer import TinyShapesTransformer, coordinate_planes
+
+PROMPT = "a red circle moving left on a dark background"
+SMALL = dict(num_inference_steps=2, num_frames=3, height=8, width=10)
+COORD = replace(TINY, coordinate_channels=True)
+
+
+def _gen(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **SMALL).frames
+
+
+def test_coordinate_planes_are_pixel_centres_in_minus_one_to_one():
+    p = coordinate_planes(2, 4, 5)
+    assert p.shape == (3, 2, 4, 5)
+    assert torch.allclose(p[0, :, 0, 0], torch.tensor([-0.5, 0.5]))
+    assert torch.allclose(p[1, 0, :, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    assert torch.allclose(p[2, 0, 0, :], torch.tensor([-0.8, -0.4, 0.0, 0.4, 0.8]))
+
+
+def test_coordinates_are_channels_three_to_five_of_the_patch_embedding():
+    """With the coordinate weights zeroed the model is a stock Wan with the same weights on the clip's channels."""
+    model = build_pipeline(COORD, seed=0).transformer.eval()
+    assert isinstance(model, TinyShapesTransformer) and model.config.in_channels == 6
+    stock = WanTransformer3DModel.from_config({**model.config, "in_channels": 3}).eval()
+    state = model.state_dict()
+    state["patch_embedding.weight"] = state["patch_embedding.weight"][:, :3]
+    stock.load_state_dict(state)
+    x = torch.randn(2, 3, 3, 8, 10, generator=torch.Generator().manual_seed(1))
+    kw = dict(timestep=torch.full((2,), 500.0), encoder_hidden_states=torch.randn(2, 16, 16), return_dict=False)
+    with torch.no_grad():
+        with_coords = model(hidden_states=x, **kw)[0]
+        model.patch_embedding.weight[:, 3:] = 0
+        zeroed = model(hidden_states=x, **kw)[0]
+        plain = stock(hidden_states=x, **kw)[0]
+    assert with_coords.shape == x.shape
+    torch.testing.assert_close(zeroed, plain)
+    assert (with_coords - plain).abs().max() > 1e-3  # the coordinates do reach the model
+
+
+def test_save_load_round_trip_keeps_the_class_and_is_bit_identical(tmp_path):
+    pipe = build_pipeline(COORD, seed=0)
+    before = _gen(pipe)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["transformer"] == ["dit_sparse.zoo.transformer", "TinyShapesTransformer"]
+    loaded = TinyShapesPipeline.from_pretrained(tmp_path, local_files_only=True)
+    assert type(loaded.transformer) is TinyShapesTransformer
+    assert before.shape == (1, 3, 8, 10, 3)
+    np.testing.assert_array_equal(before, _gen(loaded))
+
+
+def test_sparse_plans_run_on_the_coordinate_model():
+    pipe = build_pipeline(COORD, seed=0)
+    dense = _gen(pipe)
+    dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, "dense"))
+    np.testing.assert_array_equal(dense, _gen(pipe))
+    dit_sparse.remove(pipe)
+    dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, "skip"))
+    assert np.abs(_gen(pipe) - dense).max() > 1e-4
