@@ -1,5 +1,8 @@
 """Coordinate input channels (TinyShapesConfig.coordinate_channels): layout, save/load, and sparse plans."""
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -71,3 +74,14 @@ def test_sparse_plans_run_on_the_coordinate_model():
     dit_sparse.remove(pipe)
     dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, "skip"))
     assert np.abs(_gen(pipe) - dense).max() > 1e-4
+
+
+def test_a_fresh_interpreter_loads_a_saved_coordinate_pipeline(tmp_path):
+    """diffusers only loads classes from modules already imported; the pipeline's loader must import ours."""
+    build_pipeline(COORD, seed=0).save_pretrained(tmp_path)
+    code = ("from dit_sparse.zoo import load_tiny_shapes; "
+            f"print(type(load_tiny_shapes(path={str(tmp_path)!r}).transformer).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "TinyShapesTransformer"
