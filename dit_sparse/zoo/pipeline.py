@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from . import transformer as _coordinate_transformer  # noqa: F401 (diffusers loads only imported modules)
 from .model import MAX_TEXT_LEN, encode_text
 
 DEFAULT_STEPS = 20
@@ -54,8 +55,6 @@ class TinyShapesPipeline(DiffusionPipeline):
         """diffusers' loader, then every tensor copied into freshly allocated memory: tensors loaded from safetensors
         can sit at addresses that change which SIMD kernels CPU matmuls pick (and so the summation order), and the
         saved copy of a pipeline must generate bit for bit what the original did."""
-        from . import transformer  # noqa: F401 (diffusers loads a model_index.json class only from an imported module)
-
         pipe = super().from_pretrained(*args, **kwargs)
         with torch.no_grad():
             for module in (pipe.transformer, pipe.text_encoder):

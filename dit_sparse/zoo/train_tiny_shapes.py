@@ -254,7 +254,7 @@ def main(argv=None):
     command = "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(sys.argv[1:] if argv is None else argv)
     phases = []  # one record per (re)start: the exact command and the step it started from
     if a.resume and ckpt_path.exists():
-        st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        st = read_checkpoint(ckpt_path)
         # e.g. a flow_shift-1 checkpoint resumed under today's default of 3 (fields added since take their defaults)
         if TinyShapesConfig(**st["config"]).to_dict() != cfg.to_dict():
             raise SystemExit(f"--resume {ckpt_path}: the checkpoint was trained with config {st['config']}, this run "

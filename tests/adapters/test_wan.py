@@ -19,21 +19,15 @@ def test_one_line_form_equals_apply():
     check_one_line_form_equals_apply(tiny_wan, wan_inputs(batch=2))
 
 
-def tiny_wan_with_extra_channel(seed: int = 0):
-    """A subclass that concatenates one extra input channel in forward (as a model with coordinate channels does):
-    it keeps Wan's attention modules, so the Wan adapter must serve it, in both binding forms."""
+def tiny_wan_with_coordinates(seed: int = 0):
+    """The tiny-shapes subclass (appends 3 coordinate channels in forward) at the tiny Wan's sizes: it keeps Wan's
+    attention modules, so the Wan adapter must serve it, in both binding forms."""
     import torch
-    from diffusers import WanTransformer3DModel
-
-    class WanWithExtraChannel(WanTransformer3DModel):
-        def forward(self, hidden_states, *args, **kwargs):
-            extra = torch.linspace(-1, 1, hidden_states.shape[2]).view(1, 1, -1, 1, 1)
-            extra = extra.expand(hidden_states.shape[0], 1, -1, *hidden_states.shape[3:])
-            return super().forward(torch.cat([hidden_states, extra], 1), *args, **kwargs)
+    from dit_sparse.zoo.transformer import TinyShapesTransformer
 
     torch.manual_seed(seed)
-    return WanWithExtraChannel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=5, out_channels=4,
+    return TinyShapesTransformer(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4 + 3, out_channels=4,
         text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
     ).eval()
 
@@ -41,11 +35,11 @@ def tiny_wan_with_extra_channel(seed: int = 0):
 def test_subclass_of_a_supported_transformer_uses_its_adapter():
     from dit_sparse.adapters import adapter_for_transformer
 
-    model = tiny_wan_with_extra_channel()
+    model = tiny_wan_with_coordinates()
     assert adapter_for_transformer(model).family == adapter_for_transformer(tiny_wan()).family
-    check_dense_plan_equals_stock_and_remove_restores(tiny_wan_with_extra_channel, [wan_inputs(batch=2)])
-    check_sparse_plan_changes_output(tiny_wan_with_extra_channel, wan_inputs(batch=2))
-    check_one_line_form_equals_apply(tiny_wan_with_extra_channel, wan_inputs(batch=2))
+    check_dense_plan_equals_stock_and_remove_restores(tiny_wan_with_coordinates, [wan_inputs(batch=2)])
+    check_sparse_plan_changes_output(tiny_wan_with_coordinates, wan_inputs(batch=2))
+    check_one_line_form_equals_apply(tiny_wan_with_coordinates, wan_inputs(batch=2))
 
 
 def test_unrelated_module_still_has_no_adapter():
