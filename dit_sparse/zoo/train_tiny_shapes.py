@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .model import TinyShapesConfig, build_pipeline, encode_text
 from .pipeline import WEIGHTS_DIR
 from .shapes_data import sample_batch
+from .transformer import TinyShapesTransformer
 
 
 def parse_args(argv=None):
@@ -194,6 +195,16 @@ def export(ema_state, out_dir: Path, info: dict):
     return pipe
 
 
+def with_coordinate_inputs(state: dict) -> dict:
+    """A plain Wan transformer's weights widened for :class:`TinyShapesTransformer`: the patch embedding gets zero
+    weights for the three coordinate channels, so the widened model computes exactly what the plain one did and
+    training starts from there (how coordinates were added to the shipped model without retraining it)."""
+    state = dict(state)
+    w = state["patch_embedding.weight"]  # (inner, 3, pt, ph, pw)
+    state["patch_embedding.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 3, *w.shape[2:])], 1)
+    return state
+
+
 def init_from(pipe, path: Path, cfg: TinyShapesConfig) -> dict | None:
     """Load the transformer and text encoder weights of a saved pipeline whose sizes match ``cfg``; return that
     pipeline's ``training.json`` (how its weights were made), which the new run carries forward."""
@@ -201,8 +212,11 @@ def init_from(pipe, path: Path, cfg: TinyShapesConfig) -> dict | None:
 
     src = load_tiny_shapes(path=path)
     for name in ("transformer", "text_encoder"):
+        state = getattr(src, name).state_dict()
+        if name == "transformer" and cfg.coordinate_channels and not isinstance(src.transformer, TinyShapesTransformer):
+            state = with_coordinate_inputs(state)
         try:
-            getattr(pipe, name).load_state_dict(getattr(src, name).state_dict())
+            getattr(pipe, name).load_state_dict(state)
         except RuntimeError as e:
             raise SystemExit(f"--init-from {path}: its {name} does not match --config {cfg.to_dict()}: {e}") from e
     record = path / "training.json"

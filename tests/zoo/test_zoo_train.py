@@ -168,3 +168,17 @@ def test_resume_accepts_a_checkpoint_from_before_a_config_field_and_refuses_anot
     other = [*BASE[:-3], coords, *BASE[-2:]]
     with pytest.raises(SystemExit, match="coordinate_channels"):
         tts.main(["--out", str(tmp_path), "--steps", "3", "--resume", "--no-export", *other])
+
+
+def test_init_from_a_plain_pipeline_widens_it_with_coordinate_inputs_that_change_nothing(tmp_path):
+    plain, widened = tmp_path / "plain", tmp_path / "widened"
+    tts.main(["--out", str(tmp_path / "a"), "--steps", "1", "--export", str(plain), *BASE])
+    coords = json.dumps({**json.loads(TINY), "coordinate_channels": True})
+    args = [a if a != TINY else coords for a in BASE]
+    tts.main(["--out", str(widened), "--steps", "1", "--no-export", "--init-from", str(plain), "--lr", "0", *args])
+    old = TinyShapesPipeline.from_pretrained(plain, local_files_only=True).transformer
+    new = tts.ema_pipeline(_ckpt(widened)["config"], _ckpt(widened)["ema"]).transformer
+    assert new.config.in_channels == old.config.in_channels + 3
+    x, t, text = torch.randn(2, 3, 2, 8, 8), torch.tensor([100, 900]), torch.randn(2, 16, 16)
+    with torch.no_grad():  # zero weights on the new channels: the widened model starts as the plain one
+        assert torch.allclose(new(x, t, text, return_dict=False)[0], old(x, t, text, return_dict=False)[0])
