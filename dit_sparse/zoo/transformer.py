@@ -22,7 +22,11 @@ class TinyShapesTransformer(WanTransformer3DModel):
     """WanTransformer3DModel whose forward appends :func:`coordinate_planes` to its (B, 3, F, H, W) input, the way
     Wan's image-to-video model takes conditioning channels; attention and everything after it are Wan's."""
 
-    def forward(self, hidden_states, *args, **kwargs):
+    # Wan's own signature, spelled out: SparseProcessor binds the forward's arguments by name to read the timestep
+    # (dense warm-up steps, calibration); behind *args it would see none.
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                return_dict=True, attention_kwargs=None):
         b, _, f, h, w = hidden_states.shape
         planes = coordinate_planes(f, h, w, hidden_states.device, hidden_states.dtype)
-        return super().forward(torch.cat([hidden_states, planes.expand(b, -1, -1, -1, -1)], 1), *args, **kwargs)
+        return super().forward(torch.cat([hidden_states, planes.expand(b, -1, -1, -1, -1)], 1), timestep,
+                               encoder_hidden_states, encoder_hidden_states_image, return_dict, attention_kwargs)

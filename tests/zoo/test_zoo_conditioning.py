@@ -56,3 +56,16 @@ def test_evaluation_records_attribute_sensitivity_and_the_weights_it_measured(ti
     assert result["weights_id"] == weights_id(tmp_path / "m") and result["heldout"]["n"] == 2
     assert set(result["attribute_sensitivity"]) == {"colour", "shape", "motion", "background"}
     assert set(result["word_choice"]) == {"colour", "shape", "motion", "chance"}
+
+
+def test_evaluation_with_no_checker_clips_skips_the_checker_check(tiny_pipe, tmp_path):
+    import json
+
+    from dit_sparse.zoo import evaluate
+
+    tiny_pipe.save_pretrained(str(tmp_path / "m"))
+    out = tmp_path / "eval.json"
+    evaluate.main(["--model", str(tmp_path / "m"), "--steps", "2", "--heldout-prompts", "1", "--checker-clips", "0",
+                   "--word-choice-clips", "0", "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert "checker_ground_truth" not in result and result["heldout"]["n"] == 1

@@ -76,6 +76,16 @@ def test_sparse_plans_run_on_the_coordinate_model():
     assert np.abs(_gen(pipe) - dense).max() > 1e-4
 
 
+def test_the_processor_sees_each_denoising_step_of_the_coordinate_model():
+    """Dense warm-up steps and calibration need the step; the processor reads it from the forward's timestep."""
+    pipe = build_pipeline(COORD, seed=0)
+    processor = dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, "dense"))
+    steps = []
+    processor.observers.append(lambda site, q, k, v, text: steps.append(site.step))
+    _gen(pipe)
+    assert sorted(set(steps)) == [0, 1]
+
+
 def test_a_fresh_interpreter_loads_a_saved_coordinate_pipeline(tmp_path):
     """diffusers only loads classes from modules already imported; the pipeline's loader must import ours."""
     build_pipeline(COORD, seed=0).save_pretrained(tmp_path)
