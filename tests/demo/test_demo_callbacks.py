@@ -213,12 +213,18 @@ def test_identical_request_is_served_from_the_cache(backend, callbacks, small):
     assert backend.runs == runs + 2
 
 
+def shipped_architecture():
+    """An untrained pipeline with the shipped weights' architecture (coordinate channels), which the shipped plan
+    names, built in a second instead of loaded."""
+    from dit_sparse.zoo import TinyShapesConfig, build_pipeline
+
+    return build_pipeline(TinyShapesConfig(coordinate_channels=True))
+
+
 def test_cache_is_a_bounded_lru():
     from dit_sparse.demo.backend import DemoBackend
 
-    from dit_sparse.zoo import build_pipeline
-
-    b = DemoBackend(pipe=build_pipeline(), cache_size=2)
+    b = DemoBackend(pipe=shipped_architecture(), cache_size=2)
     try:
         plan, _ = b.resolve_plan("shipped plan", "tiny-shapes.plan.json")
         requests = [b.make_request("a red circle moving right on a dark background", seed, 1, 4.5, "16x16", 2, plan)
@@ -245,10 +251,8 @@ def test_two_requests_at_once_both_complete_with_correct_results(small):
     from dit_sparse.demo.app import Callbacks
     from dit_sparse.demo.backend import DemoBackend
 
-    from dit_sparse.zoo import build_pipeline
-
     requests = [with_(small, seed=31), with_(small, seed=32, prompt="a blue square moving up on a light background")]
-    shared = DemoBackend(pipe=build_pipeline())
+    shared = DemoBackend(pipe=shipped_architecture())
     results, errors = [None, None], []
     barrier = threading.Barrier(2)
 
@@ -268,7 +272,7 @@ def test_two_requests_at_once_both_complete_with_correct_results(small):
     assert shared.runs == 2
     concurrent = [shared.cached(shared.make_request(*r[:6], shared.resolve_plan(*r[6:])[0])) for r in requests]
 
-    alone = DemoBackend(pipe=build_pipeline())
+    alone = DemoBackend(pipe=shipped_architecture())
     try:
         for i, req in enumerate(requests):
             out = Callbacks(alone).compare(*req)
