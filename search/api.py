@@ -101,14 +101,18 @@ def model_fingerprint(model: str) -> tuple[ModelFingerprint, list[tuple[str, int
                 transformer = build_transformer(TinyShapesConfig())
             adapter = adapter_for_transformer(transformer)
             return adapter.fingerprint(transformer), adapter.covered_modules(transformer)
-    import diffusers
+    import importlib
+
     from diffusers import DiffusionPipeline
 
     try:
         index = DiffusionPipeline.load_config(model)
-        cls = getattr(diffusers, index["transformer"][1])
+        # model_index.json names (library, class): "diffusers" for stock transformers, a module path for custom
+        # ones such as tiny-shapes' TinyShapesTransformer (diffusers' own loader imports it the same way)
+        library, class_name = index["transformer"]
+        cls = getattr(importlib.import_module(library), class_name)
         config = cls.load_config(model, subfolder="transformer")
-    except (OSError, KeyError, AttributeError, TypeError) as e:
+    except (OSError, KeyError, AttributeError, TypeError, ValueError, ImportError) as e:
         raise SearchError(f"--model: could not read the transformer configuration of {model!r}: {e}") from None
     with torch.device("meta"):
         transformer = cls.from_config(config)

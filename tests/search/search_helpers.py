@@ -7,8 +7,8 @@ from dit_sparse.search.stats import CalibrationStats
 from dit_sparse.layout import Grid
 from dit_sparse.plan import ModelFingerprint
 
-# The fingerprint of the embedded tiny-shapes model (WanTransformer3DModel, 4 layers x 4 heads x 32).
-TINY_SHAPES = ModelFingerprint("WanTransformer3DModel", 4, 4, 32)
+# The fingerprint of the embedded tiny-shapes model (TinyShapesTransformer, 4 layers x 4 heads x 32).
+TINY_SHAPES = ModelFingerprint("TinyShapesTransformer", 4, 4, 32)
 
 
 def synthetic_stats(fingerprint: ModelFingerprint = TINY_SHAPES, seed: int = 0) -> CalibrationStats:

@@ -54,7 +54,7 @@ def test_stats_from_another_model_are_refused(tmp_path):
     other = synthetic_stats(ModelFingerprint("CogVideoXTransformer3DModel", 4, 4, 32))
     path = other.save(tmp_path / "other.stats.json")
     with pytest.raises(StatsError, match=r"another model than 'tiny-shapes'.*transformer_class: stats have "
-                                         r"'CogVideoXTransformer3DModel', model has 'WanTransformer3DModel'"):
+                                         r"'CogVideoXTransformer3DModel', model has 'TinyShapesTransformer'"):
         search("tiny-shapes", stats=path, out=tmp_path / "p.plan.json", cost="flop", progress=False)
     assert not (tmp_path / "p.plan.json").exists()
 

@@ -8,6 +8,7 @@ import torch
 from dit_sparse.zoo import WEIGHTS_DIR, TinyShapesPipeline, load_tiny_shapes
 from dit_sparse.zoo.model import MAX_TEXT_LEN, build_tokenizer, encode_text
 from dit_sparse.zoo.shapes_data import vocabulary
+from dit_sparse.zoo.transformer import TinyShapesTransformer
 
 PROMPT = "a red circle moving left on a dark background"
 SMALL = dict(num_inference_steps=2, num_frames=2, height=8, width=8)
@@ -119,7 +120,9 @@ def test_shipped_weights_load_and_generate():
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
     pipe = load_tiny_shapes()
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.transformer.config.in_channels == 3 and tuple(pipe.transformer.config.patch_size) == (1, 2, 2)
+    # 3 colour channels plus the 3 coordinate planes the transformer appends (TinyShapesTransformer)
+    assert isinstance(pipe.transformer, TinyShapesTransformer) and pipe.transformer.config.in_channels == 6
+    assert pipe.transformer.config.out_channels == 3 and tuple(pipe.transformer.config.patch_size) == (1, 2, 2)
     f = pipe(PROMPT, num_inference_steps=2, num_frames=2, height=16, width=16,
              generator=torch.Generator().manual_seed(0)).frames
     assert f.shape == (1, 2, 16, 16, 3) and np.isfinite(f).all()
