@@ -34,6 +34,10 @@ class PlanMismatchError(ValueError):
     pass
 
 
+class UnknownStepError(RuntimeError):
+    """The plan runs some denoising steps dense, but nothing told the processor which step this call is."""
+
+
 def _context_hook():
     """A do-nothing stateful diffusers hook: diffusers hands it the pipeline's cache context on every call.
 
@@ -317,6 +321,13 @@ class SparseProcessor:
         if schedule.dense_first > 0 and state.timestep is not None:
             # No step count known: read the fraction as a fraction of the noise range (timestep / 1000).
             return state.timestep / 1000.0 > 1.0 - schedule.dense_first
+        if schedule.dense_first > 0 or schedule.dense_last_steps > 0:
+            # Running every step sparse instead would be a silently different video.
+            raise UnknownStepError(
+                f"the plan runs dense steps (dense_first {schedule.dense_first}, dense_last_steps "
+                f"{schedule.dense_last_steps}) but {type(state.transformer_ref()).__name__}.forward gave no timestep "
+                "the processor could read: pass `timestep` to the transformer by name or in Wan's position (a "
+                "subclass must keep its parent's forward signature), or use a plan with no dense steps")
         return False
 
     def reset_caches(self) -> None:

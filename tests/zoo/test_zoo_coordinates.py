@@ -86,6 +86,24 @@ def test_the_processor_sees_each_denoising_step_of_the_coordinate_model():
     assert sorted(set(steps)) == [0, 1]
 
 
+def test_a_plan_with_dense_steps_refuses_a_forward_that_hides_the_timestep():
+    """Without a readable timestep a dense warm-up cannot be honoured: a clear error, not an all-sparse video."""
+    import pytest
+
+    from dit_sparse.plan import Schedule
+    from dit_sparse.processor import UnknownStepError
+
+    class HidesTimestep(TinyShapesTransformer):
+        def forward(self, hidden_states, *args, **kwargs):
+            return super().forward(hidden_states, *args, **kwargs)
+
+    pipe = build_pipeline(COORD, seed=0)
+    pipe.transformer = HidesTimestep.from_config(pipe.transformer.config)
+    dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, "skip", schedule=Schedule(dense_first=0.5)))
+    with pytest.raises(UnknownStepError, match="gave no timestep"):
+        _gen(pipe)
+
+
 def test_a_fresh_interpreter_loads_a_saved_coordinate_pipeline(tmp_path):
     """diffusers only loads classes from modules already imported; the pipeline's loader must import ours."""
     build_pipeline(COORD, seed=0).save_pretrained(tmp_path)
