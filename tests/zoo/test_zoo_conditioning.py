@@ -42,30 +42,29 @@ def test_word_choice_of_a_model_that_ignores_its_caption_is_zero_not_chance(tiny
     assert all(w[n] == {"0.9": 0.0} for n in ("colour", "shape", "motion"))  # ties never count as a choice
 
 
-def test_evaluation_records_attribute_sensitivity_and_the_weights_it_measured(tiny_pipe, tmp_path):
+def run_evaluation(pipe, tmp_path, *args):
+    """Save ``pipe`` to ``tmp_path/m``, run ``evaluate`` on it in 2 steps with ``args``, and return its JSON."""
     import json
 
     from dit_sparse.zoo import evaluate
+
+    pipe.save_pretrained(str(tmp_path / "m"))
+    out = tmp_path / "eval.json"
+    evaluate.main(["--model", str(tmp_path / "m"), "--steps", "2", "--threads", "1", "--out", str(out), *args])
+    return json.loads(out.read_text())
+
+
+def test_evaluation_records_attribute_sensitivity_and_the_weights_it_measured(tiny_pipe, tmp_path):
     from dit_sparse.zoo.pipeline import weights_id
 
-    tiny_pipe.save_pretrained(str(tmp_path / "m"))
-    out = tmp_path / "eval.json"
-    evaluate.main(["--model", str(tmp_path / "m"), "--steps", "2", "--heldout-prompts", "2", "--checker-clips", "4",
-                   "--word-choice-clips", "1", "--threads", "1", "--out", str(out)])
-    result = json.loads(out.read_text())
+    result = run_evaluation(tiny_pipe, tmp_path, "--heldout-prompts", "2", "--checker-clips", "4",
+                            "--word-choice-clips", "1")
     assert result["weights_id"] == weights_id(tmp_path / "m") and result["heldout"]["n"] == 2
     assert set(result["attribute_sensitivity"]) == {"colour", "shape", "motion", "background"}
     assert set(result["word_choice"]) == {"colour", "shape", "motion", "chance"}
 
 
 def test_evaluation_with_no_checker_clips_skips_the_checker_check(tiny_pipe, tmp_path):
-    import json
-
-    from dit_sparse.zoo import evaluate
-
-    tiny_pipe.save_pretrained(str(tmp_path / "m"))
-    out = tmp_path / "eval.json"
-    evaluate.main(["--model", str(tmp_path / "m"), "--steps", "2", "--heldout-prompts", "1", "--checker-clips", "0",
-                   "--word-choice-clips", "0", "--threads", "1", "--out", str(out)])
-    result = json.loads(out.read_text())
+    result = run_evaluation(tiny_pipe, tmp_path, "--heldout-prompts", "1", "--checker-clips", "0",
+                            "--word-choice-clips", "0")
     assert "checker_ground_truth" not in result and result["heldout"]["n"] == 1
