@@ -92,15 +92,10 @@ def model_fingerprint(model: str) -> tuple[ModelFingerprint, list[tuple[str, int
     if model == TINY_SHAPES:
         from dit_sparse.zoo import WEIGHTS_DIR
 
-        if (WEIGHTS_DIR / "model_index.json").is_file():
-            model = str(WEIGHTS_DIR)
-        else:
-            from dit_sparse.zoo.model import TinyShapesConfig, build_transformer
-
-            with torch.device("meta"):
-                transformer = build_transformer(TinyShapesConfig())
-            adapter = adapter_for_transformer(transformer)
-            return adapter.fingerprint(transformer), adapter.covered_modules(transformer)
+        if not (WEIGHTS_DIR / "model_index.json").is_file():
+            raise SearchError(f"--model tiny-shapes: the shipped weights are missing from {WEIGHTS_DIR}; reinstall "
+                              "dit-sparse or produce them with `python -m dit_sparse.zoo.train_tiny_shapes`")
+        model = str(WEIGHTS_DIR)
     import importlib
 
     from diffusers import DiffusionPipeline

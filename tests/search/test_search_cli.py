@@ -106,6 +106,17 @@ def test_unsupported_model_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "p.plan.json").exists() and not (tmp_path / "q.plan.json").exists()
 
 
+def test_missing_shipped_weights_are_a_clear_error(tmp_path, monkeypatch, capsys):
+    import dit_sparse.zoo
+
+    monkeypatch.setattr(dit_sparse.zoo, "WEIGHTS_DIR", tmp_path / "gone")
+    stats = synthetic_stats().save(tmp_path / "s.stats.json")
+    assert main(["search", "--model", "tiny-shapes", "--stats", str(stats), "--cost", "flop", "--quiet",
+                 "--out", str(tmp_path / "p.plan.json")]) == 2
+    assert "shipped weights are missing" in capsys.readouterr().err
+    assert not (tmp_path / "p.plan.json").exists()
+
+
 def test_bad_budgets_are_clear_errors(tmp_path, capsys):
     stats = synthetic_stats().save(tmp_path / "s.stats.json")
     for args, message in ((["--target-speedup", "2", "--target-density", "0.3"], "not both"),
