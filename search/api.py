@@ -27,8 +27,9 @@ from .cost import CostModel, flop_cost, measure_cost
 from .distributed import Processes, processes
 from .errors import SearchError
 from .sensitivity import LayerSensitivity
-from .solver import Budget, InfeasibleBudget, Solution, solve
+from .solver import DEFAULT_MAX_ERROR, Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
+from .validation import Validation, candidate_trials, failure_message, settings_ladder, validate, validated_note
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
            dtype: str = "float32", allow_closest: bool = False, cost: str = "measured",
            cache_dir: str | Path | None = None, calib_steps: int = 5, seed: int = 0, progress: bool = True,
            threads: int | None = None, layer_weights: str = "sensitivity", echo: Callable[[str], None] | None = None,
-           pipe=None) -> SearchResult:
+           min_psnr: float | None = None, pipe=None) -> SearchResult:
     """Calibrate (or load `stats`), solve for the budget, write plan + report (+ statistics). See `dit-sparse search`.
 
     Budgets: `max_error` is the relative L2 error of attention outputs (default 0.1 when no target is given);
@@ -341,7 +342,9 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     fraction of attention work of the covered heads during sparse steps. Raises SearchError on bad input and
     when the budget cannot be met (unless `allow_closest`). `threads`: torch CPU threads for the whole search
     (None: the cores not already busy, see `auto_threads`). `layer_weights`: "sensitivity" (each layer's error
-    weighted by its measured effect on the transformer output) or "none".
+    weighted by its measured effect on the transformer output) or "none". `min_psnr`: generate the calibration
+    prompts dense and with candidate plans and keep the fastest plan whose mean PSNR against dense reaches it,
+    tightening the error budget and lengthening the dense warm-up as needed (see `validation`).
     """
     from dit_sparse.generate import DTYPES
 
@@ -357,6 +360,12 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
         raise SearchError(str(e)) from None
     if not 0.0 <= dense_first < 1.0:
         raise SearchError(f"--dense-first must be a fraction of steps in [0, 1), got {dense_first}")
+    if min_psnr is not None:
+        if not min_psnr > 0:
+            raise SearchError(f"--min-psnr must be a PSNR in dB > 0, got {min_psnr}")
+        if target_speedup is not None or target_density is not None:
+            raise SearchError("--min-psnr tightens the error budget; use it with --max-error (or no budget), not "
+                              "with --target-speedup / --target-density")
     if cost not in ("measured", "flop"):
         raise SearchError(f"--cost must be 'measured' or 'flop', got {cost!r}")
     if dtype not in DTYPES:
@@ -375,14 +384,14 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     try:
         return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
                        stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
-                       pipe, layer_weights, procs)
+                       pipe, layer_weights, procs, min_psnr)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers, stats, out,
             device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe,
-            layer_weights, procs: Processes) -> SearchResult:
+            layer_weights, procs: Processes, min_psnr: float | None = None) -> SearchResult:
     """The search proper; with several processes each calibrates its share, and only the first writes files."""
     from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
 
@@ -441,15 +450,72 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
     if not procs.is_main:
         procs.barrier()
         return SearchResult(solution.plan, solution, st, {}, closest)
+    validation = None
+    if min_psnr is not None:
+        if pipe is None:
+            try:
+                pipe = load_model(model, device, DTYPES[dtype])
+            except (GenerateError, FileNotFoundError) as e:
+                raise SearchError(f"--min-psnr generates with the model: {e}") from None
+        max_error = budget.max_error if budget.max_error is not None else DEFAULT_MAX_ERROR
+        solution, validation, closest = _validated_solution(
+            pipe, st, cost_model, max_error, dense_first, dense_layers, wall, layer_weights, min_psnr, seed,
+            allow_closest, progress, echo)
     solution.plan.save(paths["plan"])
     from .report import write_report
 
     written = write_report(solution, st, cost_model, paths["report"], paths["png"], plan_path=paths["plan"],
-                           budget=budget, closest=closest)
+                           budget=budget, closest=closest, validation=validation)
     if "png" not in written:
         paths.pop("png")
     procs.barrier()
     return SearchResult(solution.plan, solution, st, paths, closest)
+
+
+def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_error: float, dense_first: float,
+                        dense_layers, wall, layer_weights: str, min_psnr: float, seed: int, allow_closest: bool,
+                        progress: bool, echo) -> tuple[Solution, Validation, bool]:
+    """The fastest plan on the ladder of budgets whose calibration prompts reach `min_psnr` end to end."""
+    def solve_at(first: float, error: float) -> Solution:
+        return solve(st, cost_model, Budget(max_error=error), dense_first=first, dense_layers=tuple(dense_layers),
+                     wall_seconds=wall, layer_weights=layer_weights)
+
+    trials = candidate_trials(solve_at, settings_ladder(max_error, dense_first))
+    prompts = list(st.info.get("prompts") or [])
+    if not prompts:
+        raise SearchError("--min-psnr: the statistics name no calibration prompts to generate")
+    kwargs = _generation_kwargs(pipe, st.info)
+    per_clip = st.info.get("seconds_per_generation")
+    echo(f"end-to-end check: {len(prompts)} prompts dense, then up to {len(trials)} candidate plans"
+         + (f" (~{_fmt_seconds(per_clip * len(prompts) * 2)} for the first plan)" if per_clip else ""))
+    validation = validate(pipe, prompts, kwargs, trials, min_psnr, seed=seed, progress=progress, echo=echo)
+    if validation.chosen is None:
+        if not allow_closest:
+            raise SearchError(failure_message(validation) + ". No plan written (pass --allow-closest to write the "
+                              "plan with the highest PSNR)")
+        best = max(validation.trials, key=lambda t: t.mean_psnr)
+        echo(f"warning: {failure_message(validation)}; writing the plan with the highest PSNR (--allow-closest)")
+        solution, closest = best.solution, True
+        solution.binding = f"closest to --min-psnr {min_psnr:g}: mean PSNR {best.mean_psnr:.1f} dB"
+    else:
+        solution, closest = validation.chosen.solution, False
+        solution.binding += "; " + validated_note(validation)
+    solution.plan.calibration["binding"] = solution.binding
+    solution.plan.calibration["end_to_end_check"] = validation.to_json()
+    return solution, validation, closest
+
+
+def _generation_kwargs(pipe, info: dict[str, Any]) -> dict[str, Any]:
+    """The calibration run's settings, decoding to frames (the plan is judged on what the user sees)."""
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = {"num_inference_steps": info.get("num_steps")}
+    for name, key in (("guidance_scale", "guidance"), ("height", "height"), ("width", "width"),
+                      ("num_frames", "frames")):
+        if info.get(key) is not None and name in params:
+            kwargs[name] = info[key]
+    if "output_type" in params:
+        kwargs["output_type"] = "np"
+    return kwargs
 
 
 def _cost_for_stats(st: CalibrationStats, cost: str, device, dtype, cache_dir, progress) -> CostModel:

@@ -37,6 +37,10 @@ def add_search_parser(subparsers) -> None:
                         help="smallest predicted attention speedup over a whole generation")
     budget.add_argument("--allow-closest", action="store_true",
                         help="when the budget cannot be met, write the closest plan instead of failing")
+    budget.add_argument("--min-psnr", type=float, default=None, metavar="DB",
+                        help="generate the calibration prompts dense and with candidate plans and keep the fastest "
+                             "plan whose mean PSNR against dense reaches DB (tightens --max-error and lengthens "
+                             "the dense warm-up as needed)")
     p.add_argument("--dense-first", type=float, default=0.2, help="fraction of the first steps that stay dense")
     p.add_argument("--dense-layers", type=_layers, default=(), help="comma-separated layers that stay dense")
     p.add_argument("--stats", default=None,
@@ -77,7 +81,7 @@ def run_search(args) -> int:
             target_speedup=args.target_speedup, dense_first=args.dense_first, dense_layers=args.dense_layers,
             stats=args.stats, out=args.out, device=args.device, dtype=args.dtype, allow_closest=args.allow_closest,
             cost=args.cost, cache_dir=args.cache_dir, calib_steps=args.calib_steps, seed=args.seed, threads=args.threads,
-            layer_weights=args.layer_weights,
+            layer_weights=args.layer_weights, min_psnr=args.min_psnr,
             progress=not args.quiet, echo=echo)
     except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

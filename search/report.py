@@ -13,6 +13,7 @@ from ._io import atomic_path, write_text
 from .cost import CostModel
 from .solver import Budget, Solution
 from .stats import CalibrationStats
+from .validation import Validation
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def _fmt(x, spec: str = ".3f", none: str = "n/a") -> str:
 
 
 def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel, *, plan_path: Path | None = None,
-                    png_name: str | None = None, budget: Budget | None = None, closest: bool = False) -> str:
+                    png_name: str | None = None, budget: Budget | None = None, closest: bool = False,
+                    validation: Validation | None = None) -> str:
     m = solution.metrics
     info = stats.info
     weights = m.get("layer_weights") or [1.0] * len(stats.modules)
@@ -89,6 +91,8 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
     for pt in solution.frontier:
         lines.append(f"| {pt['max_error']:.3g} | {pt['relative_l2_error']:.4f} | {pt['attention_speedup']:.2f}x | "
                      f"{pt['density']:.1%} |")
+    if validation is not None:
+        lines += _validation_lines(validation)
     lines += ["", "## Layers", "", "| layer | module | sensitivity weight | relative L2 error | density | head groups | "
               "strategies |", "|---|---|---|---|---|---|---|"]
     head_err = np.asarray(m["head_error"])
@@ -108,6 +112,19 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
             lines.append(f"| {stats.layers[mi]} | {hi} | `{spec.describe()}` | {head_dens[mi, hi]:.1%} | "
                          f"{np.sqrt(max(head_err[mi, hi], 0.0)):.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _validation_lines(validation: Validation) -> list[str]:
+    lines = ["", "## End-to-end check (--min-psnr)", "",
+             f"Each plan below generated the {len(validation.prompts)} calibration prompts (same seeds as dense), in "
+             f"order of predicted speed, until one reached a mean PSNR of {validation.min_psnr:g} dB against dense.",
+             "", "| dense first | max relative L2 error | predicted speedup | mean PSNR | lowest PSNR | result |",
+             "|---|---|---|---|---|---|"]
+    for t in validation.trials:
+        result = "chosen" if t is validation.chosen else "below the bar"
+        lines.append(f"| {t.dense_first:.0%} | {t.max_error:g} | {t.predicted_speedup:.2f}x | {t.mean_psnr:.1f} dB | "
+                     f"{min(t.psnr):.1f} dB | {result} |")
+    return lines
 
 
 def render_png(solution: Solution, stats: CalibrationStats, path: Path) -> None:
@@ -157,7 +174,8 @@ def render_png(solution: Solution, stats: CalibrationStats, path: Path) -> None:
 
 
 def write_report(solution: Solution, stats: CalibrationStats, cost: CostModel, md_path: Path, png_path: Path, *,
-                 plan_path: Path | None = None, budget: Budget | None = None, closest: bool = False) -> dict[str, Path]:
+                 plan_path: Path | None = None, budget: Budget | None = None, closest: bool = False,
+                 validation: Validation | None = None) -> dict[str, Path]:
     """Write the PNG (when matplotlib is installed) and the markdown; returns what was written."""
     written = {}
     png_name = None
@@ -168,6 +186,6 @@ def write_report(solution: Solution, stats: CalibrationStats, cost: CostModel, m
     except ImportError:
         logger.warning("matplotlib is not installed: no PNG map (pip install matplotlib)")
     text = render_markdown(solution, stats, cost, plan_path=plan_path, png_name=png_name, budget=budget,
-                           closest=closest)
+                           closest=closest, validation=validation)
     written["report"] = write_text(md_path, text)
     return written

@@ -1,0 +1,123 @@
+"""`--min-psnr`: searched plans are checked end to end and the budget tightens until one reaches the bar."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from dit_sparse.search import search
+from dit_sparse.search.cost import flop_cost
+from dit_sparse.search.errors import SearchError
+from dit_sparse.search.solver import Budget, solve
+from dit_sparse.search.validation import candidate_trials, settings_ladder
+from search_helpers import synthetic_stats
+
+from dit_sparse import SparsePlan, apply, remove
+from dit_sparse.cli import main
+from dit_sparse.metrics import psnr
+from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
+
+TINY = TinyShapesConfig(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16,
+                        text_dim=16, text_layers=1, text_heads=2, text_ff=32)
+PROMPTS = ["a red circle moving right on a dark background", "a blue square growing on a light background"]
+SETTINGS = dict(steps=4, frames=4, height=32, width=32, dense_first=0.0, calib_steps=2, cost="flop", max_error=0.5,
+                progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_pipe():
+    pipe = build_pipeline(TINY, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_ladder_starts_with_the_asked_budget_then_tightens_and_warms_up_longer():
+    ladder = settings_ladder(0.1, 0.2)
+    assert ladder[0] == (0.2, 0.1)
+    assert {e for _, e in ladder} == {0.1, 0.075, 0.05, 0.035, 0.025}
+    assert sorted({d for d, _ in ladder}) == pytest.approx([0.2, 0.3, 0.4, 0.5])
+    assert settings_ladder(0.01, 0.45) == [(0.45, 0.01)]
+
+
+def test_candidates_are_distinct_and_fastest_predicted_first():
+    stats = synthetic_stats()
+    fp = stats.fingerprint
+    cost = flop_cost(stats.candidates, stats.grid, stats.block_q, stats.block_k, fp.num_heads, fp.head_dim)
+
+    def solve_at(first, error):
+        return solve(stats, cost, Budget(max_error=error), dense_first=first)
+
+    ladder = settings_ladder(0.2, 0.2)
+    trials = candidate_trials(solve_at, ladder)
+    speeds = [t.predicted_speedup for t in trials]
+    assert speeds == sorted(speeds, reverse=True) and len(trials) > 1
+    keys = {(t.solution.metrics["dense_steps"], t.solution.assign.tobytes()) for t in trials}
+    assert len(keys) == len(trials) <= len(ladder)
+    # a longer warm-up never predicts a faster plan at the same error budget
+    first = {(t.dense_first, t.max_error): t.predicted_speedup for t in trials}
+    for (d, e), s in first.items():
+        if (d + 0.1, e) in first:
+            assert first[(round(d + 0.1, 6), e)] <= s + 1e-9
+
+
+def test_min_psnr_keeps_the_fastest_plan_that_reaches_the_bar(tiny_pipe, tmp_path):
+    first = search("tiny-test", PROMPTS, pipe=tiny_pipe, out=tmp_path / "a.plan.json", min_psnr=1.0, **SETTINGS)
+    fastest = first.solution.plan.calibration["end_to_end_check"]["tried"]
+    assert len(fastest) == 1  # the asked budget's plan passes a low bar at once
+    bar = fastest[0]["mean_psnr"] + 1.0  # ... and fails this one, so the budget must tighten
+    result = search(None, pipe=tiny_pipe, stats=first.paths["stats"], out=tmp_path / "v.plan.json",
+                    min_psnr=bar, **{k: v for k, v in SETTINGS.items() if k not in ("steps", "frames", "height",
+                                                                                   "width", "calib_steps")})
+    check = result.solution.plan.calibration["end_to_end_check"]
+    tried = check["tried"]
+    assert len(tried) >= 2 and tried[0] == fastest[0]
+    assert check["chosen"] == tried[-1] and check["chosen"]["mean_psnr"] >= bar
+    assert all(t["mean_psnr"] < bar for t in tried[:-1])
+    speeds = [t["predicted_speedup"] for t in tried]
+    assert speeds == sorted(speeds, reverse=True)
+    assert "end-to-end check: mean PSNR" in result.solution.binding
+    report = result.paths["report"].read_text()
+    assert "## End-to-end check (--min-psnr)" in report and "| chosen |" in report
+    saved = json.loads(result.paths["plan"].read_text())
+    assert saved["calibration"]["end_to_end_check"]["chosen"] == check["chosen"]
+
+    # the reported PSNR is what the saved plan gives when generated again with the same settings and seeds
+    plan = SparsePlan.load(result.paths["plan"])
+    values = []
+    for i, prompt in enumerate(PROMPTS):
+        kwargs = dict(prompt=prompt, num_inference_steps=4, num_frames=4, height=32, width=32, output_type="np")
+        dense = tiny_pipe(generator=torch.Generator().manual_seed(i), **kwargs).frames[0]
+        apply(tiny_pipe, plan)
+        try:
+            sparse = tiny_pipe(generator=torch.Generator().manual_seed(i), **kwargs).frames[0]
+        finally:
+            remove(tiny_pipe)
+        values.append(min(psnr(dense, sparse), 100.0))
+    assert np.mean(values) == pytest.approx(check["chosen"]["mean_psnr"], abs=1e-6)
+
+
+def test_an_unreachable_psnr_writes_nothing_unless_asked(tiny_pipe, tmp_path):
+    out = tmp_path / "v.plan.json"
+    settings = dict(SETTINGS, max_error=0.05)
+    with pytest.raises(SearchError, match="no plan reached mean PSNR 150 dB.*--allow-closest"):
+        search("tiny-test", PROMPTS[:1], pipe=tiny_pipe, out=out, min_psnr=150.0, **settings)
+    assert not out.exists() and not out.with_name("v.report.md").exists()
+    result = search("tiny-test", PROMPTS[:1], pipe=tiny_pipe, out=out, min_psnr=150.0, allow_closest=True,
+                    **settings)
+    assert result.closest and out.exists()
+    assert "closest to --min-psnr 150" in result.solution.binding
+
+
+def test_min_psnr_bad_input_is_a_clear_error(tmp_path, capsys):
+    stats = synthetic_stats().save(tmp_path / "s.stats.json")
+    for args, message in ((["--min-psnr", "0"], "--min-psnr must be a PSNR"),
+                          (["--min-psnr", "30", "--target-speedup", "2"], "use it with --max-error")):
+        assert main(["search", "--stats", str(stats), "--cost", "flop", "--quiet",
+                     "--out", str(tmp_path / "p.plan.json")] + args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.plan.json").exists()
