@@ -15,10 +15,14 @@ fi
 if step 2 "attention structure"; then
     python -m dit_sparse.zoo.attention_report
 fi
-if step 3 "search (default budget) -> shipped default plan"; then
-    dit-sparse search --out out/search/tiny-shapes.plan.json
+# The shipped default plan must keep `dit-sparse generate` faithful (issue 4: >= 25 dB against dense on its prompt;
+# the bench aims at 28 dB), and per-head error budgets alone do not say what PSNR a plan reaches end to end, so the
+# search checks its candidates end to end with --min-psnr (MIN_PSNR dB mean over its calibration prompts).
+MIN_PSNR=${MIN_PSNR:-30}
+if step 3 "search (default budget, end-to-end check at ${MIN_PSNR} dB) -> shipped default plan"; then
+    dit-sparse search --min-psnr "$MIN_PSNR" --out out/search/tiny-shapes.plan.json
     cp out/search/tiny-shapes.plan.json dit_sparse/plans/tiny-shapes.plan.json
-    sed 's#^- plan: `out/search/tiny-shapes.plan.json`#- plan: `dit_sparse/plans/tiny-shapes.plan.json` (written by `dit-sparse search --out out/search/tiny-shapes.plan.json`, then copied)#' \
+    sed 's#^- plan: `out/search/tiny-shapes.plan.json`#- plan: `dit_sparse/plans/tiny-shapes.plan.json` (written by `dit-sparse search --min-psnr '"$MIN_PSNR"' --out out/search/tiny-shapes.plan.json`, then copied)#' \
         out/search/tiny-shapes.report.md > docs/tiny-shapes.search-report.md
     cp out/search/tiny-shapes.report.png docs/tiny-shapes.report.png
     dit-sparse search --stats out/search/tiny-shapes.stats.json --max-error 0.15 --out out/search/e0.15/plan.json

@@ -86,7 +86,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
                       "searched_predicted": _predicted(stats, cost_model, searched)})
         specs += [str(u_path), str(s_path)]
     extra, extra_predicted = {}, {}
-    for name, path in (("searched (default budget)", plan_path), ("baseline", baseline)):
+    for name, path in (("searched (--plan)", plan_path), ("baseline", baseline)):
         if path is not None:
             extra[name] = str(path)
             specs.append(str(path))
