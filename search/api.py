@@ -487,7 +487,7 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
     kwargs = _generation_kwargs(pipe, st.info)
     per_clip = st.info.get("seconds_per_generation")
     echo(f"end-to-end check: {len(prompts)} prompts dense, then up to {len(trials)} candidate plans"
-         + (f" (~{_fmt_seconds(per_clip * len(prompts) * 2)} for the first plan)" if per_clip else ""))
+         + (f" ({_fmt_seconds(per_clip * len(prompts) * 2)} for the first plan)" if per_clip else ""))
     validation = validate(pipe, prompts, kwargs, trials, min_psnr, seed=seed, progress=progress, echo=echo)
     if validation.chosen is None:
         if not allow_closest:
