@@ -55,9 +55,10 @@ class Roles:
                  block_size: tuple[int, int] | None = None, lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: list[str] | tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
                  teacher_dtype: torch.dtype | None = None, gradient_checkpointing: bool = False):
-        name = type(teacher).__name__
-        if name not in SUPPORTED_TRANSFORMERS:
-            raise RoleError(f"distillation supports {', '.join(SUPPORTED_TRANSFORMERS)} teachers, not {name}")
+        # Subclasses count (tiny-shapes' TinyShapesTransformer is a Wan transformer with coordinate channels).
+        if not any(cls.__name__ in SUPPORTED_TRANSFORMERS for cls in type(teacher).__mro__):
+            raise RoleError(f"distillation supports {', '.join(SUPPORTED_TRANSFORMERS)} teachers (and subclasses), "
+                            f"not {type(teacher).__name__}")
         self.plan = plan
         self.executor = executor
         self.block_size = tuple(block_size) if block_size else None

@@ -69,3 +69,28 @@ def test_generate_command_runs_the_exported_student(teacher_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     # (generate applies the plan with the executor's default blocks, dense on this 32-token toy grid)
     assert report["steps"] == 2 and report["frames_shape"] == [2, 8, 8, 3]
+
+
+def test_the_shipped_coordinate_channel_architecture_distills_and_exports(tmp_path):
+    """tiny-shapes ships TinyShapesTransformer (a Wan subclass with coordinate input channels): it must be a valid
+    teacher, and its student must export as a pipeline that loads and generates."""
+    from dataclasses import replace
+
+    from dit_sparse.zoo.model import build_pipeline
+    from dit_sparse.zoo.transformer import TinyShapesTransformer
+
+    from distill_helpers import FAST_TEACHER
+
+    teacher = tmp_path / "coords-teacher"
+    build_pipeline(replace(FAST_TEACHER, coordinate_channels=True), seed=0).save_pretrained(str(teacher))
+    d = make_distiller(teacher, tmp_path / "run", max_steps=1)
+    assert isinstance(d.roles.student, TinyShapesTransformer)
+    d.train()
+    path = d.export()
+    verify_export(path)
+    pipe = TinyShapesPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.transformer, TinyShapesTransformer)
+    emb = torch.zeros(1, 16, 16)
+    frames = _generate(pipe, 2, emb)
+    assert frames.shape[1] == 3 and torch.isfinite(frames).all()
