@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from dit_sparse import apply, remove
+from dit_sparse.adapters import nearest_class_name
 from dit_sparse.plan import SparsePlan
 from dit_sparse.processor import SparseProcessor
 
@@ -56,7 +57,7 @@ class Roles:
                  lora_targets: list[str] | tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
                  teacher_dtype: torch.dtype | None = None, gradient_checkpointing: bool = False):
         # Subclasses count (tiny-shapes' TinyShapesTransformer is a Wan transformer with coordinate channels).
-        if not any(cls.__name__ in SUPPORTED_TRANSFORMERS for cls in type(teacher).__mro__):
+        if nearest_class_name(type(teacher), SUPPORTED_TRANSFORMERS) is None:
             raise RoleError(f"distillation supports {', '.join(SUPPORTED_TRANSFORMERS)} teachers (and subclasses), "
                             f"not {type(teacher).__name__}")
         self.plan = plan

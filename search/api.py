@@ -121,19 +121,28 @@ def _pipeline_defaults(pipe) -> dict[str, Any]:
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
+def call_settings(pipe, *, steps: int, guidance: float | None, height: int | None, width: int | None,
+                  frames: int | None, output_type: str) -> dict[str, Any]:
+    """Keyword arguments of one generation with the search's settings (None: the pipeline's default)."""
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = {"num_inference_steps": steps}
+    for name, value in (("guidance_scale", guidance), ("height", height), ("width", width), ("num_frames", frames)):
+        if value is not None:
+            if name not in params:
+                raise SearchError(f"{type(pipe).__name__} takes no {name!r}; leave that option out")
+            kwargs[name] = value
+    if "output_type" in params:
+        kwargs["output_type"] = output_type
+    return kwargs
+
+
 def pipeline_runner(pipe, prompts: list[str], *, steps: int, guidance: float | None = None,
                     height: int | None = None, width: int | None = None, frames: int | None = None,
                     seed: int = 0) -> Callable[[int, Callable[[], None]], None]:
     """run(i, on_step): the i-th calibration generation (latents only, nothing decoded)."""
     params = inspect.signature(pipe.__call__).parameters
-    base: dict[str, Any] = {"num_inference_steps": steps}
-    for name, value in (("guidance_scale", guidance), ("height", height), ("width", width), ("num_frames", frames)):
-        if value is not None:
-            if name not in params:
-                raise SearchError(f"{type(pipe).__name__} takes no {name!r}; leave that option out")
-            base[name] = value
-    if "output_type" in params:
-        base["output_type"] = "latent"
+    base = call_settings(pipe, steps=steps, guidance=guidance, height=height, width=width, frames=frames,
+                         output_type="latent")
 
     def run(i: int, on_step: Callable[[], None]) -> None:
         kwargs = dict(base, prompt=prompts[i])
@@ -484,7 +493,10 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
     prompts = list(st.info.get("prompts") or [])
     if not prompts:
         raise SearchError("--min-psnr: the statistics name no calibration prompts to generate")
-    kwargs = _generation_kwargs(pipe, st.info)
+    # the calibration run's settings, decoded to frames: the plan is judged on what the user sees
+    info = st.info
+    kwargs = call_settings(pipe, steps=info.get("num_steps"), guidance=info.get("guidance"), height=info.get("height"),
+                           width=info.get("width"), frames=info.get("frames"), output_type="np")
     per_clip = st.info.get("seconds_per_generation")
     echo(f"end-to-end check: {len(prompts)} prompts dense, then up to {len(trials)} candidate plans"
          + (f" ({_fmt_seconds(per_clip * len(prompts) * 2)} for the first plan)" if per_clip else ""))
@@ -503,19 +515,6 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
     solution.plan.calibration["binding"] = solution.binding
     solution.plan.calibration["end_to_end_check"] = validation.to_json()
     return solution, validation, closest
-
-
-def _generation_kwargs(pipe, info: dict[str, Any]) -> dict[str, Any]:
-    """The calibration run's settings, decoding to frames (the plan is judged on what the user sees)."""
-    params = inspect.signature(pipe.__call__).parameters
-    kwargs: dict[str, Any] = {"num_inference_steps": info.get("num_steps")}
-    for name, key in (("guidance_scale", "guidance"), ("height", "height"), ("width", "width"),
-                      ("num_frames", "frames")):
-        if info.get(key) is not None and name in params:
-            kwargs[name] = info[key]
-    if "output_type" in params:
-        kwargs["output_type"] = "np"
-    return kwargs
 
 
 def _cost_for_stats(st: CalibrationStats, cost: str, device, dtype, cache_dir, progress) -> CostModel:

@@ -24,10 +24,14 @@ class UnsupportedModelError(TypeError):
     pass
 
 
+def nearest_class_name(transformer_type: type, names) -> str | None:
+    """The nearest class in the MRO whose name is in `names`: a subclass of a supported transformer (one that adds
+    input channels, say) keeps its attention modules, so what serves its parent serves it."""
+    return next((c.__name__ for c in transformer_type.__mro__ if c.__name__ in names), None)
+
+
 def _registered_name(transformer_type: type) -> str | None:
-    """The nearest class in the MRO with an adapter: a subclass of a supported transformer (one that adds input
-    channels, say) keeps its attention modules, so its parent's adapter serves it."""
-    return next((c.__name__ for c in transformer_type.__mro__ if c.__name__ in ADAPTERS), None)
+    return nearest_class_name(transformer_type, ADAPTERS)
 
 
 def has_adapter(module: torch.nn.Module) -> bool:
@@ -47,4 +51,4 @@ def adapter_for_transformer(transformer: torch.nn.Module) -> ModelAdapter:
 from . import cogvideox, flux, hunyuan_video, ltx_video, mochi, pixart, sd3, wan  # noqa: E402,F401 (they register)
 
 __all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_transformer", "has_adapter",
-           "register_adapter", "supported_transformers"]
+           "nearest_class_name", "register_adapter", "supported_transformers"]

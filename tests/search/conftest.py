@@ -1,5 +1,5 @@
 import pytest
-from search_helpers import synthetic_stats
+from search_helpers import TINY_TEST_MODEL, synthetic_stats
 
 
 @pytest.fixture
@@ -17,3 +17,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_pipe():
+    from dit_sparse.zoo.model import build_pipeline
+
+    pipe = build_pipeline(TINY_TEST_MODEL, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -6,6 +6,11 @@ from dit_sparse.search.stats import CalibrationStats
 
 from dit_sparse.layout import Grid
 from dit_sparse.plan import ModelFingerprint
+from dit_sparse.zoo.model import TinyShapesConfig
+
+# A tiny random tiny-shapes pipeline for end-to-end search runs (2 layers x 2 heads, built from config).
+TINY_TEST_MODEL = TinyShapesConfig(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32,
+                                   freq_dim=16, text_dim=16, text_layers=1, text_heads=2, text_ff=32)
 
 # The fingerprint of the embedded tiny-shapes model (TinyShapesTransformer, 4 layers x 4 heads x 32).
 TINY_SHAPES = ModelFingerprint("TinyShapesTransformer", 4, 4, 32)

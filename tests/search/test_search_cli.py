@@ -14,22 +14,6 @@ from search_helpers import synthetic_stats
 from dit_sparse import SparsePlan, UnsupportedModelError, apply, remove
 from dit_sparse.cli import main
 from dit_sparse.layout import Grid
-from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
-
-TINY = TinyShapesConfig(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16,
-                        text_dim=16, text_layers=1, text_heads=2, text_ff=32)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def tiny_pipe():
-    pipe = build_pipeline(TINY, seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_search_on_a_tiny_pipeline_writes_plan_report_and_stats(tiny_pipe, tmp_path, capsys):

@@ -8,12 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from search_helpers import TINY_TEST_MODEL
 
 from dit_sparse.cli import main
-from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
+from dit_sparse.zoo.model import build_pipeline
 
-TINY = TinyShapesConfig(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16,
-                        text_dim=16, text_layers=1, text_heads=2, text_ff=32)
 PROMPTS = ["a red circle moving right on a dark background", "a blue square growing on a light background",
            "a green triangle moving up on a dark background"]
 
@@ -21,7 +20,7 @@ PROMPTS = ["a red circle moving right on a dark background", "a blue square grow
 @pytest.fixture
 def model_dir(tmp_path):
     path = tmp_path / "tiny"
-    build_pipeline(TINY, seed=0).save_pretrained(str(path))
+    build_pipeline(TINY_TEST_MODEL, seed=0).save_pretrained(str(path))
     return path
 
 

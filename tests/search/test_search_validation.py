@@ -15,25 +15,10 @@ from search_helpers import synthetic_stats
 from dit_sparse import SparsePlan, apply, remove
 from dit_sparse.cli import main
 from dit_sparse.metrics import psnr
-from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
 
-TINY = TinyShapesConfig(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16,
-                        text_dim=16, text_layers=1, text_heads=2, text_ff=32)
 PROMPTS = ["a red circle moving right on a dark background", "a blue square growing on a light background"]
 SETTINGS = dict(steps=4, frames=4, height=32, width=32, dense_first=0.0, calib_steps=2, cost="flop", max_error=0.5,
                 progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def tiny_pipe():
-    pipe = build_pipeline(TINY, seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_ladder_starts_with_the_asked_budget_then_tightens_and_warms_up_longer():
