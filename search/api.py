@@ -29,7 +29,8 @@ from .errors import SearchError
 from .sensitivity import LayerSensitivity
 from .solver import DEFAULT_MAX_ERROR, Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
-from .validation import Validation, candidate_trials, failure_message, settings_ladder, validate, validated_note
+from .validation import (Validation, candidate_trials, failure_message, settings_ladder, solver_variants, validate,
+                         validated_note, variant_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
            dtype: str = "float32", allow_closest: bool = False, cost: str = "measured",
            cache_dir: str | Path | None = None, calib_steps: int = 5, seed: int = 0, progress: bool = True,
            threads: int | None = None, layer_weights: str = "sensitivity", echo: Callable[[str], None] | None = None,
-           min_psnr: float | None = None, pipe=None) -> SearchResult:
+           min_psnr: float | None = None, pick_by_psnr: bool = False, pipe=None) -> SearchResult:
     """Calibrate (or load `stats`), solve for the budget, write plan + report (+ statistics). See `dit-sparse search`.
 
     Budgets: `max_error` is the relative L2 error of attention outputs (default 0.1 when no target is given);
@@ -353,7 +354,9 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     (None: the cores not already busy, see `auto_threads`). `layer_weights`: "sensitivity" (each layer's error
     weighted by its measured effect on the transformer output) or "none". `min_psnr`: generate the calibration
     prompts dense and with candidate plans and keep the fastest plan whose mean PSNR against dense reaches it,
-    tightening the error budget and lengthening the dense warm-up as needed (see `validation`).
+    tightening the error budget and lengthening the dense warm-up as needed (see `validation`). `pick_by_psnr`
+    (with a speed or density target): solve the target under several error models, generate the calibration
+    prompts with each plan and keep the highest mean PSNR against dense.
     """
     from dit_sparse.generate import DTYPES
 
@@ -374,7 +377,11 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
             raise SearchError(f"--min-psnr must be a PSNR in dB > 0, got {min_psnr}")
         if target_speedup is not None or target_density is not None:
             raise SearchError("--min-psnr tightens the error budget; use it with --max-error (or no budget), not "
-                              "with --target-speedup / --target-density")
+                              "with --target-speedup / --target-density (there, --pick-by-psnr keeps the most "
+                              "faithful plan end to end)")
+    if pick_by_psnr and target_speedup is None and target_density is None:
+        raise SearchError("--pick-by-psnr chooses among plans that meet a speed or density target; give "
+                          "--target-speedup or --target-density (with an error budget, use --min-psnr)")
     if cost not in ("measured", "flop"):
         raise SearchError(f"--cost must be 'measured' or 'flop', got {cost!r}")
     if dtype not in DTYPES:
@@ -393,14 +400,15 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     try:
         return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
                        stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
-                       pipe, layer_weights, procs, min_psnr)
+                       pipe, layer_weights, procs, min_psnr, pick_by_psnr)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers, stats, out,
             device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe,
-            layer_weights, procs: Processes, min_psnr: float | None = None) -> SearchResult:
+            layer_weights, procs: Processes, min_psnr: float | None = None,
+            pick_by_psnr: bool = False) -> SearchResult:
     """The search proper; with several processes each calibrates its share, and only the first writes files."""
     from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
 
@@ -460,16 +468,20 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
         procs.barrier()
         return SearchResult(solution.plan, solution, st, {}, closest)
     validation = None
+    if (min_psnr is not None or pick_by_psnr) and pipe is None:
+        flag = "--min-psnr" if min_psnr is not None else "--pick-by-psnr"
+        try:
+            pipe = load_model(model, device, DTYPES[dtype])
+        except (GenerateError, FileNotFoundError) as e:
+            raise SearchError(f"{flag} generates with the model: {e}") from None
     if min_psnr is not None:
-        if pipe is None:
-            try:
-                pipe = load_model(model, device, DTYPES[dtype])
-            except (GenerateError, FileNotFoundError) as e:
-                raise SearchError(f"--min-psnr generates with the model: {e}") from None
         max_error = budget.max_error if budget.max_error is not None else DEFAULT_MAX_ERROR
         solution, validation, closest = _validated_solution(
             pipe, st, cost_model, max_error, dense_first, dense_layers, wall, layer_weights, min_psnr, seed,
             allow_closest, progress, echo)
+    elif pick_by_psnr and not closest:
+        solution, validation = picked_solution(pipe, st, cost_model, budget, dense_first, dense_layers, wall,
+                                               layer_weights, seed=seed, progress=progress, echo=echo)
     solution.plan.save(paths["plan"])
     from .report import write_report
 
@@ -490,13 +502,7 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
                      wall_seconds=wall, layer_weights=layer_weights)
 
     trials = candidate_trials(solve_at, settings_ladder(max_error, dense_first))
-    prompts = list(st.info.get("prompts") or [])
-    if not prompts:
-        raise SearchError("--min-psnr: the statistics name no calibration prompts to generate")
-    # the calibration run's settings, decoded to frames: the plan is judged on what the user sees
-    info = st.info
-    kwargs = call_settings(pipe, steps=info.get("num_steps"), guidance=info.get("guidance"), height=info.get("height"),
-                           width=info.get("width"), frames=info.get("frames"), output_type="np")
+    prompts, kwargs = _check_settings(pipe, st, "--min-psnr")
     per_clip = st.info.get("seconds_per_generation")
     echo(f"end-to-end check: {len(prompts)} prompts dense, then up to {len(trials)} candidate plans"
          + (f" ({_fmt_seconds(per_clip * len(prompts) * 2)} for the first plan)" if per_clip else ""))
@@ -515,6 +521,43 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
     solution.plan.calibration["binding"] = solution.binding
     solution.plan.calibration["end_to_end_check"] = validation.to_json()
     return solution, validation, closest
+
+
+def picked_solution(pipe, st: CalibrationStats, cost_model: CostModel, budget: Budget, dense_first: float,
+                    dense_layers=(), wall: float | None = None, layer_weights: str = "sensitivity", *, seed: int = 0,
+                    progress: bool = True, echo=lambda message: None) -> tuple[Solution, Validation]:
+    """Of the plans that meet `budget`'s target under each solver variant, the one whose calibration prompts
+    reach the highest mean PSNR against dense (the default variant first, so it wins ties)."""
+    def solve_variant(**kwargs) -> Solution:
+        kwargs.setdefault("layer_weights", layer_weights)
+        return solve(st, cost_model, budget, dense_first=dense_first, dense_layers=tuple(dense_layers),
+                     wall_seconds=wall, **kwargs)
+
+    families = sorted({c.family for c in st.candidates if c.computes and c.family != "dense"})
+    variants = solver_variants(families)
+    if layer_weights == "none":  # the asked error model first
+        variants[0], variants[1] = variants[1], variants[0]
+    trials = variant_trials(solve_variant, variants, dense_first)
+    prompts, kwargs = _check_settings(pipe, st, "--pick-by-psnr")
+    echo(f"end-to-end check: {len(prompts)} prompts dense, then {len(trials)} plans that meet the target")
+    validation = validate(pipe, prompts, kwargs, trials, None, seed=seed, progress=progress, echo=echo)
+    solution = validation.chosen.solution
+    solution.binding += "; " + validated_note(validation)
+    solution.plan.calibration["binding"] = solution.binding
+    solution.plan.calibration["end_to_end_check"] = validation.to_json()
+    return solution, validation
+
+
+def _check_settings(pipe, st: CalibrationStats, flag: str) -> tuple[list[str], dict[str, Any]]:
+    """The calibration prompts and the calibration run's settings, decoded to frames: a plan is judged on what
+    the user sees."""
+    prompts = list(st.info.get("prompts") or [])
+    if not prompts:
+        raise SearchError(f"{flag}: the statistics name no calibration prompts to generate")
+    info = st.info
+    kwargs = call_settings(pipe, steps=info.get("num_steps"), guidance=info.get("guidance"), height=info.get("height"),
+                           width=info.get("width"), frames=info.get("frames"), output_type="np")
+    return prompts, kwargs
 
 
 def _cost_for_stats(st: CalibrationStats, cost: str, device, dtype, cache_dir, progress) -> CostModel:

@@ -41,6 +41,10 @@ def add_search_parser(subparsers) -> None:
                         help="generate the calibration prompts dense and with candidate plans and keep the fastest "
                              "plan whose mean PSNR against dense reaches DB (tightens --max-error and lengthens "
                              "the dense warm-up as needed)")
+    budget.add_argument("--pick-by-psnr", action="store_true",
+                        help="with --target-density / --target-speedup: solve the target under several error "
+                             "models, generate the calibration prompts with each plan and keep the highest mean "
+                             "PSNR against dense")
     p.add_argument("--dense-first", type=float, default=0.2, help="fraction of the first steps that stay dense")
     p.add_argument("--dense-layers", type=_layers, default=(), help="comma-separated layers that stay dense")
     p.add_argument("--stats", default=None,
@@ -81,7 +85,7 @@ def run_search(args) -> int:
             target_speedup=args.target_speedup, dense_first=args.dense_first, dense_layers=args.dense_layers,
             stats=args.stats, out=args.out, device=args.device, dtype=args.dtype, allow_closest=args.allow_closest,
             cost=args.cost, cache_dir=args.cache_dir, calib_steps=args.calib_steps, seed=args.seed, threads=args.threads,
-            layer_weights=args.layer_weights, min_psnr=args.min_psnr,
+            layer_weights=args.layer_weights, min_psnr=args.min_psnr, pick_by_psnr=args.pick_by_psnr,
             progress=not args.quiet, echo=echo)
     except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

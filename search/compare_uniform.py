@@ -1,7 +1,9 @@
 """Searched plans against the best uniform single-strategy plans at equal attention density.
 
 For every uniform candidate of a search (one strategy on every head), the solver is asked again, from the same
-statistics, for the most faithful plan at that candidate's predicted density; both run end to end on held-out
+statistics, for the most faithful plan at that candidate's predicted density (with ``--pick-by-psnr``, as
+``dit-sparse search --pick-by-psnr`` does: the plan of several error models with the highest PSNR on the
+calibration prompts, which are not the held-out prompts compared here); both run end to end on held-out
 prompts against dense with the same seeds (``dit_sparse.bench_e2e``: PSNR, SSIM, caption accuracy, measured
 attention and total speedup, executed density). Writes ``compare.json``, ``compare.md`` and
 ``psnr_vs_density.png``.
@@ -42,11 +44,21 @@ def uniform_plans(stats: CalibrationStats, dense_first: float) -> list[tuple[str
     return out
 
 
-def searched_at(stats: CalibrationStats, cost: CostModel, density: float, dense_first: float) -> SparsePlan:
+def searched_at(stats: CalibrationStats, cost: CostModel, density: float, dense_first: float,
+                pick_with=None) -> tuple[SparsePlan, dict[str, Any] | None]:
+    """The searched plan at `density`, and the end-to-end check that picked it (with `pick_with`, a pipeline)."""
+    budget = Budget(target_density=density)
     try:
-        return solve(stats, cost, Budget(target_density=density), dense_first=dense_first).plan
+        solution = solve(stats, cost, budget, dense_first=dense_first)
     except InfeasibleBudget as e:
-        return e.closest.plan
+        return e.closest.plan, None
+    if pick_with is None:
+        return solution.plan, None
+    from .api import picked_solution
+
+    solution, validation = picked_solution(pick_with, stats, cost, budget, dense_first,
+                                           wall=stats.info.get("seconds_per_generation"), progress=False)
+    return solution.plan, validation.to_json()
 
 
 def _predicted(stats: CalibrationStats, cost: CostModel, plan: SparsePlan) -> dict[str, float] | None:
@@ -61,7 +73,8 @@ def _predicted(stats: CalibrationStats, cost: CostModel, plan: SparsePlan) -> di
 def compare(stats_path: str | Path, plan_path: str | Path | None = None, baseline: str | Path | None = None,
             model: str | None = None, prompts: int | list[str] = 5, seeds: tuple[int, ...] = (0,), steps: int | None = None,
             out: str | Path = "benchmarks/results/search-compare", families: list[str] | None = None,
-            cost: str = "measured", progress: bool = True, sweep: bool = True) -> dict[str, Any]:
+            cost: str = "measured", progress: bool = True, sweep: bool = True,
+            pick_by_psnr: bool = False) -> dict[str, Any]:
     from dit_sparse.bench_e2e import run_e2e
 
     stats = CalibrationStats.load(stats_path)
@@ -73,15 +86,20 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
     out = Path(out)
     plans_dir = out / "plans"
     pairs, specs = [], []
+    pipe = None
+    if pick_by_psnr and sweep:
+        from dit_sparse.generate import load_model
+
+        pipe = load_model(model, "cpu", torch.float32)
     for i, (label, uniform, density) in enumerate(uniform_plans(stats, dense_first) if sweep else []):
         if families and uniform.heads_for(stats.modules[0])[0].strategy not in families:
             continue
         u_path, s_path = plans_dir / f"uniform-{i:02d}.plan.json", plans_dir / f"searched-{i:02d}.plan.json"
         uniform.save(u_path)
-        searched = searched_at(stats, cost_model, density, dense_first)
+        searched, check = searched_at(stats, cost_model, density, dense_first, pipe)
         searched.save(s_path)
         pairs.append({"uniform": label, "predicted_density": density, "uniform_plan": str(u_path),
-                      "searched_plan": str(s_path),
+                      "searched_plan": str(s_path), "end_to_end_check": check,
                       "uniform_predicted": _predicted(stats, cost_model, uniform),
                       "searched_predicted": _predicted(stats, cost_model, searched)})
         specs += [str(u_path), str(s_path)]
@@ -106,6 +124,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
         "prompts": result["prompts"],
         "seeds": list(seeds),
         "dense_first": dense_first,
+        "pick_by_psnr": bool(pick_by_psnr),
         "cost_model": cost_model.kind,
         "hardware": result["hardware"],
         "versions": result["versions"],
@@ -136,7 +155,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{summary['cost_model']}; {hw.get('gpu') or hw.get('processor') or hw.get('machine')}, {hw['cpus']} CPUs, "
         f"{hw['torch_threads']} torch threads; torch {summary['versions']['torch']}, diffusers "
         f"{summary['versions']['diffusers']}. Dense caption accuracy "
-        f"{f(summary['dense']['caption_accuracy'], '.0%')}.",
+        f"{f(summary['dense']['caption_accuracy'], '.0%')}."
+        + (" Searched plans: --pick-by-psnr (the highest mean PSNR on the calibration prompts among the plans of "
+           "several error models at that density)." if summary.get("pick_by_psnr") else ""),
         "",
         "| uniform strategy | predicted density | predicted rel. L2 error (uniform / searched) | executed density "
         "(uniform / searched) | PSNR dB (uniform / searched) | SSIM (uniform / searched) | caption acc. (uniform / "
@@ -211,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--families", default=None, help="comma-separated strategy families to compare (default all)")
     p.add_argument("--cost", choices=("measured", "flop"), default="measured")
+    p.add_argument("--pick-by-psnr", action="store_true",
+                   help="pick each searched plan end to end on the calibration prompts (see dit-sparse search)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="benchmarks/results/search-compare")
     args = p.parse_args(argv)
@@ -223,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args.prompt_file)
     summary = compare(args.stats, args.plan, args.baseline, args.model, prompts,
                       tuple(int(s) for s in args.seeds.split(",")), args.steps, args.out,
-                      args.families.split(",") if args.families else None, args.cost, sweep=not args.no_pairs)
+                      args.families.split(",") if args.families else None, args.cost, sweep=not args.no_pairs,
+                      pick_by_psnr=args.pick_by_psnr)
     print(markdown(summary))
     print(f"wrote {Path(args.out) / 'compare.json'}, compare.md and psnr_vs_density.png")
     return 0

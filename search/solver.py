@@ -105,7 +105,7 @@ class Problem:
     """Arrays over (module m, head h, candidate c) and the exact objective with head-group launches."""
 
     def __init__(self, stats: CalibrationStats, cost: CostModel, dense_first: float, dense_layers: tuple[int, ...],
-                 layer_weights: str = "sensitivity"):
+                 layer_weights: str = "sensitivity", families: tuple[str, ...] | None = None):
         self.stats, self.cost = stats, cost
         m, h, c = stats.error.shape
         self.shape = (m, h, c)
@@ -124,6 +124,13 @@ class Problem:
         self.perhead = np.array([x.per_head for x in cands])
         self.computes = np.array([x.computes for x in cands])
         self.allowed = np.isfinite(self.err)
+        if families is not None:
+            known = {x.family for x in cands}
+            unknown = sorted(set(families) - known)
+            if unknown:
+                raise BudgetError(f"families: no candidate of family {unknown[0]!r} was calibrated (calibrated: "
+                                  f"{', '.join(sorted(known))})")
+            self.allowed &= np.array([x.family in families for x in cands])[None, None, :]
         self.dense_layers = tuple(sorted(set(dense_layers)))
         unknown = sorted(set(self.dense_layers) - set(stats.layers))
         if unknown:
@@ -373,14 +380,16 @@ def _pair_move(prob: Problem, a: np.ndarray, single, fi: int, gi: int, f_scale: 
 # -- public ----------------------------------------------------------------------------------------------------------
 def solve(stats: CalibrationStats, cost: CostModel, budget: Budget, *, dense_first: float = 0.2,
           dense_layers: tuple[int, ...] = (), refresh_interval: int | None = None,
-          wall_seconds: float | None = None, layer_weights: str = "sensitivity") -> Solution:
+          wall_seconds: float | None = None, layer_weights: str = "sensitivity",
+          families: tuple[str, ...] | None = None) -> Solution:
     """The plan for `budget`. Raises InfeasibleBudget (with the closest plan) when it cannot be met.
 
     layer_weights: "sensitivity" weights each layer's attention error by its measured effect on the transformer
-    output (when the statistics have it; mean weight 1), "none" counts every layer alike.
+    output (when the statistics have it; mean weight 1), "none" counts every layer alike. families: only
+    candidates of these strategy families (and dense, always allowed); None for all.
     """
     budget.validate()
-    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights)
+    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights, families)
     refresh = int(refresh_interval or stats.info.get("refresh_interval", 5))
 
     if budget.target_speedup is None and budget.target_density is None:

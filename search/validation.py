@@ -1,11 +1,16 @@
-"""`--min-psnr`: check searched plans end to end and tighten the budget until one reaches the fidelity asked for.
+"""End-to-end checks of searched plans: generate the calibration prompts dense and with candidate plans (same
+seeds) and judge each plan by its PSNR against dense.
 
 Per-head attention errors predict a plan's fidelity only loosely: errors compound along the denoising trajectory
 and classifier-free guidance scales the difference between its two branches (on tiny-shapes the same 0.1 error
-budget gave 21-23 dB with a 20% dense warm-up and 25 dB with 40%). So the search can generate its calibration
-prompts dense and with candidate plans (same seeds) and keep the fastest plan whose mean PSNR against dense
-reaches the bar. Candidates are the asked budget, tighter error budgets and longer dense warm-ups, tried in order
-of predicted speed, so the first plan that passes is the fastest predicted plan that does.
+budget gave 21-23 dB with a 20% dense warm-up and 25 dB with 40%). Two uses:
+
+- ``--min-psnr`` (error budgets): candidates are the asked budget, tighter error budgets and longer dense
+  warm-ups, tried in order of predicted speed; the first plan that reaches the bar is the fastest predicted plan
+  that does.
+- ``--pick-by-psnr`` (speed or density targets): every plan meets the target, so speed is settled and fidelity
+  decides. Candidates are the solver's plan under several error models (layer-sensitivity weights or none, all
+  strategy families or one family with per-head parameters); all are generated and the highest mean PSNR wins.
 """
 
 from __future__ import annotations
@@ -35,12 +40,22 @@ PSNR_CAP = 100.0
 
 @dataclass
 class Trial:
-    """One candidate plan and the PSNR of each validation prompt against dense (empty until generated)."""
+    """One candidate plan and the PSNR of each validation prompt against dense (empty until generated).
+    max_error is None for plans solved for a speed or density target; variant names the solver setting."""
 
     dense_first: float
-    max_error: float
+    max_error: float | None
     solution: Solution
+    variant: str = ""
     psnr: list[float] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = [f"dense first {self.dense_first:.0%}"]
+        if self.max_error is not None:
+            parts.append(f"max error {self.max_error:g}")
+        if self.variant:
+            parts.append(self.variant)
+        return ", ".join(parts)
 
     @property
     def predicted_speedup(self) -> float:
@@ -52,20 +67,24 @@ class Trial:
         return float(np.mean([min(p, PSNR_CAP) for p in self.psnr])) if self.psnr else float("nan")
 
     def to_json(self) -> dict[str, Any]:
-        return {"dense_first": self.dense_first, "max_error": self.max_error,
+        return {"dense_first": self.dense_first, "max_error": self.max_error, "variant": self.variant or None,
                 "predicted_speedup": self.predicted_speedup, "mean_psnr": self.mean_psnr if self.psnr else None,
                 "min_psnr": min(self.psnr) if self.psnr else None}
 
 
 @dataclass
 class Validation:
-    min_psnr: float
+    """min_psnr None: every trial was generated and `chosen` has the highest mean PSNR (--pick-by-psnr);
+    otherwise trials are in the order tried and the last one passed when `chosen` is set (--min-psnr)."""
+
+    min_psnr: float | None
     prompts: list[str]
-    trials: list[Trial]  # in the order tried; the last one passed when `chosen` is set
+    trials: list[Trial]
     chosen: Trial | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"min_psnr": self.min_psnr, "prompts": len(self.prompts),
+        return {"mode": "highest PSNR" if self.min_psnr is None else "first over the bar",
+                "min_psnr": self.min_psnr, "prompts": len(self.prompts),
                 "chosen": self.chosen.to_json() if self.chosen else None,
                 "tried": [t.to_json() for t in self.trials]}
 
@@ -97,12 +116,36 @@ def candidate_trials(solve_at: Callable[[float, float], Solution], ladder: list[
     return sorted(trials, key=lambda t: -t.predicted_speedup)
 
 
-def validate(pipe, prompts: list[str], call_kwargs: dict[str, Any], trials: list[Trial], min_psnr: float, *,
+def solver_variants(families: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(description, extra solve() arguments): the error models --pick-by-psnr compares."""
+    variants = [("all strategies, layer-sensitivity weights", {"layer_weights": "sensitivity"}),
+                ("all strategies, unweighted layers", {"layer_weights": "none"})]
+    return variants + [(f"{family} only", {"families": (family,)}) for family in families]
+
+
+def variant_trials(solve_variant: Callable[..., Solution], variants: list[tuple[str, dict[str, Any]]],
+                   dense_first: float) -> list[Trial]:
+    """Solve every variant; drop the ones that cannot meet the target and duplicate plans (first kept)."""
+    trials, seen = [], set()
+    for name, kwargs in variants:
+        try:
+            solution = solve_variant(**kwargs)
+        except InfeasibleBudget:
+            continue
+        key = solution.assign.tobytes()
+        if key not in seen:
+            seen.add(key)
+            trials.append(Trial(dense_first, None, solution, variant=name))
+    return trials
+
+
+def validate(pipe, prompts: list[str], call_kwargs: dict[str, Any], trials: list[Trial], min_psnr: float | None, *,
              seed: int = 0, executor: str | None = None, progress: bool = True,
              echo: Callable[[str], None] = lambda message: None) -> Validation:
-    """Generate each prompt dense, then with each trial's plan until one reaches `min_psnr` on average."""
+    """Generate each prompt dense, then with each trial's plan until one reaches `min_psnr` on average; with
+    `min_psnr` None, with every trial's plan, and choose the highest mean PSNR."""
     if not trials:
-        raise SearchError("--min-psnr: no plan to check (every budget on the ladder was infeasible)")
+        raise SearchError("end-to-end check: no plan to check (every candidate budget was infeasible)")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -133,31 +176,43 @@ def validate(pipe, prompts: list[str], call_kwargs: dict[str, Any], trials: list
             finally:
                 remove(pipe)
             tried.append(trial)
-            echo(f"end-to-end check: dense first {trial.dense_first:.0%}, max error {trial.max_error:g}, predicted "
-                 f"{trial.predicted_speedup:.2f}x: mean PSNR {trial.mean_psnr:.1f} dB "
-                 f"({'passes' if trial.mean_psnr >= min_psnr else 'below'} {min_psnr:g} dB)")
-            if trial.mean_psnr >= min_psnr:
+            verdict = "" if min_psnr is None else \
+                f" ({'passes' if trial.mean_psnr >= min_psnr else 'below'} {min_psnr:g} dB)"
+            echo(f"end-to-end check: {trial.describe()}, predicted {trial.predicted_speedup:.2f}x: mean PSNR "
+                 f"{trial.mean_psnr:.1f} dB{verdict}")
+            if min_psnr is not None and trial.mean_psnr >= min_psnr:
                 return Validation(min_psnr, list(prompts), tried, trial)
     finally:
         if bar is not None:
             bar.close()
+    if min_psnr is None:
+        return Validation(None, list(prompts), tried, highest_psnr(tried))
     return Validation(min_psnr, list(prompts), tried, None)
+
+
+def highest_psnr(trials: list[Trial]) -> Trial:
+    """The best mean PSNR; ties go to the earlier trial."""
+    return max(trials, key=lambda t: t.mean_psnr if not math.isnan(t.mean_psnr) else -math.inf)
 
 
 def validated_note(validation: Validation) -> str:
     t = validation.chosen
+    if validation.min_psnr is None:
+        return (f"end-to-end check: the highest mean PSNR against dense ({t.mean_psnr:.1f} dB on "
+                f"{len(validation.prompts)} prompts) of {len(validation.trials)} plans that meet the target "
+                f"({t.variant})")
     return (f"end-to-end check: mean PSNR {t.mean_psnr:.1f} dB against dense >= {validation.min_psnr:g} dB on "
             f"{len(validation.prompts)} prompts (plan {len(validation.trials)} of the candidates tried, fastest "
             f"predicted first), at dense first {t.dense_first:.0%} and max error {t.max_error:g}")
 
 
 def failure_message(validation: Validation) -> str:
-    best = max(validation.trials, key=lambda t: t.mean_psnr if not math.isnan(t.mean_psnr) else -math.inf)
+    best = highest_psnr(validation.trials)
     return (f"no plan reached mean PSNR {validation.min_psnr:g} dB against dense on {len(validation.prompts)} "
             f"prompts: the best of {len(validation.trials)} tried reached {best.mean_psnr:.1f} dB (dense first "
             f"{best.dense_first:.0%}, max error {best.max_error:g}); lower --min-psnr or keep more steps dense "
             f"(--dense-first)")
 
 
-__all__ = ["Trial", "Validation", "candidate_trials", "failure_message", "settings_ladder", "validate",
-           "validated_note"]
+__all__ = ["Trial", "Validation", "candidate_trials", "failure_message", "highest_psnr", "settings_ladder",
+           "solver_variants", "validate", "validated_note", "variant_trials"]

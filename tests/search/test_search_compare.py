@@ -20,7 +20,7 @@ def test_compare_writes_pairs_at_equal_density(tmp_path, monkeypatch):
         seen["specs"] = specs
         rows = [{"plan": "dense", "psnr": float("inf"), "executed_density": 1.0, "ssim": 1.0,
                  "caption_accuracy": 0.5, "attention_speedup": 1.0, "speedup": 1.0}]
-        for i, spec in enumerate(specs):
+        for spec in specs:
             searched = "searched" in spec
             rows.append({"plan": spec, "psnr": 30.0 + searched, "executed_density": 0.3, "ssim": 0.9,
                          "caption_accuracy": 0.5, "attention_speedup": 1.5, "speedup": 1.2})
@@ -34,6 +34,7 @@ def test_compare_writes_pairs_at_equal_density(tmp_path, monkeypatch):
     for pair in summary["pairs"]:
         uniform, searched = SparsePlan.load(pair["uniform_plan"]), SparsePlan.load(pair["searched_plan"])
         assert len({s for name in stats.modules for s in uniform.heads_for(name)}) == 1
+        assert all(len(searched.heads_for(name)) == stats.fingerprint.num_heads for name in stats.modules)
         assert pair["searched_predicted"]["density"] <= pair["predicted_density"] + 1e-9
         assert pair["searched_predicted"]["relative_l2_error"] <= pair["uniform_predicted"]["relative_l2_error"] + 1e-9
         assert pair["searched_wins"]
@@ -46,3 +47,39 @@ def test_compare_writes_pairs_at_equal_density(tmp_path, monkeypatch):
     cost = compare_uniform.flop_cost(stats.candidates, stats.grid, 256, 128, 4, 32)
     m = evaluate_plan(stats, cost, SparsePlan.load(summary["pairs"][0]["uniform_plan"]))
     assert np.isclose(m["density"], summary["pairs"][0]["predicted_density"])
+
+
+def test_pick_by_psnr_picks_every_searched_plan_end_to_end(tmp_path, monkeypatch):
+    from dit_sparse.search.solver import Budget, solve
+    from dit_sparse.search.validation import Trial, Validation
+
+    stats = synthetic_stats()
+    path = stats.save(tmp_path / "s.stats.json")
+    picked = []
+
+    def fake_picked(pipe, st, cost, budget, dense_first, **kwargs):
+        picked.append((pipe, budget.target_density))
+        solution = solve(st, cost, Budget(target_density=budget.target_density), dense_first=dense_first,
+                         families=("diagonal",))
+        trial = Trial(dense_first, None, solution, "diagonal only", psnr=[25.0])
+        return solution, Validation(None, ["p"], [trial], trial)
+
+    def fake_run_e2e(model, specs, prompts, num_prompts, seeds, steps, progress=True):
+        rows = [{"plan": s, "psnr": 20.0, "executed_density": 0.3, "ssim": 0.9, "caption_accuracy": 0.5,
+                 "attention_speedup": 1.5, "speedup": 1.2} for s in ["dense"] + specs]
+        return {"prompts": num_prompts, "hardware": {"cpus": 2, "torch_threads": 1, "machine": "x86_64"},
+                "versions": {"torch": "t", "diffusers": "d"}, "date": "today", "results": rows}
+
+    monkeypatch.setattr("dit_sparse.generate.load_model", lambda model, device, dtype: "the pipeline")
+    monkeypatch.setattr("dit_sparse.search.api.picked_solution", fake_picked)
+    monkeypatch.setattr("dit_sparse.bench_e2e.run_e2e", fake_run_e2e)
+    summary = compare_uniform.compare(path, cost="flop", out=tmp_path / "cmp", prompts=2, progress=False,
+                                      families=["diagonal"], pick_by_psnr=True)
+    assert summary["pick_by_psnr"] and len(picked) == len(summary["pairs"]) > 0
+    assert all(pipe == "the pipeline" for pipe, _ in picked)
+    for pair, (_, density) in zip(summary["pairs"], picked):
+        assert density == pair["predicted_density"]
+        assert pair["end_to_end_check"]["chosen"]["variant"] == "diagonal only"
+        plan = SparsePlan.load(pair["searched_plan"])
+        assert {s.strategy for name in stats.modules for s in plan.heads_for(name)} <= {"diagonal", "dense"}
+    assert "Searched plans: --pick-by-psnr" in (tmp_path / "cmp" / "compare.md").read_text()

@@ -1,4 +1,5 @@
-"""`--min-psnr`: searched plans are checked end to end and the budget tightens until one reaches the bar."""
+"""End-to-end checks: with `--min-psnr` the budget tightens until a plan reaches the bar; with `--pick-by-psnr` the
+plans of several error models that meet a target are generated and the most faithful one is kept."""
 
 import json
 
@@ -8,8 +9,8 @@ import torch
 from dit_sparse.search import search
 from dit_sparse.search.cost import flop_cost
 from dit_sparse.search.errors import SearchError
-from dit_sparse.search.solver import Budget, solve
-from dit_sparse.search.validation import candidate_trials, settings_ladder
+from dit_sparse.search.solver import Budget, BudgetError, InfeasibleBudget, solve
+from dit_sparse.search.validation import candidate_trials, settings_ladder, solver_variants, variant_trials
 from search_helpers import synthetic_stats
 
 from dit_sparse import SparsePlan, apply, remove
@@ -102,6 +103,73 @@ def test_min_psnr_bad_input_is_a_clear_error(tmp_path, capsys):
     stats = synthetic_stats().save(tmp_path / "s.stats.json")
     for args, message in ((["--min-psnr", "0"], "--min-psnr must be a PSNR"),
                           (["--min-psnr", "30", "--target-speedup", "2"], "use it with --max-error")):
+        assert main(["search", "--stats", str(stats), "--cost", "flop", "--quiet",
+                     "--out", str(tmp_path / "p.plan.json")] + args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.plan.json").exists()
+
+
+def _flop(stats):
+    fp = stats.fingerprint
+    return flop_cost(stats.candidates, stats.grid, stats.block_q, stats.block_k, fp.num_heads, fp.head_dim)
+
+
+def test_a_family_restricted_solve_uses_only_that_family_and_dense():
+    stats = synthetic_stats()
+    cost = _flop(stats)
+    for family in ("diagonal", "vertical_stripe"):
+        solution = solve(stats, cost, Budget(target_density=0.5), dense_first=0.2, families=(family,))
+        used = {stats.candidates[c].family for c in solution.assign.ravel()}
+        assert used <= {family, "dense"} and family in used
+        assert solution.metrics["density"] <= 0.5 + 1e-9
+    with pytest.raises(BudgetError, match="no candidate of family 'nope' was calibrated"):
+        solve(stats, cost, Budget(target_density=0.5), families=("nope",))
+
+
+def test_variant_trials_drop_infeasible_and_duplicate_plans():
+    stats = synthetic_stats()
+    cost = _flop(stats)
+    calls = []
+
+    def solve_variant(**kwargs):
+        calls.append(kwargs)
+        if kwargs.get("families") == ("pyramid",):
+            raise InfeasibleBudget("no", None)
+        return solve(stats, cost, Budget(target_density=0.4), dense_first=0.2,
+                     **{k: v for k, v in kwargs.items() if k != "repeat"})
+
+    variants = solver_variants(["diagonal", "pyramid"]) + [("the first again", {"repeat": True})]
+    trials = variant_trials(solve_variant, variants, 0.2)
+    assert len(calls) == len(variants)
+    names = [t.variant for t in trials]
+    assert "pyramid only" not in names and "the first again" not in names  # infeasible; same plan as the first
+    assert names[0] == "all strategies, layer-sensitivity weights" and "diagonal only" in names
+    assert len({t.solution.assign.tobytes() for t in trials}) == len(trials)
+    assert all(t.max_error is None and t.dense_first == 0.2 for t in trials)
+
+
+def test_pick_by_psnr_keeps_the_most_faithful_plan_that_meets_the_target(tiny_pipe, tmp_path):
+    settings = {k: v for k, v in SETTINGS.items() if k != "max_error"}
+    result = search("tiny-test", PROMPTS, pipe=tiny_pipe, out=tmp_path / "p.plan.json", target_density=0.5,
+                    pick_by_psnr=True, **settings)
+    check = result.solution.plan.calibration["end_to_end_check"]
+    tried = check["tried"]
+    assert check["mode"] == "highest PSNR" and check["min_psnr"] is None and len(tried) >= 2
+    assert len({t["variant"] for t in tried}) == len(tried)
+    best = max(t["mean_psnr"] for t in tried)
+    assert check["chosen"]["mean_psnr"] == best and check["chosen"] in tried
+    assert result.solution.metrics["density"] <= 0.5 + 1e-9  # the chosen plan still meets the target
+    assert "the highest mean PSNR against dense" in result.solution.binding
+    report = result.paths["report"].read_text()
+    assert "## End-to-end check (--pick-by-psnr)" in report and report.count("| chosen |") == 1
+    assert json.loads(result.paths["plan"].read_text())["calibration"]["end_to_end_check"] == check
+
+
+def test_pick_by_psnr_bad_input_is_a_clear_error(tmp_path, capsys):
+    stats = synthetic_stats().save(tmp_path / "s.stats.json")
+    for args, message in ((["--pick-by-psnr"], "give --target-speedup or --target-density"),
+                          (["--pick-by-psnr", "--max-error", "0.1"], "with an error budget, use --min-psnr"),
+                          (["--min-psnr", "30", "--target-density", "0.3"], "--pick-by-psnr keeps the most")):
         assert main(["search", "--stats", str(stats), "--cost", "flop", "--quiet",
                      "--out", str(tmp_path / "p.plan.json")] + args) == 2
         assert message in capsys.readouterr().err
