@@ -29,8 +29,8 @@ from .errors import SearchError
 from .sensitivity import LayerSensitivity
 from .solver import DEFAULT_MAX_ERROR, Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
-from .validation import (Validation, candidate_trials, failure_message, settings_ladder, solver_variants, validate,
-                         validated_note, variant_trials)
+from .validation import (Validation, candidate_trials, failure_message, highest_psnr, settings_ladder,
+                         solver_variants, validate, validated_note, variant_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
         if not allow_closest:
             raise SearchError(failure_message(validation) + ". No plan written (pass --allow-closest to write the "
                               "plan with the highest PSNR)")
-        best = max(validation.trials, key=lambda t: t.mean_psnr)
+        best = highest_psnr(validation.trials)
         echo(f"warning: {failure_message(validation)}; writing the plan with the highest PSNR (--allow-closest)")
         solution, closest = best.solution, True
         solution.binding = f"closest to --min-psnr {min_psnr:g}: mean PSNR {best.mean_psnr:.1f} dB"
@@ -525,9 +525,11 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
 
 def picked_solution(pipe, st: CalibrationStats, cost_model: CostModel, budget: Budget, dense_first: float,
                     dense_layers=(), wall: float | None = None, layer_weights: str = "sensitivity", *, seed: int = 0,
-                    progress: bool = True, echo=lambda message: None) -> tuple[Solution, Validation]:
+                    progress: bool = True, echo=lambda message: None,
+                    dense_cache: dict | None = None) -> tuple[Solution, Validation]:
     """Of the plans that meet `budget`'s target under each solver variant, the one whose calibration prompts
-    reach the highest mean PSNR against dense (the default variant first, so it wins ties)."""
+    reach the highest mean PSNR against dense (the default variant first, so it wins ties). `dense_cache`: see
+    `validation.validate` (compare_uniform picks at many densities with one set of dense clips)."""
     def solve_variant(**kwargs) -> Solution:
         kwargs.setdefault("layer_weights", layer_weights)
         return solve(st, cost_model, budget, dense_first=dense_first, dense_layers=tuple(dense_layers),
@@ -540,7 +542,8 @@ def picked_solution(pipe, st: CalibrationStats, cost_model: CostModel, budget: B
     trials = variant_trials(solve_variant, variants, dense_first)
     prompts, kwargs = _check_settings(pipe, st, "--pick-by-psnr")
     echo(f"end-to-end check: {len(prompts)} prompts dense, then {len(trials)} plans that meet the target")
-    validation = validate(pipe, prompts, kwargs, trials, None, seed=seed, progress=progress, echo=echo)
+    validation = validate(pipe, prompts, kwargs, trials, None, seed=seed, progress=progress, echo=echo,
+                          dense_cache=dense_cache)
     solution = validation.chosen.solution
     solution.binding += "; " + validated_note(validation)
     solution.plan.calibration["binding"] = solution.binding

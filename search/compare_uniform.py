@@ -45,8 +45,9 @@ def uniform_plans(stats: CalibrationStats, dense_first: float) -> list[tuple[str
 
 
 def searched_at(stats: CalibrationStats, cost: CostModel, density: float, dense_first: float,
-                pick_with=None) -> tuple[SparsePlan, dict[str, Any] | None]:
-    """The searched plan at `density`, and the end-to-end check that picked it (with `pick_with`, a pipeline)."""
+                pick_with=None, dense_cache: dict | None = None) -> tuple[SparsePlan, dict[str, Any] | None]:
+    """The searched plan at `density`, and the end-to-end check that picked it (with `pick_with`, a pipeline;
+    `dense_cache` keeps its dense calibration clips across densities)."""
     budget = Budget(target_density=density)
     try:
         solution = solve(stats, cost, budget, dense_first=dense_first)
@@ -57,7 +58,8 @@ def searched_at(stats: CalibrationStats, cost: CostModel, density: float, dense_
     from .api import picked_solution
 
     solution, validation = picked_solution(pick_with, stats, cost, budget, dense_first,
-                                           wall=stats.info.get("seconds_per_generation"), progress=False)
+                                           wall=stats.info.get("seconds_per_generation"), progress=False,
+                                           dense_cache=dense_cache)
     return solution.plan, validation.to_json()
 
 
@@ -86,7 +88,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
     out = Path(out)
     plans_dir = out / "plans"
     pairs, specs = [], []
-    pipe = None
+    pipe, dense_cache = None, {}
     if pick_by_psnr and sweep:
         from dit_sparse.generate import load_model
 
@@ -96,7 +98,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
             continue
         u_path, s_path = plans_dir / f"uniform-{i:02d}.plan.json", plans_dir / f"searched-{i:02d}.plan.json"
         uniform.save(u_path)
-        searched, check = searched_at(stats, cost_model, density, dense_first, pipe)
+        searched, check = searched_at(stats, cost_model, density, dense_first, pipe, dense_cache)
         searched.save(s_path)
         pairs.append({"uniform": label, "predicted_density": density, "uniform_plan": str(u_path),
                       "searched_plan": str(s_path), "end_to_end_check": check,

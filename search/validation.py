@@ -141,16 +141,21 @@ def variant_trials(solve_variant: Callable[..., Solution], variants: list[tuple[
 
 def validate(pipe, prompts: list[str], call_kwargs: dict[str, Any], trials: list[Trial], min_psnr: float | None, *,
              seed: int = 0, executor: str | None = None, progress: bool = True,
-             echo: Callable[[str], None] = lambda message: None) -> Validation:
+             echo: Callable[[str], None] = lambda message: None,
+             dense_cache: dict[tuple[str, int], np.ndarray] | None = None) -> Validation:
     """Generate each prompt dense, then with each trial's plan until one reaches `min_psnr` on average; with
-    `min_psnr` None, with every trial's plan, and choose the highest mean PSNR."""
+    `min_psnr` None, with every trial's plan, and choose the highest mean PSNR. `dense_cache` ((prompt, seed) ->
+    frames) keeps the dense clips for later calls with the same pipeline and settings."""
     if not trials:
         raise SearchError("end-to-end check: no plan to check (every candidate budget was infeasible)")
+    dense_cache = {} if dense_cache is None else dense_cache
+    keys = [(p, seed + i) for i, p in enumerate(prompts)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts) * (1 + len(trials)), desc="checking plans end to end", unit="clip",
+        missing = sum(key not in dense_cache for key in keys)
+        bar = tqdm(total=missing + len(prompts) * len(trials), desc="checking plans end to end", unit="clip",
                    file=sys.stderr)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -168,7 +173,10 @@ def validate(pipe, prompts: list[str], call_kwargs: dict[str, Any], trials: list
 
     tried: list[Trial] = []
     try:
-        dense = [generate(p, i) for i, p in enumerate(prompts)]
+        for i, key in enumerate(keys):
+            if key not in dense_cache:
+                dense_cache[key] = generate(key[0], i)
+        dense = [dense_cache[key] for key in keys]
         for trial in trials:
             apply(pipe, trial.solution.plan, executor=executor)
             try:

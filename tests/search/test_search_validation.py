@@ -174,3 +174,26 @@ def test_pick_by_psnr_bad_input_is_a_clear_error(tmp_path, capsys):
                      "--out", str(tmp_path / "p.plan.json")] + args) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "p.plan.json").exists()
+
+
+def test_dense_clips_are_generated_once_per_cache(monkeypatch):
+    from types import SimpleNamespace
+
+    from dit_sparse.search import validation
+
+    calls = []
+
+    def fake_pipe(prompt, generator, **kwargs):
+        calls.append(prompt)
+        return SimpleNamespace(frames=[np.full((2, 4, 4, 3), generator.initial_seed() / 10.0)])
+
+    monkeypatch.setattr(validation, "apply", lambda pipe, plan, executor=None: None)
+    monkeypatch.setattr(validation, "remove", lambda pipe: None)
+    stats = synthetic_stats()
+    solution = solve(stats, _flop(stats), Budget(target_density=0.4), dense_first=0.2)
+    cache = {}
+    runs = [validation.validate(fake_pipe, PROMPTS, {}, [validation.Trial(0.2, None, solution)], None,
+                                progress=False, dense_cache=cache) for _ in range(2)]
+    assert len(calls) == 2 * len(PROMPTS) + len(PROMPTS)  # dense once, then one trial per call
+    assert set(cache) == {(p, i) for i, p in enumerate(PROMPTS)}
+    assert runs[0].chosen.psnr == runs[1].chosen.psnr
