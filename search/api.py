@@ -26,11 +26,11 @@ from .candidates import Candidate, default_candidates, with_fp8
 from .cost import CostModel, flop_cost, measure_cost
 from .distributed import Processes, processes
 from .errors import SearchError
-from .sensitivity import LayerSensitivity
-from .solver import DEFAULT_MAX_ERROR, Budget, InfeasibleBudget, Solution, solve
+from .sensitivity import LayerSensitivity, StepSensitivity, measure_step_sensitivity, pipeline_output
+from .solver import DEFAULT_MAX_ERROR, STEP_WEIGHTS, Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
-from .validation import (Validation, candidate_trials, failure_message, highest_psnr, settings_ladder,
-                         solver_variants, validate, validated_note, variant_trials)
+from .validation import (Validation, asked_model_first, candidate_trials, failure_message, has_step_weights,
+                         highest_psnr, settings_ladder, solver_variants, validate, validated_note, variant_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,9 @@ def call_settings(pipe, *, steps: int, guidance: float | None, height: int | Non
 def pipeline_runner(pipe, prompts: list[str], *, steps: int, guidance: float | None = None,
                     height: int | None = None, width: int | None = None, frames: int | None = None,
                     seed: int = 0) -> Callable[[int, Callable[[], None]], None]:
-    """run(i, on_step): the i-th calibration generation (latents only, nothing decoded)."""
+    """run(i, on_step): the i-th calibration generation (latents only, nothing decoded); returns the pipeline's
+    output. ``run.counts_steps`` says whether on_step is called at the end of every step (the pipeline takes
+    ``callback_on_step_end``) or only after the generation."""
     params = inspect.signature(pipe.__call__).parameters
     base = call_settings(pipe, steps=steps, guidance=guidance, height=height, width=width, frames=frames,
                          output_type="latent")
@@ -151,13 +153,15 @@ def pipeline_runner(pipe, prompts: list[str], *, steps: int, guidance: float | N
             kwargs["callback_on_step_end"] = lambda *_args: (on_step(), {})[1]
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         try:
-            pipe(generator=generator, **kwargs)
+            output = pipe(generator=generator, **kwargs)
         except ValueError as e:
             raise SearchError(f"the pipeline refused these settings: {e}") from None
         if "callback_on_step_end" not in params:
             for _ in range(steps):
                 on_step()
+        return output
 
+    run.counts_steps = "callback_on_step_end" in params
     return run
 
 
@@ -225,13 +229,15 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
               calib_steps: int = 5, refresh_interval: int = 5, executor: str | None = None,
               block_size: tuple[int, int] | None = None, device: str | torch.device = "cpu",
               progress: bool = True, max_rows: int = 4096, query_blocks: int = 8, seed: int = 0,
-              sensitivity_samples: int = 1, info: dict[str, Any] | None = None,
+              sensitivity_samples: int = 1, step_sensitivity: bool = True, info: dict[str, Any] | None = None,
               procs: Processes | None = None) -> CalibrationStats:
     """Run `num_samples` generations (run(i, on_step)) with a dense plan and the calibration observer.
 
     target: what dit_sparse.apply takes (a pipeline or a transformer). Returns the statistics (no cost table).
     sensitivity_samples: during the first this-many generations, measure each layer's sensitivity (one extra
-    transformer call per covered layer at every sampled step; 0 turns it off). procs: with several processes,
+    transformer call per covered layer at every sampled step; 0 turns it off). step_sensitivity: generate the first
+    prompt again once per sampled step with that step perturbed (see sensitivity.py; needs a `run` that returns
+    the pipeline output and counts steps, like `pipeline_runner`'s). procs: with several processes,
     each runs its share of the generations and every process returns the statistics of all of them.
     """
     procs = procs or Processes()
@@ -268,6 +274,8 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
         sensitivity = LayerSensitivity(transformer, [modules[name] for name, _ in covered], observer, set(steps),
                                        timer, seed=seed)
         handles.append(sensitivity.attach())
+    measure_steps = step_sensitivity and getattr(run, "counts_steps", False)  # the same on every process
+    reference, step_values = None, None
     try:
         for n, i in enumerate(indices):
             if sensitivity is not None:
@@ -275,9 +283,14 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
             before, attn_before = observer.seconds, timer.seconds
             start = time.perf_counter()
             with torch.no_grad():
-                run(i, bar.update if bar is not None else (lambda: None))
+                output = run(i, bar.update if bar is not None else (lambda: None))
             wall.append(time.perf_counter() - start - (observer.seconds - before))
             attention.append(timer.seconds - attn_before)
+            if n == 0 and measure_steps and output is not None:  # this process's first prompt
+                reference = pipeline_output(output)
+        if reference is not None:
+            step_values = _step_sensitivity(transformer, run, indices[0], steps, reference, observer, timer,
+                                            sensitivity, seed, progress and procs.is_main)
     finally:
         for handle in handles:
             handle.remove()
@@ -306,11 +319,42 @@ def calibrate(target, run: Callable[[int, Callable[[], None]], None], num_sample
         "observer_seconds": observer.seconds,
         "rows": "all" if grid.num_tokens <= max_rows else f"{query_blocks} query blocks per call",
         "layer_sensitivity": _merged_sensitivity(sensitivity, procs) if sensitivity is not None else None,
+        "step_sensitivity": _merged_step_sensitivity(steps, step_values, procs) if measure_steps else None,
     })
     if procs.distributed:
         info["processes"] = procs.world
+    sampled, step_error = observer.step_results()
     return CalibrationStats(fingerprint, [n for n, _ in covered], [layer for _, layer in covered], observer.grid,
-                            block_q, block_k, candidates, error, density, columns, info)
+                            block_q, block_k, candidates, error, density, columns, info,
+                            step_error={step: step_error[si] for si, step in enumerate(sampled)
+                                        if not np.isnan(step_error[si]).all()})
+
+
+def _step_sensitivity(transformer, run, index: int, steps: list[int], reference, observer, timer, layer_sensitivity,
+                      seed: int, progress: bool) -> list[float]:
+    """The first generation again once per sampled step, that step perturbed; the books stay closed meanwhile."""
+    perturb = StepSensitivity(transformer, seed=seed)
+    handle = perturb.attach()
+    observer.paused, timer.paused = True, True
+    if layer_sensitivity is not None:
+        layer_sensitivity.active = False
+    if progress:
+        print(f"step sensitivity: generating calibration prompt 1 again at {len(steps)} perturbed steps",
+              file=sys.stderr)
+    try:
+        with torch.no_grad():
+            return measure_step_sensitivity(run, index, steps, reference, perturb)
+    finally:
+        handle.remove()
+        observer.paused, timer.paused = False, False
+
+
+def _merged_step_sensitivity(steps: list[int], values: list[float] | None, procs: Processes):
+    """[[step, sensitivity], ...] averaged over the processes that measured it."""
+    measured = values is not None
+    sums = procs.sum(np.asarray(values if measured else [0.0] * len(steps), dtype=np.float64))
+    count = float(procs.sum(np.asarray([1.0 if measured else 0.0]))[0])
+    return [[step, float(v / count)] for step, v in zip(steps, sums)] if count else None
 
 
 def _merged_sensitivity(sensitivity: LayerSensitivity, procs: Processes) -> list[float] | None:
@@ -323,7 +367,8 @@ def _estimate(prb: Probe, prompts: int, steps: int, calib_steps: int, calls_per_
               dense_layer: float | None, candidates: int, max_rows: int, query_blocks: int, block_q: int,
               heads: int, head_dim: int, dynamic: int) -> tuple[float, float]:
     """(seconds, extra bytes) expected for calibration."""
-    seconds = prb.step_seconds * steps * prompts
+    # the generations, plus the first prompt again once per sampled step (step sensitivity)
+    seconds = prb.step_seconds * steps * (prompts + calib_steps)
     seq = prb.grid.num_tokens
     rows = seq if seq <= max_rows else min(seq, query_blocks * block_q)
     if dense_layer:
@@ -344,7 +389,8 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
            dtype: str = "float32", allow_closest: bool = False, cost: str = "measured",
            cache_dir: str | Path | None = None, calib_steps: int = 5, seed: int = 0, progress: bool = True,
            threads: int | None = None, layer_weights: str = "sensitivity", echo: Callable[[str], None] | None = None,
-           min_psnr: float | None = None, pick_by_psnr: bool = False, pipe=None) -> SearchResult:
+           min_psnr: float | None = None, pick_by_psnr: bool = False, pipe=None,
+           step_weights: str = "none") -> SearchResult:
     """Calibrate (or load `stats`), solve for the budget, write plan + report (+ statistics). See `dit-sparse search`.
 
     Budgets: `max_error` is the relative L2 error of attention outputs (default 0.1 when no target is given);
@@ -352,7 +398,9 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     fraction of attention work of the covered heads during sparse steps. Raises SearchError on bad input and
     when the budget cannot be met (unless `allow_closest`). `threads`: torch CPU threads for the whole search
     (None: the cores not already busy, see `auto_threads`). `layer_weights`: "sensitivity" (each layer's error
-    weighted by its measured effect on the transformer output) or "none". `min_psnr`: generate the calibration
+    weighted by its measured effect on the transformer output) or "none". `step_weights`: "none" (the sampled
+    steps' errors averaged alike) or "sensitivity" (each weighted by the measured effect of a perturbation at that
+    step on the generated result; needs statistics from this version). `min_psnr`: generate the calibration
     prompts dense and with candidate plans and keep the fastest plan whose mean PSNR against dense reaches it,
     tightening the error budget and lengthening the dense warm-up as needed (see `validation`). `pick_by_psnr`
     (with a speed or density target): solve the target under several error models, generate the calibration
@@ -382,6 +430,8 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     if pick_by_psnr and target_speedup is None and target_density is None:
         raise SearchError("--pick-by-psnr chooses among plans that meet a speed or density target; give "
                           "--target-speedup or --target-density (with an error budget, use --min-psnr)")
+    if step_weights not in STEP_WEIGHTS:
+        raise SearchError(f"--step-weights must be one of {', '.join(STEP_WEIGHTS)}, got {step_weights!r}")
     if cost not in ("measured", "flop"):
         raise SearchError(f"--cost must be 'measured' or 'flop', got {cost!r}")
     if dtype not in DTYPES:
@@ -400,7 +450,7 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     try:
         return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
                        stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
-                       pipe, layer_weights, procs, min_psnr, pick_by_psnr)
+                       pipe, layer_weights, procs, min_psnr, pick_by_psnr, step_weights)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -408,7 +458,7 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
 def _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers, stats, out,
             device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe,
             layer_weights, procs: Processes, min_psnr: float | None = None,
-            pick_by_psnr: bool = False) -> SearchResult:
+            pick_by_psnr: bool = False, step_weights: str = "none") -> SearchResult:
     """The search proper; with several processes each calibrates its share, and only the first writes files."""
     from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
 
@@ -453,7 +503,7 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
     closest = False
     try:
         solution = solve(st, cost_model, budget, dense_first=dense_first, dense_layers=tuple(dense_layers),
-                         wall_seconds=wall, layer_weights=layer_weights)
+                         wall_seconds=wall, layer_weights=layer_weights, step_weights=step_weights)
     except InfeasibleBudget as e:
         if not allow_closest:
             hint = f"; statistics are in {paths['stats']}" if "stats" in paths else ""
@@ -478,10 +528,11 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
         max_error = budget.max_error if budget.max_error is not None else DEFAULT_MAX_ERROR
         solution, validation, closest = _validated_solution(
             pipe, st, cost_model, max_error, dense_first, dense_layers, wall, layer_weights, min_psnr, seed,
-            allow_closest, progress, echo)
+            allow_closest, progress, echo, step_weights)
     elif pick_by_psnr and not closest:
         solution, validation = picked_solution(pipe, st, cost_model, budget, dense_first, dense_layers, wall,
-                                               layer_weights, seed=seed, progress=progress, echo=echo)
+                                               layer_weights, seed=seed, progress=progress, echo=echo,
+                                               step_weights=step_weights)
     solution.plan.save(paths["plan"])
     from .report import write_report
 
@@ -495,11 +546,11 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
 
 def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_error: float, dense_first: float,
                         dense_layers, wall, layer_weights: str, min_psnr: float, seed: int, allow_closest: bool,
-                        progress: bool, echo) -> tuple[Solution, Validation, bool]:
+                        progress: bool, echo, step_weights: str = "none") -> tuple[Solution, Validation, bool]:
     """The fastest plan on the ladder of budgets whose calibration prompts reach `min_psnr` end to end."""
     def solve_at(first: float, error: float) -> Solution:
         return solve(st, cost_model, Budget(max_error=error), dense_first=first, dense_layers=tuple(dense_layers),
-                     wall_seconds=wall, layer_weights=layer_weights)
+                     wall_seconds=wall, layer_weights=layer_weights, step_weights=step_weights)
 
     trials = candidate_trials(solve_at, settings_ladder(max_error, dense_first))
     prompts, kwargs = _check_settings(pipe, st, "--min-psnr")
@@ -526,19 +577,18 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
 def picked_solution(pipe, st: CalibrationStats, cost_model: CostModel, budget: Budget, dense_first: float,
                     dense_layers=(), wall: float | None = None, layer_weights: str = "sensitivity", *, seed: int = 0,
                     progress: bool = True, echo=lambda message: None,
-                    dense_cache: dict | None = None) -> tuple[Solution, Validation]:
+                    dense_cache: dict | None = None, step_weights: str = "none") -> tuple[Solution, Validation]:
     """Of the plans that meet `budget`'s target under each solver variant, the one whose calibration prompts
     reach the highest mean PSNR against dense (the default variant first, so it wins ties). `dense_cache`: see
     `validation.validate` (compare_uniform picks at many densities with one set of dense clips)."""
     def solve_variant(**kwargs) -> Solution:
         kwargs.setdefault("layer_weights", layer_weights)
+        kwargs.setdefault("step_weights", step_weights)
         return solve(st, cost_model, budget, dense_first=dense_first, dense_layers=tuple(dense_layers),
                      wall_seconds=wall, **kwargs)
 
     families = sorted({c.family for c in st.candidates if c.computes and c.family != "dense"})
-    variants = solver_variants(families)
-    if layer_weights == "none":  # the asked error model first
-        variants[0], variants[1] = variants[1], variants[0]
+    variants = asked_model_first(solver_variants(families, has_step_weights(st)), layer_weights, step_weights)
     trials = variant_trials(solve_variant, variants, dense_first)
     prompts, kwargs = _check_settings(pipe, st, "--pick-by-psnr")
     echo(f"end-to-end check: {len(prompts)} prompts dense, then {len(trials)} plans that meet the target")

@@ -68,6 +68,8 @@ class _Module:
     err: np.ndarray  # (H, C) sum over evaluated calls of the normalised squared error
     density: np.ndarray  # (H, C) sum over evaluated calls of measured density (dynamic) / fixed (static)
     evaluated: int = 0
+    step_err: dict[int, np.ndarray] = field(default_factory=dict)  # step -> (H, C) sum over that step's calls
+    step_evaluated: dict[int, int] = field(default_factory=dict)
     block_mass: np.ndarray | None = None  # (H, NK) attention mass per key block, for the per-head stripes
     token_mass: np.ndarray | None = None  # (H, S)
     columns: dict[int, list[list[int]]] | None = None  # candidate index -> per-head columns, once frozen
@@ -136,6 +138,21 @@ class CalibrationObserver:
                     columns[(mi, hi, ci)] = cols
         return err, dens, columns
 
+    def step_results(self) -> tuple[list[int], np.ndarray]:
+        """(sampled steps, error (S, M, H, C)): the error of `results` split by denoising step, so that the solver
+        can weight the steps (their mean over steps is `results`' error: every sampled step has the same calls)."""
+        steps = sorted(self.steps)
+        m, h, c = len(self.modules), self.num_heads, len(self.candidates)
+        err, count = np.zeros((len(steps), m, h, c)), np.zeros((len(steps), m))
+        for mi, st in self._state.items():
+            for si, step in enumerate(steps):
+                if step in st.step_err:
+                    err[si, mi], count[si, mi] = st.step_err[step], st.step_evaluated[step]
+        if self.reduce is not None:
+            err, count = self.reduce(err), self.reduce(count)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return steps, np.where(count[:, :, None, None] > 0, err / count[:, :, None, None], np.nan)
+
     def _sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         m, h, c = len(self.modules), self.num_heads, len(self.candidates)
         err, dens, count = np.zeros((m, h, c)), np.zeros((m, h, c)), np.zeros(m)
@@ -198,7 +215,10 @@ class CalibrationObserver:
         self._freeze_columns(state)
         err, energy = self._evaluate(state, qv, kv, vv, txt, dynamic)
         mean_energy = float(energy.mean())
-        state.err += err / mean_energy if mean_energy > 0 else 0.0
+        normalised = err / mean_energy if mean_energy > 0 else np.zeros_like(err)
+        state.err += normalised
+        state.step_err[step] = state.step_err.get(step, 0.0) + normalised
+        state.step_evaluated[step] = state.step_evaluated.get(step, 0) + 1
         state.density += self._densities(state, dynamic, qv.shape[1])
         state.evaluated += 1
         if self.on_evaluate is not None:

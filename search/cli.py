@@ -59,6 +59,9 @@ def add_search_parser(subparsers) -> None:
     p.add_argument("--calib-steps", type=int, default=5, help="denoising steps sampled for calibration")
     p.add_argument("--layer-weights", choices=("sensitivity", "none"), default="sensitivity",
                    help="weight each layer's attention error by its measured effect on the output (default), or not")
+    p.add_argument("--step-weights", choices=("none", "sensitivity"), default="none",
+                   help="average the sampled steps' errors alike (default), or weight each by the measured effect of "
+                        "a perturbation at that step on the generated result")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the cores not already busy, from the load average)")
@@ -86,7 +89,7 @@ def run_search(args) -> int:
             stats=args.stats, out=args.out, device=args.device, dtype=args.dtype, allow_closest=args.allow_closest,
             cost=args.cost, cache_dir=args.cache_dir, calib_steps=args.calib_steps, seed=args.seed, threads=args.threads,
             layer_weights=args.layer_weights, min_psnr=args.min_psnr, pick_by_psnr=args.pick_by_psnr,
-            progress=not args.quiet, echo=echo)
+            step_weights=args.step_weights, progress=not args.quiet, echo=echo)
     except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

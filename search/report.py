@@ -36,6 +36,9 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
     info = stats.info
     weights = m.get("layer_weights") or [1.0] * len(stats.modules)
     weighted = "" if all(w == 1.0 for w in weights) else ", layers weighted by measured sensitivity"
+    if m.get("step_weights"):
+        weighted += ", sampled steps weighted by measured sensitivity"
+    step_sens = info.get("step_sensitivity")
     fp = stats.fingerprint
     plan = solution.plan
     lines = [f"# dit-sparse search report: {info.get('model', fp.transformer_class)}", ""]
@@ -49,7 +52,8 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
         f"steps {info.get('sample_steps')}, both CFG branches: {', '.join(info.get('branches') or []) or 'n/a'}), "
         f"grid {stats.grid.frames}x{stats.grid.height}x{stats.grid.width} = {stats.grid.num_tokens} video tokens, "
         f"blocks {stats.block_q}x{stats.block_k}, executor `{info.get('executor')}` on {info.get('device')}, "
-        f"query rows scored: {info.get('rows')}",
+        f"query rows scored: {info.get('rows')}"
+        + (f"; step sensitivities {', '.join(f'{step}: {v:.2f}' for step, v in step_sens)}" if step_sens else ""),
         f"- candidates per head: {len(stats.candidates)} ({', '.join(sorted({c.family for c in stats.candidates}))});"
         f" re-scaled and fp8 variants: fp8 only where the cost model measured it faster (never on CPU), "
         f"re-scaling not searched",

@@ -1,4 +1,5 @@
-"""How much each covered layer's attention error matters for the transformer's output.
+"""How much each covered layer's attention error matters for the transformer's output, and how much an error at
+each sampled denoising step matters for the generated result.
 
 At sampled steps of the first calibration generation(s), right after a transformer call, the call is repeated
 once per covered attention module with Gaussian noise of relative size ``eps`` added to that module's output;
@@ -6,6 +7,12 @@ the layer's sensitivity is the relative change of the transformer output divided
 the network passes through every later block, so sensitivities differ; the solver can weight each layer's
 attention error by its sensitivity (normalised to mean 1) so that its budget tracks the output, not just the
 attention.
+
+Steps: after the calibration generations, the first prompt is generated again once per sampled step with
+Gaussian noise of relative size ``eps`` added to the transformer's output (every call of that step, both CFG
+branches); the step's sensitivity is the relative change of the final latents divided by ``eps``. It includes
+what the per-layer number cannot: the step's share of the trajectory and how later steps damp or amplify the
+change. The solver can weight each sampled step's attention error by it.
 """
 
 from __future__ import annotations
@@ -75,3 +82,63 @@ class LayerSensitivity:
         if isinstance(output, torch.Tensor):
             return output + noise
         return (output[0] + noise, *output[1:])
+
+
+def pipeline_output(output) -> torch.Tensor:
+    """The tensor a pipeline call returned (latents with output_type="latent")."""
+    if isinstance(output, torch.Tensor):
+        return output
+    first = output[0]  # a diffusers BaseOutput or a tuple
+    return first if isinstance(first, torch.Tensor) else torch.as_tensor(first)
+
+
+class StepSensitivity:
+    """A forward hook for the transformer that perturbs its output on the calls of step ``target`` only.
+
+    The step is counted with ``on_step`` (the pipeline's step-end callback), so it works while the calibration
+    observer is paused.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, eps: float = 0.05, seed: int = 0):
+        self.transformer, self.eps = transformer, eps
+        self.generator = torch.Generator().manual_seed(seed)
+        self.target: int | None = None
+        self.step = 0
+
+    def attach(self):
+        return self.transformer.register_forward_hook(self._after_call)
+
+    def start(self, target: int | None) -> None:
+        self.target, self.step = target, 0
+
+    def on_step(self) -> None:
+        self.step += 1
+
+    @torch.no_grad()
+    def _after_call(self, module, args, output):
+        if self.target is None or self.step != self.target:
+            return None
+        out = first_tensor(output)
+        noise = torch.randn(out.shape, generator=self.generator).to(out.device, out.dtype)
+        noise = noise * (self.eps * out.float().norm() / noise.float().norm()).to(out.dtype)
+        if isinstance(output, torch.Tensor):
+            return output + noise
+        if isinstance(output, (tuple, list)):
+            return (output[0] + noise, *output[1:])
+        output.sample = output.sample + noise
+        return output
+
+
+def measure_step_sensitivity(run, index: int, steps: list[int], reference: torch.Tensor,
+                             perturb: StepSensitivity) -> list[float]:
+    """Relative change of generation ``index``'s result per unit relative perturbation at each of ``steps``."""
+    values = []
+    ref = reference.float()
+    for step in steps:
+        perturb.start(step)
+        try:
+            out = pipeline_output(run(index, perturb.on_step)).float()
+        finally:
+            perturb.start(None)
+        values.append(float((out - ref).norm() / (ref.norm() * perturb.eps + 1e-30)))
+    return values

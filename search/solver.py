@@ -101,17 +101,39 @@ def layer_weight_values(stats: CalibrationStats, kind: str) -> np.ndarray:
     return values / values.mean()
 
 
+STEP_WEIGHTS = ("none", "sensitivity")
+
+
+def step_weight_values(stats: CalibrationStats, kind: str) -> dict[int, float] | None:
+    """Per sampled step error weights: the measured step sensitivities, or None (the plain mean over steps)."""
+    if kind not in STEP_WEIGHTS:
+        raise BudgetError(f"--step-weights must be one of {', '.join(STEP_WEIGHTS)}, got {kind!r}")
+    if kind == "none":
+        return None
+    values = stats.info.get("step_sensitivity")
+    if not values or not stats.step_error:
+        raise BudgetError("--step-weights sensitivity: these statistics have no per-step errors or step "
+                          "sensitivities (captured by an older dit-sparse, or by a pipeline without "
+                          "callback_on_step_end); calibrate again, or use --step-weights none")
+    weights = {int(step): float(v) for step, v in values}
+    if not all(np.isfinite(w) and w > 0 for w in weights.values()):
+        raise BudgetError(f"--step-weights sensitivity: measured step sensitivities are not all positive: {values}")
+    return weights
+
+
 class Problem:
     """Arrays over (module m, head h, candidate c) and the exact objective with head-group launches."""
 
     def __init__(self, stats: CalibrationStats, cost: CostModel, dense_first: float, dense_layers: tuple[int, ...],
-                 layer_weights: str = "sensitivity", families: tuple[str, ...] | None = None):
+                 layer_weights: str = "sensitivity", families: tuple[str, ...] | None = None,
+                 step_weights: str = "none"):
         self.stats, self.cost = stats, cost
         m, h, c = stats.error.shape
         self.shape = (m, h, c)
         cands = stats.candidates
         self.dense_index = next(i for i, x in enumerate(cands) if x.family == "dense" and not x.fp8)
-        self.raw_err = np.nan_to_num(stats.error, nan=np.inf)
+        self.step_weights = step_weight_values(stats, step_weights)
+        self.raw_err = np.nan_to_num(stats.error_over_steps(self.step_weights), nan=np.inf)
         self.weights = layer_weight_values(stats, layer_weights)
         self.err = self.raw_err * self.weights[:, None, None]
         self.dens = np.nan_to_num(stats.density, nan=1.0)
@@ -381,15 +403,17 @@ def _pair_move(prob: Problem, a: np.ndarray, single, fi: int, gi: int, f_scale: 
 def solve(stats: CalibrationStats, cost: CostModel, budget: Budget, *, dense_first: float = 0.2,
           dense_layers: tuple[int, ...] = (), refresh_interval: int | None = None,
           wall_seconds: float | None = None, layer_weights: str = "sensitivity",
-          families: tuple[str, ...] | None = None) -> Solution:
+          families: tuple[str, ...] | None = None, step_weights: str = "none") -> Solution:
     """The plan for `budget`. Raises InfeasibleBudget (with the closest plan) when it cannot be met.
 
     layer_weights: "sensitivity" weights each layer's attention error by its measured effect on the transformer
     output (when the statistics have it; mean weight 1), "none" counts every layer alike. families: only
-    candidates of these strategy families (and dense, always allowed); None for all.
+    candidates of these strategy families (and dense, always allowed); None for all. step_weights:
+    "sensitivity" weights each sampled step's error by its measured effect on the generated result, "none"
+    averages the steps alike.
     """
     budget.validate()
-    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights, families)
+    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights, families, step_weights)
     refresh = int(refresh_interval or stats.info.get("refresh_interval", 5))
 
     if budget.target_speedup is None and budget.target_density is None:
@@ -534,6 +558,7 @@ def _solution(prob: Problem, a: np.ndarray, budget: Budget, note: str, dense_fir
         "device": stats.info.get("device"),
         "cost_model": prob.cost.kind,
         "error_weights": "layer sensitivity" if not np.all(prob.weights == 1) else "none",
+        "step_weights": "step sensitivity" if prob.step_weights is not None else "none",
         "budget": budget.describe(),
         "binding": note,
         "predicted": {k: metrics[k] for k in ("relative_l2_error", "density", "executed_density",
@@ -563,6 +588,7 @@ def predicted_metrics(prob: Problem, a: np.ndarray, wall_seconds: float | None =
         "relative_l2_error": math.sqrt(max(err, 0.0)),
         "unweighted_relative_l2_error": math.sqrt(max(float(raw_err.mean()), 0.0)),
         "layer_weights": prob.weights.tolist(),
+        "step_weights": None if prob.step_weights is None else [[k, v] for k, v in sorted(prob.step_weights.items())],
         "layer_relative_l2_error": np.sqrt(np.maximum(raw_err.mean(1), 0)).tolist(),
         "density": density,
         "executed_density": (prob.dense_steps + prob.sparse_steps * density) / prob.num_steps,
@@ -612,9 +638,10 @@ def assignment_of(stats: CalibrationStats, plan: SparsePlan) -> np.ndarray:
 
 
 def evaluate_plan(stats: CalibrationStats, cost: CostModel, plan: SparsePlan, wall_seconds: float | None = None,
-                  layer_weights: str = "sensitivity") -> dict[str, Any]:
+                  layer_weights: str = "sensitivity", step_weights: str = "none") -> dict[str, Any]:
     """Predicted metrics (error, density, speedups) of an existing plan from the statistics."""
-    prob = Problem(stats, cost, plan.schedule.dense_first, plan.schedule.dense_layers, layer_weights)
+    prob = Problem(stats, cost, plan.schedule.dense_first, plan.schedule.dense_layers, layer_weights,
+                   step_weights=step_weights)
     a = assignment_of(stats, plan)
     for mi, layer in enumerate(stats.layers):
         if layer in plan.schedule.dense_layers:

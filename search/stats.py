@@ -3,8 +3,8 @@ another budget takes seconds.
 
 The file is JSON (format "dit-sparse-search-stats", version 1): the model fingerprint and its covered modules, the
 video grid and block sizes it was measured at, the candidates, per (module, head, candidate) the mean normalised
-squared error and the density, the per-head columns of the mass-chosen stripes, the calibration settings and the
-cost table that was used.
+squared error (also per sampled denoising step) and the density, the per-head columns of the mass-chosen stripes,
+the calibration settings and the cost table that was used.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class CalibrationStats:
     columns: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] | None = None
+    step_error: dict[int, np.ndarray] = field(default_factory=dict)  # sampled step -> its (M, H, C) error
 
     def __post_init__(self):
         shape = (len(self.modules), self.fingerprint.num_heads, len(self.candidates))
@@ -63,6 +64,22 @@ class CalibrationStats:
             if arr.shape != shape:
                 raise StatsError(f"{name} has shape {arr.shape}, expected (modules, heads, candidates) = {shape}")
             setattr(self, name, arr)
+        for step, arr in list(self.step_error.items()):
+            arr = np.asarray(arr, dtype=np.float64)
+            if arr.shape != shape:
+                raise StatsError(f"step_error of step {step} has shape {arr.shape}, expected {shape}")
+            self.step_error[int(step)] = arr
+
+    def error_over_steps(self, weights: dict[int, float] | None) -> np.ndarray:
+        """(M, H, C) error with the sampled steps weighted (None: `error`, the plain mean over the steps)."""
+        if weights is None:
+            return self.error
+        missing = sorted(set(weights) - set(self.step_error))
+        if missing:
+            raise StatsError(f"these statistics have no per-step errors for steps {missing}; calibrate again "
+                             "with this dit-sparse to weight steps")
+        total = sum(weights.values())
+        return sum(w * self.step_error[step] for step, w in weights.items()) / total
 
     def spec(self, module: int, head: int, cand: int) -> HeadStrategy:
         c = self.candidates[cand]
@@ -95,6 +112,7 @@ class CalibrationStats:
             "columns": [[m, h, c, cols] for (m, h, c), cols in sorted(self.columns.items())],
             "info": self.info,
             "cost": self.cost,
+            "step_error": [[step, _round(arr)] for step, arr in sorted(self.step_error.items())],
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -128,6 +146,7 @@ class CalibrationStats:
                 columns={(m, h, c): list(cols) for m, h, c, cols in data.get("columns", [])},
                 info=dict(data.get("info", {})),
                 cost=data.get("cost"),
+                step_error={int(step): np.asarray(arr, dtype=np.float64) for step, arr in data.get("step_error", [])},
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, StatsError):

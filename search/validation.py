@@ -116,11 +116,30 @@ def candidate_trials(solve_at: Callable[[float, float], Solution], ladder: list[
     return sorted(trials, key=lambda t: -t.predicted_speedup)
 
 
-def solver_variants(families: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """(description, extra solve() arguments): the error models --pick-by-psnr compares."""
-    variants = [("all strategies, layer-sensitivity weights", {"layer_weights": "sensitivity"}),
-                ("all strategies, unweighted layers", {"layer_weights": "none"})]
+def has_step_weights(stats) -> bool:
+    """Whether the statistics can weight their sampled steps (per-step errors and measured sensitivities)."""
+    return bool(stats.step_error) and bool(stats.info.get("step_sensitivity"))
+
+
+def solver_variants(families: list[str], step_weights: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(description, extra solve() arguments): the error models --pick-by-psnr compares (the family-only
+    variants take the asked layer and step weights)."""
+    variants = [("all strategies, layer-sensitivity weights", {"layer_weights": "sensitivity", "step_weights": "none"}),
+                ("all strategies, unweighted layers", {"layer_weights": "none", "step_weights": "none"})]
+    if step_weights:
+        variants.append(("all strategies, layer- and step-sensitivity weights",
+                         {"layer_weights": "sensitivity", "step_weights": "sensitivity"}))
     return variants + [(f"{family} only", {"families": (family,)}) for family in families]
+
+
+def asked_model_first(variants: list[tuple[str, dict[str, Any]]], layer_weights: str,
+                      step_weights: str) -> list[tuple[str, dict[str, Any]]]:
+    """The variant of the asked error model first (it wins ties), added when it is not among them."""
+    asked = {"layer_weights": layer_weights, "step_weights": step_weights}
+    rest = [v for v in variants if v[1] != asked]
+    name = next((n for n, kw in variants if kw == asked), f"all strategies, {layer_weights} layer weights, "
+                                                         f"{step_weights} step weights (asked)")
+    return [(name, asked)] + rest
 
 
 def variant_trials(solve_variant: Callable[..., Solution], variants: list[tuple[str, dict[str, Any]]],
@@ -222,5 +241,5 @@ def failure_message(validation: Validation) -> str:
             f"(--dense-first)")
 
 
-__all__ = ["Trial", "Validation", "candidate_trials", "failure_message", "highest_psnr", "settings_ladder",
-           "solver_variants", "validate", "validated_note", "variant_trials"]
+__all__ = ["Trial", "Validation", "asked_model_first", "candidate_trials", "failure_message", "has_step_weights",
+           "highest_psnr", "settings_ladder", "solver_variants", "validate", "validated_note", "variant_trials"]

@@ -182,3 +182,25 @@ def test_init_from_a_plain_pipeline_widens_it_with_coordinate_inputs_that_change
     x, t, text = torch.randn(2, 3, 2, 8, 8), torch.tensor([100, 900]), torch.randn(2, 16, 16)
     with torch.no_grad():  # zero weights on the new channels: the widened model starts as the plain one
         assert torch.allclose(new(x, t, text, return_dict=False)[0], old(x, t, text, return_dict=False)[0])
+
+
+def test_object_loss_weights_cover_the_object_and_a_two_pixel_rim_only():
+    from dit_sparse.zoo.shapes_data import Attrs, _shape_mask, render_clip, trajectory
+
+    a = Attrs("red", "triangle", "right", "light")
+    clip = render_clip(a, seed=3).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W)
+    w = tts.object_loss_weights(clip, 4.0)[0, 0]
+    for t, (cx, cy, r) in enumerate(trajectory(a, np.random.default_rng(3), 8, 32)):
+        cover = torch.from_numpy(_shape_mask("triangle", cx, cy, r, 32)) > 0.02
+        near = torch.nn.functional.max_pool2d(cover[None].float(), 5, stride=1, padding=2)[0] > 0
+        assert torch.all(w[t][cover] == 5.0)  # the object itself
+        assert torch.equal(w[t] == 5.0, near)  # and nothing beyond 2 px of it
+    assert set(w.unique().tolist()) == {1.0, 5.0}
+
+
+def test_object_weighted_loss_trains_and_is_recorded(tmp_path):
+    info = tts.main(["--out", str(tmp_path / "w"), "--steps", "2", "--object-weight", "3",
+                     "--export", str(tmp_path / "e"), *BASE])
+    assert info["steps_done"] == 2 and np.isfinite(info["final_loss_avg"])
+    training = json.loads((tmp_path / "e" / "training.json").read_text())
+    assert training["args"]["object_weight"] == 3.0 and "--object-weight 3 " in training["command"]
