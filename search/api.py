@@ -29,8 +29,8 @@ from .errors import SearchError
 from .sensitivity import LayerSensitivity, StepSensitivity, measure_step_sensitivity, pipeline_output
 from .solver import DEFAULT_MAX_ERROR, STEP_WEIGHTS, Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
-from .validation import (Validation, asked_model_first, candidate_trials, failure_message, has_step_weights,
-                         highest_psnr, settings_ladder, solver_variants, validate, validated_note, variant_trials)
+from .validation import (Validation, asked_model_first, candidate_trials, failure_message, highest_psnr,
+                         settings_ladder, solver_variants, validate, validated_note, variant_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -588,7 +588,7 @@ def picked_solution(pipe, st: CalibrationStats, cost_model: CostModel, budget: B
                      wall_seconds=wall, **kwargs)
 
     families = sorted({c.family for c in st.candidates if c.computes and c.family != "dense"})
-    variants = asked_model_first(solver_variants(families, has_step_weights(st)), layer_weights, step_weights)
+    variants = asked_model_first(solver_variants(families, st.has_step_weights()), layer_weights, step_weights)
     trials = variant_trials(solve_variant, variants, dense_first)
     prompts, kwargs = _check_settings(pipe, st, "--pick-by-psnr")
     echo(f"end-to-end check: {len(prompts)} prompts dense, then {len(trials)} plans that meet the target")

@@ -76,12 +76,20 @@ class LayerSensitivity:
             self.observer.seconds += time.perf_counter() - start
 
     def _perturb(self, attn, args, output):
-        out = first_tensor(output)
-        noise = torch.randn(out.shape, generator=self.generator).to(out.device, out.dtype)
-        noise = noise * (self.eps * out.float().norm() / noise.float().norm()).to(out.dtype)
-        if isinstance(output, torch.Tensor):
-            return output + noise
+        return with_relative_noise(output, self.eps, self.generator)
+
+
+def with_relative_noise(output, eps: float, generator: torch.Generator):
+    """A module's output with Gaussian noise of norm ``eps`` times its first tensor's norm added to that tensor."""
+    out = first_tensor(output)
+    noise = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+    noise = noise * (eps * out.float().norm() / noise.float().norm()).to(out.dtype)
+    if isinstance(output, torch.Tensor):
+        return output + noise
+    if isinstance(output, (tuple, list)):
         return (output[0] + noise, *output[1:])
+    output.sample = output.sample + noise
+    return output
 
 
 def pipeline_output(output) -> torch.Tensor:
@@ -118,15 +126,7 @@ class StepSensitivity:
     def _after_call(self, module, args, output):
         if self.target is None or self.step != self.target:
             return None
-        out = first_tensor(output)
-        noise = torch.randn(out.shape, generator=self.generator).to(out.device, out.dtype)
-        noise = noise * (self.eps * out.float().norm() / noise.float().norm()).to(out.dtype)
-        if isinstance(output, torch.Tensor):
-            return output + noise
-        if isinstance(output, (tuple, list)):
-            return (output[0] + noise, *output[1:])
-        output.sample = output.sample + noise
-        return output
+        return with_relative_noise(output, self.eps, self.generator)
 
 
 def measure_step_sensitivity(run, index: int, steps: list[int], reference: torch.Tensor,

@@ -110,11 +110,11 @@ def step_weight_values(stats: CalibrationStats, kind: str) -> dict[int, float] |
         raise BudgetError(f"--step-weights must be one of {', '.join(STEP_WEIGHTS)}, got {kind!r}")
     if kind == "none":
         return None
-    values = stats.info.get("step_sensitivity")
-    if not values or not stats.step_error:
+    if not stats.has_step_weights():
         raise BudgetError("--step-weights sensitivity: these statistics have no per-step errors or step "
                           "sensitivities (captured by an older dit-sparse, or by a pipeline without "
                           "callback_on_step_end); calibrate again, or use --step-weights none")
+    values = stats.info["step_sensitivity"]
     weights = {int(step): float(v) for step, v in values}
     if not all(np.isfinite(w) and w > 0 for w in weights.values()):
         raise BudgetError(f"--step-weights sensitivity: measured step sensitivities are not all positive: {values}")

@@ -70,6 +70,10 @@ class CalibrationStats:
                 raise StatsError(f"step_error of step {step} has shape {arr.shape}, expected {shape}")
             self.step_error[int(step)] = arr
 
+    def has_step_weights(self) -> bool:
+        """Whether the sampled steps can be weighted: per-step errors and measured step sensitivities."""
+        return bool(self.step_error) and bool(self.info.get("step_sensitivity"))
+
     def error_over_steps(self, weights: dict[int, float] | None) -> np.ndarray:
         """(M, H, C) error with the sampled steps weighted (None: `error`, the plain mean over the steps)."""
         if weights is None:

@@ -116,11 +116,6 @@ def candidate_trials(solve_at: Callable[[float, float], Solution], ladder: list[
     return sorted(trials, key=lambda t: -t.predicted_speedup)
 
 
-def has_step_weights(stats) -> bool:
-    """Whether the statistics can weight their sampled steps (per-step errors and measured sensitivities)."""
-    return bool(stats.step_error) and bool(stats.info.get("step_sensitivity"))
-
-
 def solver_variants(families: list[str], step_weights: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(description, extra solve() arguments): the error models --pick-by-psnr compares (the family-only
     variants take the asked layer and step weights)."""
@@ -241,5 +236,5 @@ def failure_message(validation: Validation) -> str:
             f"(--dense-first)")
 
 
-__all__ = ["Trial", "Validation", "asked_model_first", "candidate_trials", "failure_message", "has_step_weights",
-           "highest_psnr", "settings_ladder", "solver_variants", "validate", "validated_note", "variant_trials"]
+__all__ = ["Trial", "Validation", "asked_model_first", "candidate_trials", "failure_message", "highest_psnr",
+           "settings_ladder", "solver_variants", "validate", "validated_note", "variant_trials"]

@@ -10,7 +10,7 @@ from dit_sparse.search.cost import flop_cost
 from dit_sparse.search.sensitivity import StepSensitivity, pipeline_output
 from dit_sparse.search.solver import Budget, BudgetError, solve, step_weight_values
 from dit_sparse.search.stats import CalibrationStats, StatsError
-from dit_sparse.search.validation import asked_model_first, has_step_weights, solver_variants
+from dit_sparse.search.validation import asked_model_first, solver_variants
 
 PROMPT = "a red circle moving right on a dark background"
 
@@ -65,7 +65,7 @@ def test_per_step_errors_survive_a_round_trip_and_old_files_load_without_them(st
     assert np.allclose(back.step_error[4], stats.step_error[4], rtol=1e-5)
     stats.step_error = {}
     old = CalibrationStats.load(stats.save(tmp_path / "old.stats.json"))
-    assert old.step_error == {} and not has_step_weights(old)
+    assert old.step_error == {} and not old.has_step_weights()
     with pytest.raises(StatsError, match="step_error of step 4 has shape"):
         CalibrationStats(stats.fingerprint, stats.modules, stats.layers, stats.grid, 256, 128, stats.candidates,
                          stats.error, stats.density, step_error={4: np.zeros(3)})
@@ -114,7 +114,7 @@ def test_calibration_splits_errors_by_step_and_measures_each_steps_effect(tiny_p
     assert result.solution.plan.calibration["step_weights"] == "step sensitivity"
     assert "step sensitivities" in result.paths["report"].read_text()
     back = CalibrationStats.load(result.paths["stats"])
-    assert has_step_weights(back) and sorted(back.step_error) == steps
+    assert back.has_step_weights() and sorted(back.step_error) == steps
 
 
 def test_pick_by_psnr_tries_the_step_weighted_error_model_when_the_statistics_have_it():
