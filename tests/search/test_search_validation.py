@@ -99,14 +99,20 @@ def test_an_unreachable_psnr_writes_nothing_unless_asked(tiny_pipe, tmp_path):
     assert "closest to --min-psnr 150" in result.solution.binding
 
 
-def test_min_psnr_bad_input_is_a_clear_error(tmp_path, capsys):
+def assert_search_refuses(tmp_path, capsys, cases):
+    """`dit-sparse search` on saved statistics with each (extra args, message): exit 2, the message, no plan."""
     stats = synthetic_stats().save(tmp_path / "s.stats.json")
-    for args, message in ((["--min-psnr", "0"], "--min-psnr must be a PSNR"),
-                          (["--min-psnr", "30", "--target-speedup", "2"], "use it with --max-error")):
+    for args, message in cases:
         assert main(["search", "--stats", str(stats), "--cost", "flop", "--quiet",
                      "--out", str(tmp_path / "p.plan.json")] + args) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "p.plan.json").exists()
+
+
+def test_min_psnr_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert_search_refuses(tmp_path, capsys, (
+        (["--min-psnr", "0"], "--min-psnr must be a PSNR"),
+        (["--min-psnr", "30", "--target-speedup", "2"], "use it with --max-error")))
 
 
 def _flop(stats):
@@ -166,14 +172,10 @@ def test_pick_by_psnr_keeps_the_most_faithful_plan_that_meets_the_target(tiny_pi
 
 
 def test_pick_by_psnr_bad_input_is_a_clear_error(tmp_path, capsys):
-    stats = synthetic_stats().save(tmp_path / "s.stats.json")
-    for args, message in ((["--pick-by-psnr"], "give --target-speedup or --target-density"),
-                          (["--pick-by-psnr", "--max-error", "0.1"], "with an error budget, use --min-psnr"),
-                          (["--min-psnr", "30", "--target-density", "0.3"], "--pick-by-psnr keeps the most")):
-        assert main(["search", "--stats", str(stats), "--cost", "flop", "--quiet",
-                     "--out", str(tmp_path / "p.plan.json")] + args) == 2
-        assert message in capsys.readouterr().err
-    assert not (tmp_path / "p.plan.json").exists()
+    assert_search_refuses(tmp_path, capsys, (
+        (["--pick-by-psnr"], "give --target-speedup or --target-density"),
+        (["--pick-by-psnr", "--max-error", "0.1"], "with an error budget, use --min-psnr"),
+        (["--min-psnr", "30", "--target-density", "0.3"], "--pick-by-psnr keeps the most")))
 
 
 def test_dense_clips_are_generated_once_per_cache(monkeypatch):
