@@ -50,6 +50,8 @@ DEFAULT_FRAMES = 8
 DEFAULT_SIZE = 32
 SPEED = 1.5  # pixels per frame at 32x32 (scaled with the frame size)
 SUPERSAMPLE = 4
+# half-size range (pixels at 32x32) of moving and still shapes; growing / shrinking ones span 3.5-9.5
+HALF_SIZE = (5.5, 7.5)
 NUM_HELDOUT = 50
 HELDOUT_SEED = 1234
 
@@ -145,8 +147,13 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int, ss: int =
     return m.reshape(size, ss, size, ss).mean(axis=(1, 3))
 
 
-def trajectory(a: Attrs, rng: np.random.Generator, num_frames: int, size: int) -> list[tuple[float, float, float]]:
-    """Per-frame (cx, cy, r) in pixels for the motion of ``a``; random start drawn from ``rng``."""
+def trajectory(a: Attrs, rng: np.random.Generator, num_frames: int, size: int,
+               half_size: tuple[float, float] = HALF_SIZE) -> list[tuple[float, float, float]]:
+    """Per-frame (cx, cy, r) in pixels for the motion of ``a``; random start drawn from ``rng``.
+
+    ``half_size`` is the range of r (at 32x32) for moving and still shapes; larger shapes leave less room to
+    place them, so their start positions vary less (see :func:`max_half_size`).
+    """
     s = size / DEFAULT_SIZE
     speed = SPEED * s
     margin = 1.0 * s
@@ -158,7 +165,7 @@ def trajectory(a: Attrs, rng: np.random.Generator, num_frames: int, size: int) -
         cx = rng.uniform(rmax + margin, size - rmax - margin)
         cy = rng.uniform(rmax + margin, size - rmax - margin)
         return [(cx, cy, r0 + (r1 - r0) * i / max(num_frames - 1, 1)) for i in range(num_frames)]
-    r = rng.uniform(5.5, 7.5) * s
+    r = rng.uniform(*half_size) * s
     lo, hi = r + margin, size - r - margin
     travel = speed * (num_frames - 1)
     if a.motion == "still":
@@ -179,15 +186,21 @@ def trajectory(a: Attrs, rng: np.random.Generator, num_frames: int, size: int) -
     return out
 
 
+def max_half_size(num_frames: int = DEFAULT_FRAMES) -> float:
+    """Largest half-size (at 32x32) whose moving shapes stay inside the frame for ``num_frames`` frames."""
+    return (DEFAULT_SIZE - 2.0 - SPEED * (num_frames - 1)) / 2.0
+
+
 def render_clip(
-    a: Attrs, seed: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE
+    a: Attrs, seed: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
+    half_size: tuple[float, float] = HALF_SIZE,
 ) -> torch.Tensor:
-    """Render one clip as a float32 tensor (T, H, W, 3) in [-1, 1]. Deterministic in (a, seed, T, size)."""
+    """Render one clip as a float32 tensor (T, H, W, 3) in [-1, 1]. Deterministic in (a, seed, T, size, half_size)."""
     rng = np.random.default_rng(seed)
     bg = np.asarray(BACKGROUNDS[a.background], dtype=np.float32) / 127.5 - 1.0
     fg = np.asarray(COLOURS[a.colour], dtype=np.float32) / 127.5 - 1.0
     frames = np.empty((num_frames, size, size, 3), dtype=np.float32)
-    for i, (cx, cy, r) in enumerate(trajectory(a, rng, num_frames, size)):
+    for i, (cx, cy, r) in enumerate(trajectory(a, rng, num_frames, size, half_size)):
         m = _shape_mask(a.shape, cx, cy, r, size)[..., None]
         frames[i] = bg * (1.0 - m) + fg * m
     return torch.from_numpy(frames)
@@ -200,7 +213,7 @@ def sample_attrs(rng: random.Random, include_heldout: bool = False) -> Attrs:
 
 def sample_batch(
     seed: int, batch_size: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
-    include_heldout: bool = False,
+    include_heldout: bool = False, half_size: tuple[float, float] = HALF_SIZE,
 ) -> tuple[list[str], torch.Tensor]:
     """A reproducible training batch: captions and clips (B, 3, T, H, W) in [-1, 1] (the transformer's layout)."""
     rng = random.Random(seed)
@@ -208,7 +221,7 @@ def sample_batch(
     for _ in range(batch_size):
         a = sample_attrs(rng, include_heldout)
         caps.append(a.caption)
-        clips.append(render_clip(a, rng.randrange(2**31), num_frames, size))
+        clips.append(render_clip(a, rng.randrange(2**31), num_frames, size, half_size))
     return caps, torch.stack(clips).permute(0, 4, 1, 2, 3).contiguous()
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .model import TinyShapesConfig, build_pipeline, encode_text
 from .pipeline import WEIGHTS_DIR
-from .shapes_data import sample_batch
+from .shapes_data import HALF_SIZE, max_half_size, sample_batch
 from .transformer import TinyShapesTransformer
 
 
@@ -75,10 +75,23 @@ def parse_args(argv=None):
                         "less attention per clip, as joint image/video training does); default: --frames x "
                         "--batch-size every step")
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--half-size", type=parse_half_size, default=HALF_SIZE, metavar="LO,HI",
+                   help="range of the half-size (pixels at 32x32) of moving and still shapes "
+                        f"(default {HALF_SIZE[0]},{HALF_SIZE[1]})")
     p.add_argument("--config", default=None,
                    help="JSON object overriding TinyShapesConfig fields (for tests / experiments)")
     p.set_defaults(flow_shift=1.0)  # not an option: main() takes it from the model config (scheduler shift)
     return p.parse_args(argv)
+
+
+def parse_half_size(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI like 7.5,9.5, got {text!r}") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"half-size range must have 0 < LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def lr_at(step: int, a) -> float:
@@ -130,7 +143,8 @@ def make_batch(step: int, a, tokenizer, text_encoder):
     """Everything random about step ``step`` comes from (seed, step)."""
     mix = parse_frame_mix(a.frame_mix, a.frames, a.batch_size)
     window, batch_size = mix[step % len(mix)]
-    caps, x0 = sample_batch(a.seed * 1_000_003 + step, batch_size, a.frames, a.size)
+    caps, x0 = sample_batch(a.seed * 1_000_003 + step, batch_size, a.frames, a.size,
+                            half_size=a.half_size)
     if window < a.frames:  # a random run of consecutive frames per clip: the motion per frame stays the same
         gw = torch.Generator().manual_seed(a.seed * 104_729 + step)
         starts = torch.randint(0, a.frames - window + 1, (batch_size,), generator=gw).tolist()
@@ -248,6 +262,8 @@ def command_of(args: dict) -> str:
     for k, v in args.items():
         if v is None or v is False or k in ("out", "export", "resume", "export_only", "flow_shift"):
             continue
+        if isinstance(v, (list, tuple)):  # e.g. --half-size, recorded as a pair
+            v = ",".join(str(x) for x in v)
         parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}"))
     return " ".join(parts)
 
@@ -270,6 +286,9 @@ def main(argv=None):
         return info
     a.flow_shift = cfg.flow_shift
     parse_frame_mix(a.frame_mix, a.frames, a.batch_size)  # a malformed spec fails before any work
+    if a.half_size[1] > max_half_size(a.frames):
+        raise SystemExit(f"--half-size {a.half_size[0]},{a.half_size[1]}: moving shapes of half-size {a.half_size[1]} "
+                         f"leave the frame within {a.frames} frames; use at most {max_half_size(a.frames):.2f}")
     torch.manual_seed(a.seed)
     pipe = build_pipeline(cfg, seed=a.seed)
     init_record = init_from(pipe, Path(a.init_from), cfg) if a.init_from else None

@@ -80,3 +80,18 @@ def test_to_uint8():
     x = sd.render_clip(sd.Attrs("green", "circle", "still", "light"), 0)
     u = sd.to_uint8(x)
     assert u.dtype == np.uint8 and u.shape == (8, 32, 32, 3)
+
+
+@pytest.mark.parametrize("motion", ["left", "down", "still"])
+def test_half_size_sets_the_size_of_moving_and_still_shapes_and_keeps_them_in_frame(motion):
+    a = sd.Attrs("red", "square", motion, "dark")
+    largest = sd.max_half_size()
+    for seed in range(20):
+        track = sd.trajectory(a, np.random.default_rng(seed), 8, 32, half_size=(largest, largest))
+        assert all(r == largest for _, _, r in track)
+        assert all(r + 1.0 - 1e-6 <= c <= 32 - r - 1.0 + 1e-6 for cx, cy, r in track for c in (cx, cy)), track
+    # growing and shrinking shapes keep their own sizes; the default range is the shipped data's
+    grow = sd.trajectory(sd.Attrs("red", "square", "growing", "dark"), np.random.default_rng(0), 8, 32, (9, 9))
+    assert grow[0][2] == 3.5 and grow[-1][2] == 9.5
+    assert torch.equal(sd.render_clip(a, 3), sd.render_clip(a, 3, half_size=sd.HALF_SIZE))
+    assert not torch.equal(sd.render_clip(a, 3), sd.render_clip(a, 3, half_size=(9.0, 9.5)))

@@ -204,3 +204,26 @@ def test_object_weighted_loss_trains_and_is_recorded(tmp_path):
     assert info["steps_done"] == 2 and np.isfinite(info["final_loss_avg"])
     training = json.loads((tmp_path / "e" / "training.json").read_text())
     assert training["args"]["object_weight"] == 3.0 and "--object-weight 3 " in training["command"]
+
+
+def test_half_size_reaches_the_training_batches_and_the_recorded_command():
+    from dit_sparse.zoo.shapes_data import sample_batch
+
+    a = tts.parse_args(["--out", "x", "--batch-size", "3", "--seed", "2", "--half-size", "8,9.5"])
+    assert a.half_size == (8.0, 9.5)
+    x0 = tts.make_batch(4, a, None, None)[1]
+    assert torch.equal(x0, sample_batch(2 * 1_000_003 + 4, 3, 8, 32, half_size=(8.0, 9.5))[1])
+    assert not torch.equal(x0, sample_batch(2 * 1_000_003 + 4, 3, 8, 32)[1])
+    rerun = tts.command_of(vars(a)).split(" ", 3)[3].split()  # the recorded command parses back to the same data
+    assert tts.parse_args(["--out", "x", *rerun]).half_size == (8.0, 9.5)
+
+
+@pytest.mark.parametrize("spec", ["9", "a,b", "9,8", "0,5"])
+def test_malformed_half_size_is_refused_with_the_expected_form(spec):
+    with pytest.raises(SystemExit):
+        tts.parse_args(["--out", "x", "--half-size", spec])
+
+
+def test_half_size_too_large_to_move_in_frame_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--half-size 9.0,10.0.*at most 9.75"):
+        tts.main(["--out", str(tmp_path), "--half-size", "9,10", "--steps", "1"])
