@@ -25,13 +25,13 @@ from .shapes_data import TRAIN_COMBOS, heldout_eval_set
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "eval.json"
 
 
-def generate_and_check(pipe, pairs, steps, guidance, batch_size=5, keep_frames=False):
+def generate_and_check(pipe, pairs, steps, guidance, batch_size=5, keep_frames=False, guidance_interval=None):
     rows, frames = [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         gens = [torch.Generator().manual_seed(s) for _, s in chunk]
         out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                   output_type="np").frames
+                   output_type="np", guidance_interval=guidance_interval).frames
         for (p, s), f in zip(chunk, out):
             r = check_clip(f, p)
             rows.append({"prompt": p, "seed": s, "ok": r.ok, "found": r.found, "matches": r.matches})
@@ -55,11 +55,23 @@ def save_grid(frames, prompts, path):
     Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
 
 
+def parse_interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two noise levels in [0, 1]), got {text!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= 1, got {text!r}")
+    return lo, hi
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(WEIGHTS_DIR))
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--guidance-interval", type=parse_interval, default=None, metavar="LO,HI",
+                    help="guide only at noise levels sigma in [LO, HI] (see TinyShapesPipeline.__call__)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seen-prompts", type=int, default=0,
@@ -76,7 +88,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     result = {"model": a.model, "weights_id": weights_id(a.model),
-              "steps": a.steps, "guidance_scale": a.guidance, "seed": a.seed,
+              "steps": a.steps, "guidance_scale": a.guidance, "guidance_interval": a.guidance_interval,
+              "seed": a.seed,
               "size": "8 frames x 32x32", "heldout": "50 attribute combinations never seen in training"}
     t0 = time.time()
     if a.checker_clips:
@@ -92,7 +105,7 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     t1 = time.time()
     rows, frames = generate_and_check(pipe, heldout_eval_set(a.seed)[:a.heldout_prompts], a.steps, a.guidance,
-                                      keep_frames=bool(a.grid))
+                                      keep_frames=bool(a.grid), guidance_interval=a.guidance_interval)
     result["heldout"] = summarize(rows)
     result["heldout"]["seconds_per_clip"] = round((time.time() - t1) / len(rows), 2)
     result["heldout_rows"] = rows
@@ -104,7 +117,7 @@ def main(argv=None):
     if a.seen_prompts:
         rng = random.Random(a.seed + 99)
         seen = [(rng.choice(TRAIN_COMBOS).caption, 10_000 + a.seed + i) for i in range(a.seen_prompts)]
-        srows, _ = generate_and_check(pipe, seen, a.steps, a.guidance)
+        srows, _ = generate_and_check(pipe, seen, a.steps, a.guidance, guidance_interval=a.guidance_interval)
         result["seen_combinations"] = summarize(srows)
         print(f"seen-combination caption accuracy: {result['seen_combinations']['caption_accuracy']:.3f}",
               flush=True)

@@ -142,8 +142,16 @@ class TinyShapesPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = MAX_TEXT_LEN,
+        guidance_interval: tuple[float, float] | None = None,
     ):
+        """``guidance_interval=(lo, hi)`` applies classifier-free guidance only at steps whose noise level sigma
+        lies in ``[lo, hi]`` and runs the conditional branch alone elsewhere (guidance in a limited interval,
+        Kynkaenniemi et al. 2024); ``None`` guides every step."""
         self.check_inputs(prompt, height, width, num_frames, num_inference_steps, prompt_embeds)
+        if guidance_interval is not None:
+            lo, hi = guidance_interval
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
@@ -185,7 +193,7 @@ class TinyShapesPipeline(DiffusionPipeline):
                 with self.transformer.cache_context("cond"):
                     pred = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds,
                                             attention_kwargs=attention_kwargs, return_dict=False)[0]
-                if self.do_classifier_free_guidance:
+                if self.do_classifier_free_guidance and guided_at(float(self.scheduler.sigmas[i]), guidance_interval):
                     with self.transformer.cache_context("uncond"):
                         pred_u = self.transformer(hidden_states=x, timestep=timestep,
                                                   encoder_hidden_states=negative_prompt_embeds,
@@ -211,6 +219,10 @@ class TinyShapesPipeline(DiffusionPipeline):
         if not return_dict:
             return (video,)
         return TinyShapesPipelineOutput(frames=video)
+
+
+def guided_at(sigma: float, interval: tuple[float, float] | None) -> bool:
+    return interval is None or interval[0] <= sigma <= interval[1]
 
 
 def load_tiny_shapes(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

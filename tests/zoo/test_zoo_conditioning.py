@@ -68,3 +68,12 @@ def test_evaluation_with_no_checker_clips_skips_the_checker_check(tiny_pipe, tmp
     result = run_evaluation(tiny_pipe, tmp_path, "--heldout-prompts", "1", "--checker-clips", "0",
                             "--word-choice-clips", "0")
     assert "checker_ground_truth" not in result and result["heldout"]["n"] == 1
+
+
+def test_evaluation_records_its_guidance_interval_and_refuses_a_bad_one(tiny_pipe, tmp_path, capsys):
+    result = run_evaluation(tiny_pipe, tmp_path, "--heldout-prompts", "1", "--checker-clips", "0",
+                            "--word-choice-clips", "0", "--guidance-interval", "0.3,0.9")
+    assert result["guidance_interval"] == [0.3, 0.9]
+    with pytest.raises(SystemExit):
+        run_evaluation(tiny_pipe, tmp_path, "--guidance-interval", "0.9,0.3")
+    assert "0 <= LO <= HI <= 1" in capsys.readouterr().err

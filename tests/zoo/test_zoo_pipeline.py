@@ -70,6 +70,31 @@ def test_cfg_branches_use_cache_context(tiny_pipe, monkeypatch):
     h.remove()
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(tiny_pipe, monkeypatch):
+    seen = []
+    orig = tiny_pipe.transformer.cache_context
+    monkeypatch.setattr(tiny_pipe.transformer, "cache_context", lambda name: seen.append(name) or orig(name))
+    steps = dict(num_inference_steps=4)
+    every_step = _gen(tiny_pipe, guidance_scale=4.0, **steps)
+    np.testing.assert_array_equal(every_step, _gen(tiny_pipe, guidance_scale=4.0, guidance_interval=(0, 1), **steps))
+    seen.clear()
+    unguided = _gen(tiny_pipe, guidance_scale=1.0, **steps)
+    np.testing.assert_array_equal(unguided, _gen(tiny_pipe, guidance_scale=4.0, guidance_interval=(0, 0), **steps))
+    assert "uncond" not in seen
+    tiny_pipe.scheduler.set_timesteps(4)
+    sigmas = tiny_pipe.scheduler.sigmas[:4].tolist()
+    seen.clear()
+    partly = _gen(tiny_pipe, guidance_scale=4.0, guidance_interval=(sigmas[2], sigmas[1]), **steps)
+    assert seen.count("uncond") == 2 and seen.count("cond") == 4
+    assert not np.array_equal(partly, every_step) and not np.array_equal(partly, unguided)
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.2), (-0.1, 0.5), (0.2, 1.5)])
+def test_bad_guidance_interval_raises(tiny_pipe, interval):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        _gen(tiny_pipe, guidance_interval=interval)
+
+
 def test_encoder_hidden_states_are_text_embeddings(tiny_pipe):
     got = []
     h = tiny_pipe.transformer.register_forward_pre_hook(
