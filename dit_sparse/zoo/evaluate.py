@@ -19,7 +19,8 @@ import torch
 
 from .checker import check_clip, checker_accuracy
 from .conditioning import attribute_sensitivity, word_choice_accuracy
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, load_tiny_shapes, weights_id
+from .pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, check_guidance_interval, load_tiny_shapes,
+                       weights_id)
 from .shapes_data import TRAIN_COMBOS, heldout_eval_set
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "eval.json"
@@ -60,8 +61,10 @@ def parse_interval(text: str) -> tuple[float, float]:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI (two noise levels in [0, 1]), got {text!r}") from None
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= 1, got {text!r}")
+    try:
+        check_guidance_interval((lo, hi))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return lo, hi
 
 

@@ -149,9 +149,7 @@ class TinyShapesPipeline(DiffusionPipeline):
         Kynkaenniemi et al. 2024); ``None`` guides every step."""
         self.check_inputs(prompt, height, width, num_frames, num_inference_steps, prompt_embeds)
         if guidance_interval is not None:
-            lo, hi = guidance_interval
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
+            check_guidance_interval(guidance_interval)
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
@@ -219,6 +217,12 @@ class TinyShapesPipeline(DiffusionPipeline):
         if not return_dict:
             return (video,)
         return TinyShapesPipelineOutput(frames=video)
+
+
+def check_guidance_interval(interval: tuple[float, float]) -> None:
+    lo, hi = interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {tuple(interval)}")
 
 
 def guided_at(sigma: float, interval: tuple[float, float] | None) -> bool:

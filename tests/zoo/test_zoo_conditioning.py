@@ -76,4 +76,4 @@ def test_evaluation_records_its_guidance_interval_and_refuses_a_bad_one(tiny_pip
     assert result["guidance_interval"] == [0.3, 0.9]
     with pytest.raises(SystemExit):
         run_evaluation(tiny_pipe, tmp_path, "--guidance-interval", "0.9,0.3")
-    assert "0 <= LO <= HI <= 1" in capsys.readouterr().err
+    assert "0 <= lo <= hi <= 1" in capsys.readouterr().err
