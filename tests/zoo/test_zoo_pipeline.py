@@ -156,3 +156,20 @@ def test_shipped_weights_load_and_generate():
 def test_load_tiny_shapes_missing_path_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_tiny_shapes"):
         load_tiny_shapes(path=tmp_path / "nope")
+
+
+CANDIDATES = sorted((WEIGHTS_DIR.parent.parent / "candidates").glob("tiny-shapes-*"))
+
+
+@pytest.mark.parametrize("folder", CANDIDATES, ids=[c.name for c in CANDIDATES])
+def test_candidate_weights_are_the_ones_their_folder_names(folder):
+    """A candidate folder is named after its weights id (the README table and the record cite it), holds how it
+    was trained, and loads as a pipeline that generates a visible clip."""
+    from dit_sparse.zoo.pipeline import weights_id
+
+    assert folder.name == f"tiny-shapes-{weights_id(folder)}"
+    assert "command" in json.loads((folder / "training.json").read_text())
+    pipe = load_tiny_shapes(path=folder)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames[0]
+    assert frames.shape == (8, 32, 32, 3) and frames.std() > 0.05
