@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .checker import check_clip, checker_accuracy
+from .cli_types import float_pair
 from .conditioning import attribute_sensitivity, word_choice_accuracy
 from .pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, check_guidance_interval, load_tiny_shapes,
                        weights_id)
@@ -57,10 +58,7 @@ def save_grid(frames, prompts, path):
 
 
 def parse_interval(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (two noise levels in [0, 1]), got {text!r}") from None
+    lo, hi = float_pair(text, "0.3,0.9")
     try:
         check_guidance_interval((lo, hi))
     except ValueError as e:

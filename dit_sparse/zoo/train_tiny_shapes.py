@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .cli_types import float_pair
 from .model import TinyShapesConfig, build_pipeline, encode_text
 from .pipeline import WEIGHTS_DIR
 from .shapes_data import HALF_SIZE, max_half_size, sample_batch
@@ -85,10 +86,7 @@ def parse_args(argv=None):
 
 
 def parse_half_size(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI like 7.5,9.5, got {text!r}") from None
+    lo, hi = float_pair(text, "7.5,9.5")
     if not 0 < lo <= hi:
         raise argparse.ArgumentTypeError(f"half-size range must have 0 < LO <= HI, got {text!r}")
     return lo, hi
