@@ -44,7 +44,8 @@ def render_e2e(path: Path, result: dict) -> list[str]:
 
     lines = [f"**End to end: {result['model']}** (`{result.get('command') or 'dit-sparse bench e2e'}`; "
              f"{result['date'][:10]}; 1-minute load average {result['hardware'].get('load_average_1min', 'n/a')}; "
-             f"file `{path.relative_to(ROOT)}`)", "", markdown_table(result)]
+             f"file `{path.relative_to(ROOT)}`)", "",
+             markdown_table(result) + stale_weights(result.get("weights_id"), "weights id")]
     ceiling = next((r for r in result["results"] if r["plan"] == CEILING_LABEL), None)
     if ceiling is not None:
         lines += ["", f"The ceiling row skips every covered self-attention head while the rest of the model runs: "
@@ -75,7 +76,8 @@ def render_search_compare(path: Path, result: dict) -> list[str]:
     stats = f"; statistics: `{saved[0].relative_to(ROOT)}`" if saved else ""
     return [f"**Searched vs uniform plans at equal density: {result['model']}** (`python -m "
             f"dit_sparse.search.compare_uniform --stats {result['stats']} ...`; {result['date'][:10]}; file "
-            f"`{path.relative_to(ROOT)}`{stats})", "", markdown(result)]
+            f"`{path.relative_to(ROOT)}`{stats})", "",
+            markdown(result) + stale_weights(result.get("weights_id"), "weights id")]
 
 
 def stale_weights(recorded: str | None, what: str) -> str:

@@ -24,7 +24,8 @@ import torch
 
 from .api import apply, remove, transformers_of
 from .atomic import write_json
-from .generate import DTYPES, GenerateError, load_model, resolve_plan, timed_generation, warm_up
+from .generate import (DTYPES, GenerateError, load_model, resolve_plan, timed_generation, tiny_shapes_weights_id,
+                       warm_up)
 from .metrics import psnr, ssim
 from .plan import SparsePlan
 from .strategies import STRATEGIES
@@ -129,6 +130,7 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
     return {
         "benchmark": "bench e2e",
         "model": model,
+        "weights_id": tiny_shapes_weights_id(model),
         "device": device,
         "dtype": dtype,
         "steps": steps,

@@ -75,6 +75,20 @@ def load_model(model: str, device: str, dtype: torch.dtype):
     return pipe.to(device)
 
 
+def tiny_shapes_weights_id(model: str) -> str | None:
+    """The weights id of a tiny-shapes model (shipped or a saved copy), None for any other model.
+
+    Results record it so that the README can flag those measured on earlier weights."""
+    from .zoo.pipeline import weights_id
+
+    if model == TINY_SHAPES:
+        return weights_id()
+    index = Path(model) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "TinyShapesPipeline":
+        return weights_id(model)
+    return None
+
+
 def resolve_plan(spec: str | None, pipe, transformer) -> SparsePlan:
     """A plan file, a uniform strategy name, or the shipped default plan of the pipeline's kind."""
     kind = type(pipe).__name__

@@ -123,6 +123,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
         "benchmark": "search vs uniform at equal density",
         "stats": str(stats_path),
         "model": model,
+        "weights_id": result.get("weights_id"),  # None for models other than tiny-shapes
         "prompts": result["prompts"],
         "seeds": list(seeds),
         "dense_first": dense_first,

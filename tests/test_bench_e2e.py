@@ -8,6 +8,7 @@ import pytest
 from dit_sparse.bench_e2e import CEILING_LABEL, grouped, records_of
 from dit_sparse.cli import main
 from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
+from dit_sparse.zoo.pipeline import weights_id
 
 TINY = TinyShapesConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8, ffn_dim=32, freq_dim=16,
                         text_dim=16, text_layers=1, text_heads=2, text_ff=32)
@@ -29,6 +30,7 @@ def test_bench_e2e_writes_one_record_per_plan_table_and_plot(tiny_dir, tmp_path,
     assert isinstance(records, list) and [r["plan"] for r in records][0] == "dense" and len(records) == 3
     for r in records:  # every record carries the run's metadata
         assert r["benchmark"] == "bench e2e" and r["prompts"] == 2 and r["hardware"]["cpus"] >= 1
+        assert r["weights_id"] == weights_id(tiny_dir)  # so a README table from earlier weights can be flagged
         assert r["seconds"] > 0 and r["attention_seconds"] > 0
         assert r["caption_accuracy"] is not None and 0.0 <= r["caption_accuracy"] <= 1.0
     dense, sparse, dense_again = records

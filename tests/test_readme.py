@@ -59,6 +59,24 @@ def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
     assert "earlier tiny-shapes weights" in render_results.render()
 
 
+def test_benchmark_tables_from_earlier_tiny_shapes_weights_are_flagged():
+    """bench e2e and compare_uniform results record the weights id; those from other weights say so."""
+    render_results = _load_render_results()
+    from dit_sparse.zoo.pipeline import weights_id
+
+    e2e = {"model": "tiny-shapes", "date": "2026-12-03", "hardware": {"cpus": 2, "machine": "x86_64",
+                                                                    "processor": ""},
+           "versions": {"torch": "t", "diffusers": "d"}, "prompts": 1, "seeds": [0], "steps": None,
+           "device": "cpu", "dtype": "float32",
+           "results": [{"plan": "dense", "seconds": 1.0, "attention_seconds": 0.5, "speedup": 1.0,
+                        "attention_speedup": 1.0, "executed_density": 1.0, "psnr": float("inf"), "ssim": 1.0,
+                        "caption_accuracy": 0.5}]}
+    path = render_results.ROOT / "benchmarks" / "results" / "x.json"
+    for weights, flagged in ((weights_id(), False), ("0123456789ab", True), (None, False)):
+        text = "\n".join(render_results.render_e2e(path, {**e2e, "weights_id": weights}))
+        assert ("earlier tiny-shapes weights (weights id 0123456789ab" in text) is flagged
+
+
 def test_attribute_sensitivity_is_rendered_at_the_highest_noise_level():
     render_results = _load_render_results()
     sentence = render_results._sensitivity_sentence({"colour": {"0.6": 0.1, "0.95": 0.375}, "motion": {"0.6": 0.002,

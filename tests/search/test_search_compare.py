@@ -25,10 +25,12 @@ def test_compare_writes_pairs_at_equal_density(tmp_path, monkeypatch):
             rows.append({"plan": spec, "psnr": 30.0 + searched, "executed_density": 0.3, "ssim": 0.9,
                          "caption_accuracy": 0.5, "attention_speedup": 1.5, "speedup": 1.2})
         return {"prompts": num_prompts, "hardware": {"cpus": 2, "torch_threads": 1, "machine": "x86_64"},
-                "versions": {"torch": "t", "diffusers": "d"}, "date": "today", "results": rows}
+                "versions": {"torch": "t", "diffusers": "d"}, "date": "today", "results": rows,
+                "weights_id": "0123456789ab"}
 
     monkeypatch.setattr("dit_sparse.bench_e2e.run_e2e", fake_run_e2e)
     summary = compare_uniform.compare(path, cost="flop", out=tmp_path / "cmp", prompts=2, progress=False)
+    assert summary["weights_id"] == "0123456789ab"  # the README flags comparisons made on earlier weights
     shared = [c for c in stats.candidates if not c.per_head and c.computes and c.family != "dense"]
     assert len(summary["pairs"]) == len(shared) and len(seen["specs"]) == 2 * len(shared)
     for pair in summary["pairs"]:

@@ -158,18 +158,25 @@ def test_load_tiny_shapes_missing_path_is_clear(tmp_path):
         load_tiny_shapes(path=tmp_path / "nope")
 
 
-CANDIDATES = sorted((WEIGHTS_DIR.parent.parent / "candidates").glob("tiny-shapes-*"))
+CANDIDATES_DIR = WEIGHTS_DIR.parent.parent / "candidates"
 
 
-@pytest.mark.parametrize("folder", CANDIDATES, ids=[c.name for c in CANDIDATES])
-def test_candidate_weights_are_the_ones_their_folder_names(folder):
-    """A candidate folder is named after its weights id (the README table and the record cite it), holds how it
-    was trained, and loads as a pipeline that generates a visible clip."""
+def test_candidate_folders_are_listed_and_named_after_their_weights():
+    """candidates/README.md lists exactly the candidate folders in its table (none once one is shipped); each is
+    named after its weights id (the README and the records cite it), holds how it was trained, and loads as a
+    pipeline that generates a visible clip."""
+    import re
+
     from dit_sparse.zoo.pipeline import weights_id
 
-    assert folder.name == f"tiny-shapes-{weights_id(folder)}"
-    assert "command" in json.loads((folder / "training.json").read_text())
-    pipe = load_tiny_shapes(path=folder)
-    pipe.set_progress_bar_config(disable=True)
-    frames = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames[0]
-    assert frames.shape == (8, 32, 32, 3) and frames.std() > 0.05
+    folders = sorted(CANDIDATES_DIR.glob("tiny-shapes-*"))
+    rows = [line for line in (CANDIDATES_DIR / "README.md").read_text().splitlines() if line.startswith("| `")]
+    listed = {m for row in rows for m in re.findall(r"`(tiny-shapes-[0-9a-f]{12})`", row)}
+    assert listed == {f.name for f in folders}
+    for folder in folders:
+        assert folder.name == f"tiny-shapes-{weights_id(folder)}"
+        assert "command" in json.loads((folder / "training.json").read_text())
+        pipe = load_tiny_shapes(path=folder)
+        pipe.set_progress_bar_config(disable=True)
+        frames = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames[0]
+        assert frames.shape == (8, 32, 32, 3) and frames.std() > 0.05
