@@ -63,8 +63,7 @@ def load_model(model: str, device: str, dtype: torch.dtype):
     if not Path(model).exists() and model.count("/") != 1:
         raise GenerateError(f"--model: {model!r} is neither a local directory nor a hub id (owner/name)")
     pipeline_cls = DiffusionPipeline
-    index = Path(model) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "TinyShapesPipeline":
+    if _is_saved_tiny_shapes(model):
         from .zoo import TinyShapesPipeline
 
         pipeline_cls = TinyShapesPipeline  # diffusers cannot resolve the project's own pipeline class by name
@@ -83,10 +82,12 @@ def tiny_shapes_weights_id(model: str) -> str | None:
 
     if model == TINY_SHAPES:
         return weights_id()
+    return weights_id(model) if _is_saved_tiny_shapes(model) else None
+
+
+def _is_saved_tiny_shapes(model: str) -> bool:
     index = Path(model) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "TinyShapesPipeline":
-        return weights_id(model)
-    return None
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "TinyShapesPipeline"
 
 
 def resolve_plan(spec: str | None, pipe, transformer) -> SparsePlan:

@@ -1,5 +1,6 @@
 """The README stays true: its minimal example runs as written and CI runs its test command."""
 
+import json
 import re
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def test_benchmark_tables_from_earlier_tiny_shapes_weights_are_flagged():
     path = render_results.ROOT / "benchmarks" / "results" / "x.json"
     for weights, flagged in ((weights_id(), False), ("0123456789ab", True), (None, False)):
         text = "\n".join(render_results.render_e2e(path, {**e2e, "weights_id": weights}))
+        assert ("earlier tiny-shapes weights (weights id 0123456789ab" in text) is flagged
+    compare_path = render_results.ROOT / "benchmarks" / "results" / "search-tiny-shapes" / "compare.json"
+    compare = json.loads(compare_path.read_text())
+    for weights, flagged in ((weights_id(), False), ("0123456789ab", True)):
+        text = "\n".join(render_results.render_search_compare(compare_path, {**compare, "weights_id": weights}))
         assert ("earlier tiny-shapes weights (weights id 0123456789ab" in text) is flagged
 
 
