@@ -44,8 +44,7 @@ def render_e2e(path: Path, result: dict) -> list[str]:
 
     lines = [f"**End to end: {result['model']}** (`{result.get('command') or 'dit-sparse bench e2e'}`; "
              f"{result['date'][:10]}; 1-minute load average {result['hardware'].get('load_average_1min', 'n/a')}; "
-             f"file `{path.relative_to(ROOT)}`)", "",
-             markdown_table(result) + stale_weights(result.get("weights_id"), "weights id")]
+             f"file `{path.relative_to(ROOT)}`)", "", markdown_table(result)]
     ceiling = next((r for r in result["results"] if r["plan"] == CEILING_LABEL), None)
     if ceiling is not None:
         lines += ["", f"The ceiling row skips every covered self-attention head while the rest of the model runs: "
@@ -76,8 +75,7 @@ def render_search_compare(path: Path, result: dict) -> list[str]:
     stats = f"; statistics: `{saved[0].relative_to(ROOT)}`" if saved else ""
     return [f"**Searched vs uniform plans at equal density: {result['model']}** (`python -m "
             f"dit_sparse.search.compare_uniform --stats {result['stats']} ...`; {result['date'][:10]}; file "
-            f"`{path.relative_to(ROOT)}`{stats})", "",
-            markdown(result) + stale_weights(result.get("weights_id"), "weights id")]
+            f"`{path.relative_to(ROOT)}`{stats})", "", markdown(result)]
 
 
 def stale_weights(recorded: str | None, what: str) -> str:
@@ -128,8 +126,7 @@ def render_zoo_eval(path: Path, result: dict) -> list[str]:
         + (f"; seen attribute combinations, new seeds: {seen['caption_accuracy']:.0%} of {seen['n']}" if seen else "")
         + f"; the checker on {checker['n']} ground-truth clips: {checker['accuracy']:.0%}."
         + _sensitivity_sentence(result.get("attribute_sensitivity"))
-        + _word_choice_sentence(result.get("word_choice"))
-        + stale_weights(result.get("weights_id"), "weights id"),
+        + _word_choice_sentence(result.get("word_choice")),
     ]
 
 
@@ -170,11 +167,15 @@ def render_zoo_attention(path: Path, result: dict) -> list[str]:
     for layer, r in result["layers"].items():
         masses = ", ".join(f"{h['local']:.2f}" for h in r["heads"])
         lines.append(f"| {layer} | {r['share_local_heads']:.0%} | {r['share_local_head_calls']:.0%} | {masses} |")
-    lines[-1] += stale_weights(result.get("weights_id"), "weights id")
     return lines
 
 
 ZOO_RENDERERS = {"eval.json": render_zoo_eval, "attention.json": render_zoo_attention}
+
+
+def section(renderer, path: Path, result: dict) -> str:
+    """One result's section; flagged when it records tiny-shapes weights other than the shipped ones."""
+    return "\n".join(renderer(path, result)) + stale_weights(result.get("weights_id"), "weights id")
 
 
 def render() -> str:
@@ -182,7 +183,7 @@ def render() -> str:
     for name, renderer in ZOO_RENDERERS.items():
         path = ZOO_RESULTS / name
         if path.is_file():
-            sections.append("\n".join(renderer(path, json.loads(path.read_text()))))
+            sections.append(section(renderer, path, json.loads(path.read_text())))
     for path in sorted(RESULTS.rglob("*.json")):
         result = json.loads(path.read_text())
         if isinstance(result, list) and result and isinstance(result[0], dict):  # one record per plan
@@ -191,7 +192,7 @@ def render() -> str:
             result = grouped(result)
         renderer = RENDERERS.get(result.get("benchmark")) if isinstance(result, dict) else None
         if renderer is not None:
-            sections.append("\n".join(renderer(path, result)))
+            sections.append(section(renderer, path, result))
     return "\n\n".join(sections) if sections else "No result files yet."
 
 

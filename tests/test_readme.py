@@ -61,7 +61,8 @@ def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
 
 
 def test_benchmark_tables_from_earlier_tiny_shapes_weights_are_flagged():
-    """bench e2e and compare_uniform results record the weights id; those from other weights say so."""
+    """Every result that records a weights id (evaluation, attention, bench e2e, compare_uniform) is flagged
+    when the id is not the shipped one."""
     render_results = _load_render_results()
     from dit_sparse.zoo.pipeline import weights_id
 
@@ -74,12 +75,13 @@ def test_benchmark_tables_from_earlier_tiny_shapes_weights_are_flagged():
                         "caption_accuracy": 0.5}]}
     path = render_results.ROOT / "benchmarks" / "results" / "x.json"
     for weights, flagged in ((weights_id(), False), ("0123456789ab", True), (None, False)):
-        text = "\n".join(render_results.render_e2e(path, {**e2e, "weights_id": weights}))
+        text = render_results.section(render_results.render_e2e, path, {**e2e, "weights_id": weights})
         assert ("earlier tiny-shapes weights (weights id 0123456789ab" in text) is flagged
     compare_path = render_results.ROOT / "benchmarks" / "results" / "search-tiny-shapes" / "compare.json"
     compare = json.loads(compare_path.read_text())
     for weights, flagged in ((weights_id(), False), ("0123456789ab", True)):
-        text = "\n".join(render_results.render_search_compare(compare_path, {**compare, "weights_id": weights}))
+        text = render_results.section(render_results.render_search_compare, compare_path,
+                                      {**compare, "weights_id": weights})
         assert ("earlier tiny-shapes weights (weights id 0123456789ab" in text) is flagged
 
 
