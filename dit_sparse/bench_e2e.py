@@ -26,7 +26,7 @@ from .api import apply, remove, transformers_of
 from .atomic import write_json
 from .generate import (DTYPES, GenerateError, load_model, resolve_plan, timed_generation, tiny_shapes_weights_id,
                        warm_up)
-from .metrics import psnr, ssim
+from .metrics import format_metric, psnr, ssim
 from .plan import SparsePlan
 from .strategies import STRATEGIES
 
@@ -230,13 +230,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    def fmt(value, spec):
-        if value is None:
-            return "n/a"
-        if isinstance(value, float) and not np.isfinite(value):
-            return "exact"
-        return format(value, spec)
-
+    fmt = format_metric
     lines = [
         f"{result['model']} on {result['device']} ({result['dtype']}), {result['prompts']} prompts x "
         f"{len(result['seeds'])} seeds, steps={result['steps'] or 'default'}; {result['hardware'].get('gpu') or result['hardware']['processor'] or result['hardware']['machine']}, "

@@ -32,3 +32,12 @@ def ssim(reference, test) -> float:
     win -= (win + 1) % 2  # odd window that fits
     return float(np.mean([structural_similarity(a, b, channel_axis=-1, data_range=255, win_size=win)
                           for a, b in zip(ref, tst)]))
+
+
+def format_metric(value, spec: str) -> str:
+    """A table cell: "n/a" for a missing value, "exact" for an infinite one (identical videos), else `spec`."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and not np.isfinite(value):
+        return "exact"
+    return format(value, spec)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_sparse.metrics import format_metric
 from dit_sparse.plan import Schedule, SparsePlan
 
 from ._io import write_json, write_text
@@ -144,13 +145,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    def f(value, spec):
-        if value is None:
-            return "n/a"
-        if isinstance(value, float) and not np.isfinite(value):
-            return "exact"
-        return format(value, spec)
-
+    f = format_metric
     hw = summary["hardware"]
     lines = [
         f"Searched vs uniform plans on {summary['model']}: {summary['prompts']} prompts x "

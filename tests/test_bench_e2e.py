@@ -60,3 +60,12 @@ def test_bench_e2e_ceiling_skips_every_covered_head_and_reports_speed_only(tiny_
 def test_bench_e2e_bad_plan_is_one_clear_error(tiny_dir, tmp_path, capsys):
     assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "nonsense", "--out", str(tmp_path)]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_table_cells_say_exact_for_identical_videos_and_na_for_missing_values():
+    from dit_sparse.metrics import format_metric
+
+    assert format_metric(float("inf"), ".1f") == "exact"
+    assert format_metric(None, ".1f") == "n/a"
+    assert format_metric(29.94, ".1f") == "29.9"
+    assert format_metric(0.5, ".0%") == "50%"
