@@ -22,7 +22,7 @@ from .cli_types import float_pair
 from .conditioning import attribute_sensitivity, word_choice_accuracy
 from .pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, check_guidance_interval, load_tiny_shapes,
                        weights_id)
-from .shapes_data import TRAIN_COMBOS, heldout_eval_set
+from .shapes_data import MOTIONS, TRAIN_COMBOS, heldout_eval_set, parse_caption
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "eval.json"
 
@@ -46,7 +46,24 @@ def summarize(rows):
     n = len(rows)
     keys = ("colour", "shape", "motion", "background")
     return {"n": n, "caption_accuracy": sum(r["ok"] for r in rows) / max(n, 1),
-            "per_attribute": {k: sum(r["matches"][k] for r in rows) / max(n, 1) for k in keys}}
+            "per_attribute": {k: sum(r["matches"][k] for r in rows) / max(n, 1) for k in keys},
+            **shape_breakdown(rows)}
+
+
+def shape_breakdown(rows) -> dict:
+    """Where shape fails: asked -> found counts, and how often a square or triangle comes out right per motion
+    (a round blob passes as a circle, so circles would hide the pattern)."""
+    confusion: dict[str, int] = {}
+    right, asked = dict.fromkeys(MOTIONS, 0), dict.fromkeys(MOTIONS, 0)
+    for r in rows:
+        want = parse_caption(r["prompt"])
+        pair = f"{want.shape}->{r['found']['shape']}"
+        confusion[pair] = confusion.get(pair, 0) + 1
+        if want.shape != "circle":
+            asked[want.motion] += 1
+            right[want.motion] += r["matches"]["shape"]
+    return {"shape_confusion_asked_to_found": dict(sorted(confusion.items())),
+            "non_circle_shape_right_by_motion": {m: f"{right[m]}/{asked[m]}" for m in MOTIONS if asked[m]}}
 
 
 def save_grid(frames, prompts, path):

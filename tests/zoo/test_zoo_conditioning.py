@@ -77,3 +77,23 @@ def test_evaluation_records_its_guidance_interval_and_refuses_a_bad_one(tiny_pip
     with pytest.raises(SystemExit):
         run_evaluation(tiny_pipe, tmp_path, "--guidance-interval", "0.9,0.3")
     assert "0 <= lo <= hi <= 1" in capsys.readouterr().err
+
+
+def test_shape_breakdown_counts_confusions_and_non_circle_hits_per_motion():
+    from dit_sparse.zoo.evaluate import summarize
+
+    def row(prompt, found_shape):
+        want = prompt.split()[2]
+        return {"prompt": prompt, "ok": found_shape == want, "found": {"shape": found_shape},
+                "matches": {"colour": True, "shape": found_shape == want, "motion": True, "background": True}}
+
+    rows = [row("a red square moving left on a dark background", "circle"),
+            row("a red triangle moving left on a dark background", "triangle"),
+            row("a red square staying still on a dark background", "square"),
+            row("a red circle moving left on a dark background", "circle")]
+    summary = summarize(rows)
+    assert summary["shape_confusion_asked_to_found"] == {"circle->circle": 1, "square->circle": 1,
+                                                         "square->square": 1, "triangle->triangle": 1}
+    # the circle prompt is left out: a round blob would pass it whatever the model does with shape
+    assert summary["non_circle_shape_right_by_motion"] == {"left": "1/2", "still": "1/1"}
+    assert summary["caption_accuracy"] == 0.75
