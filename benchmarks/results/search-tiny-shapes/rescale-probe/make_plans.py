@@ -11,6 +11,9 @@ variants = {
     "diag34-rs5": ({"window": [1, 0.25, 0.25]}, True, 5, 0.2),
     "diag34-rs20": ({"window": [1, 0.25, 0.25]}, True, 20, 0.2),
     "diag12-rs5": ({"window": [0, 0.25, 0.25]}, True, 5, 0.2),
+    "diag12-rs3": ({"window": [0, 0.25, 0.25]}, True, 3, 0.2),
+    "diag12-rs5-f10": ({"window": [0, 0.25, 0.25]}, True, 5, 0.1),
+    "diag12-rs5-f30": ({"window": [0, 0.25, 0.25]}, True, 5, 0.3),
 }
 for name, (params, rescale, refresh, first) in variants.items():
     p = SparsePlan.uniform(t, "diagonal", **params)
