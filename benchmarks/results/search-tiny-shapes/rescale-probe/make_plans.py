@@ -1,11 +1,13 @@
 """Uniform diagonal plans with and without the re-scaled softmax (README.md here): python make_plans.py OUT_DIR."""
 import sys
 
-from dit_sparse.plan import HeadStrategy, Schedule, SparsePlan
+from dit_sparse.plan import Schedule, SparsePlan
 from dit_sparse.zoo import load_tiny_shapes
 
+if len(sys.argv) != 2:
+    raise SystemExit("usage: python make_plans.py OUT_DIR")
+out = sys.argv[1]
 t = load_tiny_shapes().transformer
-out = sys.argv[1] if len(sys.argv) > 1 else "/work/runs/rs"
 variants = {
     "diag34": ({"window": [1, 0.25, 0.25]}, False, 5, 0.2),
     "diag34-rs5": ({"window": [1, 0.25, 0.25]}, True, 5, 0.2),
@@ -16,9 +18,7 @@ variants = {
     "diag12-rs5-f30": ({"window": [0, 0.25, 0.25]}, True, 5, 0.3),
 }
 for name, (params, rescale, refresh, first) in variants.items():
-    p = SparsePlan.uniform(t, "diagonal", **params)
-    spec = HeadStrategy.make("diagonal", rescale=rescale, **params)
-    modules = {m: (spec,) * p.model.num_heads for m in p.modules}
-    p = SparsePlan(p.model, modules, spec, Schedule(dense_first=first, refresh_interval=refresh))
+    p = SparsePlan.uniform(t, "diagonal", schedule=Schedule(dense_first=first, refresh_interval=refresh),
+                           rescale=rescale, **params)
     p.save(f"{out}/{name}.plan.json")
     print(name, p.schedule)
