@@ -89,10 +89,11 @@ class AttentionSite:
         return list(grouped.items())
 
     def is_fresh(self, entry) -> bool:
-        """A cached entry is reusable within `refresh_interval` steps of the step it was computed at."""
+        """A cached entry is reusable at the `refresh_interval - 1` steps after the step it was computed at. A
+        second call at that same step is another generation (each step calls a module once per branch)."""
         if entry is None or self.step is None or entry["step"] is None:
             return False
-        return 0 <= self.step - entry["step"] < self.refresh_interval
+        return 0 < self.step - entry["step"] < self.refresh_interval
 
 
 def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torch.Tensor:
@@ -176,15 +177,26 @@ def _rescaled(spec, heads, q, k, v, layout: BlockLayout, site: AttentionSite):
     out_s, lse_s = site.executor.run(q, k, v, layout, fp8=spec.fp8)
     site.stats.add(0, b * g * s * s * layout.density())
     if site.is_fresh(entry) and entry["shape"] == tuple(q.shape):
-        ratio, residual = entry["ratio"], entry["residual"]
-        out = out_s.float() * ratio.transpose(1, 2).unsqueeze(-1) + residual
-        return out.to(q.dtype), lse_s - torch.log(ratio)
+        out, lse = rescaled_output(out_s, lse_s, entry["ratio"], entry["residual"])
+        return out.to(q.dtype), lse
     out_d, lse_d = dense_attention_lse(q, k, v)
     site.stats.add(0, b * g * s * s)
-    ratio = torch.exp(lse_s - lse_d).clamp(min=1e-6, max=1.0)  # (B, G, S): in-layout share of the dense mass
-    residual = out_d.float() - out_s.float() * ratio.transpose(1, 2).unsqueeze(-1)
+    ratio, residual = rescale_statistics(out_s, lse_s, out_d, lse_d)
     site.cache[key] = {"step": site.step, "shape": tuple(q.shape), "ratio": ratio, "residual": residual}
     return out_d, lse_d
+
+
+def rescale_statistics(out_s, lse_s, out_d, lse_d) -> tuple[torch.Tensor, torch.Tensor]:
+    """At a refresh: ratio (B, G, S), the in-layout share of the dense mass, and the fp32 residual (B, S, G, D)
+    that the re-scaled sparse output misses."""
+    ratio = torch.exp(lse_s - lse_d).clamp(min=1e-6, max=1.0)
+    return ratio, out_d.float() - out_s.float() * ratio.transpose(1, 2).unsqueeze(-1)
+
+
+def rescaled_output(out_s, lse_s, ratio, residual) -> tuple[torch.Tensor, torch.Tensor]:
+    """Between refreshes: the sparse output (B, S, G, D) with its mass scaled back up, plus the cached residual;
+    the lse grows by the same factor so that merging with text keys weighs it as dense."""
+    return out_s.float() * ratio.transpose(1, 2).unsqueeze(-1) + residual, lse_s - torch.log(ratio)
 
 
 def _to_device(layout: BlockLayout, device) -> BlockLayout:

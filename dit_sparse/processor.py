@@ -229,7 +229,10 @@ class SparseProcessor:
         state.timestep = state.adapter.timestep(bound)
         context = state.context_hook.state._context if state.context_hook else None
         state.branch = context.name if context is not None else "unknown"
+        previous = state.step
         state.step, state.num_steps = state.steps.update(state.timestep, context)
+        if previous is not None and state.step is not None and state.step < previous:
+            state.cache.clear()  # a new generation: layouts and re-scale statistics must not carry over
 
     def _bind_lazily(self, attn: torch.nn.Module) -> _TransformerState:
         """One-line form: find the transformer whose forward is running this module, bind, capture its inputs."""

@@ -365,8 +365,10 @@ def _merged_sensitivity(sensitivity: LayerSensitivity, procs: Processes) -> list
 
 def _estimate(prb: Probe, prompts: int, steps: int, calib_steps: int, calls_per_step: float, layers: int,
               dense_layer: float | None, candidates: int, max_rows: int, query_blocks: int, block_q: int,
-              heads: int, head_dim: int, dynamic: int) -> tuple[float, float]:
-    """(seconds, extra bytes) expected for calibration."""
+              heads: int, head_dim: int, dynamic: int, remembered: int = 0,
+              kept: int = 0) -> tuple[float, float]:
+    """(seconds, extra bytes) expected for calibration. remembered: steps that only keep re-scale statistics;
+    kept: re-scaled candidates times the statistics kept for each (one per age)."""
     # the generations, plus the first prompt again once per sampled step (step sensitivity)
     seconds = prb.step_seconds * steps * (prompts + calib_steps)
     seq = prb.grid.num_tokens
@@ -374,8 +376,10 @@ def _estimate(prb: Probe, prompts: int, steps: int, calib_steps: int, calls_per_
     if dense_layer:
         evaluated = prompts * calib_steps * calls_per_step * layers
         seconds += evaluated * dense_layer * (rows / seq) * EVAL_COST_FACTOR * max(1.0, candidates / 20)
+        seconds += prompts * remembered * calls_per_step * layers * dense_layer * (rows / seq) * EVAL_COST_FACTOR
     nk = num_blocks(seq, 128)
     stored = layers * max(1, int(calls_per_step)) * dynamic * prb.batch * heads * nk * nk
+    stored += 4 * layers * max(1, int(calls_per_step)) * kept * prb.batch * heads * rows * (head_dim + 1)
     working = 4 * prb.batch * rows * heads * (2 * seq + 8 * nk * (head_dim + 1))
     return seconds, float(min(working, 4 * (1 << 26) * 3) + stored)
 
@@ -387,8 +391,8 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
            target_speedup: float | None = None, dense_first: float = 0.2, dense_layers: tuple[int, ...] = (),
            stats: str | Path | None = None, out: str | Path | None = None, device: str = "cpu",
            dtype: str = "float32", allow_closest: bool = False, cost: str = "measured",
-           cache_dir: str | Path | None = None, calib_steps: int = 5, seed: int = 0, progress: bool = True,
-           threads: int | None = None, layer_weights: str = "sensitivity", echo: Callable[[str], None] | None = None,
+           cache_dir: str | Path | None = None, calib_steps: int = 5, refresh_interval: int | None = None,
+           seed: int = 0, progress: bool = True, threads: int | None = None, layer_weights: str = "sensitivity", echo: Callable[[str], None] | None = None,
            min_psnr: float | None = None, pick_by_psnr: bool = False, pipe=None,
            step_weights: str = "none") -> SearchResult:
     """Calibrate (or load `stats`), solve for the budget, write plan + report (+ statistics). See `dit-sparse search`.
@@ -444,13 +448,15 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
         raise SearchError("no prompt given (the prompt list is empty)")
     if threads is not None and threads < 1:
         raise SearchError(f"--threads must be >= 1, got {threads}")
+    if refresh_interval is not None and refresh_interval < 1:
+        raise SearchError(f"--refresh-interval must be >= 1 step, got {refresh_interval}")
     previous_threads = torch.get_num_threads()
     if not device.startswith("cuda"):
         torch.set_num_threads(threads or auto_threads())
     try:
         return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
                        stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
-                       pipe, layer_weights, procs, min_psnr, pick_by_psnr, step_weights)
+                       pipe, layer_weights, procs, min_psnr, pick_by_psnr, step_weights, refresh_interval)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -458,7 +464,8 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
 def _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers, stats, out,
             device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe,
             layer_weights, procs: Processes, min_psnr: float | None = None,
-            pick_by_psnr: bool = False, step_weights: str = "none") -> SearchResult:
+            pick_by_psnr: bool = False, step_weights: str = "none",
+            refresh_interval: int | None = None) -> SearchResult:
     """The search proper; with several processes each calibrates its share, and only the first writes files."""
     from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
 
@@ -471,8 +478,10 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
             except GenerateError as e:
                 raise SearchError(str(e)) from None
             st.check_model(fingerprint, repr(model))
-        for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps)):
-            known = st.info.get("num_steps" if name == "steps" else name)
+        known_names = {"steps": "num_steps", "refresh-interval": "refresh_interval"}
+        for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps),
+                            ("refresh-interval", refresh_interval)):
+            known = st.info.get(known_names.get(name, name))
             if value is not None and known is not None and value != known:
                 raise SearchError(f"--{name} {value} differs from the statistics ({known}); calibrate again at "
                                   f"this setting or leave --{name} out")
@@ -494,7 +503,7 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
                                              steps=steps, guidance=guidance, dense_first=dense_first,
                                              device=device, dtype=dtype, cost=cost, cache_dir=cache_dir,
                                              calib_steps=calib_steps, seed=seed, progress=progress, echo=echo,
-                                             procs=procs)
+                                             procs=procs, refresh_interval=refresh_interval or 5)
         if procs.is_main:
             st.save(paths["stats"])
         echo(f"statistics saved to {paths['stats']} (re-solve in seconds with --stats {paths['stats']})")
@@ -626,7 +635,8 @@ def _cost_for_stats(st: CalibrationStats, cost: str, device, dtype, cache_dir, p
 
 
 def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, steps, guidance, dense_first, device,
-                        dtype, cost, cache_dir, calib_steps, seed, progress, echo, procs: Processes):
+                        dtype, cost, cache_dir, calib_steps, seed, progress, echo, procs: Processes,
+                        refresh_interval: int = 5):
     from dit_sparse.generate import DTYPES
 
     transformer = transformers_of(pipe)[0]
@@ -658,10 +668,14 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
         _candidates_and_cost(prb, block_q, block_k, fingerprint, dev, torch_dtype, ex.name, cost, cache_dir,
                              progress) if procs.is_main else None)
     layers = len(adapter.covered_modules(transformer))
-    seconds, memory = _estimate(prb, len(prompts), steps, calib_steps, prb.calls_per_step, layers,
+    sampled = sample_steps(steps, dense_first, calib_steps)
+    rescaled = sum(c.rescale for c in candidates)
+    remembered = len({s - a for s in sampled for a in range(1, refresh_interval) if s - a >= 0} - set(sampled)) \
+        if rescaled else 0
+    seconds, memory = _estimate(prb, len(prompts), steps, len(sampled), prb.calls_per_step, layers,
                                 cost_model.dense_layer if cost_model.kind == "measured" else None, len(candidates),
                                 4096, 8, block_q, fingerprint.num_heads, fingerprint.head_dim,
-                                sum(c.dynamic for c in candidates))
+                                sum(c.dynamic for c in candidates), remembered, rescaled * (refresh_interval - 1))
     echo(f"calibration on {dev}{f' ({torch.get_num_threads()} threads)' if dev.type == 'cpu' else ''}: "
          f"{len(prompts)} prompts x {steps} steps on grid {prb.grid.frames}x{prb.grid.height}x"
          f"{prb.grid.width} ({prb.grid.num_tokens} tokens), {layers} layers x {fingerprint.num_heads} heads x "
@@ -671,8 +685,8 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
             "frames": frames, "device": str(dev), "dtype": dtype}
     start = time.perf_counter()
     st = calibrate(pipe, run, len(prompts), num_steps=steps, grid=prb.grid, candidates=candidates,
-                   dense_first=dense_first, calib_steps=calib_steps, device=dev, progress=progress, seed=seed,
-                   info=info, procs=procs)
+                   dense_first=dense_first, calib_steps=calib_steps, refresh_interval=refresh_interval, device=dev,
+                   progress=progress, seed=seed, info=info, procs=procs)
     st.info["calibration_seconds"] = time.perf_counter() - start
     if cost_model.kind == "measured" and st.info.get("batch") != prb.batch:
         cost_model = procs.broadcast(
@@ -688,7 +702,8 @@ def _candidates_and_cost(prb: Probe, block_q: int, block_k: int, fingerprint: Mo
                          ) -> tuple[list[Candidate], CostModel]:
     candidates = default_candidates(prb.grid, block_q, block_k)
     if dev.type == "cuda":
-        candidates += [with_fp8(c) for c in candidates if c.computes and not c.per_head and not c.dynamic]
+        candidates += [with_fp8(c) for c in candidates
+                       if c.computes and not c.per_head and not c.dynamic and not c.rescale]
     if cost == "measured":
         cost_model = measure_cost(candidates, prb.grid, block_q, block_k, prb.batch, fingerprint.num_heads,
                                   fingerprint.head_dim, dev, torch_dtype, executor, cache_dir, progress=progress)

@@ -18,6 +18,15 @@ mean per-head dense output energy (so a head whose values are zero has error 0 u
 included), averaged over calls; and the measured density of dynamic candidates. Dynamic layouts are estimated the
 way the processor does it: at refresh steps, then reused (stale) until the next refresh. Nothing proportional to
 the number of calls is kept.
+
+Re-scaled candidates (the ``rescale`` modifier) reuse, between dense refreshes, the in-layout share of mass and
+the residual of the last refresh. Their error at a sampled step depends on how old those statistics are, which
+depends on the plan's schedule (dense warm-up, refresh interval), and the solver may still change the warm-up. So
+the observer keeps the statistics of the ``refresh_interval - 1`` steps before every sampled step (on the same
+rows: long sequences are then scored on fixed query blocks per module) and scores each re-scaled candidate as the
+mean over ages 0 ... refresh_interval - 1 (age 0 is the refresh itself, exact), which is what a plan refreshing
+every ``refresh_interval`` steps sees on average. At its own layout's density, a re-scaled candidate costs a dense
+refresh on top; the solver adds that share.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,6 +131,13 @@ class CalibrationObserver:
         self._stored: dict[tuple, tuple[int, torch.Tensor]] = {}
         self._levels = any(c.family == "pyramid" for c in candidates)
         self._fp8 = any(c.fp8 for c in candidates)
+        self._rescaled = [ci for ci, c in enumerate(candidates) if c.rescale]
+        if any(c.rescale and (c.fp8 or c.per_head) for c in candidates):
+            raise CalibrationError("re-scaled candidates must be shared and without fp8")
+        ages = range(1, refresh_interval) if self._rescaled else range(0)
+        self._history_steps = {s - a for s in steps for a in ages if s - a >= 0}
+        # (module, branch, step) -> re-scale statistics of that step on the scored rows; see the module docstring
+        self._history: dict[tuple[int, str, int], dict[str, Any]] = {}
         self._mass_steps = {s - 1 for s in steps if s - 1 >= 0} | set(steps)
 
     # -- what is accumulated -----------------------------------------------------------------------------------
@@ -190,7 +207,9 @@ class CalibrationObserver:
         evaluate = step in self.steps
         anchor = self._is_anchor(step)
         needs_mass = self._needs_mass(mi, step)
-        if not (evaluate or anchor or needs_mass):
+        remember = step in self._history_steps
+        self._forget(mi, site.branch, step)
+        if not (evaluate or anchor or needs_mass or remember):
             return
         seq = q.shape[1]
         video, text_part = text.slices(seq) if text else (slice(0, seq), None)
@@ -207,13 +226,15 @@ class CalibrationObserver:
         if not evaluate:
             if needs_mass:
                 self._accumulate_mass(state, qv, kv, txt)
+            if remember:
+                self._remember(mi, site.branch, step, qv, kv, vv, txt)
             return
         self.evaluated_steps.add(step)
         self.branches.add(site.branch)
         if needs_mass:
             self._accumulate_mass(state, qv, kv, txt)
         self._freeze_columns(state)
-        err, energy = self._evaluate(state, qv, kv, vv, txt, dynamic)
+        err, energy = self._evaluate(state, qv, kv, vv, txt, dynamic, (mi, site.branch, step), remember)
         mean_energy = float(energy.mean())
         normalised = err / mean_energy if mean_energy > 0 else np.zeros_like(err)
         state.err += normalised
@@ -316,12 +337,14 @@ class CalibrationObserver:
             state.column_maps[ci] = torch.cat(maps, dim=1)
 
     # -- rows and chunks ---------------------------------------------------------------------------------------
-    def _query_blocks(self, seq: int, salt: int = 0) -> torch.Tensor:
-        """Query blocks scored in this call: all of them for short sequences, else a random few."""
+    def _query_blocks(self, seq: int, salt: int = 0, module: int | None = None) -> torch.Tensor:
+        """Query blocks scored in this call: all of them for short sequences, else a random few (the same few
+        for every call of a module when re-scaled candidates reuse statistics across steps)."""
         nq = num_blocks(seq, self.block_q)
         if seq <= self.max_rows:
             return torch.arange(nq)
-        rng = np.random.default_rng([self.seed, self.calls, salt])
+        fixed = module is not None and bool(self._rescaled)
+        rng = np.random.default_rng([self.seed, module if fixed else self.calls, salt, int(fixed)])
         return torch.from_numpy(np.sort(rng.choice(nq, size=min(self.query_blocks, nq), replace=False)))
 
     def _rows(self, seq: int, device, salt: int = 0) -> torch.Tensor:
@@ -336,20 +359,28 @@ class CalibrationObserver:
         return [slice(h, min(h + step, self.num_heads)) for h in range(0, self.num_heads, step)]
 
     # -- the evaluation ----------------------------------------------------------------------------------------
-    def _evaluate(self, state: _Module, q, k, v, txt, dynamic: dict[int, torch.Tensor]):
-        """Raw squared errors (H, C) summed over batch and sampled rows, and dense output energy per head (H,)."""
-        b, seq, h_all, d = q.shape
-        blocks = self._query_blocks(seq, salt=1)
+    def _scored_rows(self, seq: int, mi: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query blocks (J,), rows (J, bq) clamped into the sequence, valid (J, bq)) scored in this call."""
+        blocks = self._query_blocks(seq, salt=1, module=mi)
         rows = blocks[:, None] * self.block_q + torch.arange(self.block_q)  # (J, bq)
-        valid = (rows < seq).to(q.device)
+        return blocks, rows.clamp(max=seq - 1).to(device), (rows < seq).to(device)
+
+    def _evaluate(self, state: _Module, q, k, v, txt, dynamic: dict[int, torch.Tensor], where: tuple[int, str, int],
+                  remember: bool = False):
+        """Raw squared errors (H, C) summed over batch and sampled rows, and dense output energy per head (H,).
+        where: (module index, branch, step); remember: also keep this step's re-scale statistics."""
+        b, seq, h_all, d = q.shape
+        blocks, rows, valid = self._scored_rows(seq, where[0], q.device)
         all_valid = bool(valid.all())
-        rows = rows.clamp(max=seq - 1).to(q.device)
         err = np.zeros((h_all, len(self.candidates)))
         energy = np.zeros(h_all)
         variants = [(False, q, k, v)]
         if self._fp8:
             variants.append((True, *fake_quantize_qkv(q, k, v, self.block_q, self.block_k)))
-        scored = [ci for ci, c in enumerate(self.candidates) if c.computes and not (c.family == "dense" and not c.fp8)]
+        scored = [ci for ci, c in enumerate(self.candidates)
+                  if c.computes and not c.rescale and not (c.family == "dense" and not c.fp8)]
+        entry = self._new_entry(blocks, q, k) if remember else None
+        history = self._history_of(where, blocks, b) if self._rescaled else []
         for hs in self._head_chunks(b, rows.numel(), seq, d):
             dense = None
             for fp8, qq, kk, vv in variants:
@@ -361,6 +392,10 @@ class CalibrationObserver:
                     if not all_valid:
                         rows_energy = rows_energy * valid[None, None]
                     energy[hs] = rows_energy.sum((0, 2, 3)).double().cpu().numpy()
+                    if entry is not None:
+                        self._fill_entry(entry, hs, sums)
+                    if self._rescaled:
+                        err[hs, self._rescaled] = self._rescaled_errors(history, hs, sums, dense, valid, all_valid)
                 group = [ci for ci in scored if self.candidates[ci].fp8 == fp8]
                 if not group:
                     continue
@@ -373,7 +408,74 @@ class CalibrationObserver:
             for ci, cand in enumerate(self.candidates):
                 if not cand.computes:
                     err[hs, ci] = energy[hs]
+        if entry is not None:
+            self._history[where] = entry
         return err, energy
+
+    # -- re-scaled candidates ----------------------------------------------------------------------------------
+    def _forget(self, mi: int, branch: str, step: int) -> None:
+        """Drop statistics no later sampled step can use (too old, or left by the previous generation)."""
+        stale = [key for key in self._history
+                 if key[0] == mi and key[1] == branch and not step - self.refresh_interval < key[2] < step]
+        for key in stale:
+            del self._history[key]
+
+    def _remember(self, mi: int, branch: str, step: int, q, k, v, txt) -> None:
+        """Keep this step's re-scale statistics for the sampled steps within a refresh interval after it."""
+        b, seq, _, d = q.shape
+        blocks, rows, _ = self._scored_rows(seq, mi, q.device)
+        entry = self._new_entry(blocks, q, k)
+        for hs in self._head_chunks(b, rows.numel(), seq, d):
+            sums = partial_sums(q[:, rows][:, :, :, hs], k[:, :, hs], v[:, :, hs], _text_heads(txt, hs),
+                                self.block_k, self._levels)
+            self._fill_entry(entry, hs, sums)
+        self._history[(mi, branch, step)] = entry
+
+    def _new_entry(self, blocks: torch.Tensor, q, k) -> dict[str, Any]:
+        """An empty statistics entry with the re-scaled candidates' levels (B, H, J, C', NK) at this step: a
+        dynamic layout is estimated fresh at a refresh, and both are then reused until the next one."""
+        ctx = None
+        levels = []
+        for ci in self._rescaled:
+            cand = self.candidates[ci]
+            if cand.dynamic:
+                ctx = ctx or BuildContext(self.grid, self.block_q, self.block_k, q, k)
+                lv = get_strategy(cand.family).layout(cand.spec.param_dict, ctx).level_map().to(torch.int8)
+            else:
+                lv = self._static_levels(ci)
+            levels.append(lv.to(q.device)[:, :, blocks.to(q.device)].expand(q.shape[0], self.num_heads, -1, -1))
+        return {"blocks": blocks, "levels": torch.stack(levels, dim=3), "ratio": None, "residual": None}
+
+    def _fill_entry(self, entry: dict[str, Any], hs: slice, sums: PartialSums) -> None:
+        ratio, residual = rescale_statistics(sums, entry["levels"][:, hs])
+        if entry["ratio"] is None:
+            b, _, nj, c, bq = ratio.shape
+            entry["ratio"] = ratio.new_zeros(b, self.num_heads, nj, c, bq)
+            entry["residual"] = residual.new_zeros(b, self.num_heads, nj, c, bq, residual.shape[-1])
+        entry["ratio"][:, hs], entry["residual"][:, hs] = ratio, residual
+
+    def _history_of(self, where: tuple[int, str, int], blocks: torch.Tensor, batch: int) -> list[dict[str, Any]]:
+        """The kept statistics of the refresh_interval - 1 steps before this one (those that exist)."""
+        mi, branch, step = where
+        out = []
+        for age in range(1, self.refresh_interval):
+            entry = self._history.get((mi, branch, step - age))
+            if entry is not None and entry["ratio"] is not None and entry["ratio"].shape[0] == batch \
+                    and torch.equal(entry["blocks"], blocks):
+                out.append(entry)
+        return out
+
+    def _rescaled_errors(self, history, hs: slice, sums: PartialSums, dense, valid, all_valid: bool) -> np.ndarray:
+        """(h, C') squared errors of the re-scaled candidates, averaged over the ages of their statistics: 0 (the
+        refresh, exact) and each kept earlier step."""
+        total = np.zeros((dense.shape[1], len(self._rescaled)))
+        for entry in history:
+            out = rescaled_outputs(sums, entry["levels"][:, hs], entry["ratio"][:, hs], entry["residual"][:, hs])
+            diff = (out - dense.unsqueeze(3)).square().sum(-1)  # (B, h, J, C', bq)
+            if not all_valid:
+                diff = diff * valid[None, None, :, None, :]
+            total += diff.sum((0, 2, 4)).double().cpu().numpy()
+        return total / (len(history) + 1)
 
     def _stacked_levels(self, state: _Module, group: list[int], dynamic, blocks, batch: int, device) -> torch.Tensor:
         """(B, H, J, C', NK) levels of the candidates in `group` at the sampled query blocks."""
@@ -507,8 +609,16 @@ def layout_outputs(sums: PartialSums, levels: torch.Tensor) -> torch.Tensor:
     """Exact outputs (B, h, J, C, bq, D) of the sampled rows under C layouts at once.
 
     levels: (B, h, J, C, NK) int8, the level of each key block for each sampled query block and layout
-    (-1 = not visited). One batched matrix product per level: (C x NK) weights times (NK x rows * (D + 1));
-    pooled levels only for the layouts that use them.
+    (-1 = not visited).
+    """
+    return _normalise(layout_sums(sums, levels) + sums.text.unsqueeze(3))
+
+
+def layout_sums(sums: PartialSums, levels: torch.Tensor) -> torch.Tensor:
+    """Unnormalised video partial sums (B, h, J, C, bq, D + 1) (U, then Z) of the sampled rows under C layouts.
+
+    One batched matrix product per level: (C x NK) weights times (NK x rows * (D + 1)); pooled levels only for
+    the layouts that use them.
     """
     if int(levels.max()) >= len(sums.zu):
         raise CalibrationError("a layout uses pooled levels but pooled sums were not computed")
@@ -525,8 +635,30 @@ def layout_outputs(sums: PartialSums, levels: torch.Tensor) -> torch.Tensor:
             term = torch.matmul(w, sums.zu[level])
             part = term if part is None else part + term
         total.index_add_(3, pooled, part)
-    total = total.view(b, h, nj, c, bq, e) + sums.text.unsqueeze(3)
-    return _normalise(total)
+    return total.view(b, h, nj, c, bq, e)
+
+
+def rescale_statistics(sums: PartialSums, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the processor caches at a refresh, for the sampled rows under C layouts: ratio (B, h, J, C, bq), the
+    in-layout share of the video-video dense mass, and residual (B, h, J, C, bq, D), the video-video dense output
+    minus the re-scaled sparse one (see dit_sparse.attend.rescale_statistics)."""
+    b, h, nj = sums.zu[0].shape[:3]
+    inside = layout_sums(sums, levels)
+    video = sums.zu[0].sum(3).view(b, h, nj, sums.block_q, sums.head_dim + 1)
+    ratio = (inside[..., -1] / video[..., -1].unsqueeze(3).clamp_min(1e-30)).clamp(min=1e-6, max=1.0)
+    return ratio, _normalise(video).unsqueeze(3) - _normalise(inside) * ratio.unsqueeze(-1)
+
+
+def rescaled_outputs(sums: PartialSums, levels: torch.Tensor, ratio: torch.Tensor,
+                     residual: torch.Tensor) -> torch.Tensor:
+    """Outputs (B, h, J, C, bq, D) of re-scaled layouts with statistics from a refresh: the sparse video output
+    scaled back to its dense share plus the residual, merged with the text keys at the grown mass (as the
+    processor's lse - log(ratio) does)."""
+    inside = layout_sums(sums, levels)
+    weight = inside[..., -1] / ratio  # the in-layout mass scaled back to the dense mass
+    num = inside[..., :-1] + residual * weight.unsqueeze(-1) + sums.text[..., :-1].unsqueeze(3)
+    den = weight + sums.text[..., -1].unsqueeze(3)
+    return num / den.clamp_min(1e-30).unsqueeze(-1)
 
 
 def layout_output(levels: torch.Tensor, sums: PartialSums) -> torch.Tensor:

@@ -3,7 +3,9 @@
 A candidate is one HeadStrategy shared by every head, or a template resolved per head at calibration
 (``vertical_stripe`` with the key columns that carried the most attention mass for that head). Static candidates
 whose layouts coincide at the executor's block sizes compute exactly the same thing, so only the first is kept;
-a static layout that visits every block is dense and is dropped in favour of ``dense``.
+a static layout that visits every block is dense and is dropped in favour of ``dense``. The shared sparse
+candidates of the families in RESCALE_FAMILIES also come re-scaled (the ``rescale`` modifier), which pays a dense
+refresh every few steps for a much smaller error at the same layout.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ BLOCK_ADAPTIVE = ((0.8, 0.25), (0.9, 0.25), (0.95, 0.25), (0.95, 0.5))  # (tau, 
 PYRAMID_BANDS = ((0.6, 0.8, 0.9, 0.95), (0.8, 0.9, 0.95, 0.98))
 # Key blocks chosen by attention mass per head, as fractions of the key blocks (at least one block).
 MASS_BLOCK_FRACTIONS = (1 / 16, 1 / 8)
+# Families whose shared candidates are also tried with the re-scaled softmax (pyramid's pooled levels are not).
+RESCALE_FAMILIES = ("diagonal", "multi_diagonal", "vertical_stripe", "block_adaptive")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class Candidate:
     def fp8(self) -> bool:
         return bool(self.spec is not None and self.spec.fp8)
 
+    @property
+    def rescale(self) -> bool:
+        return bool(self.spec is not None and self.spec.rescale)
+
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "family": self.family,
                 "spec": None if self.spec is None else self.spec.to_json(), "mass_blocks": self.mass_blocks}
@@ -78,15 +86,26 @@ def mass_stripe(blocks: int) -> Candidate:
                      "vertical_stripe", None, blocks)
 
 
-def with_fp8(candidate: Candidate) -> Candidate:
-    """The same candidate with the fp8 modifier (shared candidates only)."""
+def with_modifier(candidate: Candidate, modifier: str) -> Candidate:
+    """The same candidate with the `fp8` or `rescale` modifier (shared candidates only)."""
     params = {k: v for k, v in candidate.spec.to_json().items() if k != "strategy"}
-    spec = HeadStrategy.make(candidate.family, "$.candidate", **{**params, "fp8": True})
+    spec = HeadStrategy.make(candidate.family, "$.candidate", **{**params, modifier: True})
     return Candidate(spec.describe(), candidate.family, spec)
 
 
-def default_candidates(grid: Grid, block_q: int, block_k: int) -> list[Candidate]:
-    """Every candidate family at several widths and thresholds, deduplicated at these block sizes."""
+def with_fp8(candidate: Candidate) -> Candidate:
+    return with_modifier(candidate, "fp8")
+
+
+def rescaled_variants(cands: list[Candidate]) -> list[Candidate]:
+    """The re-scaled twin of every shared sparse candidate of RESCALE_FAMILIES."""
+    return [with_modifier(c, "rescale") for c in cands
+            if c.family in RESCALE_FAMILIES and not c.per_head and not c.rescale and not c.fp8]
+
+
+def default_candidates(grid: Grid, block_q: int, block_k: int, rescale: bool = True) -> list[Candidate]:
+    """Every candidate family at several widths and thresholds, deduplicated at these block sizes; with
+    `rescale`, the re-scaled twins of the shared sparse ones follow."""
     cands = [shared("dense"), shared("skip")]
     cands += [shared("diagonal", window=[t, s, s]) for t in DIAGONAL_FRAMES for s in DIAGONAL_SPATIAL]
     cands += [shared("multi_diagonal", window=[s, s]) for s in MULTI_DIAGONAL_SPATIAL]
@@ -97,7 +116,8 @@ def default_candidates(grid: Grid, block_q: int, block_k: int) -> list[Candidate
     cands += [shared("block_adaptive", tau=tau, cap=cap) for tau, cap in BLOCK_ADAPTIVE]
     if block_k % 8 == 0:  # pooled levels need block_k to be a multiple of 2**MAX_LEVEL
         cands += [shared("pyramid", bands=list(b)) for b in PYRAMID_BANDS]
-    return dedupe(cands, grid, block_q, block_k)
+    cands = dedupe(cands, grid, block_q, block_k)
+    return cands + rescaled_variants(cands) if rescale else cands
 
 
 def static_level_map(candidate: Candidate, grid: Grid, block_q: int, block_k: int) -> torch.Tensor:
@@ -111,8 +131,9 @@ def static_level_map(candidate: Candidate, grid: Grid, block_q: int, block_k: in
 
 
 def dedupe(cands: list[Candidate], grid: Grid, block_q: int, block_k: int) -> list[Candidate]:
-    """Drop static candidates whose layout equals an earlier one's, or visits every block (that is dense)."""
-    seen: list[tuple[torch.Tensor, bool]] = []
+    """Drop static candidates whose layout (and modifiers) equal an earlier one's, or visit every block (that is
+    dense)."""
+    seen: list[tuple[torch.Tensor, tuple[bool, bool]]] = []
     out = []
     for cand in cands:
         if cand.per_head or cand.dynamic or not cand.computes or cand.family == "dense":
@@ -121,9 +142,10 @@ def dedupe(cands: list[Candidate], grid: Grid, block_q: int, block_k: int) -> li
         levels = static_level_map(cand, grid, block_q, block_k)
         if bool((levels == 0).all()):
             continue
-        if any(fp8 == cand.fp8 and torch.equal(levels, other) for other, fp8 in seen):
+        modifiers = (cand.fp8, cand.rescale)
+        if any(mods == modifiers and torch.equal(levels, other) for other, mods in seen):
             continue
-        seen.append((levels, cand.fp8))
+        seen.append((levels, modifiers))
         out.append(cand)
     return out
 

@@ -57,6 +57,9 @@ def add_search_parser(subparsers) -> None:
                    help="time candidates on this machine (cached) or use a FLOP model")
     p.add_argument("--cache-dir", default=None, help="cost-table cache (default ~/.cache/dit_sparse)")
     p.add_argument("--calib-steps", type=int, default=5, help="denoising steps sampled for calibration")
+    p.add_argument("--refresh-interval", type=int, default=None, metavar="K",
+                   help="steps between refreshes of dynamic layouts and re-scale statistics (default 5; calibration "
+                        "measures the errors for this interval, so with --stats it must match the statistics)")
     p.add_argument("--layer-weights", choices=("sensitivity", "none"), default="sensitivity",
                    help="weight each layer's attention error by its measured effect on the output (default), or not")
     p.add_argument("--step-weights", choices=("none", "sensitivity"), default="none",
@@ -87,7 +90,8 @@ def run_search(args) -> int:
             guidance=args.guidance, max_error=args.max_error, target_density=args.target_density,
             target_speedup=args.target_speedup, dense_first=args.dense_first, dense_layers=args.dense_layers,
             stats=args.stats, out=args.out, device=args.device, dtype=args.dtype, allow_closest=args.allow_closest,
-            cost=args.cost, cache_dir=args.cache_dir, calib_steps=args.calib_steps, seed=args.seed, threads=args.threads,
+            cost=args.cost, cache_dir=args.cache_dir, calib_steps=args.calib_steps,
+            refresh_interval=args.refresh_interval, seed=args.seed, threads=args.threads,
             layer_weights=args.layer_weights, min_psnr=args.min_psnr, pick_by_psnr=args.pick_by_psnr,
             step_weights=args.step_weights, progress=not args.quiet, echo=echo)
     except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError) as e:

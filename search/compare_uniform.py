@@ -27,21 +27,26 @@ from dit_sparse.plan import Schedule, SparsePlan
 
 from ._io import write_json, write_text
 from .cost import CostModel, flop_cost
-from .solver import Budget, BudgetError, InfeasibleBudget, evaluate_plan, solve
+from .solver import Budget, BudgetError, InfeasibleBudget, evaluate_plan, refresh_share, solve
 from .stats import CalibrationStats
 
 
 def uniform_plans(stats: CalibrationStats, dense_first: float) -> list[tuple[str, SparsePlan, float]]:
-    """(label, plan, predicted density in sparse steps) for every shared sparse candidate of the search."""
+    """(label, plan, predicted density in sparse steps) for every shared sparse candidate of the search; a
+    re-scaled one's density counts its dense refreshes."""
     out = []
     heads = stats.fingerprint.num_heads
+    num_steps = int(stats.info.get("num_steps", 1))
+    interval = int(stats.info.get("refresh_interval", 5))
+    share = refresh_share(num_steps - int(round(dense_first * num_steps)), interval)
     for ci, cand in enumerate(stats.candidates):
         if cand.per_head or not cand.computes or cand.family == "dense":
             continue
         modules = {name: (cand.spec,) * heads for name in stats.modules}
-        plan = SparsePlan(stats.fingerprint, modules, schedule=Schedule(dense_first=dense_first),
+        plan = SparsePlan(stats.fingerprint, modules,
+                          schedule=Schedule(dense_first=dense_first, refresh_interval=interval),
                           calibration={"source": f"uniform {cand.key}"})
-        out.append((cand.key, plan, float(np.mean(stats.density[:, :, ci]))))
+        out.append((cand.key, plan, float(np.mean(stats.density[:, :, ci])) + share * cand.rescale))
     return out
 
 

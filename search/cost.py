@@ -5,7 +5,8 @@ CUDA) on random q, k, v of the real shape, once for a group of all heads and onc
 ``time(group of g heads) = overhead + g * per_head`` separates the launch overhead of a head group from the
 per-head work. Dynamic candidates add their mask estimation (timed the same way) and run at whatever density
 calibration measured, through a linear fit ``per_head = a + b * density`` of the executor's static timings
-(plus what a dynamic layout's execution costs beyond that fit, e.g. pooling). Tables are cached per device, shape,
+(plus what a dynamic layout's execution costs beyond that fit, e.g. pooling). Re-scaled candidates are timed on
+their path between refreshes (the layout plus the re-scaling and the residual); the solver adds their refreshes. Tables are cached per device, shape,
 dtype, executor and torch version as JSON under ``~/.cache/dit_sparse/cost/``.
 
 FLOP (``cost="flop"``): per-head time proportional to density, in units of one dense head, plus a fixed launch
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_sparse.attend import rescaled_output
 from dit_sparse.dense import dense_attention_lse
 from dit_sparse.executors import get_executor
 from dit_sparse.layout import Grid, num_blocks
@@ -233,6 +235,15 @@ def measure_cost(candidates: list[Candidate], grid: Grid, block_q: int, block_k:
             pair(f"fit:{density}", lambda q_, k_, v_, c_, lay=layout: ex.run(q_, k_, v_, lay))
     todo = [c for c in candidates if c.computes and not c.per_head and (table is None or c.key not in table.overhead)]
     todo = [c for c in todo if not (c.family == "dense" and not c.fp8)]
+    # What a re-scaled head applies between refreshes: an in-layout share of mass per row and a residual.
+    cached = {x.shape[2]: (torch.rand(batch, x.shape[2], seq, device=device) * 0.5 + 0.5,
+                           torch.zeros(batch, seq, x.shape[2], head_dim, device=device)) for x in (q, one[0])}
+
+    def runner(cand: Candidate, layout):
+        if not cand.rescale:
+            return lambda q_, k_, v_: ex.run(q_, k_, v_, layout, fp8=cand.fp8)
+        return lambda q_, k_, v_: rescaled_output(*ex.run(q_, k_, v_, layout, fp8=cand.fp8), *cached[q_.shape[2]])
+
     dyn_layouts = {}
     for cand in todo:
         if cand.dynamic:
@@ -240,10 +251,10 @@ def measure_cost(candidates: list[Candidate], grid: Grid, block_q: int, block_k:
             pair(f"est:{cand.key}", lambda q_, k_, v_, c_, s=strategy, p=params: s.layout(p, c_))
             layout = strategy.layout(params, ctx_all)
             dyn_layouts[cand.key] = layout
-            bench.add(f"run:{cand.key}|all", lambda lay=layout, f=cand.fp8: ex.run(q, k, v, lay, fp8=f))
+            bench.add(f"run:{cand.key}|all", lambda fn=runner(cand, layout): fn(q, k, v))
         else:
             layout = _static_layout(cand, grid, block_q, block_k)
-            pair(f"run:{cand.key}", lambda q_, k_, v_, c_, lay=layout, f=cand.fp8: ex.run(q_, k_, v_, lay, fp8=f))
+            pair(f"run:{cand.key}", lambda q_, k_, v_, c_, fn=runner(cand, layout): fn(q_, k_, v_))
     times = bench.run(progress)
 
     def split(name):

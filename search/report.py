@@ -55,12 +55,11 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
         f"query rows scored: {info.get('rows')}"
         + (f"; step sensitivities {', '.join(f'{step}: {v:.2f}' for step, v in step_sens)}" if step_sens else ""),
         f"- candidates per head: {len(stats.candidates)} ({', '.join(sorted({c.family for c in stats.candidates}))});"
-        f" re-scaled and fp8 variants: fp8 only where the cost model measured it faster (never on CPU), "
-        f"re-scaling not searched",
+        f" {_modifier_note(stats.candidates, info.get('refresh_interval'))}",
         f"- cost model: {cost.kind} ({cost.unit}){' on ' + cost.meta.get('device', '') if cost.kind == 'measured' else ''}",
         f"- schedule: dense first {plan.schedule.dense_first:.0%} of steps ({m['dense_steps']} of {m['num_steps']}), "
-        f"dense layers {list(plan.schedule.dense_layers) or 'none'}, dynamic layouts refreshed every "
-        f"{plan.schedule.refresh_interval} steps",
+        f"dense layers {list(plan.schedule.dense_layers) or 'none'}, dynamic layouts and re-scale statistics "
+        f"refreshed every {plan.schedule.refresh_interval} steps",
         "",
         "## Budget",
         "",
@@ -205,3 +204,14 @@ def write_report(solution: Solution, stats: CalibrationStats, cost: CostModel, m
                            closest=closest, validation=validation)
     written["report"] = write_text(md_path, text)
     return written
+
+
+def _modifier_note(candidates, refresh_interval) -> str:
+    fp8 = sum(c.fp8 for c in candidates)
+    rescaled = sum(c.rescale for c in candidates)
+    note = f"{fp8} fp8 variants (kept only where the cost model measured them faster; never on CPU)" if fp8 else \
+        "no fp8 variants (kept only where the cost model measures them faster; never on CPU)"
+    if not rescaled:
+        return note + "; re-scaling not searched"
+    return note + (f"; {rescaled} re-scaled variants, scored over residual ages 0-{int(refresh_interval or 5) - 1} "
+                   "steps and charged a dense refresh")

@@ -11,6 +11,9 @@ Quantities (all predicted from calibration statistics and the cost model):
   per-head work;
 - density: mean over covered heads of the fraction of dense attention work during the sparse steps.
 
+A re-scaled candidate also runs dense at every refresh (every `refresh_interval` sparse steps): its time and
+density carry that share of a dense head on top of its layout's.
+
 Method: Lagrangian relaxation (each head independently minimises objective + multiplier x constraint, with
 launch overheads shared evenly by a layer's heads), a bisection on the multiplier to meet the budget, then a
 local search on the exact objective with single-head and whole-group moves, which is where head fusion happens:
@@ -126,7 +129,7 @@ class Problem:
 
     def __init__(self, stats: CalibrationStats, cost: CostModel, dense_first: float, dense_layers: tuple[int, ...],
                  layer_weights: str = "sensitivity", families: tuple[str, ...] | None = None,
-                 step_weights: str = "none"):
+                 step_weights: str = "none", refresh_interval: int | None = None):
         self.stats, self.cost = stats, cost
         m, h, c = stats.error.shape
         self.shape = (m, h, c)
@@ -176,8 +179,27 @@ class Problem:
                            "earlier steps sparse too, where the error may be larger", 100 * calibrated_first,
                            dense_first)
         self.calls_per_step = float(info.get("calls_per_step", 1.0))
+        self.refresh_interval = int(refresh_interval or info.get("refresh_interval", 5))
+        self._add_refreshes(cands)
         self.dense_layer = cost.dense_layer
         self.total_dense = self.calls_per_step * self.num_steps * m * self.dense_layer
+
+    def _add_refreshes(self, cands) -> None:
+        """Re-scaled heads run dense (besides their layout) at ceil(sparse steps / refresh interval) of the sparse
+        steps; their errors were calibrated for the calibration's interval only."""
+        rescaled = np.array([x.rescale for x in cands])
+        if not rescaled.any():
+            return
+        calibrated = int(self.stats.info.get("refresh_interval", 5))
+        if self.refresh_interval != calibrated:
+            logger.warning("re-scaled candidates were calibrated with a refresh every %d steps, not %d: they are "
+                           "left out", calibrated, self.refresh_interval)
+            self.allowed &= ~rescaled[None, None, :]
+        share = refresh_share(self.sparse_steps, self.refresh_interval)
+        dense = cands[self.dense_index]
+        self.p[:, :, rescaled] += share * self.cost.head_time(dense, 1.0)
+        self.o = np.where(rescaled, self.o + share * self.cost.group_overhead(dense), self.o)
+        self.dens[:, :, rescaled] += share
 
     # -- exact quantities --------------------------------------------------------------------------------------
     def layer_times(self, a: np.ndarray) -> np.ndarray:
@@ -228,6 +250,11 @@ class Problem:
 
     def totals(self, a: np.ndarray) -> dict[str, float]:
         return {"time": self.step_time(a), "error": self.error(a), "density": self.density(a)}
+
+
+def refresh_share(sparse_steps: int, refresh_interval: int) -> float:
+    """Fraction of the sparse steps at which a re-scaled head refreshes (runs dense besides its layout)."""
+    return math.ceil(sparse_steps / refresh_interval) / sparse_steps
 
 
 def _relax(prob: Problem, f: np.ndarray, g: np.ndarray, lam: float) -> np.ndarray:
@@ -413,8 +440,8 @@ def solve(stats: CalibrationStats, cost: CostModel, budget: Budget, *, dense_fir
     averages the steps alike.
     """
     budget.validate()
-    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights, families, step_weights)
-    refresh = int(refresh_interval or stats.info.get("refresh_interval", 5))
+    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights, families, step_weights, refresh_interval)
+    refresh = prob.refresh_interval
 
     if budget.target_speedup is None and budget.target_density is None:
         max_error = budget.max_error if budget.max_error is not None else DEFAULT_MAX_ERROR
@@ -628,7 +655,7 @@ def assignment_of(stats: CalibrationStats, plan: SparsePlan) -> np.ndarray:
                 levels = static_level_map(Candidate(spec.describe(), spec.strategy, spec), stats.grid, stats.block_q,
                                           stats.block_k)
                 found = [ci for ci, lv in layouts.items() if stats.candidates[ci].fp8 == spec.fp8
-                         and torch.equal(lv, levels)]
+                         and stats.candidates[ci].rescale == spec.rescale and torch.equal(lv, levels)]
                 if not found and bool((levels == 0).all()):
                     found = [next(i for i, c in enumerate(stats.candidates) if c.family == "dense" and not c.fp8)]
             if not found:
@@ -641,7 +668,7 @@ def evaluate_plan(stats: CalibrationStats, cost: CostModel, plan: SparsePlan, wa
                   layer_weights: str = "sensitivity", step_weights: str = "none") -> dict[str, Any]:
     """Predicted metrics (error, density, speedups) of an existing plan from the statistics."""
     prob = Problem(stats, cost, plan.schedule.dense_first, plan.schedule.dense_layers, layer_weights,
-                   step_weights=step_weights)
+                   step_weights=step_weights, refresh_interval=plan.schedule.refresh_interval)
     a = assignment_of(stats, plan)
     for mi, layer in enumerate(stats.layers):
         if layer in plan.schedule.dense_layers:

@@ -202,6 +202,32 @@ def test_dense_first_steps_come_from_the_pipeline_not_call_counts():
                      (2, "cond", False), (2, "uncond", False), (3, "cond", False), (3, "uncond", False)]
 
 
+@pytest.mark.parametrize("first_steps", [4, 2])
+def test_cached_statistics_do_not_carry_over_to_the_next_generation(first_steps):
+    """A re-scaled plan whose only refresh is its first sparse step (4 steps, refresh every 5): the second
+    generation must refresh again, not reuse the first one's residual, whatever the first one's length."""
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = dict(height=64, width=80, num_frames=5)
+    plan = SparsePlan.uniform(pipe.transformer, "diagonal", window=[0, 1, 1], rescale=True).with_schedule(
+        dense_first=0.25)
+
+    def generate(seed, steps=4):
+        g = torch.Generator().manual_seed(seed)
+        emb, neg = torch.randn(1, 5, 24, generator=g), torch.randn(1, 5, 24, generator=g)
+        return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, guidance_scale=4.0,
+                    output_type="pt", generator=torch.Generator().manual_seed(seed), **size).frames
+
+    dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    generate(7, first_steps)
+    second = generate(8)
+    dit_sparse.remove(pipe)
+    dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    alone = generate(8)
+    dit_sparse.remove(pipe)
+    assert torch.equal(second, alone)
+
+
 def test_dynamic_layout_cache_is_keyed_by_branch_and_refreshed():
     pipe = tiny_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)

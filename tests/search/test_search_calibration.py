@@ -206,3 +206,96 @@ def test_fp8_candidates_are_scored_with_the_executors_quantisation():
     assert _keep_faster_fp8(cands, cost) == cands[:2]
     cost.per_head[cands[2].key] = cost.per_head[plain.key] / 2
     assert _keep_faster_fp8(cands, cost) == cands
+
+
+def _processor_outputs(spec, steps_qkv, text, refresh_interval):
+    """The processor's own outputs (attend) at every step of `steps_qkv` for one strategy on every head."""
+    from dit_sparse.attend import AttentionSite, attend
+    from dit_sparse.executors import get_executor
+
+    cache, static = {}, {}
+    heads = steps_qkv[0][0].shape[2]
+    outs = []
+    for step, (q, k, v) in enumerate(steps_qkv):
+        site_ = AttentionSite("m", (spec,) * heads, GRID, step, False, refresh_interval, "cond",
+                              get_executor("reference", torch.device("cpu")), BQ, BK, cache, static)
+        outs.append(attend(q, k, v, site_, text))
+    return outs
+
+
+@pytest.mark.parametrize("with_text", [False, True])
+def test_rescaled_candidates_score_the_processor_output_averaged_over_residual_ages(with_text):
+    from dit_sparse.plan import HeadStrategy
+
+    text = TextTokens(length=5, first=True, mask=torch.tensor([[1] * 5]).bool()) if with_text else None
+    extra = 5 if with_text else 0
+    steps_qkv = [qkv(seed=10 + s, batch=1, seq=GRID.num_tokens + extra) for s in range(4)]
+    interval = 3
+    specs = [HeadStrategy.make("diagonal", window=[0, 1, 1], rescale=True),
+             HeadStrategy.make("block_adaptive", tau=0.5, cap=0.3, rescale=True)]
+    cands = [shared("dense"), shared("diagonal", window=[0, 1, 1])] + \
+        [shared(s.strategy, **{**s.param_dict, "rescale": True}) for s in specs]
+    assert [c.rescale for c in cands] == [False, False, True, True]
+    obs = CalibrationObserver(["m"], 3, cands, BQ, BK, steps=[3], first_sparse_step=0, refresh_interval=interval)
+    for step, (q, k, v) in enumerate(steps_qkv):
+        obs(site(step, "m"), q, k, v, text)
+    err, _, _ = obs.results()
+    video = slice(extra, None)
+    dense = dense_attention_lse(*steps_qkv[3])[0] if not with_text else None
+    if with_text:  # the reference with text is the processor's dense path
+        dense = _processor_outputs(HeadStrategy("dense"), steps_qkv, text, interval)[3]
+    dense = dense[:, video]
+    energy = dense.square().sum((0, 1, 3)).mean()
+    for ci, spec in zip((2, 3), specs):
+        # Age a: the processor's output at step 3 with its last refresh at step 3 - a (age 0: dense, no error).
+        ages = []
+        for age in range(1, interval):
+            outs = _processor_outputs(spec, steps_qkv[3 - age:], text, interval)
+            ages.append((outs[-1][:, video] - dense).square().sum((0, 1, 3)) / energy)
+        expected = sum(ages) / interval
+        assert np.allclose(err[0, :, ci], expected.numpy(), rtol=1e-3, atol=1e-7), (spec, err[0, :, ci], expected)
+        assert np.all(err[0, :, ci] > 0)
+    assert not np.allclose(err[0, :, 2], err[0, :, 1])  # re-scaled and plain are told apart
+
+
+def test_rescaled_statistics_follow_fixed_rows_on_long_sequences():
+    """Long sequences score a few query blocks; with re-scaled candidates they stay the same for a module, so that
+    statistics kept at one step apply to the rows scored later."""
+    from dit_sparse.plan import HeadStrategy
+
+    spec = HeadStrategy.make("diagonal", window=[0, 1, 1], rescale=True)
+    cands = [shared("dense"), shared("diagonal", window=[0, 1, 1]),
+             shared("diagonal", **{**spec.param_dict, "rescale": True})]
+    obs = CalibrationObserver(["m"], 3, cands, BQ, BK, steps=[2], first_sparse_step=0, refresh_interval=3,
+                              max_rows=32, query_blocks=2)
+    steps_qkv = [qkv(seed=20 + s, batch=1) for s in range(3)]
+    for step, (q, k, v) in enumerate(steps_qkv):
+        obs(site(step, "m"), q, k, v, None)
+    blocks = obs._query_blocks(GRID.num_tokens, salt=1, module=0)
+    assert torch.equal(blocks, obs._query_blocks(GRID.num_tokens, salt=1, module=0)) and len(blocks) == 2
+    err, _, _ = obs.results()
+    rows, valid = sampled(blocks)
+    dense = dense_attention_lse(*steps_qkv[2])[0]
+    energy = (dense.permute(0, 2, 1, 3)[:, :, rows].square().sum(-1) * valid).sum((0, 2, 3)).mean()
+    ages = []
+    for age in (1, 2):
+        out = _processor_outputs(spec, steps_qkv[2 - age:], None, 3)[-1]
+        diff = (out - dense).permute(0, 2, 1, 3)[:, :, rows].square().sum(-1) * valid
+        ages.append(diff.sum((0, 2, 3)) / energy)
+    assert np.allclose(err[0, :, 2], (sum(ages) / 3).numpy(), rtol=1e-3, atol=1e-7)
+
+
+def test_default_candidates_add_rescaled_twins_of_the_shared_sparse_ones():
+    from dit_sparse.search.candidates import RESCALE_FAMILIES
+
+    cands = default_candidates(GRID, BQ, BK)
+    twins = [c for c in cands if c.rescale]
+    plain = {c.key for c in cands if not c.rescale}
+    assert twins and all(c.family in RESCALE_FAMILIES and not c.per_head and not c.fp8 for c in twins)
+    assert {c.key.replace(", rescale)", ")").replace("(rescale)", "") for c in twins} <= plain
+    assert len({c.key for c in cands}) == len(cands)
+    assert not any(c.rescale for c in default_candidates(GRID, BQ, BK, rescale=False))
+    with pytest.raises(CalibrationError, match="re-scaled candidates must be shared and without fp8"):
+        from dit_sparse.search.candidates import with_modifier
+
+        CalibrationObserver(["m"], 3, [with_modifier(twins[0], "fp8")], BQ, BK, steps=[0], first_sparse_step=0)

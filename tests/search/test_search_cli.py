@@ -120,6 +120,7 @@ def test_measured_cost_table_is_cached(tmp_path, monkeypatch):
     files = list((tmp_path / "cost").glob("*.json"))
     assert len(files) == 1 and first.kind == "measured" and first.dense_layer > 0
     assert all(first.head_time(c, 0.5) >= 0 for c in cands)
+    assert any(c.rescale and c.dynamic for c in cands) and first.covers(cands)  # re-scaled ones are timed too
 
     import dit_sparse.search.cost as cost
 

@@ -169,3 +169,32 @@ def test_layer_sensitivity_weights_the_error_budget(stats):
     assert unweighted.metrics["relative_l2_error"] == pytest.approx(plain.metrics["relative_l2_error"])
     with pytest.raises(BudgetError, match="--layer-weights"):
         solve(stats, cost, Budget(max_error=0.1), layer_weights="depth")
+
+
+def test_rescaled_heads_pay_for_their_dense_refreshes(caplog):
+    from dit_sparse.search.candidates import with_modifier
+
+    cands = CANDS + [with_modifier(CANDS[2], "rescale")]
+    m, h = 2, 2
+    error = np.tile(np.array([0.0, 1.0, 0.05, 0.01, 0.001]), (m, h, 1))
+    density = np.tile(np.array([1.0, 0.0, 0.3, 0.6, 0.3]), (m, h, 1))
+    info = {"num_steps": 10, "calls_per_step": 1, "dense_first": 0.0, "refresh_interval": 3}
+    stats = CalibrationStats(ModelFingerprint("WanTransformer3DModel", m, h, 32), [f"blocks.{i}.attn1" for i in
+                             range(m)], list(range(m)), Grid(4, 8, 8), 64, 64, cands, error, density, {}, info)
+    per_head = {"dense": 1.0, cands[2].key: 0.3, cands[3].key: 0.6, cands[4].key: 0.3}
+    cost = CostModel("flop", "dense heads", per_head, {k: 0.0 for k in per_head}, {}, {}, (0.0, 1.0), 0.0, h * 1.0)
+    prob = Problem(stats, cost, 0.0, ())
+    # 10 sparse steps refreshed every 3: dense at steps 0, 3, 6, 9, i.e. 0.4 of a dense head on average.
+    assert np.allclose(prob.p[..., 4], 0.3 + 0.4) and np.allclose(prob.dens[..., 4], 0.3 + 0.4)
+    assert np.allclose(prob.p[..., 2], 0.3)
+    later = Problem(stats, cost, 0.2, ())  # 8 sparse steps: refreshes at 2, 5, 8 of them
+    assert np.allclose(later.dens[..., 4], 0.3 + 3 / 8)
+    sol = solve(stats, cost, Budget(max_error=math.sqrt(0.002)), dense_first=0.0)
+    heads = [s for name in stats.modules for s in sol.plan.heads_for(name)]
+    assert all(s.rescale and s.strategy == "diagonal" for s in heads)
+    assert sol.plan.schedule.refresh_interval == 3
+    assert sol.metrics["density"] == pytest.approx(0.7)
+    # Errors were measured for a refresh every 3 steps: another interval leaves the re-scaled heads out.
+    other = solve(stats, cost, Budget(max_error=math.sqrt(0.002)), dense_first=0.0, refresh_interval=4)
+    assert "calibrated with a refresh every 3 steps" in caplog.text
+    assert all(s.strategy == "dense" for name in stats.modules for s in other.plan.heads_for(name))

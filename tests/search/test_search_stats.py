@@ -78,3 +78,7 @@ def test_resolving_from_stats_takes_seconds_and_writes_plan_and_report(stats, tm
     assert "error budget" in report and "| layer | head | strategy |" in report and "a.report.png" in report
     with pytest.raises(SearchError, match="--steps 30 differs from the statistics"):
         search(stats=path, steps=30, out=tmp_path / "c.plan.json", cost="flop", progress=False)
+    # Re-scaled errors were measured for the statistics' refresh interval (5): another one needs a new calibration.
+    with pytest.raises(SearchError, match="--refresh-interval 3 differs from the statistics \\(5\\)"):
+        search(stats=path, refresh_interval=3, out=tmp_path / "c.plan.json", cost="flop", progress=False)
+    assert "re-scaled variants, scored over residual ages 0-4" in report
