@@ -49,7 +49,21 @@ def render_e2e(path: Path, result: dict) -> list[str]:
     if ceiling is not None:
         lines += ["", f"The ceiling row skips every covered self-attention head while the rest of the model runs: "
                       f"no plan can be faster end to end than its {ceiling['speedup']:.2f}x on this model and machine."]
-    return lines
+    return lines + earlier_default_plan(result)
+
+
+def earlier_default_plan(result: dict) -> list[str]:
+    """A note when the `default` row of a tiny-shapes result ran another default plan than the shipped one."""
+    from dit_sparse.generate import default_plan_id
+
+    if result.get("model") != "tiny-shapes" or not any(r["plan"] == "default" for r in result["results"]):
+        return []
+    shipped, recorded = default_plan_id("TinyShapesPipeline"), result.get("default_plan_id")
+    if recorded == shipped:
+        return []
+    which = f"plan id {recorded}" if recorded else "not recorded which"
+    return ["", f"*`default` in this table is the default plan shipped when it ran ({which}), not the one shipped "
+                f"now (plan id {shipped}).*"]
 
 
 def render_speed(path: Path, result: dict) -> list[str]:

@@ -24,8 +24,8 @@ import torch
 
 from .api import apply, remove, transformers_of
 from .atomic import write_json
-from .generate import (DTYPES, GenerateError, load_model, resolve_plan, timed_generation, tiny_shapes_weights_id,
-                       warm_up)
+from .generate import (DTYPES, GenerateError, default_plan_id, load_model, resolve_plan, timed_generation,
+                       tiny_shapes_weights_id, warm_up)
 from .metrics import format_metric, psnr, ssim
 from .plan import SparsePlan
 from .strategies import STRATEGIES
@@ -131,6 +131,7 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
         "benchmark": "bench e2e",
         "model": model,
         "weights_id": tiny_shapes_weights_id(model),
+        "default_plan_id": default_plan_id(type(pipe).__name__) if "default" in plan_specs else None,
         "device": device,
         "dtype": dtype,
         "steps": steps,

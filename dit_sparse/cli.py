@@ -24,6 +24,8 @@ def _add_generate(sub):
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--executor", default=None, help="reference, cpu or triton (default: best for the device)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed generations each way, interleaved; the report keeps the fastest of each (default 2)")
     p.add_argument("--out", default="out/generate", help="folder for the videos and report.json")
     p.set_defaults(func=_generate)
 
@@ -33,7 +35,8 @@ def _generate(args) -> int:
 
     cfg = GenerateConfig(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, plan=args.plan,
                          model=args.model, device=args.device, dtype=args.dtype, height=args.height,
-                         width=args.width, frames=args.frames, out=args.out, executor=args.executor)
+                         width=args.width, frames=args.frames, out=args.out, executor=args.executor,
+                         repeats=args.repeats)
     report = run_generate(cfg)
     print(format_report(report))
     if args.out:

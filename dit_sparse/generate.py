@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ class GenerateConfig:
     out: str | None = "out/generate"
     executor: str | None = None
     progress: bool = True
+    repeats: int = 2
 
 
 def load_model(model: str, device: str, dtype: torch.dtype):
@@ -83,6 +85,14 @@ def tiny_shapes_weights_id(model: str) -> str | None:
     if model == TINY_SHAPES:
         return weights_id()
     return weights_id(model) if _is_saved_tiny_shapes(model) else None
+
+
+def default_plan_id(pipeline_class: str) -> str | None:
+    """Short content hash of the default plan shipped for a pipeline class (None when none ships).
+
+    Results that ran `default` record it, so that the README can tell when the default plan has changed since."""
+    path = DEFAULT_PLANS.get(pipeline_class)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path is not None and path.is_file() else None
 
 
 def _is_saved_tiny_shapes(model: str) -> bool:
@@ -119,6 +129,8 @@ def _call_kwargs(cfg: GenerateConfig, pipe) -> dict[str, Any]:
 def _validate(cfg: GenerateConfig) -> None:
     if cfg.steps is not None and cfg.steps <= 0:
         raise GenerateError(f"--steps must be a positive number of denoising steps, got {cfg.steps}")
+    if cfg.repeats < 1:
+        raise GenerateError(f"--repeats must be at least 1 (timed generations each way), got {cfg.repeats}")
     for name in ("height", "width", "frames"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -186,19 +198,33 @@ class Comparison:
 
 
 def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], seed: int, device: str = "cpu",
-                         executor: str | None = None) -> Comparison:
-    """Run `pipe` dense, then with `plan` applied, same seed; time both (total and attention) and compare."""
+                         executor: str | None = None, repeats: int = 1) -> Comparison:
+    """Run `pipe` dense, then with `plan` applied, same seed; time both (total and attention) and compare.
+
+    repeats: timed generations each way, interleaved (dense, sparse, dense, ...); each timing is the fastest, so
+    that a burst of other load on the machine does not decide the ratio."""
     from .api import transformers_of
 
     transformers = transformers_of(pipe)
     warm_up(pipe, call_kwargs)
-    dense, dense_s, dense_attn = timed_generation(pipe, call_kwargs, seed, device, transformers)
-    processor = apply(pipe, plan, executor=executor)
+    apply(pipe, plan, executor=executor)
     try:
-        sparse, sparse_s, sparse_attn = timed_generation(pipe, call_kwargs, seed, device, transformers)
+        warm_up(pipe, call_kwargs)  # the sparse path's own one-time costs (layouts, executor buffers)
     finally:
         remove(pipe)
+    dense_runs, sparse_runs = [], []
+    for _ in range(repeats):
+        dense_runs.append(timed_generation(pipe, call_kwargs, seed, device, transformers))
+        processor = apply(pipe, plan, executor=executor)
+        try:
+            sparse_runs.append(timed_generation(pipe, call_kwargs, seed, device, transformers))
+        finally:
+            remove(pipe)
+    dense, sparse = dense_runs[0][0], sparse_runs[0][0]
+    dense_s, dense_attn = min(r[1] for r in dense_runs), min(r[2] for r in dense_runs)
+    sparse_s, sparse_attn = min(r[1] for r in sparse_runs), min(r[2] for r in sparse_runs)
     metrics: dict[str, Any] = {
+        "repeats": repeats,
         "dense_seconds": dense_s,
         "sparse_seconds": sparse_s,
         "speedup": dense_s / sparse_s,
@@ -231,7 +257,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
 
     plan = resolve_plan(cfg.plan, pipe, transformers_of(pipe)[0])
     kwargs = _call_kwargs(cfg, pipe)
-    result = compare_dense_sparse(pipe, plan, kwargs, cfg.seed, cfg.device, cfg.executor)
+    result = compare_dense_sparse(pipe, plan, kwargs, cfg.seed, cfg.device, cfg.executor, cfg.repeats)
     report: dict[str, Any] = {
         "model": cfg.model,
         "plan": cfg.plan or "default",

@@ -29,8 +29,8 @@ from .errors import SearchError
 from .sensitivity import LayerSensitivity, StepSensitivity, measure_step_sensitivity, pipeline_output
 from .solver import DEFAULT_MAX_ERROR, STEP_WEIGHTS, Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
-from .validation import (Validation, asked_model_first, candidate_trials, failure_message, highest_psnr,
-                         settings_ladder, solver_variants, validate, validated_note, variant_trials)
+from .validation import (RESCALED_ONLY, Validation, asked_model_first, candidate_trials, failure_message,
+                         highest_psnr, settings_ladder, solver_variants, validate, validated_note, variant_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -557,11 +557,12 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
                         dense_layers, wall, layer_weights: str, min_psnr: float, seed: int, allow_closest: bool,
                         progress: bool, echo, step_weights: str = "none") -> tuple[Solution, Validation, bool]:
     """The fastest plan on the ladder of budgets whose calibration prompts reach `min_psnr` end to end."""
-    def solve_at(first: float, error: float) -> Solution:
+    def solve_at(first: float, error: float, **kwargs) -> Solution:
         return solve(st, cost_model, Budget(max_error=error), dense_first=first, dense_layers=tuple(dense_layers),
-                     wall_seconds=wall, layer_weights=layer_weights, step_weights=step_weights)
+                     wall_seconds=wall, layer_weights=layer_weights, step_weights=step_weights, **kwargs)
 
-    trials = candidate_trials(solve_at, settings_ladder(max_error, dense_first))
+    variants = [("", {})] + ([RESCALED_ONLY] if any(c.rescale for c in st.candidates) else [])
+    trials = candidate_trials(solve_at, settings_ladder(max_error, dense_first), variants)
     prompts, kwargs = _check_settings(pipe, st, "--min-psnr")
     per_clip = st.info.get("seconds_per_generation")
     echo(f"end-to-end check: {len(prompts)} prompts dense, then up to {len(trials)} candidate plans"
@@ -597,7 +598,8 @@ def picked_solution(pipe, st: CalibrationStats, cost_model: CostModel, budget: B
                      wall_seconds=wall, **kwargs)
 
     families = sorted({c.family for c in st.candidates if c.computes and c.family != "dense"})
-    variants = asked_model_first(solver_variants(families, st.has_step_weights()), layer_weights, step_weights)
+    variants = asked_model_first(solver_variants(families, st.has_step_weights(),
+                                                 any(c.rescale for c in st.candidates)), layer_weights, step_weights)
     trials = variant_trials(solve_variant, variants, dense_first)
     prompts, kwargs = _check_settings(pipe, st, "--pick-by-psnr")
     echo(f"end-to-end check: {len(prompts)} prompts dense, then {len(trials)} plans that meet the target")
@@ -670,8 +672,9 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
     layers = len(adapter.covered_modules(transformer))
     sampled = sample_steps(steps, dense_first, calib_steps)
     rescaled = sum(c.rescale for c in candidates)
-    remembered = len({s - a for s in sampled for a in range(1, refresh_interval) if s - a >= 0} - set(sampled)) \
-        if rescaled else 0
+    first_sparse = int(round(dense_first * steps))
+    remembered = len({s - a for s in sampled for a in range(1, refresh_interval) if s - a >= first_sparse}
+                     - set(sampled)) if rescaled else 0
     seconds, memory = _estimate(prb, len(prompts), steps, len(sampled), prb.calls_per_step, layers,
                                 cost_model.dense_layer if cost_model.kind == "measured" else None, len(candidates),
                                 4096, 8, block_q, fingerprint.num_heads, fingerprint.head_dim,

@@ -25,8 +25,9 @@ depends on the plan's schedule (dense warm-up, refresh interval), and the solver
 the observer keeps the statistics of the ``refresh_interval - 1`` steps before every sampled step (on the same
 rows: long sequences are then scored on fixed query blocks per module) and scores each re-scaled candidate as the
 mean over ages 0 ... refresh_interval - 1 (age 0 is the refresh itself, exact), which is what a plan refreshing
-every ``refresh_interval`` steps sees on average. At its own layout's density, a re-scaled candidate costs a dense
-refresh on top; the solver adds that share.
+every ``refresh_interval`` steps sees on average; ages reaching back before the first sparse step are left out
+(the plan refreshes there, so step ``first_sparse_step`` itself scores 0). At its own layout's density, a
+re-scaled candidate costs a dense refresh on top; the solver adds that share.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ class CalibrationObserver:
         if any(c.rescale and (c.fp8 or c.per_head) for c in candidates):
             raise CalibrationError("re-scaled candidates must be shared and without fp8")
         ages = range(1, refresh_interval) if self._rescaled else range(0)
-        self._history_steps = {s - a for s in steps for a in ages if s - a >= 0}
+        # A plan refreshes at its first sparse step, so no statistics older than that are ever used.
+        self._history_steps = {s - a for s in steps for a in ages if s - a >= first_sparse_step}
         # (module, branch, step) -> re-scale statistics of that step on the scored rows; see the module docstring
         self._history: dict[tuple[int, str, int], dict[str, Any]] = {}
         self._mass_steps = {s - 1 for s in steps if s - 1 >= 0} | set(steps)
@@ -458,7 +460,7 @@ class CalibrationObserver:
         """The kept statistics of the refresh_interval - 1 steps before this one (those that exist)."""
         mi, branch, step = where
         out = []
-        for age in range(1, self.refresh_interval):
+        for age in range(1, min(self.refresh_interval, step - self.first_sparse_step + 1)):
             entry = self._history.get((mi, branch, step - age))
             if entry is not None and entry["ratio"] is not None and entry["ratio"].shape[0] == batch \
                     and torch.equal(entry["blocks"], blocks):

@@ -11,7 +11,7 @@ import numpy as np
 
 from ._io import atomic_path, write_text
 from .cost import CostModel
-from .solver import Budget, Solution
+from .solver import Budget, Solution, refresh_share
 from .stats import CalibrationStats
 from .validation import Validation
 
@@ -96,13 +96,14 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
                      f"{pt['density']:.1%} |")
     if validation is not None:
         lines += _validation_lines(validation)
+    lines += _candidate_lines(solution, stats)
     lines += ["", "## Layers", "", "| layer | module | sensitivity weight | relative L2 error | density | head groups | "
               "strategies |", "|---|---|---|---|---|---|---|"]
     head_err = np.asarray(m["head_error"])
     head_dens = np.asarray(m["head_density"])
     for mi, name in enumerate(stats.modules):
         specs = plan.heads_for(name)
-        counts = Counter(s.strategy for s in specs)
+        counts = Counter(s.strategy + (" (re-scaled)" if s.rescale else "") for s in specs)
         lines.append(f"| {stats.layers[mi]} | `{name}` | {weights[mi]:.2f} | {m['layer_relative_l2_error'][mi]:.4f} | "
                      f"{head_dens[mi].mean():.1%} | {m['groups_per_layer'][mi]} | "
                      f"{', '.join(f'{n}x {s}' for s, n in counts.items())} |")
@@ -115,6 +116,23 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
             lines.append(f"| {stats.layers[mi]} | {hi} | `{spec.describe()}` | {head_dens[mi, hi]:.1%} | "
                          f"{np.sqrt(max(head_err[mi, hi], 0.0)):.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _candidate_lines(solution: Solution, stats: CalibrationStats) -> list[str]:
+    """Each calibrated candidate's error and density over all heads, and how many heads the plan gives it."""
+    m = solution.metrics
+    share = refresh_share(m["num_steps"] - m["dense_steps"], solution.plan.schedule.refresh_interval)
+    used = Counter(solution.assign.ravel().tolist()) if solution.assign is not None else Counter()
+    lines = ["", "## Candidates", "",
+             "Every candidate as calibrated, over all covered heads: relative L2 error of the attention output (mean "
+             "over heads and sampled steps, layers alike) and density in sparse steps (a re-scaled candidate's "
+             f"includes its dense refreshes: {share:.0%} of the sparse steps under this plan's schedule).", "",
+             "| candidate | relative L2 error | density | heads in this plan |", "|---|---|---|---|"]
+    for ci, cand in enumerate(stats.candidates):
+        err = float(np.nanmean(stats.error[:, :, ci]))
+        dens = float(np.nanmean(stats.density[:, :, ci])) + share * cand.rescale
+        lines.append(f"| `{cand.key}` | {np.sqrt(max(err, 0.0)):.3f} | {dens:.1%} | {used.get(ci, 0)} |")
+    return lines
 
 
 def _validation_lines(validation: Validation) -> list[str]:
@@ -133,12 +151,13 @@ def _validation_lines(validation: Validation) -> list[str]:
     lines = ["", "## End-to-end check (--min-psnr)", "",
              f"Each plan below generated the {n} calibration prompts (same seeds as dense), in "
              f"order of predicted speed, until one reached a mean PSNR of {validation.min_psnr:g} dB against dense.",
-             "", "| dense first | max relative L2 error | predicted speedup | mean PSNR | lowest PSNR | result |",
-             "|---|---|---|---|---|---|"]
+             "", "| dense first | max relative L2 error | solver | predicted speedup | mean PSNR | lowest PSNR | "
+             "result |",
+             "|---|---|---|---|---|---|---|"]
     for t in validation.trials:
         result = "chosen" if t is validation.chosen else "below the bar"
-        lines.append(f"| {t.dense_first:.0%} | {t.max_error:g} | {t.predicted_speedup:.2f}x | {t.mean_psnr:.1f} dB | "
-                     f"{min(t.psnr):.1f} dB | {result} |")
+        lines.append(f"| {t.dense_first:.0%} | {t.max_error:g} | {t.variant or 'all strategies'} | "
+                     f"{t.predicted_speedup:.2f}x | {t.mean_psnr:.1f} dB | {min(t.psnr):.1f} dB | {result} |")
     return lines
 
 

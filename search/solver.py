@@ -129,7 +129,7 @@ class Problem:
 
     def __init__(self, stats: CalibrationStats, cost: CostModel, dense_first: float, dense_layers: tuple[int, ...],
                  layer_weights: str = "sensitivity", families: tuple[str, ...] | None = None,
-                 step_weights: str = "none", refresh_interval: int | None = None):
+                 step_weights: str = "none", refresh_interval: int | None = None, rescaled_only: bool = False):
         self.stats, self.cost = stats, cost
         m, h, c = stats.error.shape
         self.shape = (m, h, c)
@@ -156,6 +156,11 @@ class Problem:
                 raise BudgetError(f"families: no candidate of family {unknown[0]!r} was calibrated (calibrated: "
                                   f"{', '.join(sorted(known))})")
             self.allowed &= np.array([x.family in families for x in cands])[None, None, :]
+        if rescaled_only:
+            if not any(x.rescale for x in cands):
+                raise BudgetError("re-scaled strategies only: these statistics have no re-scaled candidates "
+                                  "(calibrated by an older dit-sparse); calibrate again")
+            self.allowed &= np.array([x.rescale or not x.computes for x in cands])[None, None, :]
         self.dense_layers = tuple(sorted(set(dense_layers)))
         unknown = sorted(set(self.dense_layers) - set(stats.layers))
         if unknown:
@@ -430,17 +435,20 @@ def _pair_move(prob: Problem, a: np.ndarray, single, fi: int, gi: int, f_scale: 
 def solve(stats: CalibrationStats, cost: CostModel, budget: Budget, *, dense_first: float = 0.2,
           dense_layers: tuple[int, ...] = (), refresh_interval: int | None = None,
           wall_seconds: float | None = None, layer_weights: str = "sensitivity",
-          families: tuple[str, ...] | None = None, step_weights: str = "none") -> Solution:
+          families: tuple[str, ...] | None = None, step_weights: str = "none",
+          rescaled_only: bool = False) -> Solution:
     """The plan for `budget`. Raises InfeasibleBudget (with the closest plan) when it cannot be met.
 
     layer_weights: "sensitivity" weights each layer's attention error by its measured effect on the transformer
     output (when the statistics have it; mean weight 1), "none" counts every layer alike. families: only
-    candidates of these strategy families (and dense, always allowed); None for all. step_weights:
+    candidates of these strategy families (and dense, always allowed); None for all. rescaled_only: only
+    re-scaled candidates (and dense and skip). step_weights:
     "sensitivity" weights each sampled step's error by its measured effect on the generated result, "none"
     averages the steps alike.
     """
     budget.validate()
-    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights, families, step_weights, refresh_interval)
+    prob = Problem(stats, cost, dense_first, dense_layers, layer_weights, families, step_weights, refresh_interval,
+                   rescaled_only)
     refresh = prob.refresh_interval
 
     if budget.target_speedup is None and budget.target_density is None:

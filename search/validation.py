@@ -98,33 +98,44 @@ def settings_ladder(max_error: float, dense_first: float) -> list[tuple[float, f
     return [(d, e) for d in firsts for e in errors]
 
 
-def candidate_trials(solve_at: Callable[[float, float], Solution], ladder: list[tuple[float, float]]) -> list[Trial]:
-    """Solve every ladder point; drop infeasible and duplicate plans; fastest predicted first (ties: the asked
-    budget's order, i.e. looser warm-up and budget first)."""
+def candidate_trials(solve_at: Callable[..., Solution], ladder: list[tuple[float, float]],
+                     variants: list[tuple[str, dict[str, Any]]] | None = None) -> list[Trial]:
+    """Solve every ladder point (under each solver variant: (name, extra solve_at arguments); default the plain
+    solver); drop infeasible and duplicate plans; fastest predicted first (ties: the asked budget's order, i.e.
+    looser warm-up and budget first, then the variants' order)."""
     trials, seen = [], set()
     for dense_first, max_error in ladder:
-        try:
-            solution = solve_at(dense_first, max_error)
-        except InfeasibleBudget:
-            continue
-        # warm-ups that round to the same number of dense steps run the same plan
-        key = (solution.metrics["dense_steps"], solution.assign.tobytes())
-        if key in seen:
-            continue
-        seen.add(key)
-        trials.append(Trial(dense_first, max_error, solution))
+        for name, kwargs in variants or [("", {})]:
+            try:
+                solution = solve_at(dense_first, max_error, **kwargs)
+            except InfeasibleBudget:
+                continue
+            # warm-ups that round to the same number of dense steps run the same plan
+            key = (solution.metrics["dense_steps"], solution.assign.tobytes())
+            if key in seen:
+                continue
+            seen.add(key)
+            trials.append(Trial(dense_first, max_error, solution, variant=name))
     return sorted(trials, key=lambda t: -t.predicted_speedup)
 
 
-def solver_variants(families: list[str], step_weights: bool = False) -> list[tuple[str, dict[str, Any]]]:
-    """(description, extra solve() arguments): the error models --pick-by-psnr compares (the family-only
-    variants take the asked layer and step weights)."""
+# Per-head attention errors under-rate the re-scaled softmax end to end (its errors do not pile up the way a
+# layout's missing mass does: see benchmarks/results/search-tiny-shapes/rescale-search), so the end-to-end checks
+# also try plans made of re-scaled strategies only.
+RESCALED_ONLY = ("re-scaled strategies only", {"rescaled_only": True})
+
+
+def solver_variants(families: list[str], step_weights: bool = False,
+                    rescaled: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(description, extra solve() arguments): the error models --pick-by-psnr compares (the family-only and
+    re-scaled-only variants take the asked layer and step weights)."""
     variants = [("all strategies, layer-sensitivity weights", {"layer_weights": "sensitivity", "step_weights": "none"}),
                 ("all strategies, unweighted layers", {"layer_weights": "none", "step_weights": "none"})]
     if step_weights:
         variants.append(("all strategies, layer- and step-sensitivity weights",
                          {"layer_weights": "sensitivity", "step_weights": "sensitivity"}))
-    return variants + [(f"{family} only", {"families": (family,)}) for family in families]
+    variants += [(f"{family} only", {"families": (family,)}) for family in families]
+    return variants + ([RESCALED_ONLY] if rescaled else [])
 
 
 def asked_model_first(variants: list[tuple[str, dict[str, Any]]], layer_weights: str,
@@ -236,5 +247,5 @@ def failure_message(validation: Validation) -> str:
             f"(--dense-first)")
 
 
-__all__ = ["Trial", "Validation", "asked_model_first", "candidate_trials", "failure_message", "highest_psnr",
-           "settings_ladder", "solver_variants", "validate", "validated_note", "variant_trials"]
+__all__ = ["RESCALED_ONLY", "Trial", "Validation", "asked_model_first", "candidate_trials", "failure_message",
+           "highest_psnr", "settings_ladder", "solver_variants", "validate", "validated_note", "variant_trials"]

@@ -31,6 +31,7 @@ def test_bench_e2e_writes_one_record_per_plan_table_and_plot(tiny_dir, tmp_path,
     for r in records:  # every record carries the run's metadata
         assert r["benchmark"] == "bench e2e" and r["prompts"] == 2 and r["hardware"]["cpus"] >= 1
         assert r["weights_id"] == weights_id(tiny_dir)  # so a README table from earlier weights can be flagged
+        assert r["default_plan_id"] is None  # no `default` plan in this run
         assert r["seconds"] > 0 and r["attention_seconds"] > 0
         assert r["caption_accuracy"] is not None and 0.0 <= r["caption_accuracy"] <= 1.0
     dense, sparse, dense_again = records
@@ -42,6 +43,16 @@ def test_bench_e2e_writes_one_record_per_plan_table_and_plot(tiny_dir, tmp_path,
     table = (out / "results.md").read_text()
     assert "| diagonal" in table and table in capsys.readouterr().out + "\n"
     assert records_of(grouped(records)) == records
+
+
+def test_bench_e2e_records_which_default_plan_ran(tmp_path):
+    from dit_sparse.generate import default_plan_id
+
+    out = tmp_path / "bench"  # the shipped tiny-shapes model: the default plan is made for it
+    assert main(["bench", "e2e", "--plans", "default", "--num-prompts", "1", "--steps", "2", "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    shipped = default_plan_id("TinyShapesPipeline")
+    assert len(shipped) == 12 and all(r["default_plan_id"] == shipped for r in records)
 
 
 def test_bench_e2e_ceiling_skips_every_covered_head_and_reports_speed_only(tiny_dir, tmp_path):

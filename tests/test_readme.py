@@ -85,6 +85,26 @@ def test_benchmark_tables_from_earlier_tiny_shapes_weights_are_flagged():
         assert ("earlier tiny-shapes weights (weights id 0123456789ab" in text) is flagged
 
 
+def test_a_default_row_run_with_another_default_plan_is_flagged():
+    render_results = _load_render_results()
+    from dit_sparse.generate import default_plan_id
+
+    row = {"plan": "default", "seconds": 1.0, "attention_seconds": 0.5, "speedup": 1.2, "attention_speedup": 1.3,
+           "executed_density": 0.7, "psnr": 30.0, "ssim": 0.9, "caption_accuracy": 0.5}
+    e2e = {"model": "tiny-shapes", "date": "2026-12-03", "hardware": {"cpus": 2, "machine": "x86_64",
+                                                                    "processor": ""},
+           "versions": {"torch": "t", "diffusers": "d"}, "prompts": 1, "seeds": [0], "steps": None,
+           "device": "cpu", "dtype": "float32", "results": [row]}
+    path = render_results.ROOT / "benchmarks" / "results" / "x.json"
+    shipped = default_plan_id("TinyShapesPipeline")
+    for recorded, note in ((shipped, None), ("0123456789ab", "(plan id 0123456789ab)"), (None, "not recorded which")):
+        text = "\n".join(render_results.render_e2e(path, {**e2e, "default_plan_id": recorded}))
+        assert (f"not the one shipped now (plan id {shipped})" in text) is (note is not None)
+        assert note is None or note in text
+    other = {**e2e, "results": [{**row, "plan": "diagonal"}]}  # no default row: nothing to say
+    assert "shipped now" not in "\n".join(render_results.render_e2e(path, {**other, "default_plan_id": None}))
+
+
 def test_attribute_sensitivity_is_rendered_at_the_highest_noise_level():
     render_results = _load_render_results()
     sentence = render_results._sensitivity_sentence({"colour": {"0.6": 0.1, "0.95": 0.375}, "motion": {"0.6": 0.002,

@@ -258,6 +258,26 @@ def test_rescaled_candidates_score_the_processor_output_averaged_over_residual_a
     assert not np.allclose(err[0, :, 2], err[0, :, 1])  # re-scaled and plain are told apart
 
 
+def test_rescaled_candidates_use_no_statistics_from_before_the_first_sparse_step():
+    """The plan refreshes at its first sparse step: there a re-scaled candidate is exact, and one step later
+    only the age-1 statistics (from the first sparse step) exist, not those of the dense warm-up."""
+    cands = [shared("dense"), shared("diagonal", window=[0, 1, 1]), shared("diagonal", window=[0, 1, 1],
+                                                                         rescale=True)]
+    steps_qkv = [qkv(seed=30 + s, batch=1) for s in range(4)]
+    obs = CalibrationObserver(["m"], 3, cands, BQ, BK, steps=[2, 3], first_sparse_step=2, refresh_interval=3)
+    for step, (q, k, v) in enumerate(steps_qkv):
+        obs(site(step, "m"), q, k, v, None)
+    steps, step_err = obs.step_results()
+    assert steps == [2, 3] and np.all(step_err[0, 0, :, 2] == 0) and np.all(step_err[0, 0, :, 1] > 0)
+    from dit_sparse.plan import HeadStrategy
+
+    spec = HeadStrategy.make("diagonal", window=[0, 1, 1], rescale=True)
+    dense = dense_attention_lse(*steps_qkv[3])[0]
+    out = _processor_outputs(spec, steps_qkv[2:], None, 3)[-1]
+    expected = (out - dense).square().sum((0, 1, 3)) / dense.square().sum((0, 1, 3)).mean() / 2  # ages 0 and 1
+    assert np.allclose(step_err[1, 0, :, 2], expected.numpy(), rtol=1e-3, atol=1e-7)
+
+
 def test_rescaled_statistics_follow_fixed_rows_on_long_sequences():
     """Long sequences score a few query blocks; with re-scaled candidates they stay the same for a module, so that
     statistics kept at one step apply to the rows scored later."""

@@ -154,6 +154,29 @@ def test_variant_trials_drop_infeasible_and_duplicate_plans():
     assert all(t.max_error is None and t.dense_first == 0.2 for t in trials)
 
 
+def test_rescaled_only_plans_are_tried_besides_the_plain_solver():
+    from dit_sparse.search.validation import RESCALED_ONLY
+
+    stats = synthetic_stats()
+    fp = stats.fingerprint
+    cost = flop_cost(stats.candidates, stats.grid, stats.block_q, stats.block_k, fp.num_heads, fp.head_dim)
+
+    def solve_at(first, error, **kwargs):
+        return solve(stats, cost, Budget(max_error=error), dense_first=first, **kwargs)
+
+    ladder = settings_ladder(0.2, 0.2)
+    trials = candidate_trials(solve_at, ladder, [("", {}), RESCALED_ONLY])
+    rescaled = [t for t in trials if t.variant == RESCALED_ONLY[0]]
+    assert rescaled and len(trials) > len(rescaled)
+    for t in rescaled:
+        specs = [s for name in stats.modules for s in t.solution.plan.heads_for(name)]
+        assert all(s.rescale or s.strategy in ("dense", "skip") for s in specs)
+        assert any(s.rescale for s in specs)
+    assert [t.predicted_speedup for t in trials] == sorted((t.predicted_speedup for t in trials), reverse=True)
+    assert RESCALED_ONLY in solver_variants(["diagonal"], rescaled=True)
+    assert RESCALED_ONLY not in solver_variants(["diagonal"])
+
+
 def test_pick_by_psnr_keeps_the_most_faithful_plan_that_meets_the_target(tiny_pipe, tmp_path):
     settings = {k: v for k, v in SETTINGS.items() if k != "max_error"}
     result = search("tiny-test", PROMPTS, pipe=tiny_pipe, out=tmp_path / "p.plan.json", target_density=0.5,
