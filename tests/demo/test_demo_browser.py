@@ -14,7 +14,7 @@ from dit_sparse.demo.screenshot import CHROMIUM, CHROMIUM_ARGS, VIDEOS_READY, fr
 
 PROMPT = "a blue square moving up on a light background"
 # prompt, seed, steps, guidance, resolution, frames, plan source, shipped plan, plan file, strategy, knob
-API_INPUTS = [PROMPT, 0, 2, 4.5, "32x32", 4, "shipped plan", "tiny-shapes.plan.json", None, "diagonal", 0.25]
+API_INPUTS = [PROMPT, 0, 3, 4.5, "32x32", 4, "shipped plan", "tiny-shapes.plan.json", None, "diagonal", 0.25]
 TIMEOUT_MS = 120_000
 
 
@@ -107,7 +107,7 @@ def test_page_generates_and_shows_the_numbers_the_api_returns(server, page, tmp_
     start = time.perf_counter()
     page.wait_for_selector("#plan-picture img")  # drawn on load, before anything is generated
     page.locator("#prompt textarea").fill(PROMPT)
-    _set_number(page, "steps", 2)
+    _set_number(page, "steps", 3)
     _set_number(page, "frames", 4)
     page.locator("#run").click()
 
