@@ -392,9 +392,9 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
            stats: str | Path | None = None, out: str | Path | None = None, device: str = "cpu",
            dtype: str = "float32", allow_closest: bool = False, cost: str = "measured",
            cache_dir: str | Path | None = None, calib_steps: int = 5, refresh_interval: int | None = None,
-           seed: int = 0, progress: bool = True, threads: int | None = None, layer_weights: str = "sensitivity", echo: Callable[[str], None] | None = None,
-           min_psnr: float | None = None, pick_by_psnr: bool = False, pipe=None,
-           step_weights: str = "none") -> SearchResult:
+           seed: int = 0, progress: bool = True, threads: int | None = None, layer_weights: str = "sensitivity",
+           echo: Callable[[str], None] | None = None, min_psnr: float | None = None, pick_by_psnr: bool = False,
+           pipe=None, step_weights: str = "none") -> SearchResult:
     """Calibrate (or load `stats`), solve for the budget, write plan + report (+ statistics). See `dit-sparse search`.
 
     Budgets: `max_error` is the relative L2 error of attention outputs (default 0.1 when no target is given);

@@ -6,8 +6,8 @@ CUDA) on random q, k, v of the real shape, once for a group of all heads and onc
 per-head work. Dynamic candidates add their mask estimation (timed the same way) and run at whatever density
 calibration measured, through a linear fit ``per_head = a + b * density`` of the executor's static timings
 (plus what a dynamic layout's execution costs beyond that fit, e.g. pooling). Re-scaled candidates are timed on
-their path between refreshes (the layout plus the re-scaling and the residual); the solver adds their refreshes. Tables are cached per device, shape,
-dtype, executor and torch version as JSON under ``~/.cache/dit_sparse/cost/``.
+their path between refreshes (the layout plus the re-scaling and the residual); the solver adds their refreshes.
+Tables are cached per device, shape, dtype, executor and torch version as JSON under ``~/.cache/dit_sparse/cost/``.
 
 FLOP (``cost="flop"``): per-head time proportional to density, in units of one dense head, plus a fixed launch
 overhead per group and the estimation work of dynamic candidates; no timing, fully reproducible.
