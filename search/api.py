@@ -21,7 +21,7 @@ from dit_sparse.executors import get_executor
 from dit_sparse.layout import Grid, num_blocks
 from dit_sparse.plan import ModelFingerprint, SparsePlan
 
-from .calibration import CalibrationObserver, sample_steps
+from .calibration import CalibrationObserver, history_steps, sample_steps
 from .candidates import Candidate, default_candidates, with_fp8
 from .cost import CostModel, flop_cost, measure_cost
 from .distributed import Processes, processes
@@ -672,9 +672,8 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
     layers = len(adapter.covered_modules(transformer))
     sampled = sample_steps(steps, dense_first, calib_steps)
     rescaled = sum(c.rescale for c in candidates)
-    first_sparse = int(round(dense_first * steps))
-    remembered = len({s - a for s in sampled for a in range(1, refresh_interval) if s - a >= first_sparse}
-                     - set(sampled)) if rescaled else 0
+    remembered = len(history_steps(sampled, int(round(dense_first * steps)), refresh_interval) - set(sampled)) \
+        if rescaled else 0
     seconds, memory = _estimate(prb, len(prompts), steps, len(sampled), prb.calls_per_step, layers,
                                 cost_model.dense_layer if cost_model.kind == "measured" else None, len(candidates),
                                 4096, 8, block_q, fingerprint.num_heads, fingerprint.head_dim,

@@ -74,6 +74,12 @@ def sample_steps(num_steps: int, dense_first: float, count: int) -> list[int]:
     return sorted({int(round(x)) for x in picks})
 
 
+def history_steps(steps: list[int], first_sparse_step: int, refresh_interval: int) -> set[int]:
+    """Steps whose re-scale statistics a sampled step of `steps` reuses: the refresh_interval - 1 before each.
+    A plan refreshes at its first sparse step, so none before that."""
+    return {s - a for s in steps for a in range(1, refresh_interval) if s - a >= first_sparse_step}
+
+
 @dataclass
 class _Module:
     err: np.ndarray  # (H, C) sum over evaluated calls of the normalised squared error
@@ -135,9 +141,7 @@ class CalibrationObserver:
         self._rescaled = [ci for ci, c in enumerate(candidates) if c.rescale]
         if any(c.rescale and (c.fp8 or c.per_head) for c in candidates):
             raise CalibrationError("re-scaled candidates must be shared and without fp8")
-        ages = range(1, refresh_interval) if self._rescaled else range(0)
-        # A plan refreshes at its first sparse step, so no statistics older than that are ever used.
-        self._history_steps = {s - a for s in steps for a in ages if s - a >= first_sparse_step}
+        self._history_steps = history_steps(steps, first_sparse_step, refresh_interval) if self._rescaled else set()
         # (module, branch, step) -> re-scale statistics of that step on the scored rows; see the module docstring
         self._history: dict[tuple[int, str, int], dict[str, Any]] = {}
         self._mass_steps = {s - 1 for s in steps if s - 1 >= 0} | set(steps)
