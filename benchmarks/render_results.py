@@ -69,7 +69,8 @@ def earlier_default_plan(result: dict) -> list[str]:
 def render_speed(path: Path, result: dict) -> list[str]:
     size = result["size"]
     lines = [
-        f"**Speed only, {result['architecture']} architecture with random weights** ({result['layers']} layers, "
+        f"**Speed only, {result['architecture']} architecture with random weights** "
+        f"(`{result.get('command') or 'dit-sparse bench speed'}`; {result['date'][:10]}; {result['layers']} layers, "
         f"{size['frames']}x{size['height']}x{size['width']} px = {size['video_tokens']} video tokens, {result['dtype']}; "
         f"{_hardware(result)}; fidelity not measured; file `{path.relative_to(ROOT)}`)",
         "",

@@ -137,7 +137,7 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
         "steps": steps,
         "prompts": len(prompts),
         "seeds": seeds,
-        "command": "dit-sparse " + " ".join(sys.argv[1:]) if sys.argv and "dit-sparse" in sys.argv[0] else None,
+        "command": invoked_command(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(device),
         "versions": versions(),
@@ -176,6 +176,11 @@ def _summarise(label: str, rows: list[dict], dense: list[dict], speed_only: bool
         "ssim": mean("ssim"),
         "caption_accuracy": float(np.mean(captions)) if captions else None,
     }
+
+
+def invoked_command() -> str | None:
+    """The `dit-sparse ...` command line that is running, for the result file (None when called from Python)."""
+    return "dit-sparse " + " ".join(sys.argv[1:]) if sys.argv and "dit-sparse" in sys.argv[0] else None
 
 
 def hardware(device: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .api import apply, remove
-from .bench_e2e import hardware, versions
+from .bench_e2e import hardware, invoked_command, versions
 from .timing import AttentionTimer
 
 
@@ -145,6 +145,7 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
         "size": {"frames": f, "height": h, "width": w, "video_tokens": grid.num_tokens if grid else None},
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
+        "command": invoked_command(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(device),
         "versions": versions(),

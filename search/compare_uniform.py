@@ -79,7 +79,8 @@ def _predicted(stats: CalibrationStats, cost: CostModel, plan: SparsePlan) -> di
 
 
 def compare(stats_path: str | Path, plan_path: str | Path | None = None, baseline: str | Path | None = None,
-            model: str | None = None, prompts: int | list[str] = 5, seeds: tuple[int, ...] = (0,), steps: int | None = None,
+            model: str | None = None, prompts: int | list[str] = 5, seeds: tuple[int, ...] = (0,),
+            steps: int | None = None,
             out: str | Path = "benchmarks/results/search-compare", families: list[str] | None = None,
             cost: str = "measured", progress: bool = True, sweep: bool = True,
             pick_by_psnr: bool = False) -> dict[str, Any]:
@@ -99,7 +100,11 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
         from dit_sparse.generate import load_model
 
         pipe = load_model(model, "cpu", torch.float32)
-    for i, (label, uniform, density) in enumerate(uniform_plans(stats, dense_first) if sweep else []):
+    from tqdm.auto import tqdm
+
+    sweep_plans = uniform_plans(stats, dense_first) if sweep else []
+    for i, (label, uniform, density) in enumerate(tqdm(sweep_plans, desc="searched plan per uniform density",
+                                                       disable=not progress)):
         if families and uniform.heads_for(stats.modules[0])[0].strategy not in families:
             continue
         u_path, s_path = plans_dir / f"uniform-{i:02d}.plan.json", plans_dir / f"searched-{i:02d}.plan.json"

@@ -1,6 +1,7 @@
 """`dit-sparse bench speed`: a real architecture's config (one layer) with random weights, from the CLI."""
 
 import json
+import sys
 
 import pytest
 
@@ -12,10 +13,13 @@ SMALL = ["--arch", "wan2.1-1.3b", "--layers", "1", "--frames", "17", "--height",
          "--repeats", "1"]
 
 
-def test_bench_speed_writes_dense_and_one_record_per_plan(tmp_path, capsys):
+def test_bench_speed_writes_dense_and_one_record_per_plan(tmp_path, capsys, monkeypatch):
     out = tmp_path / "speed"
-    assert main(["bench", "speed", *SMALL, "--plans", "diagonal:window=[0,1,1]", "--out", str(out)]) == 0
+    argv = ["bench", "speed", *SMALL, "--plans", "diagonal:window=[0,1,1]", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/dit-sparse", *argv])  # as the console script runs it
+    assert main(argv) == 0
     result = json.loads((out / "results.json").read_text())
+    assert result["command"] == "dit-sparse " + " ".join(argv)  # the README renders it with the numbers
     assert result["architecture"] == "wan2.1-1.3b" and result["layers"] == 1
     assert result["size"] == {"frames": 17, "height": 256, "width": 256, "video_tokens": 1280}
     dense, sparse = result["results"]
