@@ -67,19 +67,22 @@ def earlier_default_plan(result: dict) -> list[str]:
 
 
 def render_speed(path: Path, result: dict) -> list[str]:
-    size = result["size"]
+    from dit_sparse.metrics import format_metric
+
+    size, layers = result["size"], result["layers"]
     lines = [
         f"**Speed only, {result['architecture']} architecture with random weights** "
-        f"(`{result.get('command') or 'dit-sparse bench speed'}`; {result['date'][:10]}; {result['layers']} layers, "
-        f"{size['frames']}x{size['height']}x{size['width']} px = {size['video_tokens']} video tokens, {result['dtype']}; "
+        f"(`{result.get('command') or 'dit-sparse bench speed'}`; {result['date'][:10]}; "
+        f"{layers} layer{'' if layers == 1 else 's'}, {size['frames']}x{size['height']}x{size['width']} px = "
+        f"{size['video_tokens']} video tokens, {result['dtype']}; "
         f"{_hardware(result)}; fidelity not measured; file `{path.relative_to(ROOT)}`)",
         "",
-        "| plan | forward s | attention s | speedup | executed density |",
-        "|---|---|---|---|---|",
+        "| plan | forward s | attention s | speedup | attention speedup | executed density |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         lines.append(f"| {r['plan']} | {r['seconds']:.3f} | {r['attention_seconds']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r['executed_density']:.1%} |")
+                     f"{format_metric(r.get('attention_speedup'), '.2f')}x | {r['executed_density']:.1%} |")
     return lines
 
 
