@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dit_sparse.metrics import format_metric
@@ -27,7 +26,8 @@ from dit_sparse.plan import Schedule, SparsePlan
 
 from ._io import write_json, write_text
 from .cost import CostModel, flop_cost
-from .solver import Budget, BudgetError, InfeasibleBudget, evaluate_plan, refresh_share, solve
+from .solver import (Budget, BudgetError, InfeasibleBudget, candidate_density, evaluate_plan, refresh_share,
+                     solve)
 from .stats import CalibrationStats
 
 
@@ -46,7 +46,7 @@ def uniform_plans(stats: CalibrationStats, dense_first: float) -> list[tuple[str
         plan = SparsePlan(stats.fingerprint, modules,
                           schedule=Schedule(dense_first=dense_first, refresh_interval=interval),
                           calibration={"source": f"uniform {cand.key}"})
-        out.append((cand.key, plan, float(np.mean(stats.density[:, :, ci])) + share * cand.rescale))
+        out.append((cand.key, plan, candidate_density(stats, ci, share)))
     return out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ._io import atomic_path, write_text
 from .cost import CostModel
-from .solver import Budget, Solution, refresh_share
+from .solver import Budget, Solution, candidate_density, refresh_share
 from .stats import CalibrationStats
 from .validation import Validation
 
@@ -130,8 +130,8 @@ def _candidate_lines(solution: Solution, stats: CalibrationStats) -> list[str]:
              "| candidate | relative L2 error | density | heads in this plan |", "|---|---|---|---|"]
     for ci, cand in enumerate(stats.candidates):
         err = float(np.nanmean(stats.error[:, :, ci]))
-        dens = float(np.nanmean(stats.density[:, :, ci])) + share * cand.rescale
-        lines.append(f"| `{cand.key}` | {np.sqrt(max(err, 0.0)):.3f} | {dens:.1%} | {used.get(ci, 0)} |")
+        lines.append(f"| `{cand.key}` | {np.sqrt(max(err, 0.0)):.3f} | {candidate_density(stats, ci, share):.1%} | "
+                     f"{used.get(ci, 0)} |")
     return lines
 
 

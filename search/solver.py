@@ -262,6 +262,12 @@ def refresh_share(sparse_steps: int, refresh_interval: int) -> float:
     return math.ceil(sparse_steps / refresh_interval) / sparse_steps
 
 
+def candidate_density(stats: CalibrationStats, ci: int, share: float) -> float:
+    """Candidate `ci`'s calibrated density in sparse steps, mean over covered heads; a re-scaled candidate's
+    includes its dense refreshes (`share`, from refresh_share)."""
+    return float(np.nanmean(stats.density[:, :, ci])) + share * stats.candidates[ci].rescale
+
+
 def _relax(prob: Problem, f: np.ndarray, g: np.ndarray, lam: float) -> np.ndarray:
     """Each head's argmin of f + lam * g over allowed candidates (ties: lower g, then lower f)."""
     scale_f = np.abs(f[np.isfinite(f)]).max(initial=1.0) or 1.0
