@@ -16,6 +16,7 @@ captions the model has never seen during training. Every pair of attribute value
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass
 
@@ -147,6 +148,11 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int, ss: int =
     return m.reshape(size, ss, size, ss).mean(axis=(1, 3))
 
 
+# area / r^2 of _shape_mask's shapes, and how far their centroid lies below the box centre (in units of r)
+SHAPE_AREA = {"circle": math.pi, "square": 1.8**2, "triangle": 2.0}
+CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
+
+
 def trajectory(a: Attrs, rng: np.random.Generator, num_frames: int, size: int,
                half_size: tuple[float, float] = HALF_SIZE) -> list[tuple[float, float, float]]:
     """Per-frame (cx, cy, r) in pixels for the motion of ``a``; random start drawn from ``rng``.
@@ -206,6 +212,30 @@ def render_clip(
     return torch.from_numpy(frames)
 
 
+def shape_contrast(
+    a: Attrs, seed: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
+    half_size: tuple[float, float] = HALF_SIZE,
+) -> torch.Tensor:
+    """Where the outline of :func:`render_clip`'s shape tells it apart: (T, H, W) in [0, 1].
+
+    Per pixel, the largest coverage difference between the clip's shape and each other shape of equal area and
+    the same centroid, i.e. the corners, tips and arcs a model must draw to show *which* shape it is. Same
+    ``(a, seed, ...)`` as :func:`render_clip`, so it lines up with that clip.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty((num_frames, size, size), dtype=np.float32)
+    for i, (cx, cy, r) in enumerate(trajectory(a, rng, num_frames, size, half_size)):
+        own = _shape_mask(a.shape, cx, cy, r, size)
+        area, centroid_y = SHAPE_AREA[a.shape] * r * r, cy + CENTROID_DROP[a.shape] * r
+        diffs = []
+        for other in SHAPES:
+            if other != a.shape:
+                ro = math.sqrt(area / SHAPE_AREA[other])
+                diffs.append(np.abs(own - _shape_mask(other, cx, centroid_y - CENTROID_DROP[other] * ro, ro, size)))
+        out[i] = np.maximum.reduce(diffs)
+    return torch.from_numpy(out)
+
+
 def sample_attrs(rng: random.Random, include_heldout: bool = False) -> Attrs:
     pool = all_combos() if include_heldout else TRAIN_COMBOS
     return pool[rng.randrange(len(pool))]
@@ -216,13 +246,19 @@ def sample_batch(
     include_heldout: bool = False, half_size: tuple[float, float] = HALF_SIZE,
 ) -> tuple[list[str], torch.Tensor]:
     """A reproducible training batch: captions and clips (B, 3, T, H, W) in [-1, 1] (the transformer's layout)."""
+    specs = batch_specs(seed, batch_size, include_heldout)
+    clips = [render_clip(a, clip_seed, num_frames, size, half_size) for a, clip_seed in specs]
+    return [a.caption for a, _ in specs], torch.stack(clips).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def batch_specs(seed: int, batch_size: int, include_heldout: bool = False) -> list[tuple[Attrs, int]]:
+    """(attributes, clip seed) of each clip of :func:`sample_batch` ``(seed, batch_size, ...)``."""
     rng = random.Random(seed)
-    caps, clips = [], []
+    specs = []
     for _ in range(batch_size):
         a = sample_attrs(rng, include_heldout)
-        caps.append(a.caption)
-        clips.append(render_clip(a, rng.randrange(2**31), num_frames, size, half_size))
-    return caps, torch.stack(clips).permute(0, 4, 1, 2, 3).contiguous()
+        specs.append((a, rng.randrange(2**31)))
+    return specs
 
 
 def iter_pairs(seed: int = 0, n: int | None = None, include_heldout: bool = True, **kw):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .cli_types import float_pair
 from .model import TinyShapesConfig, build_pipeline, encode_text
 from .pipeline import WEIGHTS_DIR
-from .shapes_data import HALF_SIZE, max_half_size, sample_batch
+from .shapes_data import HALF_SIZE, batch_specs, max_half_size, sample_batch, shape_contrast
 from .transformer import TinyShapesTransformer
 
 
@@ -46,6 +46,10 @@ def parse_args(argv=None):
                    help="extra loss weight on pixels within 2 px of the object (1 + W there, 1 elsewhere): the "
                         "object is ~15%% of a frame and shapes differ in a few edge pixels, so plain MSE learns "
                         "colour and motion long before shape")
+    p.add_argument("--shape-weight", type=float, default=0.0,
+                   help="extra loss weight on the pixels that tell the clip's shape from the other shapes of equal "
+                        "area at the same place (1 + W x coverage difference; adds to --object-weight): the "
+                        "corners, tips and arcs where a circle, a square and a triangle differ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
@@ -137,16 +141,34 @@ def object_loss_weights(x0: torch.Tensor, weight: float, reach: int = 2) -> torc
     return 1.0 + weight * near
 
 
+def loss_weights(x0: torch.Tensor, contrast: torch.Tensor | None, a) -> torch.Tensor | None:
+    """(B, 1, T, H, W) per-pixel loss weights of ``--object-weight`` and ``--shape-weight``; None when both are off."""
+    w = object_loss_weights(x0, a.object_weight) if a.object_weight else None
+    if a.shape_weight:
+        w = (1.0 if w is None else w) + a.shape_weight * contrast
+    return w
+
+
 def make_batch(step: int, a, tokenizer, text_encoder):
-    """Everything random about step ``step`` comes from (seed, step)."""
+    """Everything random about step ``step`` comes from (seed, step).
+
+    Returns captions, clean clips, noise, noise levels and, with ``--shape-weight``, the clips'
+    :func:`shape_contrast` maps (B, 1, T, H, W) (else None).
+    """
     mix = parse_frame_mix(a.frame_mix, a.frames, a.batch_size)
     window, batch_size = mix[step % len(mix)]
-    caps, x0 = sample_batch(a.seed * 1_000_003 + step, batch_size, a.frames, a.size,
-                            half_size=a.half_size)
+    batch_seed = a.seed * 1_000_003 + step
+    caps, x0 = sample_batch(batch_seed, batch_size, a.frames, a.size, half_size=a.half_size)
+    contrast = None
+    if a.shape_weight:
+        contrast = torch.stack([shape_contrast(attrs, clip_seed, a.frames, a.size, a.half_size)
+                                for attrs, clip_seed in batch_specs(batch_seed, batch_size)])[:, None]
     if window < a.frames:  # a random run of consecutive frames per clip: the motion per frame stays the same
         gw = torch.Generator().manual_seed(a.seed * 104_729 + step)
         starts = torch.randint(0, a.frames - window + 1, (batch_size,), generator=gw).tolist()
         x0 = torch.stack([clip[:, t:t + window] for clip, t in zip(x0, starts)])
+        if contrast is not None:
+            contrast = torch.stack([c[:, t:t + window] for c, t in zip(contrast, starts)])
     g = torch.Generator().manual_seed(a.seed * 7_919 + step + 17)
     drop = torch.rand(len(caps), generator=g) < a.caption_dropout
     caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
@@ -155,7 +177,7 @@ def make_batch(step: int, a, tokenizer, text_encoder):
     if a.mixed_from is not None and step >= a.mixed_from:
         uniform = torch.rand(len(caps), generator=g).clamp(1e-3, 1 - 1e-3)
         sigma = torch.where(torch.rand(len(caps), generator=g) < 0.5, uniform, sigma)
-    return caps, x0, noise, shift_sigma(sigma, a.flow_shift)
+    return caps, x0, noise, shift_sigma(sigma, a.flow_shift), contrast
 
 
 class BatchSource:
@@ -348,7 +370,7 @@ def main(argv=None):
         if a.max_minutes is not None and (elapsed_before + time.time() - t_start) / 60 > a.max_minutes:
             print(f"time budget of {a.max_minutes} min reached at step {step}", flush=True)
             break
-        caps, x0, noise, sigma = (t.to(device) if torch.is_tensor(t) else t for t in source.get(step))
+        caps, x0, noise, sigma, contrast = (t.to(device) if torch.is_tensor(t) else t for t in source.get(step))
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         target = noise - x0
@@ -357,8 +379,8 @@ def main(argv=None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             emb = encode_text(tok, te, caps)
             pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False)[0]
-        if a.object_weight:
-            w = object_loss_weights(x0, a.object_weight)
+        w = loss_weights(x0, contrast, a)
+        if w is not None:
             loss = (w * (pred.float() - target) ** 2).mean() / w.mean()
         else:
             loss = torch.nn.functional.mse_loss(pred.float(), target)

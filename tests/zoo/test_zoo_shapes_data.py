@@ -95,3 +95,22 @@ def test_half_size_sets_the_size_of_moving_and_still_shapes_and_keeps_them_in_fr
     assert grow[0][2] == 3.5 and grow[-1][2] == 9.5
     assert torch.equal(sd.render_clip(a, 3), sd.render_clip(a, 3, half_size=sd.HALF_SIZE))
     assert not torch.equal(sd.render_clip(a, 3), sd.render_clip(a, 3, half_size=(9.0, 9.5)))
+
+
+@pytest.mark.parametrize("shape", sd.SHAPES)
+def test_shape_areas_and_centroids_match_the_rendered_masks(shape):
+    m = sd._shape_mask(shape, 16.0, 15.0, 8.0, 32)
+    assert m.sum() == pytest.approx(sd.SHAPE_AREA[shape] * 64, rel=0.03)
+    centroid_y = (m.sum(axis=1) * (np.arange(32) + 0.5)).sum() / m.sum()
+    assert centroid_y == pytest.approx(15.0 + sd.CENTROID_DROP[shape] * 8, abs=0.1)
+
+
+def test_shape_contrast_marks_where_the_shapes_differ_and_follows_the_clip():
+    square, circle = (sd.Attrs("red", s, "right", "dark") for s in ("square", "circle"))
+    c = sd.shape_contrast(square, 5)
+    assert c.shape == (8, 32, 32) and 0 <= c.min() and c.max() <= 1
+    (cx, cy, r), *_ = sd.trajectory(square, np.random.default_rng(5), 8, 32)
+    h = 0.9 * r  # a square's corner lies outside the circle of equal area; its centre is inside every shape
+    assert c[0, int(cy - h + 0.5), int(cx - h + 0.5)] > 0.5 and c[0, int(cy), int(cx)] == 0
+    assert not torch.equal(c[0], c[-1])  # it moves with the shape
+    assert not torch.equal(sd.shape_contrast(circle, 5), c)

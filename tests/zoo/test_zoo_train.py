@@ -47,8 +47,8 @@ def test_training_resume_matches_uninterrupted_run_and_exports(tmp_path):
 def test_batches_are_pure_functions_of_seed_and_step():
     a = tts.parse_args(["--out", "x", "--batch-size", "3"])
     tok = None
-    c1, x1, n1, s1 = tts.make_batch(5, a, tok, None)
-    c2, x2, n2, s2 = tts.make_batch(5, a, tok, None)
+    c1, x1, n1, s1, _ = tts.make_batch(5, a, tok, None)
+    c2, x2, n2, s2, _ = tts.make_batch(5, a, tok, None)
     assert c1 == c2 and torch.equal(x1, x2) and torch.equal(n1, n2) and torch.equal(s1, s2)
     c3, *_ = tts.make_batch(6, a, tok, None)
     assert c3 != c1 or not torch.equal(tts.make_batch(6, a, tok, None)[1], x1)
@@ -58,7 +58,7 @@ def test_frame_mix_cycles_windows_of_consecutive_frames_cut_from_full_clips():
     from dit_sparse.zoo.shapes_data import sample_batch
 
     a = tts.parse_args(["--out", "x", "--frame-mix", "8x2,3x4", "--seed", "2"])
-    caps, x0, noise, sigma = tts.make_batch(1, a, None, None)  # step 1 -> entry 1: 4 windows of 3 frames
+    caps, x0, noise, sigma, _ = tts.make_batch(1, a, None, None)  # step 1 -> entry 1: 4 windows of 3 frames
     assert x0.shape == (4, 3, 3, 32, 32) and noise.shape == x0.shape and len(caps) == sigma.shape[0] == 4
     full_caps, full = sample_batch(a.seed * 1_000_003 + 1, 4, 8, 32)
     for clip, whole in zip(x0, full):  # each window is a run of consecutive frames of its clip, same motion
@@ -227,3 +227,34 @@ def test_malformed_half_size_is_refused_with_the_expected_form(spec):
 def test_half_size_too_large_to_move_in_frame_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--half-size 9.0,10.0.*at most 9.75"):
         tts.main(["--out", str(tmp_path), "--half-size", "9,10", "--steps", "1"])
+
+
+def test_shape_weight_lines_up_with_the_clip_and_adds_to_the_object_weight():
+    from dit_sparse.zoo.shapes_data import batch_specs, shape_contrast
+
+    a = tts.parse_args(["--out", "x", "--batch-size", "3", "--seed", "2", "--half-size", "7.5,9.5",
+                        "--object-weight", "4", "--shape-weight", "8", "--frame-mix", "8x3,4x3"])
+    caps, x0, _, _, contrast = tts.make_batch(0, a, None, None)
+    assert contrast.shape == (3, 1, 8, 32, 32)
+    specs = batch_specs(2 * 1_000_003, 3)
+    assert all(c in (s.caption, "") for c, (s, _) in zip(caps, specs))  # "" where the caption was dropped
+    for clip, c, (attrs, seed) in zip(x0, contrast, specs):
+        assert torch.equal(c[0], shape_contrast(attrs, seed, 8, 32, (7.5, 9.5)))
+        on_object = (clip - clip[:, :1, :1, :1]).abs().amax(dim=0) > 0.05
+        assert c[0][~on_object].max() <= 1.0 and (c[0] > 0.5).sum() > 8 * 10  # corners/tips are marked ...
+        far = torch.nn.functional.max_pool3d(on_object[None].float(), (1, 15, 15), 1, (0, 7, 7))[0] == 0
+        assert c[0][far].max() == 0  # ... and nothing far from the object
+    w = tts.loss_weights(x0, contrast, a)
+    assert torch.allclose(w, tts.object_loss_weights(x0, 4.0) + 8 * contrast)
+    window = tts.make_batch(1, a, None, None)  # the 4-frame windows cut the maps like the clips
+    assert window[4].shape == window[1][:, :1].shape == (3, 1, 4, 32, 32)
+    plain = tts.parse_args(["--out", "x"])
+    assert tts.make_batch(0, plain, None, None)[4] is None and tts.loss_weights(x0, None, plain) is None
+
+
+def test_shape_weighted_loss_trains_and_is_recorded(tmp_path):
+    info = tts.main(["--out", str(tmp_path / "w"), "--steps", "2", "--shape-weight", "8",
+                     "--export", str(tmp_path / "e"), *BASE])
+    assert info["steps_done"] == 2 and np.isfinite(info["final_loss_avg"])
+    training = json.loads((tmp_path / "e" / "training.json").read_text())
+    assert training["args"]["shape_weight"] == 8.0 and "--shape-weight 8" in training["command"]
