@@ -83,26 +83,19 @@ def patched_grid(shape: tuple[int, int, int], patch: tuple[int, int, int]) -> Gr
 
 def project_heads(attn, hidden_states: torch.Tensor):
     """q, k, v (B, S, H, D) from a diffusers attention's to_q/to_k/to_v, with its per-head q/k norms."""
-    query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-    key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    return query, key, value
+    return _heads(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
 
 
 def project_added_heads(attn, encoder_hidden_states: torch.Tensor):
     """The text stream's q, k, v (B, S, H, D) of a joint attention (add_*_proj, norm_added_*)."""
-    query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-    key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-    value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-    if attn.norm_added_q is not None:
-        query = attn.norm_added_q(query)
-    if attn.norm_added_k is not None:
-        key = attn.norm_added_k(key)
-    return query, key, value
+    return _heads(attn, encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                  (attn.norm_added_q, attn.norm_added_k))
+
+
+def _heads(attn, states: torch.Tensor, projections, norms):
+    query, key, value = (proj(states).unflatten(2, (attn.heads, -1)) for proj in projections)
+    norm_q, norm_k = norms
+    return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
 
 
 def two_stack_modules(transformer, pattern: str) -> list[tuple[str, int]]:
