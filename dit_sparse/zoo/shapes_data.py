@@ -154,14 +154,15 @@ CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
 
 
 def trajectory(a: Attrs, rng: np.random.Generator, num_frames: int, size: int,
-               half_size: tuple[float, float] = HALF_SIZE) -> list[tuple[float, float, float]]:
+               half_size: tuple[float, float] = HALF_SIZE, speed: float = SPEED) -> list[tuple[float, float, float]]:
     """Per-frame (cx, cy, r) in pixels for the motion of ``a``; random start drawn from ``rng``.
 
     ``half_size`` is the range of r (at 32x32) for moving and still shapes; larger shapes leave less room to
-    place them, so their start positions vary less (see :func:`max_half_size`).
+    place them, so their start positions vary less (see :func:`max_half_size`). ``speed`` is the distance (pixels
+    per frame at 32x32) that moving shapes travel.
     """
     s = size / DEFAULT_SIZE
-    speed = SPEED * s
+    speed = speed * s
     margin = 1.0 * s
     if a.motion in ("growing", "shrinking"):
         r0, r1 = 3.5 * s, 9.5 * s
@@ -192,21 +193,21 @@ def trajectory(a: Attrs, rng: np.random.Generator, num_frames: int, size: int,
     return out
 
 
-def max_half_size(num_frames: int = DEFAULT_FRAMES) -> float:
-    """Largest half-size (at 32x32) whose moving shapes stay inside the frame for ``num_frames`` frames."""
-    return (DEFAULT_SIZE - 2.0 - SPEED * (num_frames - 1)) / 2.0
+def max_half_size(num_frames: int = DEFAULT_FRAMES, speed: float = SPEED) -> float:
+    """Largest half-size (at 32x32) whose shapes moving at ``speed`` stay inside the frame for ``num_frames`` frames."""
+    return (DEFAULT_SIZE - 2.0 - speed * (num_frames - 1)) / 2.0
 
 
 def render_clip(
     a: Attrs, seed: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
-    half_size: tuple[float, float] = HALF_SIZE,
+    half_size: tuple[float, float] = HALF_SIZE, speed: float = SPEED,
 ) -> torch.Tensor:
-    """Render one clip as a float32 tensor (T, H, W, 3) in [-1, 1]. Deterministic in (a, seed, T, size, half_size)."""
+    """Render one clip as a float32 tensor (T, H, W, 3) in [-1, 1]. Deterministic in its arguments."""
     rng = np.random.default_rng(seed)
     bg = np.asarray(BACKGROUNDS[a.background], dtype=np.float32) / 127.5 - 1.0
     fg = np.asarray(COLOURS[a.colour], dtype=np.float32) / 127.5 - 1.0
     frames = np.empty((num_frames, size, size, 3), dtype=np.float32)
-    for i, (cx, cy, r) in enumerate(trajectory(a, rng, num_frames, size, half_size)):
+    for i, (cx, cy, r) in enumerate(trajectory(a, rng, num_frames, size, half_size, speed)):
         m = _shape_mask(a.shape, cx, cy, r, size)[..., None]
         frames[i] = bg * (1.0 - m) + fg * m
     return torch.from_numpy(frames)
@@ -214,7 +215,7 @@ def render_clip(
 
 def shape_contrast(
     a: Attrs, seed: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
-    half_size: tuple[float, float] = HALF_SIZE,
+    half_size: tuple[float, float] = HALF_SIZE, speed: float = SPEED,
 ) -> torch.Tensor:
     """Where the outline of :func:`render_clip`'s shape tells it apart: (T, H, W) in [0, 1].
 
@@ -224,7 +225,7 @@ def shape_contrast(
     """
     rng = np.random.default_rng(seed)
     out = np.empty((num_frames, size, size), dtype=np.float32)
-    for i, (cx, cy, r) in enumerate(trajectory(a, rng, num_frames, size, half_size)):
+    for i, (cx, cy, r) in enumerate(trajectory(a, rng, num_frames, size, half_size, speed)):
         own = _shape_mask(a.shape, cx, cy, r, size)
         area, centroid_y = SHAPE_AREA[a.shape] * r * r, cy + CENTROID_DROP[a.shape] * r
         diffs = []
@@ -243,11 +244,11 @@ def sample_attrs(rng: random.Random, include_heldout: bool = False) -> Attrs:
 
 def sample_batch(
     seed: int, batch_size: int, num_frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
-    include_heldout: bool = False, half_size: tuple[float, float] = HALF_SIZE,
+    include_heldout: bool = False, half_size: tuple[float, float] = HALF_SIZE, speed: float = SPEED,
 ) -> tuple[list[str], torch.Tensor]:
     """A reproducible training batch: captions and clips (B, 3, T, H, W) in [-1, 1] (the transformer's layout)."""
     specs = batch_specs(seed, batch_size, include_heldout)
-    clips = [render_clip(a, clip_seed, num_frames, size, half_size) for a, clip_seed in specs]
+    clips = [render_clip(a, clip_seed, num_frames, size, half_size, speed) for a, clip_seed in specs]
     return [a.caption for a, _ in specs], torch.stack(clips).permute(0, 4, 1, 2, 3).contiguous()
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .cli_types import float_pair
 from .model import TinyShapesConfig, build_pipeline, encode_text
 from .pipeline import WEIGHTS_DIR
-from .shapes_data import HALF_SIZE, batch_specs, max_half_size, sample_batch, shape_contrast
+from .shapes_data import HALF_SIZE, SPEED, batch_specs, max_half_size, sample_batch, shape_contrast
 from .transformer import TinyShapesTransformer
 
 
@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--half-size", type=parse_half_size, default=HALF_SIZE, metavar="LO,HI",
                    help="range of the half-size (pixels at 32x32) of moving and still shapes "
                         f"(default {HALF_SIZE[0]},{HALF_SIZE[1]})")
+    p.add_argument("--speed", type=positive_float, default=SPEED, metavar="PX",
+                   help=f"pixels per frame (at 32x32) that moving shapes travel (default {SPEED})")
     p.add_argument("--config", default=None,
                    help="JSON object overriding TinyShapesConfig fields (for tests / experiments)")
     p.set_defaults(flow_shift=1.0)  # not an option: main() takes it from the model config (scheduler shift)
@@ -94,6 +96,13 @@ def parse_half_size(text: str) -> tuple[float, float]:
     if not 0 < lo <= hi:
         raise argparse.ArgumentTypeError(f"half-size range must have 0 < LO <= HI, got {text!r}")
     return lo, hi
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
 
 
 def lr_at(step: int, a) -> float:
@@ -158,10 +167,10 @@ def make_batch(step: int, a, tokenizer, text_encoder):
     mix = parse_frame_mix(a.frame_mix, a.frames, a.batch_size)
     window, batch_size = mix[step % len(mix)]
     batch_seed = a.seed * 1_000_003 + step
-    caps, x0 = sample_batch(batch_seed, batch_size, a.frames, a.size, half_size=a.half_size)
+    caps, x0 = sample_batch(batch_seed, batch_size, a.frames, a.size, half_size=a.half_size, speed=a.speed)
     contrast = None
     if a.shape_weight:
-        contrast = torch.stack([shape_contrast(attrs, clip_seed, a.frames, a.size, a.half_size)
+        contrast = torch.stack([shape_contrast(attrs, clip_seed, a.frames, a.size, a.half_size, a.speed)
                                 for attrs, clip_seed in batch_specs(batch_seed, batch_size)])[:, None]
     if window < a.frames:  # a random run of consecutive frames per clip: the motion per frame stays the same
         gw = torch.Generator().manual_seed(a.seed * 104_729 + step)
@@ -306,9 +315,10 @@ def main(argv=None):
         return info
     a.flow_shift = cfg.flow_shift
     parse_frame_mix(a.frame_mix, a.frames, a.batch_size)  # a malformed spec fails before any work
-    if a.half_size[1] > max_half_size(a.frames):
-        raise SystemExit(f"--half-size {a.half_size[0]},{a.half_size[1]}: moving shapes of half-size {a.half_size[1]} "
-                         f"leave the frame within {a.frames} frames; use at most {max_half_size(a.frames):.2f}")
+    if a.half_size[1] > max_half_size(a.frames, a.speed):
+        raise SystemExit(f"--half-size {a.half_size[0]},{a.half_size[1]}: shapes of half-size {a.half_size[1]} moving "
+                         f"{a.speed} px per frame leave the frame within {a.frames} frames; use at most "
+                         f"{max_half_size(a.frames, a.speed):.2f} (or a lower --speed)")
     torch.manual_seed(a.seed)
     pipe = build_pipeline(cfg, seed=a.seed)
     init_record = init_from(pipe, Path(a.init_from), cfg) if a.init_from else None

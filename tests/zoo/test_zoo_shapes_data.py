@@ -97,6 +97,23 @@ def test_half_size_sets_the_size_of_moving_and_still_shapes_and_keeps_them_in_fr
     assert not torch.equal(sd.render_clip(a, 3), sd.render_clip(a, 3, half_size=(9.0, 9.5)))
 
 
+@pytest.mark.parametrize("motion,axis,sign", [("left", 0, -1), ("up", 1, -1), ("right", 0, 1)])
+def test_speed_sets_the_step_per_frame_and_slower_shapes_may_be_larger(motion, axis, sign):
+    a = sd.Attrs("blue", "triangle", motion, "light")
+    for speed in (0.75, 1.0, sd.SPEED, 2.0):
+        largest = sd.max_half_size(8, speed)
+        for seed in range(10):
+            track = sd.trajectory(a, np.random.default_rng(seed), 8, 32, (largest, largest), speed)
+            steps = np.diff([p[axis] for p in track])
+            assert np.allclose(steps, sign * speed)
+            assert all(r + 1.0 - 1e-6 <= c <= 32 - r - 1.0 + 1e-6 for cx, cy, r in track for c in (cx, cy)), track
+    assert sd.max_half_size(8, 1.0) > sd.max_half_size(8) == sd.max_half_size(8, sd.SPEED)
+    half = sd.trajectory(a, np.random.default_rng(0), 8, 16, speed=1.0)  # speeds scale with the frame size
+    assert np.allclose(np.diff([p[axis] for p in half]), sign * 0.5)
+    assert torch.equal(sd.render_clip(a, 3), sd.render_clip(a, 3, speed=sd.SPEED))
+    assert not torch.equal(sd.render_clip(a, 3), sd.render_clip(a, 3, speed=1.0))
+
+
 @pytest.mark.parametrize("shape", sd.SHAPES)
 def test_shape_areas_and_centroids_match_the_rendered_masks(shape):
     m = sd._shape_mask(shape, 16.0, 15.0, 8.0, 32)

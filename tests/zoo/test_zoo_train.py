@@ -229,6 +229,31 @@ def test_half_size_too_large_to_move_in_frame_is_refused(tmp_path, capsys):
         tts.main(["--out", str(tmp_path), "--half-size", "9,10", "--steps", "1"])
 
 
+def test_speed_reaches_the_training_batches_the_shape_contrast_and_the_recorded_command():
+    from dit_sparse.zoo.shapes_data import batch_specs, sample_batch, shape_contrast
+
+    a = tts.parse_args(["--out", "x", "--batch-size", "3", "--seed", "2", "--speed", "1", "--shape-weight", "5"])
+    assert a.speed == 1.0
+    _, x0, _, _, contrast = tts.make_batch(4, a, None, None)
+    assert torch.equal(x0, sample_batch(2 * 1_000_003 + 4, 3, 8, 32, speed=1.0)[1])
+    assert not torch.equal(x0, sample_batch(2 * 1_000_003 + 4, 3, 8, 32)[1])
+    first = batch_specs(2 * 1_000_003 + 4, 3)[0]
+    assert torch.equal(contrast[0, 0], shape_contrast(*first, 8, 32, speed=1.0))
+    rerun = tts.command_of(vars(a)).split(" ", 3)[3].split()
+    assert tts.parse_args(["--out", "x", *rerun]).speed == 1.0
+
+
+@pytest.mark.parametrize("speed", ["0", "-1", "fast"])
+def test_non_positive_speed_is_refused(speed):
+    with pytest.raises(SystemExit):
+        tts.parse_args(["--out", "x", "--speed", speed])
+
+
+def test_half_size_limit_follows_the_speed(tmp_path):
+    with pytest.raises(SystemExit, match="moving 1.0 px per frame.*at most 11.50"):
+        tts.main(["--out", str(tmp_path), "--half-size", "11,12", "--speed", "1", "--steps", "1"])
+
+
 def test_shape_weight_lines_up_with_the_clip_and_adds_to_the_object_weight():
     from dit_sparse.zoo.shapes_data import batch_specs, shape_contrast
 
