@@ -14,10 +14,11 @@ ckpt=runs/tiny-shapes-gpu
 # --max-minutes counts the whole run's wall time: allow this call MINUTES more than what the checkpoint holds.
 elapsed=$(python -c "import torch; print(torch.load('$ckpt/checkpoint.pt', map_location='cpu', weights_only=False)['elapsed'] / 60)" 2>/dev/null || echo 0)
 budget=$(python -c "print($elapsed + $minutes)")
-# Coordinate input channels: without them motion stays at chance (zoo README, "Found"). Larger shapes and the
-# object-weighted loss: the recipe of the best CPU fine-tune (26% -> 50% held-out, zoo README "larger objects").
+# Coordinate input channels: without them motion stays at chance (zoo README, "Found"). Larger shapes, the
+# object-weighted loss (26% -> 50% held-out on CPU, zoo README "larger objects") and the shape weight (50% -> 74%,
+# zoo README "shape-weighted loss").
 python -m dit_sparse.zoo.train_tiny_shapes --device cuda --workers 12 --threads 4 --batch-size 64 \
-  --config '{"coordinate_channels": true}' --half-size 7.5,9.5 --object-weight 4 --steps "$steps" --mixed-from 0 --out "$ckpt" --resume --max-minutes "$budget" --no-export
+  --config '{"coordinate_channels": true}' --half-size 7.5,9.5 --object-weight 4 --shape-weight 10 --steps "$steps" --mixed-from 0 --out "$ckpt" --resume --max-minutes "$budget" --no-export
 last=$(python -c "import torch; print(torch.load('$ckpt/checkpoint.pt', map_location='cpu', weights_only=False)['step'])")
 # Does the run tie words to what they show yet? Motion is the word CPU runs never learned (zoo README).
 python -m dit_sparse.zoo.conditioning --checkpoint "$ckpt/checkpoint.pt" --device cuda --word-choice --clips 48 \
