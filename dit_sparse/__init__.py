@@ -4,6 +4,10 @@
     pipe.transformer.set_attn_processor(SparseProcessor(SparsePlan.load("plan.json")))
 """
 
+from ._shadowing import prefer_installed_kernels
+
+prefer_installed_kernels()  # before anything imports diffusers / transformers
+
 from .api import AlreadyAppliedError, apply, remove, summary
 from .adapters import UnsupportedModelError, supported_transformers
 from .layout import BlockLayout, Grid
