@@ -10,7 +10,6 @@ repository root left out of the search, puts the right module in `sys.modules` f
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -28,11 +27,13 @@ def prefer_installed_kernels() -> None:
     if "kernels" in sys.modules or not (REPO_ROOT / "kernels" / "__init__.py").is_file():
         return
     saved = list(sys.path)
-    sys.path[:] = [entry for entry in saved if not _is_repo_root(entry)]
+    unshadowed = [entry for entry in saved if not _is_repo_root(entry)]
+    if len(unshadowed) == len(saved):
+        return  # the root is not searched: nothing to shadow, and no import to pay for
+    sys.path[:] = unshadowed
     try:
-        if importlib.util.find_spec("kernels") is not None:
-            importlib.import_module("kernels")
+        importlib.import_module("kernels")
     except ImportError:
-        pass  # a broken install of the library is transformers' business, not ours
+        pass  # not installed (nothing to shadow), or broken: transformers' business, not ours
     finally:
         sys.path[:] = saved
