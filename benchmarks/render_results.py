@@ -120,8 +120,33 @@ def render_distill(path: Path, result: dict) -> list[str]:
             f"file `{path.relative_to(ROOT)}`)", "", markdown(result) + stale]
 
 
+def render_kernels(path: Path, result: dict) -> list[str]:
+    """`dit-sparse bench kernels` on a GPU: our kernel per density against the dense baselines of the same run."""
+    env, records = result["environment"], result["records"]
+    where = env.get("gpu") or env.get("cpu")
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "driver") if env.get(k))
+    lines = [f"**Kernels: block-sparse attention vs dense baselines** (`dit-sparse bench kernels`; {where}; "
+             f"{versions}; {env['time'][:10]}; random layouts, B=1; file `{path.relative_to(ROOT)}`)", "",
+             "| H | D | S | impl | density | ms | TFLOP/s dense-equiv. | linearity | speedup vs SDPA flash | "
+             "mask estimation / dense | fp8 kernel speedup | backward ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        cells = [r["heads"], r["head_dim"], r["seq"], r["impl"], f"{r['density']:.1%}", f"{r['ms']:.2f}",
+                 f"{r['tflops_dense_equiv']:.0f}", _optional(r.get("linearity"), ".2f"),
+                 _optional(r.get("speedup_vs_dense_sdpa"), ".2f", "x"),
+                 _optional(r.get("mask_estimation_fraction"), ".1%"), _optional(r.get("fp8_speedup"), ".2f", "x"),
+                 _optional(r.get("bwd_ms"), ".2f")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
+def _optional(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
 RENDERERS = {
     "cpu executor vs dense SDPA (fp32, one sequence)": render_cpu_executor,
+    "bench kernels": render_kernels,
     "bench e2e": render_e2e,
     "bench speed (random weights; fidelity not measured)": render_speed,
     "search vs uniform at equal density": render_search_compare,
@@ -208,10 +233,17 @@ def render() -> str:
             from dit_sparse.bench_e2e import grouped
 
             result = grouped(result)
-        renderer = RENDERERS.get(result.get("benchmark")) if isinstance(result, dict) else None
+        renderer = RENDERERS.get(benchmark_name(result)) if isinstance(result, dict) else None
         if renderer is not None:
             sections.append(section(renderer, path, result))
     return "\n\n".join(sections) if sections else "No result files yet."
+
+
+def benchmark_name(result: dict) -> str | None:
+    """The result's kind; kernel benchmark files written before they named it are known by their two keys."""
+    if "benchmark" in result:
+        return result["benchmark"]
+    return "bench kernels" if {"environment", "records"} <= result.keys() else None
 
 
 def updated_readme(text: str) -> str:

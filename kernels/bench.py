@@ -277,7 +277,7 @@ def write(records: list[dict], env: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = (env.get("gpu") or "cpu").lower().replace(" ", "-")
     json_path, csv_path = out_dir / f"kernels-{tag}.json", out_dir / f"kernels-{tag}.csv"
-    json_path.write_text(json.dumps({"environment": env, "records": records}, indent=1))
+    json_path.write_text(json.dumps({"benchmark": "bench kernels", "environment": env, "records": records}, indent=1))
     # The table's columns first, in its order, then the rest alphabetically.
     order = {c: i for i, c in enumerate(_TABLE)}
     columns = sorted({key for rec in records for key in rec}, key=lambda c: (order.get(c, len(order)), c))

@@ -60,7 +60,7 @@ def test_backward_error_within_twice_sdpa(dtype):
     do = torch.randn_like(q)
 
     def grads(fn, dtype_):
-        leaves = [x.to(dtype_).requires_grad_() for x in (q, k, v)]
+        leaves = [x.detach().to(dtype_).requires_grad_() for x in (q, k, v)]  # fresh leaves, q/k/v untouched
         (fn(*leaves) * do.to(dtype_)).sum().backward()
         return [x.grad.float() for x in leaves]
 

@@ -39,10 +39,13 @@ def test_fp8_kernel_reproduces_the_emulation(device):
     scale = 1 / math.sqrt(32)
     out, lse, shift = run_fp8(q, k, v, layout, scale)
     emu_out, emu_lse = reference_attention(q, k, v, layout, scale=scale, fp8=True)
-    assert (out - emu_out).abs().max() <= 1e-4
+    # Compiled on a GPU the fp32 P.V dot runs in tf32 and FP8 MMAs accumulate in reduced precision (measured on an
+    # H200: 1.0e-4), where the interpreter sums exactly in fp32.
+    tol = 1e-4 if device.type == "cpu" else 1e-3
+    assert (out - emu_out).abs().max() <= tol
     # Both add back the shift that centring k removed, so their LSE is that of the original scores.
     assert shift.abs().max() > 0.1
-    assert (lse - emu_lse).abs().max() <= 1e-4
+    assert (lse - emu_lse).abs().max() <= tol
 
 
 @pytest.mark.parametrize("levels", [False, True])
