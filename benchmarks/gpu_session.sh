@@ -46,7 +46,9 @@ step bench-speed "${SPEED_LIMIT:-150}" dit-sparse bench speed --arch wan2.1-1.3b
 # 2. Kernel benchmark at H=24, D=128, S=32K (dense-equivalent and executed TFLOP/s, linearity, mask estimation,
 #    fp8, backward) against SDPA's flash and cuDNN backends (and flash-attn / xformers when installed).
 step bench-kernels "${KERNELS_LIMIT:-150}" dit-sparse bench kernels --quick --out "$out"
-# 3. Kernel tests compiled on the GPU (fp16/bf16 against SDPA's own error, backward, fp8, compile); the
+# 3. Mask estimation piece by piece (block statistics PyTorch vs fused, whole block_adaptive / pyramid estimation).
+step mask-estimation 60 $python benchmarks/bench_mask_estimation.py --out "$out/mask-estimation.json"
+# 4. Kernel tests compiled on the GPU (fp16/bf16 against SDPA's own error, backward, fp8, compile); the
 #    ahead-of-time compilation test is CI's stand-in for a GPU and is skipped here. `pytest`, not `python -m pytest`:
 #    the latter puts the repository root first on sys.path, where dit_sparse has no kernels subpackage.
 workers=()

@@ -10,7 +10,7 @@ machines without CUDA; without Triton it raises an ImportError that says what to
 Modules: ``fwd_kernel``/``bwd_kernel`` (Triton), ``launch`` (launchers), ``ops`` (custom ops),
 ``attention`` (autograd and the public function), ``segments`` (look-up tables), ``pool`` and ``fp8_quant``
 (host-side pooled levels and FP8 quantization), ``config`` (tiles per GPU), ``naive`` (PyTorch twins),
-``executor`` (registration).
+``block_stats`` (fused statistics for mask estimation), ``executor`` (registration).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 # a second time, or raising, would break the caller. The package proper is ``dit_sparse.kernels``.
 if __name__ == "dit_sparse.kernels":
     from . import _triton  # noqa: F401  (fails early, with an install hint, when Triton is missing)
+    from . import block_stats  # noqa: F401  (registers the fused mask-estimation statistics for CUDA)
     from .attention import BlockSparseAttention, block_sparse_attention
     from .config import has_fp8_tensor_cores, layout_block_sizes
     from .executor import TRITON_EXECUTOR, triton_attention

@@ -28,7 +28,7 @@ def register_executor(executor: Executor) -> Executor:
     return executor
 
 
-def _load_optional():
+def load_optional_kernels():
     # The Triton executor lives in dit_sparse.kernels and registers itself on import; only try when CUDA exists
     # so importing dit_sparse never imports triton eagerly.
     if torch.cuda.is_available() and "triton" not in EXECUTORS:
@@ -40,7 +40,7 @@ def _load_optional():
 
 def get_executor(name: str | None, device: torch.device | str = "cpu") -> Executor:
     device = torch.device(device)
-    _load_optional()
+    load_optional_kernels()
     if name is None:
         usable = [e for e in EXECUTORS.values() if e.available(device)]
         return max(usable, key=lambda e: e.priority)
@@ -54,4 +54,4 @@ def get_executor(name: str | None, device: torch.device | str = "cpu") -> Execut
 
 from . import cpu, reference  # noqa: E402,F401  (registration side effects)
 
-__all__ = ["EXECUTORS", "Executor", "register_executor", "get_executor"]
+__all__ = ["EXECUTORS", "Executor", "register_executor", "get_executor", "load_optional_kernels"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..layout import MAX_LEVEL, BlockLayout, block_sizes, own_block_mask, pool_blocks
+from ..layout import MAX_LEVEL, BlockLayout, block_sizes, own_block_mask
 from . import register
 from .base import BuildContext, Param, Strategy, check_fraction
+from .block_stats import BlockStats, block_stats
 
 
 def _check_similarity(value):
@@ -42,36 +42,28 @@ def _check_bands(value):
     return None
 
 
-def self_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, S, G, D) -> (B, G, NB): mean cosine between each token and its block's mean."""
-    mean = pool_blocks(x, block)
-    nb = mean.shape[1]
-    b, s, g, d = x.shape
-    padded = F.pad(x, (0, 0, 0, 0, 0, nb * block - s)).view(b, nb, block, g, d)
-    cos = F.cosine_similarity(padded.float(), mean.unsqueeze(2).float(), dim=-1)  # (B, NB, block, G)
-    valid = (torch.arange(nb * block, device=x.device) < s).view(1, nb, block, 1)
-    sizes = block_sizes(s, block, x.device).view(1, nb, 1)
-    return ((cos * valid).sum(2) / sizes).permute(0, 2, 1)
-
-
-def ranked_block_mass(ctx: BuildContext):
+def ranked_block_mass(ctx: BuildContext, q_stats: BlockStats, k_stats: BlockStats):
     """Estimated attention mass per (B, G, NQ, NK), its descending order, and the mass ranked before each block."""
-    q, k = ctx.q.float(), ctx.k.float()
-    pq, pk = pool_blocks(q, ctx.block_q), pool_blocks(k, ctx.block_k)
-    scores = torch.einsum("bqgd,bkgd->bgqk", pq, pk) / math.sqrt(q.shape[-1])
-    scores = scores + torch.log(block_sizes(ctx.seq_len, ctx.block_k, q.device).float())
+    scores = torch.einsum("bqgd,bkgd->bgqk", q_stats.mean, k_stats.mean) / math.sqrt(ctx.q.shape[-1])
+    scores = scores + torch.log(block_sizes(ctx.seq_len, ctx.block_k, scores.device).float())
     mass = scores.softmax(-1)
     sorted_mass, order = mass.sort(-1, descending=True)
     mass_before = sorted_mass.cumsum(-1) - sorted_mass
     return mass, order, mass_before
 
 
-def guards(ctx: BuildContext, min_similarity: float):
+def guards(ctx: BuildContext, q_stats: BlockStats, k_stats: BlockStats, min_similarity: float):
     """(forced key blocks (B, G, 1, NK), dense query rows (B, G, NQ, 1), own blocks (1, 1, NQ, NK))."""
-    k_ok = self_similarity(ctx.k, ctx.block_k) >= min_similarity
-    q_ok = self_similarity(ctx.q, ctx.block_q) >= min_similarity
+    k_ok = k_stats.similarity >= min_similarity
+    q_ok = q_stats.similarity >= min_similarity
     own = own_block_mask(ctx.seq_len, ctx.block_q, ctx.block_k, ctx.q.device)
     return (~k_ok).unsqueeze(2), (~q_ok).unsqueeze(3), own.view(1, 1, *own.shape)
+
+
+def estimate(ctx: BuildContext, min_similarity: float):
+    """Block statistics of q and k (one pass over each), then ``ranked_block_mass`` and ``guards``."""
+    q_stats, k_stats = block_stats(ctx.q, ctx.block_q), block_stats(ctx.k, ctx.block_k)
+    return ranked_block_mass(ctx, q_stats, k_stats), guards(ctx, q_stats, k_stats, min_similarity)
 
 
 def _unsort(sorted_values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -90,13 +82,12 @@ class BlockAdaptive(Strategy):
     }
 
     def layout(self, params, ctx: BuildContext) -> BlockLayout:
-        mass, order, mass_before = ranked_block_mass(ctx)
+        (mass, order, mass_before), (forced_keys, dense_rows, own) = estimate(ctx, params["min_similarity"])
         nk = mass.shape[-1]
         rank = torch.arange(nk, device=mass.device)
         by_mass = mass_before < params["tau"] if params["topk"] is None else (rank < params["topk"]).expand_as(mass)
         keep_sorted = by_mass & (rank < max(1, math.ceil(params["cap"] * nk)))
         keep = _unsort(keep_sorted, order)
-        forced_keys, dense_rows, own = guards(ctx, params["min_similarity"])
         keep = keep | forced_keys | dense_rows | own
         return BlockLayout.from_block_mask(keep, ctx.seq_len, ctx.block_q, ctx.block_k)
 
@@ -116,11 +107,10 @@ class Pyramid(Strategy):
     }
 
     def layout(self, params, ctx: BuildContext) -> BlockLayout:
-        _, order, mass_before = ranked_block_mass(ctx)
+        (_, order, mass_before), (forced_keys, dense_rows, own) = estimate(ctx, params["min_similarity"])
         bands = torch.tensor(params["bands"], device=mass_before.device, dtype=mass_before.dtype)
         level_sorted = (mass_before.unsqueeze(-1) >= bands).sum(-1)  # len(bands) means dropped
         levels = _unsort(level_sorted, order)
-        forced_keys, dense_rows, own = guards(ctx, params["min_similarity"])
         full = forced_keys | dense_rows | own
         levels = torch.where(full, torch.zeros_like(levels), levels)
         keep = levels < len(params["bands"])

@@ -18,9 +18,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from dit_sparse.kernels import bwd_kernel, config, fwd_kernel, launch, segments
+from dit_sparse.kernels import block_stats, bwd_kernel, config, fwd_kernel, launch, segments
 from dit_sparse.kernels.fp8_quant import quantize_inputs
 from kernel_cases import qkv, random_layout
+
+BLOCK_STATS_KERNEL = block_stats.block_stats_kernel  # record() replaces the module's with a Recorder
 
 # Usable shared memory per block (bytes) by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -59,21 +61,24 @@ def specialise(fn: JITFunction, args, kwargs):
     return signature, constexprs, attrs
 
 
-def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backward=False):
-    """Record the launches of one forward (or backward) as the launcher would issue them on sm_<cap>."""
+def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backward=False, stats=False):
+    """Record the launches of one forward (or backward, or mask statistics) as issued on sm_<cap>."""
     config.capability = lambda device: divmod(cap, 10)
     recorders = {name: Recorder(getattr(mod, name)) for mod, name in (
         (fwd_kernel, "block_sparse_fwd_kernel"), (bwd_kernel, "block_sparse_bwd_dkdv_kernel"),
         (bwd_kernel, "block_sparse_bwd_dq_kernel"))}
+    recorders["block_stats_kernel"] = Recorder(BLOCK_STATS_KERNEL)
     for name, rec in recorders.items():
-        setattr(launch, name, rec)
+        setattr(block_stats if name == "block_stats_kernel" else launch, name, rec)
     block_q, block_k = config.layout_block_sizes(None, head_dim)
     seq = 4 * block_q + 37
     q, k, v = qkv(1, seq, 2, head_dim, dtype=dtype)
     layout = random_layout(seq, block_q, block_k, heads=2, levels=levels)
     idx, cnt = segments.level0_lut(layout)
     lse = torch.zeros(1, 2, seq)
-    if backward:
+    if stats:
+        block_stats.fused_block_stats(q, block_q)
+    elif backward:
         tidx, tcnt = segments.transposed_lut(layout)
         launch.launch_backward(q, q, k, v, lse, lse, idx, cnt, tidx, tcnt, q, q, q, block_q=block_q,
                                block_k=block_k, scale=0.1)
@@ -95,10 +100,12 @@ def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backw
 def compile_all(launches, tiles, cap):
     warps, stages = tiles.warps_stages[0]
     for fn, (args, kwargs) in launches:
+        kwargs = dict(kwargs)
+        launch_warps = kwargs.pop("num_warps", warps)  # launchers that pick warps themselves pass them here
         signature, constexprs, attrs = specialise(fn, args, kwargs)
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton_compile(src, target=GPUTarget("cuda", cap, 32),
-                                  options={"num_warps": warps, "num_stages": stages})
+                                  options={"num_warps": launch_warps, "num_stages": stages})
         assert "cubin" in compiled.asm
         assert compiled.metadata.shared <= SHARED_LIMIT[cap], f"{fn.__name__}: {compiled.metadata.shared} bytes"
 
@@ -113,6 +120,8 @@ CASES = {
     "sm80-d128-bf16-pooled": (80, 128, torch.bfloat16, {"levels": True}),
     "sm90-d128-bf16-backward": (90, 128, torch.bfloat16, {"backward": True}),
     "sm80-d64-fp16-backward": (80, 64, torch.float16, {"backward": True}),
+    "sm90-d128-bf16-block-stats": (90, 128, torch.bfloat16, {"stats": True}),
+    "sm80-d64-fp16-block-stats": (80, 64, torch.float16, {"stats": True}),
 }
 
 
