@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The protocol for a session lent a CUDA GPU (e.g. through the device tool): install, run the speed-only end-to-end
-# benchmark, the kernel benchmark and the CUDA kernel tests, within about 8 minutes on an H100/H200 (each step has
-# its own time limit, so a slow step cannot starve the others), and leave every result file in one folder (default
-# benchmarks/results/gpu-<date>), with hardware and versions inside each file.
+# benchmark, the kernel benchmark, the tile sweep and the CUDA kernel tests, within about 10 minutes on an H100/H200
+# (each step has its own time limit, so a slow step cannot starve the others), and leave every result file in one
+# folder (default benchmarks/results/gpu-<date>), with hardware and versions inside each file.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]
 #
@@ -48,7 +48,10 @@ step bench-speed "${SPEED_LIMIT:-150}" dit-sparse bench speed --arch wan2.1-1.3b
 step bench-kernels "${KERNELS_LIMIT:-150}" dit-sparse bench kernels --quick --out "$out"
 # 3. Mask estimation piece by piece (block statistics PyTorch vs fused, whole block_adaptive / pyramid estimation).
 step mask-estimation 60 $python benchmarks/bench_mask_estimation.py --out "$out/mask-estimation.json"
-# 4. Kernel tests compiled on the GPU (fp16/bf16 against SDPA's own error, backward, fp8, compile); the
+# 4. The forward kernel per tile (128x64, 128x128, 64x64; warps/stages autotuned) in 16 bits, FP8 q.k and FP8 on
+#    both dots, dense and at 10%: where the dense path loses to SDPA and FP8 to bf16.
+step bench-tiles "${TILES_LIMIT:-150}" $python benchmarks/bench_tiles.py --out "$out/tiles.json"
+# 5. Kernel tests compiled on the GPU (fp16/bf16 against SDPA's own error, backward, fp8, compile); the
 #    ahead-of-time compilation test is CI's stand-in for a GPU and is skipped here. `pytest`, not `python -m pytest`:
 #    the latter puts the repository root first on sys.path, where dit_sparse has no kernels subpackage.
 workers=()

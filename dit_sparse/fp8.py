@@ -35,9 +35,17 @@ def quantize_channels(x: torch.Tensor) -> torch.Tensor:
     return _qdq(x.float(), amax)
 
 
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) -> (B, 1, H, D) fp32 mean key over the sequence, the offset that centring removes.
+
+    Every FP8 path (emulation, host quantization, fused kernels) takes it from here, so they centre alike.
+    """
+    return k.mean(dim=1, keepdim=True, dtype=torch.float32)
+
+
 def fake_quantize_qkv(q, k, v, block_q: int, block_k: int):
     """The fp8 modifier's numerics: centred k, per-tile q/k scales, per-channel v; returned in fp32."""
-    k = k.float() - k.float().mean(dim=1, keepdim=True)
+    k = k.float() - key_mean(k)
     return quantize_tiles(q, block_q), quantize_tiles(k, block_k), quantize_channels(v)
 
 
@@ -46,7 +54,7 @@ def centring_lse_shift(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.
 
     Centred scores are q . (k - mean k) * scale, so the true LSE is the centred one plus scale * q . mean(k).
     """
-    return scale * torch.einsum("bshd,bhd->bhs", q.float(), k.float().mean(dim=1))
+    return scale * torch.einsum("bshd,bhd->bhs", q.float(), key_mean(k).squeeze(1))
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -28,17 +28,29 @@ class LazyKernel:
     """A Triton kernel decorated with ``triton.jit`` (and optionally ``triton.autotune``) at first launch.
 
     ``configs`` is a callable returning the autotune configs; under the interpreter only the first is kept
-    because ``triton.autotune`` with several configs fails there.
+    because ``triton.autotune`` with several configs fails there. ``helpers`` are plain functions the kernel
+    calls: each launch binds, in the kernel's module, their version jitted in the same mode as the kernel.
     """
 
-    def __init__(self, fn, configs=None, key=()):
+    def __init__(self, fn, configs=None, key=(), helpers=()):
         self.fn = fn
         self.configs = configs
         self.key = list(key)
+        self.helpers = tuple(helpers)
         self._built: dict[bool, object] = {}
+        self._jitted_helpers: dict[tuple[bool, str], object] = {}
+
+    def bind_helpers(self, mode: bool) -> None:
+        """Bind the helpers jitted for ``mode`` (True: interpreted) where the kernel looks them up."""
+        for helper in self.helpers:
+            name = helper.__name__
+            if (mode, name) not in self._jitted_helpers:
+                self._jitted_helpers[mode, name] = triton.jit(helper)
+            self.fn.__globals__[name] = self._jitted_helpers[mode, name]
 
     def build(self):
         mode = interpreting()
+        self.bind_helpers(mode)
         if mode not in self._built:
             kernel = triton.jit(self.fn)
             if self.configs is not None:

@@ -200,7 +200,8 @@ def bench_shape(device, heads: int, head_dim: int, grid: Grid, densities, dtype,
 
 
 def _fp8_times(q, k, v, layout, bf16_ms, budget_s) -> dict:
-    """FP8 forward: end to end (host quantization included) and kernel only, default and FP8 P.V variants."""
+    """FP8 forward: end to end (quantization included), the quantization alone (fused kernels and the PyTorch
+    twin), and the kernel only, default and FP8 P.V variants."""
     from . import segments
     from .attention import block_sparse_attention
     from .fp8_quant import quantize_inputs
@@ -209,6 +210,10 @@ def _fp8_times(q, k, v, layout, bf16_ms, budget_s) -> dict:
     scale = 1.0 / math.sqrt(q.shape[-1])
     total = time_ms(lambda: block_sparse_attention(q, k, v, layout, fp8=True), device, budget_s)
     out = {"fp8_total_ms": round(total, 4)}
+    for label, fused in (("fp8_quant_ms", True), ("fp8_quant_torch_ms", False)):
+        quant = time_ms(lambda fused=fused: quantize_inputs(q, k, v, layout.block_q, layout.block_k, 0, scale,
+                                                            fused=fused), device, budget_s)
+        out[label] = round(quant, 4)
     from .config import has_fp8_tensor_cores
 
     if not has_fp8_tensor_cores(device):
@@ -324,7 +329,7 @@ _TABLE = ["heads", "head_dim", "seq", "impl", "density", "ms", "tflops_dense_equ
 
 def table(records: list[dict], env: dict | None = None) -> str:
     """Human-readable table of the records (and optional columns when present)."""
-    extra = [c for c in ("mask_estimation_fraction", "fp8_speedup", "fp8_pv8_speedup", "bwd_ms",
+    extra = [c for c in ("mask_estimation_fraction", "fp8_quant_ms", "fp8_speedup", "fp8_pv8_speedup", "bwd_ms",
                          "bwd_tflops_executed") if any(c in r for r in records)]
     cols = _TABLE + extra
     rows = [[_fmt(r.get(c)) for c in cols] for r in records]

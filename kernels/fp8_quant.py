@@ -2,8 +2,9 @@
 
 ``dit_sparse.fp8`` returns dequantized values; the kernel needs the float8 tensors and their scales:
 q and k one scale per (tile of tokens, head) — stored expanded to one scale per row so any key tile can read
-them — k mean-centred over the sequence first, v one scale per (head, channel). Quantizing here, on the host,
-also sidesteps the interpreter's inexact fp32 -> fp8 casts. ``dequantize_rows(*quantize_tiles(x, t))`` equals
+them — k mean-centred over the sequence first, v one scale per (head, channel). This is the PyTorch version, used
+on CPU (where PyTorch's exact casts sidestep the interpreter's inexact fp32 -> fp8 ones) and as the twin of the
+fused Triton kernels in ``fp8_quant_fused`` that CUDA runs. ``dequantize_rows(*quantize_tiles(x, t))`` equals
 ``dit_sparse.fp8.quantize_tiles(x, t)`` bit for bit (tested).
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_sparse.fp8 import E4M3_MAX
+from dit_sparse.fp8 import E4M3_MAX, key_mean
 from dit_sparse.layout import num_blocks, pool_tokens
 
 FP8 = torch.float8_e4m3fn
@@ -74,14 +75,25 @@ class Fp8Inputs:
     lse_shift: torch.Tensor
 
 
+def pooled_lengths(seq: int, max_level: int) -> list[int]:
+    """Rows of each level in the extended key/value sequence: full resolution, then each pooled level."""
+    return [num_blocks(seq, 2**level) for level in range(max_level + 1)]
+
+
 def quantize_inputs(q, k, v, block_q: int, block_k: int, max_level: int, scale: float, *, pv_fp8: bool = False,
-                    v_dtype=None) -> Fp8Inputs:
+                    v_dtype=None, fused: bool | None = None) -> Fp8Inputs:
     """Quantize (B, S, H, D) q, k, v for the FP8 kernel; pooled levels are pooled from the dequantized values.
 
     Pooled keys get their own per-tile scales (a tile = the pooled rows of one key block); pooled values reuse
     the per-channel scales. ``v_dtype`` (default v's dtype) is the 16/32-bit dtype of v when not ``pv_fp8``.
+    ``fused`` (default: on CUDA) runs the Triton kernels of ``fp8_quant_fused`` instead: the same bits.
     """
-    mean_k = k.float().mean(dim=1, keepdim=True)
+    use_fused = q.is_cuda if fused is None else fused
+    if use_fused:
+        from .fp8_quant_fused import fused_quantize_inputs
+
+        return fused_quantize_inputs(q, k, v, block_q, block_k, max_level, scale, pv_fp8=pv_fp8, v_dtype=v_dtype)
+    mean_k = key_mean(k)
     q8, q_scale = quantize_tiles(q, block_q)
     k8, k_scale = quantize_tiles(k.float() - mean_k, block_k)
     v8, v_scale = quantize_channels(v)

@@ -7,12 +7,13 @@ One program computes BLOCK_M query rows of one (batch, head). It runs one online
 It writes the normalised output and the natural-log LSE of every row.
 
 FP8 (e4m3): q and k arrive quantized with one scale per row (the per-tile scales expanded to rows); scores are
-``dot(q8, k8) * q_scale * k_scale`` on FP8 tensor cores. v is quantized per channel on the host. By default it
-arrives dequantized in 16 bits and P.V runs in 16 bits, which reproduces ``dit_sparse.fp8`` (the numerics plans
-are calibrated with) exactly. With FP8_PV, v arrives as fp8 and P is rescaled into e4m3 range (x 448, since
-p <= 1 after subtracting the running max) for an FP8 second dot: FP8 speed on both products for the extra
-rounding of P (0.1-4 dB less SQNR in the interpreter, whose fp8 cast is cruder than the GPU's). Accumulation is
-fp32 throughout. Head dims are powers of two (the public function pads others).
+``dot(q8, k8) * q_scale * k_scale`` on FP8 tensor cores. Full-resolution keys must share one scale per key block
+(``fp8_quant`` quantizes them per block_k tile), so the loop reads one scale per tile; pooled rows are read per
+row. v is quantized per channel. By default it arrives dequantized in 16 bits and P.V runs in 16 bits, which
+reproduces ``dit_sparse.fp8`` (the numerics plans are calibrated with) exactly. With FP8_PV, v arrives as fp8 and
+P is rescaled into e4m3 range (x 448, since p <= 1 after subtracting the running max) for an FP8 second dot: FP8
+speed on both products for the extra rounding of P (0.1-4 dB less SQNR in the interpreter, whose fp8 cast is
+cruder than the GPU's). Accumulation is fp32 throughout. Head dims are powers of two (the public function pads others).
 
 Address arithmetic runs in int64 (program ids are cast first): B * S * H * D exceeds 2**31 on long videos.
 """
@@ -75,8 +76,10 @@ def _block_sparse_fwd(
         else:
             kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None], mask=n_ok[None, :], other=0.0)
         if FP8:
-            k_scale = tl.load(ks_base + rows, mask=n_ok, other=0.0)
-            s = tl.dot(q, kt) * row_scale[:, None] * k_scale[None, :]
+            # Keys are quantized per key block, so the tile's rows share one scale: a scalar, where a vector of
+            # per-row scales would need a layout conversion (and a barrier) in this loop.
+            k_scale = tl.load(ks_base + block * BLOCK_K)
+            s = tl.dot(q, kt) * (row_scale * k_scale)[:, None]
         elif IEEE:
             s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         else:

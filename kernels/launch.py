@@ -32,7 +32,11 @@ class Pooled:
 
 @dataclass(frozen=True)
 class Fp8Scales:
-    """Per-row q scales (B, H, S), per-row k scales over full and pooled rows (B, H, S + S_pool), v (B, H, D)."""
+    """Per-row q scales (B, H, S), per-row k scales over full and pooled rows (B, H, S + S_pool), v (B, H, D).
+
+    The full-resolution k scales must be equal within each key block of the layout (the kernel reads the first
+    row's): ``fp8_quant.quantize_inputs`` quantizes k per block_k tile, which is so.
+    """
 
     q: torch.Tensor
     k: torch.Tensor

@@ -1,5 +1,8 @@
 """Compile the kernels ahead of time for GPU targets without a GPU; run as a script by test_gpu_compile.py.
 
+By hand, ``env -u TRITON_INTERPRET python tests/kernels/aot_compile.py --dump DIR sm90-d128-fp8`` also writes
+each kernel's Triton GPU IR and PTX to DIR, for reading what the compiler made of a loop without a GPU.
+
 It must run in a process where TRITON_INTERPRET was never set: Triton decorates its own library functions at
 import time, as interpreted functions when the variable is on, and those cannot be compiled. Prints one JSON
 object {case: "ok" | error}. Arguments are recorded from the real launchers (no kernel runs) and specialised
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 from triton import compile as triton_compile
@@ -18,11 +22,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from dit_sparse.kernels import block_stats, bwd_kernel, config, fwd_kernel, launch, segments
+from dit_sparse.kernels import block_stats, bwd_kernel, config, fp8_quant_fused, fwd_kernel, launch, segments
 from dit_sparse.kernels.fp8_quant import quantize_inputs
 from kernel_cases import qkv, random_layout
 
-BLOCK_STATS_KERNEL = block_stats.block_stats_kernel  # record() replaces the module's with a Recorder
+# record() replaces these modules' kernels with Recorders.
+BLOCK_STATS_KERNEL = block_stats.block_stats_kernel
+QUANTIZE_KERNEL = fp8_quant_fused.quantize_kernel
 
 # Usable shared memory per block (bytes) by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -34,6 +40,7 @@ class Recorder:
     """Stands in for a LazyKernel: records the launch arguments instead of running."""
 
     def __init__(self, lazy):
+        lazy.bind_helpers(False)  # helpers the kernel calls, compiled like it
         self.fn = JITFunction(lazy.fn)  # never the interpreter's wrapper, whatever TRITON_INTERPRET says
         self.calls = []
 
@@ -61,15 +68,18 @@ def specialise(fn: JITFunction, args, kwargs):
     return signature, constexprs, attrs
 
 
-def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backward=False, stats=False):
-    """Record the launches of one forward (or backward, or mask statistics) as issued on sm_<cap>."""
+def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backward=False, stats=False,
+           quantize=False):
+    """Record the launches of one forward (or backward, mask statistics, FP8 quantization) as issued on sm_<cap>."""
     config.capability = lambda device: divmod(cap, 10)
     recorders = {name: Recorder(getattr(mod, name)) for mod, name in (
         (fwd_kernel, "block_sparse_fwd_kernel"), (bwd_kernel, "block_sparse_bwd_dkdv_kernel"),
         (bwd_kernel, "block_sparse_bwd_dq_kernel"))}
     recorders["block_stats_kernel"] = Recorder(BLOCK_STATS_KERNEL)
+    recorders["quantize_kernel"] = Recorder(QUANTIZE_KERNEL)
+    owners = {"block_stats_kernel": block_stats, "quantize_kernel": fp8_quant_fused}
     for name, rec in recorders.items():
-        setattr(block_stats if name == "block_stats_kernel" else launch, name, rec)
+        setattr(owners.get(name, launch), name, rec)
     block_q, block_k = config.layout_block_sizes(None, head_dim)
     seq = 4 * block_q + 37
     q, k, v = qkv(1, seq, 2, head_dim, dtype=dtype)
@@ -78,6 +88,9 @@ def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backw
     lse = torch.zeros(1, 2, seq)
     if stats:
         block_stats.fused_block_stats(q, block_q)
+    elif quantize:  # every variant: q with its LSE shift, centred k, v in fp8 or dequantized, pooled levels
+        for pv in (False, True):
+            fp8_quant_fused.fused_quantize_inputs(q, k, v, block_q, block_k, 2 if levels else 0, 0.1, pv_fp8=pv)
     elif backward:
         tidx, tcnt = segments.transposed_lut(layout)
         launch.launch_backward(q, q, k, v, lse, lse, idx, cnt, tidx, tcnt, q, q, q, block_q=block_q,
@@ -97,9 +110,10 @@ def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backw
     return [(rec.fn, call) for rec in recorders.values() for call in rec.calls], tiles
 
 
-def compile_all(launches, tiles, cap):
+def compile_all(launches, tiles, cap, dump: Path | None = None, case: str = ""):
+    """Compile every recorded launch; with ``dump``, write each kernel's Triton GPU IR and PTX there."""
     warps, stages = tiles.warps_stages[0]
-    for fn, (args, kwargs) in launches:
+    for i, (fn, (args, kwargs)) in enumerate(launches):
         kwargs = dict(kwargs)
         launch_warps = kwargs.pop("num_warps", warps)  # launchers that pick warps themselves pass them here
         signature, constexprs, attrs = specialise(fn, args, kwargs)
@@ -108,6 +122,9 @@ def compile_all(launches, tiles, cap):
                                   options={"num_warps": launch_warps, "num_stages": stages})
         assert "cubin" in compiled.asm
         assert compiled.metadata.shared <= SHARED_LIMIT[cap], f"{fn.__name__}: {compiled.metadata.shared} bytes"
+        if dump is not None:
+            for kind in ("ttgir", "ptx"):
+                (dump / f"{case}.{i}{fn.__name__}.{kind}").write_text(compiled.asm[kind])
 
 
 CASES = {
@@ -122,10 +139,12 @@ CASES = {
     "sm80-d64-fp16-backward": (80, 64, torch.float16, {"backward": True}),
     "sm90-d128-bf16-block-stats": (90, 128, torch.bfloat16, {"stats": True}),
     "sm80-d64-fp16-block-stats": (80, 64, torch.float16, {"stats": True}),
+    "sm90-d128-bf16-fp8-quantize": (90, 128, torch.bfloat16, {"quantize": True, "levels": True}),
+    "sm89-d64-fp16-fp8-quantize": (89, 64, torch.float16, {"quantize": True}),
 }
 
 
-def main(names):
+def main(names, dump: Path | None = None):
     results = {}
     real_capability = config.capability
     for name in names:
@@ -133,7 +152,7 @@ def main(names):
         try:
             launches, tiles = record(cap, head_dim, dtype, **kind)
             assert launches, "nothing was launched"
-            compile_all(launches, tiles, cap)
+            compile_all(launches, tiles, cap, dump, name)
             results[name] = "ok"
         except Exception:  # report every case, not just the first failure
             results[name] = traceback.format_exc(limit=3)
@@ -143,4 +162,9 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(CASES))
+    # python aot_compile.py [--dump DIR] [CASE ...]: DIR receives the IR and PTX, e.g. to see how the loops pipeline.
+    argv, dump_dir = sys.argv[1:], None
+    if argv[:1] == ["--dump"]:
+        dump_dir, argv = Path(argv[1]), argv[2:]
+        dump_dir.mkdir(parents=True, exist_ok=True)
+    main(argv or list(CASES), dump_dir)

@@ -28,3 +28,26 @@ def test_bench_shape_and_outputs(tmp_path):
     assert json.loads(json_path.read_text())["environment"]["torch"] == torch.__version__
     assert csv_path.read_text().startswith("heads,head_dim,seq,impl")
     assert "speedup_vs_dense_sdpa" in bench.table(records, env)
+
+
+def test_tile_sweep_script_runs_in_the_interpreter(tmp_path):
+    """benchmarks/bench_tiles.py (run on GPUs) checked end to end on its tiny interpreter shape."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_tiles.py"
+    spec = importlib.util.spec_from_file_location("bench_tiles", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "tiles.json"
+    assert module.main(["--device", "cpu", "--tiles", "64x64", "64x32", "128x64", "--densities", "1.0", "0.5",
+                        "--budget", "0.01", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    records = result["records"]
+    # 128x64 does not divide the interpreter's 64x64 layout blocks: skipped, not run.
+    assert {(r["tile"], r["variant"]) for r in records} == {("64x64", "float32"), ("64x32", "float32")}
+    assert len(records) == 4 and all(r["ms"] > 0 and r["speedup_vs_16bit"] == 1.0 for r in records)
+    sparse, dense = sorted({r["density"] for r in records})  # executed block density of the random layouts
+    assert dense == 1.0 and abs(sparse - 0.5) < 0.1
+    with pytest.raises(SystemExit):
+        module.main(["--tiles", "128by64"])
