@@ -61,7 +61,7 @@ class Fp8Inputs:
 
     q8 (B, S, H, D); q_scale (B, H, S). k8 (B, S_ext, H, D): full-resolution rows then pooled levels;
     k_scale (B, H, S_ext); v_scale (B, H, D). v (B, S_ext, H, D): with ``pv_fp8`` the fp8 values viewed over
-    (B, H, D, S_ext) memory (sequence-contiguous, the operand order FP8 tensor cores want for P.V), otherwise
+    (B, H, D, S_ext rounded up to block_k) memory (``sequence_major_fp8``), otherwise
     the per-channel dequantized values in ``v_dtype``. lse_shift (B, H, S): scale * q . mean(k),
     the LSE change mean-centring causes, added back so the LSE stays that of the original scores.
     """
@@ -73,6 +73,19 @@ class Fp8Inputs:
     v: torch.Tensor
     v_scale: torch.Tensor
     lse_shift: torch.Tensor
+
+
+def sequence_major_fp8(b: int, s: int, h: int, d: int, *, block: int, device) -> torch.Tensor:
+    """An fp8 (B, S, H, D) view over (B, H, D, S') memory, S' = S rounded up to ``block``, for v when P.V runs in
+    FP8.
+
+    Sequence-contiguous is the operand order FP8 tensor cores want for P.V. The zero rows up to S' let the kernel
+    read whole key tiles of a ragged sequence without masks, and S' (a multiple of 16) aligns every channel's row
+    for the asynchronous copies that pipeline those reads.
+    """
+    memory = torch.empty(b, h, d, -(-s // block) * block, device=device, dtype=FP8)
+    memory[..., s:].zero_()
+    return memory[..., :s].permute(0, 3, 1, 2)
 
 
 def pooled_lengths(seq: int, max_level: int) -> list[int]:
@@ -108,7 +121,7 @@ def quantize_inputs(q, k, v, block_q: int, block_k: int, max_level: int, scale: 
             v_parts.append(quantize_channels(pool_tokens(v_deq, level), v_scale)[0])
     v_ext = torch.cat(v_parts, 1)
     if pv_fp8:
-        v_ext = v_ext.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        v_ext = sequence_major_fp8(*v_ext.shape, block=block_k, device=v.device).copy_(v_ext)
     else:
         v_ext = (v_ext.float() * v_scale.unsqueeze(1)).to(v_dtype or v.dtype)
     lse_shift = scale * torch.einsum("bshd,bhd->bhs", q.float(), mean_k.squeeze(1))

@@ -20,7 +20,7 @@ from dit_sparse.fp8 import E4M3_MAX, key_mean
 from dit_sparse.layout import num_blocks, pool_tokens
 
 from ._triton import LazyKernel, tl, triton
-from .fp8_quant import FP8, Fp8Inputs, pooled_lengths
+from .fp8_quant import FP8, Fp8Inputs, pooled_lengths, sequence_major_fp8
 
 # Grids the values are rounded to, as (mantissa bits, smallest exponent): e4m3fn, and the dequantized v's dtypes.
 # bf16's smallest exponent is raised to -100 so that the step stays a normal fp32; dequantized values are
@@ -146,8 +146,8 @@ def fused_quantize_inputs(q, k, v, block_q: int, block_k: int, max_level: int, s
     launch_quantize(k, k8[:, :s], tile=block_k, row_scale=k_scale[..., :s], mean=mean_k, centre=True)
 
     v_scale = channel_amax(v).div_(E4M3_MAX).clamp_min_(1e-12)
-    if pv_fp8:  # (B, S_ext, H, D) over (B, H, D, S_ext) memory: sequence-contiguous for the FP8 P.V dot
-        v_ext = torch.empty(b, h, d, s_ext, device=device, dtype=FP8).permute(0, 3, 1, 2)
+    if pv_fp8:
+        v_ext = sequence_major_fp8(b, s_ext, h, d, block=block_k, device=device)
     else:
         v_ext = torch.empty(b, s_ext, h, d, device=device, dtype=v_dtype or v.dtype)
     launch_quantize(v, v_ext[:, :s], tile=block_k, channel_scale=v_scale)

@@ -92,12 +92,15 @@ def _block_sparse_fwd(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if EVEN_N:
+        if EVEN_N or FP8_PV:
+            # FP8 v is sequence-contiguous and padded past its last row (fp8_quant), so it is read unmasked: a
+            # mask along the contiguous axis would keep the load out of the asynchronous copy pipeline.
             v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd)
         else:
             v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
         if FP8_PV:
-            acc += tl.dot((p * 448.0).to(v.dtype), v)
+            # Accumulating inside the dot keeps the FP8 MMA asynchronous; `acc += dot` waits for it every tile.
+            acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
         elif IEEE:
             acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -135,7 +138,7 @@ def _block_sparse_fwd(
                 acc = acc * alpha[:, None]
                 v = tl.load(vp_base + rows[:, None] * spvs + offs_d[None, :] * spvd, mask=n_ok[:, None], other=0.0)
                 if FP8_PV:
-                    acc += tl.dot((p * 448.0).to(v.dtype), v)
+                    acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
                 elif IEEE:
                     acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:

@@ -66,3 +66,27 @@ def test_fp8_pv_path_runs_and_stays_close(device):
     out, _, _ = run_fp8(q, k, v, layout, 1 / 8, pv_fp8=True)
     assert torch.isfinite(out).all()
     assert sqnr_db(ref_out, out) >= 18.0
+
+
+@pytest.mark.parametrize("levels", [False, True])
+def test_fp8_pv_path_on_a_ragged_sequence(levels, device):
+    # The last key tile runs past row 200: FP8 v is read there unmasked, from the zero rows quantize_inputs pads.
+    q, k, v = qkv(1, 200, 2, 32, device=device, k_offset=1.0, seed=4)
+    layout = random_layout(200, 64, 64, heads=2, density=0.7, levels=levels, seed=4, device=device)
+    ref_out, ref_lse = reference_attention(q, k, v, layout)
+    out, lse, _ = run_fp8(q, k, v, layout, 1 / math.sqrt(32), pv_fp8=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert sqnr_db(ref_out, out) >= 18.0
+    assert (lse - ref_lse).abs().max() <= 0.1
+
+
+def test_unpadded_fp8_v_is_refused_on_a_ragged_sequence(device):
+    q, k, v = qkv(1, 200, 2, 32, device=device, seed=5)
+    layout = random_layout(200, 64, 64, heads=2, seed=5, device=device)
+    f = quantize_inputs(q, k, v, 64, 64, 0, 0.2, pv_fp8=True)
+    unpadded = f.v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same strides, memory ends at row 200
+    idx, cnt = segments.level0_lut(layout)
+    out, lse = nan_like(q), nan_like(q, (1, 2, 200), torch.float32)
+    with pytest.raises(ValueError, match="must extend past its last row"):
+        launch_forward(f.q8, f.k8, unpadded, idx, cnt, out, lse, block_q=64, block_k=64, scale=0.2,
+                       fp8=Fp8Scales(f.q_scale, f.k_scale, f.v_scale))
