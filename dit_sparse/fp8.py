@@ -14,8 +14,17 @@ from .layout import num_blocks
 E4M3_MAX = 448.0
 
 
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448, at least 1e-12, as a true division on every device.
+
+    CUDA turns a division by a Python scalar into a multiplication by its rounded reciprocal, one bit off at
+    times; dividing by a tensor keeps the IEEE quotient that the fused kernels compute too.
+    """
+    return (amax / amax.new_full((), E4M3_MAX)).clamp_min(1e-12)
+
+
 def _qdq(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    scale = (amax / E4M3_MAX).clamp_min(1e-12)
+    scale = fp8_scale(amax)
     quant = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return quant.float() * scale
 

@@ -7,6 +7,8 @@ process when it runs them, not whichever module happened to import this package 
 
 from __future__ import annotations
 
+import types
+
 try:
     import triton
     import triton.language as tl
@@ -29,7 +31,8 @@ class LazyKernel:
 
     ``configs`` is a callable returning the autotune configs; under the interpreter only the first is kept
     because ``triton.autotune`` with several configs fails there. ``helpers`` are plain functions the kernel
-    calls: each launch binds, in the kernel's module, their version jitted in the same mode as the kernel.
+    calls; they are jitted in the kernel's own mode and seen only by a copy of the kernel function made for that
+    mode, so the module that defines them keeps its plain functions.
     """
 
     def __init__(self, fn, configs=None, key=(), helpers=()):
@@ -38,21 +41,22 @@ class LazyKernel:
         self.key = list(key)
         self.helpers = tuple(helpers)
         self._built: dict[bool, object] = {}
-        self._jitted_helpers: dict[tuple[bool, str], object] = {}
+        self._functions: dict[bool, types.FunctionType] = {}
 
-    def bind_helpers(self, mode: bool) -> None:
-        """Bind the helpers jitted for ``mode`` (True: interpreted) where the kernel looks them up."""
-        for helper in self.helpers:
-            name = helper.__name__
-            if (mode, name) not in self._jitted_helpers:
-                self._jitted_helpers[mode, name] = triton.jit(helper)
-            self.fn.__globals__[name] = self._jitted_helpers[mode, name]
+    def function(self, mode: bool) -> types.FunctionType:
+        """The kernel's Python function with its helpers jitted for ``mode`` (True: interpreted) in its globals."""
+        if not self.helpers:
+            return self.fn
+        if mode not in self._functions:
+            scope = {**self.fn.__globals__, **{helper.__name__: triton.jit(helper) for helper in self.helpers}}
+            self._functions[mode] = types.FunctionType(self.fn.__code__, scope, self.fn.__name__,
+                                                       self.fn.__defaults__, self.fn.__closure__)
+        return self._functions[mode]
 
     def build(self):
         mode = interpreting()
-        self.bind_helpers(mode)
         if mode not in self._built:
-            kernel = triton.jit(self.fn)
+            kernel = triton.jit(self.function(mode))
             if self.configs is not None:
                 configs = self.configs()
                 if mode:

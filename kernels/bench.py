@@ -210,14 +210,14 @@ def _fp8_times(q, k, v, layout, bf16_ms, budget_s) -> dict:
     scale = 1.0 / math.sqrt(q.shape[-1])
     total = time_ms(lambda: block_sparse_attention(q, k, v, layout, fp8=True), device, budget_s)
     out = {"fp8_total_ms": round(total, 4)}
-    for label, fused in (("fp8_quant_ms", True), ("fp8_quant_torch_ms", False)):
-        quant = time_ms(lambda fused=fused: quantize_inputs(q, k, v, layout.block_q, layout.block_k, 0, scale,
-                                                            fused=fused), device, budget_s)
-        out[label] = round(quant, 4)
     from .config import has_fp8_tensor_cores
 
     if not has_fp8_tensor_cores(device):
         return out
+    for label, fused in (("fp8_quant_ms", True), ("fp8_quant_torch_ms", False)):
+        quant = time_ms(lambda fused=fused: quantize_inputs(q, k, v, layout.block_q, layout.block_k, 0, scale,
+                                                            fused=fused), device, budget_s)
+        out[label] = round(quant, 4)
     idx, cnt = segments.level0_lut(layout)
     for label, pv_fp8 in (("fp8", False), ("fp8_pv8", True)):
         f = quantize_inputs(q, k, v, layout.block_q, layout.block_k, 0, scale, pv_fp8=pv_fp8)

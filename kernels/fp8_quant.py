@@ -14,14 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_sparse.fp8 import E4M3_MAX, key_mean
+from dit_sparse.fp8 import E4M3_MAX, fp8_scale, key_mean
 from dit_sparse.layout import num_blocks, pool_tokens
 
+from .config import has_fp8_tensor_cores
+
 FP8 = torch.float8_e4m3fn
-
-
-def _scale(amax: torch.Tensor) -> torch.Tensor:
-    return (amax / E4M3_MAX).clamp_min(1e-12)
 
 
 def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -33,7 +31,7 @@ def quantize_tiles(x: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tens
     b, s, h, d = x.shape
     nt = num_blocks(s, tile)
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, nt * tile - s)).view(b, nt, tile, h, d)
-    scale = _scale(padded.abs().amax(dim=(2, 4), keepdim=True))  # (B, NT, 1, H, 1)
+    scale = fp8_scale(padded.abs().amax(dim=(2, 4), keepdim=True))  # (B, NT, 1, H, 1)
     quant = _cast(padded, scale).view(b, nt * tile, h, d)[:, :s].contiguous()
     rows = scale.expand(b, nt, tile, h, 1).reshape(b, nt * tile, h)[:, :s]
     return quant, rows.permute(0, 2, 1).contiguous()
@@ -46,7 +44,7 @@ def quantize_channels(x: torch.Tensor, scale: torch.Tensor | None = None) -> tup
     the max magnitude it averages, so it stays in range).
     """
     if scale is None:
-        scale = _scale(x.float().abs().amax(dim=1)).contiguous()  # (B, H, D)
+        scale = fp8_scale(x.float().abs().amax(dim=1)).contiguous()  # (B, H, D)
     return _cast(x.float(), scale.unsqueeze(1)), scale
 
 
@@ -99,9 +97,10 @@ def quantize_inputs(q, k, v, block_q: int, block_k: int, max_level: int, scale: 
 
     Pooled keys get their own per-tile scales (a tile = the pooled rows of one key block); pooled values reuse
     the per-channel scales. ``v_dtype`` (default v's dtype) is the 16/32-bit dtype of v when not ``pv_fp8``.
-    ``fused`` (default: on CUDA) runs the Triton kernels of ``fp8_quant_fused`` instead: the same bits.
+    ``fused`` (default: on GPUs with FP8, sm_89+) runs the Triton kernels of ``fp8_quant_fused`` instead: the
+    same bits.
     """
-    use_fused = q.is_cuda if fused is None else fused
+    use_fused = (q.is_cuda and has_fp8_tensor_cores(q.device)) if fused is None else fused
     if use_fused:
         from .fp8_quant_fused import fused_quantize_inputs
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from dit_sparse.fp8 import E4M3_MAX, key_mean
+from dit_sparse.fp8 import E4M3_MAX, fp8_scale, key_mean
 from dit_sparse.layout import num_blocks, pool_tokens
 
 from ._triton import LazyKernel, tl, triton
@@ -61,7 +61,9 @@ def _quantize(
         amax = tl.max(tl.max(tl.abs(x), 1), 0)
         scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), 1e-12)
         tl.store(ROW_SCALE + b * srb + h * srh + rows, tl.zeros([ROWS], tl.float32) + scale, mask=row_ok)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    # NaN stays NaN (Triton's min/max would otherwise return the bound), as in PyTorch's clamp.
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
+                   propagate_nan=tl.PropagateNan.ALL)
     y = _round_to_grid(y, 3, -6)
     if DEQUANTIZE:
         y = y * scale
@@ -113,6 +115,10 @@ def launch_quantize(x: torch.Tensor, out: torch.Tensor, *, tile: int, row_scale:
     rows_out = row_scale if row_scale is not None else shift
     if row_scale is not None and shift is not None and row_scale.stride() != shift.stride():
         raise ValueError("row_scale and shift must share strides")
+    if rows_out is not None and rows_out.stride(-1) != 1:
+        raise ValueError(f"row_scale and shift must be contiguous along the sequence, got strides {rows_out.stride()}")
+    mean = mean.contiguous() if mean is not None else None
+    channel_scale = channel_scale.contiguous() if per_channel else None
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
     mant, emin = _GRIDS.get(out.dtype, (0, 0))
     rows, cols = triton.next_power_of_2(tile), triton.next_power_of_2(d)
@@ -145,7 +151,7 @@ def fused_quantize_inputs(q, k, v, block_q: int, block_k: int, max_level: int, s
     k_scale = torch.empty(b, h, s_ext, device=device, dtype=torch.float32)
     launch_quantize(k, k8[:, :s], tile=block_k, row_scale=k_scale[..., :s], mean=mean_k, centre=True)
 
-    v_scale = channel_amax(v).div_(E4M3_MAX).clamp_min_(1e-12)
+    v_scale = fp8_scale(channel_amax(v))
     if pv_fp8:
         v_ext = sequence_major_fp8(b, s_ext, h, d, block=block_k, device=device)
     else:

@@ -87,7 +87,7 @@ def launch_forward(
     query block (``segments.level0_lut``); ``pooled`` adds the pooled levels. With ``fp8`` q, k, v are the
     float8 tensors of ``fp8_quant.quantize_inputs`` (k and v then include the pooled rows after row S, and
     ``pooled.k``/``pooled.v`` are views of them); P.V runs in fp8 when v is fp8 (whose memory must then extend
-    to the next whole key tile past row S, as ``quantize_inputs`` pads it), else in v's dtype.
+    to the end of the key block holding row S, as ``quantize_inputs`` pads it), else in v's dtype.
     """
     _check_qkv(q, k, v)
     b, s, h, d = q.shape
@@ -99,7 +99,7 @@ def launch_forward(
     block_m, block_n = _tile_sizes(block_q, block_k, tiles, block_m, block_n)
     fp8_pv = v.dtype == torch.float8_e4m3fn
     if fp8_pv:
-        _check_padded(v, math.ceil(s / block_n) * block_n)
+        _check_padded(v, math.ceil(s / block_k) * block_k)
     kv_index, kv_count = _expand(kv_index, b, h), _expand(kv_count, b, h)
     has_pool = pooled is not None
     if has_pool:
@@ -124,19 +124,20 @@ def launch_forward(
         *p_start.stride(), *p_count.stride(),
         s, s_pool, h, scale * LOG2E,
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_POOL=has_pool, FP8=fp8 is not None, FP8_PV=fp8_pv, EVEN_N=s % block_n == 0,
+        HAS_POOL=has_pool, FP8=fp8 is not None, FP8_PV=fp8_pv, EVEN_N=s % block_k == 0,
         IEEE=v.dtype == torch.float32,
     )
 
 
 def _check_padded(v: torch.Tensor, rows: int) -> None:
-    """FP8 v is read in whole key tiles without masks: its memory must hold ``rows`` rows, padding included."""
+    """FP8 v is read in whole key blocks without masks: its memory must hold ``rows`` rows, padding included
+    (finite: its rows meet zero probabilities, and 0 x NaN would still be NaN)."""
     last = v.storage_offset() + sum((size - 1) * stride for size, stride in
                                     zip((v.shape[0], max(rows, v.shape[1]), *v.shape[2:]), v.stride()))
     if last >= v.untyped_storage().nbytes() // v.element_size():
         raise ValueError(
-            f"fp8 v with {v.shape[1]} rows is read in key tiles up to row {rows}: its memory must extend past its "
-            "last row (quantize with dit_sparse.kernels.fp8_quant.quantize_inputs(..., pv_fp8=True), which pads it)"
+            f"fp8 v with {v.shape[1]} rows is read in whole key blocks up to row {rows}: its memory must extend past "
+            "its last row (quantize with dit_sparse.kernels.fp8_quant.quantize_inputs(..., pv_fp8=True), which pads it)"
         )
 
 
@@ -175,5 +176,5 @@ def launch_backward(
         *kv_index.stride(), *kv_count.stride(),
         s, h, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
-        EVEN_N=s % block_n == 0,
+        EVEN_N=s % block_k == 0,
     )

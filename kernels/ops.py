@@ -58,7 +58,8 @@ def block_sparse_fwd_fp8(
     pooled_count: Optional[Tensor],
     block_q: int, block_k: int, scale: float, out_dtype: torch.dtype, block_m: int = 0, block_n: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """The FP8 forward on ``fp8_quant.Fp8Inputs`` (k8 and v hold the pooled rows after row S).
+    """The FP8 forward on ``fp8_quant.Fp8Inputs`` (k8 and v hold the pooled rows after row S). k_scale must be
+    equal within each key block of block_k rows, as ``fp8_quant.quantize_inputs`` makes it.
 
     Returns out (B, S, H, D) in ``out_dtype`` and the LSE (B, H, S) of the original, uncentred scores.
     """

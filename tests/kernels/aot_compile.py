@@ -40,8 +40,9 @@ class Recorder:
     """Stands in for a LazyKernel: records the launch arguments instead of running."""
 
     def __init__(self, lazy):
-        lazy.bind_helpers(False)  # helpers the kernel calls, compiled like it
-        self.fn = JITFunction(lazy.fn)  # never the interpreter's wrapper, whatever TRITON_INTERPRET says
+        # The compiled mode's function (its helpers compiled too), never the interpreter's wrapper, whatever
+        # TRITON_INTERPRET says.
+        self.fn = JITFunction(lazy.function(False))
         self.calls = []
 
     def __getitem__(self, grid):

@@ -82,7 +82,8 @@ def test_fp8_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not config.has_fp8_tensor_cores("cuda"), reason="needs sm_89+")
-@pytest.mark.parametrize("seq", [2048, 1999])  # 1999: the last key tile reads v's padding rows
+# 1999: the last key tile reads v's padding rows; 16384: 128 key tiles accumulated in the FP8 MMA's adder.
+@pytest.mark.parametrize("seq", [2048, 1999, 16384])
 def test_fp8_pv_path_close_to_the_emulation(seq):
     from test_fp8_kernel import run_fp8
 

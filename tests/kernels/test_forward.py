@@ -58,6 +58,15 @@ def test_key_blocks_of_two_tiles_with_an_empty_last_tile(device):
     check(q, k, v, random_layout(200, 64, 128, heads=2, density=0.7, seed=2, device=device), block_n=64)
 
 
+@pytest.mark.parametrize("levels", [False, True])
+def test_sequence_a_whole_number_of_key_tiles_but_not_of_key_blocks(levels, device):
+    # S = 192, block_k 128, 64-wide key tiles: every tile is full except the last block's second one, which lies
+    # wholly past S and must still be masked (it is read from beyond the keys, or from the pooled rows).
+    q, k, v = qkv(1, 192, 2, 32, device=device, seed=6)
+    check(q, k, v, random_layout(192, 64, 128, heads=2, density=0.7, levels=levels, seed=6, device=device),
+          block_n=64)
+
+
 def test_small_tiles_override(device):
     q, k, v = qkv(1, 130, 1, 16, device=device, seed=3)
     check(q, k, v, random_layout(130, 64, 64, density=0.6, levels=True, seed=3, device=device),

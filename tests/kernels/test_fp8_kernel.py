@@ -70,7 +70,8 @@ def test_fp8_pv_path_runs_and_stays_close(device):
 
 @pytest.mark.parametrize("levels", [False, True])
 def test_fp8_pv_path_on_a_ragged_sequence(levels, device):
-    # The last key tile runs past row 200: FP8 v is read there unmasked, from the zero rows quantize_inputs pads.
+    # The last key tile runs past row 200: FP8 v is read there unmasked, from the zero rows quantize_inputs pads
+    # (with pooled levels, from the pooled rows that follow); those columns' probabilities are zero.
     q, k, v = qkv(1, 200, 2, 32, device=device, k_offset=1.0, seed=4)
     layout = random_layout(200, 64, 64, heads=2, density=0.7, levels=levels, seed=4, device=device)
     ref_out, ref_lse = reference_attention(q, k, v, layout)
@@ -80,11 +81,27 @@ def test_fp8_pv_path_on_a_ragged_sequence(levels, device):
     assert (lse - ref_lse).abs().max() <= 0.1
 
 
+@pytest.mark.parametrize("pv_fp8", [False, True])
+def test_fp8_key_blocks_of_two_tiles(pv_fp8, device):
+    # block_k 128 with 64-wide key tiles: each key block's scale is read once per tile, for both of its tiles;
+    # S = 192 leaves the last block's second tile wholly past the keys.
+    q, k, v = qkv(1, 192, 2, 32, device=device, k_offset=1.0, seed=7)
+    layout = random_layout(192, 64, 128, heads=2, density=0.7, seed=7, device=device)
+    scale = 1 / math.sqrt(32)
+    out, lse, _ = run_fp8(q, k, v, layout, scale, pv_fp8=pv_fp8)
+    emu_out, emu_lse = reference_attention(q, k, v, layout, scale=scale, fp8=True)
+    if pv_fp8:
+        assert sqnr_db(emu_out, out) >= 18.0
+    else:
+        tol = 1e-4 if device.type == "cpu" else 1e-3
+        assert (out - emu_out).abs().max() <= tol and (lse - emu_lse).abs().max() <= tol
+
+
 def test_unpadded_fp8_v_is_refused_on_a_ragged_sequence(device):
     q, k, v = qkv(1, 200, 2, 32, device=device, seed=5)
     layout = random_layout(200, 64, 64, heads=2, seed=5, device=device)
     f = quantize_inputs(q, k, v, 64, 64, 0, 0.2, pv_fp8=True)
-    unpadded = f.v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same strides, memory ends at row 200
+    unpadded = f.v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # sequence-contiguous, ends at row 200
     idx, cnt = segments.level0_lut(layout)
     out, lse = nan_like(q), nan_like(q, (1, 2, 200), torch.float32)
     with pytest.raises(ValueError, match="must extend past its last row"):

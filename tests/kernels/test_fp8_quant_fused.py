@@ -3,9 +3,17 @@
 import pytest
 import torch
 
+from dit_sparse.kernels.config import has_fp8_tensor_cores
 from dit_sparse.kernels.fp8_quant import FP8, quantize_inputs
 from dit_sparse.kernels.fp8_quant_fused import channel_amax, launch_quantize
 from kernel_cases import qkv
+
+
+@pytest.fixture
+def device(device):
+    if device.type == "cuda" and not has_fp8_tensor_cores(device):
+        pytest.skip("the fused FP8 quantization compiles for GPUs with FP8 (sm_89+) only")
+    return device
 
 CASES = [  # batch, seq, heads, head dim, block_q, block_k, pooled levels: ragged tiles, head dims not powers of 2
     (2, 63, 3, 32, 64, 64, 0),
@@ -67,6 +75,36 @@ def test_strided_input_and_output(device):
     _same_bits(row_scale, ref.q_scale)
 
 
+def _e4m3_edge_values(device):
+    """Every e4m3 value, the midpoints between neighbours (ties) and one fp32 ulp either side, +-0, fp32
+    subnormals and values past 448."""
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mid = (grid[1:] + grid[:-1]) / 2
+    near = torch.cat([mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1)])
+    extra = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 2.0**-10, 447.9, 448.0, 460.0, 464.0, 1e6, -1e6])
+    return torch.cat([grid, near, extra]).to(device)
+
+
+def test_rounding_matches_pytorch_casts_on_edge_values(device):
+    values = _e4m3_edge_values(device)
+    n = values.numel()
+    x = values.view(1, n, 1, 1)
+    out = torch.empty(1, n, 1, 1, device=device, dtype=FP8)
+    launch_quantize(x, out, tile=64, channel_scale=torch.ones(1, 1, 1, device=device))
+    _same_bits(out.flatten(), values.clamp(-448, 448).to(FP8))
+
+
+def test_nan_input_stays_nan(device):
+    if device.type != "cuda":
+        pytest.skip("needs CUDA: Triton's interpreter casts a NaN to a finite e4m3 value")
+    q = qkv(1, 64, 1, 16, device=device)[0].clone()
+    q[0, 5, 0, 3] = float("nan")
+    out = torch.empty_like(q, dtype=FP8)
+    launch_quantize(q, out, tile=64, channel_scale=torch.ones(1, 1, 16, device=device))
+    assert torch.isnan(out[0, 5, 0, 3].float()) and torch.isfinite(out.float()).sum() == q.numel() - 1
+
+
 def test_channel_amax_is_the_max_magnitude(device):
     v = qkv(2, 77, 3, 24, device=device, seed=4)[2].to(torch.bfloat16)
     assert torch.equal(channel_amax(v), v.float().abs().amax(dim=1))
@@ -82,3 +120,5 @@ def test_bad_arguments_are_refused(device):
         launch_quantize(x, out, tile=64, row_scale=scale, channel_scale=torch.ones(1, 1, 16, device=device))
     with pytest.raises(ValueError, match="per-channel"):
         launch_quantize(x, out.float(), tile=64, row_scale=scale)
+    with pytest.raises(ValueError, match="contiguous along the sequence"):
+        launch_quantize(x, out, tile=64, row_scale=torch.ones(1, 1, 128, device=device)[..., ::2])
