@@ -140,6 +140,51 @@ def render_kernels(path: Path, result: dict) -> list[str]:
     return lines
 
 
+def _gpu_versions(env: dict) -> str:
+    where = env.get("gpu") or env.get("cpu")
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "driver") if env.get(k))
+    return f"{where}; {versions}; {env['time'][:10]}"
+
+
+MASK_ESTIMATION_PIECES = {
+    "dense_sdpa": "dense SDPA (default backend)",
+    "stats_pytorch": "block statistics of q and k, PyTorch ops",
+    "stats_fused": "block statistics of q and k, fused kernel",
+    "block_adaptive_layout": "whole `block_adaptive` estimation (statistics, ranking, guards, layout)",
+    "pyramid_layout": "whole `pyramid` estimation",
+}
+
+
+def render_mask_estimation(path: Path, result: dict) -> list[str]:
+    """benchmarks/bench_mask_estimation.py: each piece of mask estimation against dense SDPA of the same run."""
+    shape, ms = result["shape"], result["ms"]
+    dense = ms["dense_sdpa"]
+    lines = [f"**Mask estimation vs dense attention** (`python benchmarks/bench_mask_estimation.py`; "
+             f"{_gpu_versions(result['environment'])}; H={shape['heads']}, D={shape['head_dim']}, "
+             f"S={shape['seq']}, {shape['dtype']}, blocks {shape['block_q']}x{shape['block_k']}; "
+             f"file `{path.relative_to(ROOT)}`)", "",
+             "| piece | ms | share of dense SDPA |", "|---|---|---|"]
+    lines += [f"| {MASK_ESTIMATION_PIECES.get(name, name)} | {value:.3f} | {value / dense:.1%} |"
+              for name, value in ms.items()]
+    return lines
+
+
+def render_tiles(path: Path, result: dict) -> list[str]:
+    """benchmarks/bench_tiles.py: the forward kernel per tile, density and variant, beside dense SDPA."""
+    shape = result["shape"]
+    dense = ", ".join(f"{name} {value:.2f} ms" for name, value in result["dense_ms"].items())
+    lines = [f"**Forward kernel per tile** (`python benchmarks/bench_tiles.py`; "
+             f"{_gpu_versions(result['environment'])}; H={shape['heads']}, D={shape['head_dim']}, S={shape['seq']}, "
+             f"{shape['dtype']}, layout blocks {shape['block_q']}x{shape['block_k']}; dense: {dense}; "
+             f"file `{path.relative_to(ROOT)}`)", "",
+             "| tile | density | variant | ms | speedup vs dense | speedup vs 16-bit | autotuned |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['tile']} | {r['density']:.1%} | {r['variant']} | {r['ms']:.3f} | "
+              f"{r['speedup_vs_dense']:.2f}x | {r['speedup_vs_16bit']:.2f}x | {r['config'] or '-'} |"
+              for r in result["records"]]
+    return lines
+
+
 def _optional(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -151,6 +196,8 @@ RENDERERS = {
     "bench speed (random weights; fidelity not measured)": render_speed,
     "search vs uniform at equal density": render_search_compare,
     "distilled student vs teacher": render_distill,
+    "mask estimation vs dense SDPA": render_mask_estimation,
+    "forward kernel tiles": render_tiles,
 }
 
 

@@ -51,3 +51,11 @@ def test_tile_sweep_script_runs_in_the_interpreter(tmp_path):
     assert dense == 1.0 and abs(sparse - 0.5) < 0.1
     with pytest.raises(SystemExit):
         module.main(["--tiles", "128by64"])
+    # The README renders such a file (when a GPU session commits one) row by row.
+    spec = importlib.util.spec_from_file_location("render_results", path.parent / "render_results.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    assert render.benchmark_name(result) in render.RENDERERS
+    lines = render.render_tiles(render.ROOT / "benchmarks" / "results" / "tiles.json", result)
+    assert lines[0].startswith("**Forward kernel per tile**") and "S=200" in lines[0]
+    assert len([line for line in lines if line.startswith("| 64x")]) == 4
