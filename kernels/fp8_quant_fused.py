@@ -1,6 +1,6 @@
 """Fused FP8 (e4m3) quantization of q, k and v for the FP8 kernel: one read of each tensor.
 
-``fp8_quant.quantize_inputs`` in PyTorch makes a dozen passes over fp32 copies (pad, abs, amax, divide, clamp,
+``fp8_quant.quantize_inputs`` in PyTorch makes many passes over fp32 copies (pad, abs, amax, divide, clamp,
 cast, permute, dequantize); on an H200 at 32K tokens that took 6.7 ms, more than the FP8 attention itself at 10%
 density. Here one program quantizes one (tile of tokens, batch x head): it loads the tile as fp32, centres it
 (k), takes its amax for the per-tile scale (q, k) or divides by given per-channel scales (v), and writes e4m3
