@@ -94,7 +94,8 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads, blocks {bq}x{bk})")
     print(f"{'layout':>7} {'density':>8} {'ms':>9} {'speedup':>8} {'linearity':>9}")
     for r in rows:
-        print(f"{r['layout']:>7} {r['density']:>8.2%} {r['seconds'] * 1e3:>9.1f} {r['speedup']:>7.2f}x {r['linearity']:>9.2f}")
+        print(f"{r['layout']:>7} {r['density']:>8.2%} {r['seconds'] * 1e3:>9.1f} {r['speedup']:>7.2f}x "
+              f"{r['linearity']:>9.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cpu_executor-{datetime.date.today().isoformat()}.json"

@@ -28,7 +28,8 @@ def render_cpu_executor(path: Path, result: dict) -> list[str]:
     lines = [
         f"**CPU executor vs dense SDPA** (`{result['command'].strip()}`; fp32, one sequence of {shape['seq']} tokens, "
         f"{shape['heads']} heads, head dim {shape['head_dim']}, blocks {shape['block_q']}x{shape['block_k']}; "
-        f"{_hardware(result)}; dense SDPA {result['dense_sdpa_seconds'] * 1e3:.0f} ms; file `{path.relative_to(ROOT)}`)",
+        f"{_hardware(result)}; dense SDPA {result['dense_sdpa_seconds'] * 1e3:.0f} ms; "
+        f"file `{path.relative_to(ROOT)}`)",
         "",
         "| layout | density | ms | speedup over dense SDPA | linearity |",
         "|---|---|---|---|---|",
@@ -116,7 +117,8 @@ def render_distill(path: Path, result: dict) -> list[str]:
             f"(`python -m dit_sparse.distill.evaluate_student --student {result['student']} --num-prompts "
             f"{result['num_prompts']}`; student: {d.get('distill_steps')} TDM steps from the teacher with its "
             f"default plan (`dit-sparse distill --teacher {d.get('teacher')} --plan default ...`, exact command in "
-            f"`{(path.parent / 'command.txt').relative_to(ROOT)}`); {result['hardware']['cpus']}-core {result['hardware']['machine']} CPU; "
+            f"`{(path.parent / 'command.txt').relative_to(ROOT)}`); "
+            f"{result['hardware']['cpus']}-core {result['hardware']['machine']} CPU; "
             f"file `{path.relative_to(ROOT)}`)", "", markdown(result) + stale]
 
 
