@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Re-derive everything that depends on the shipped tiny-shapes weights, after they were retrained:
 # evaluation, attention report, the searched default plan (+ the e0.15 plan the e2e bench compares), the
-# searched-vs-uniform comparison, the end-to-end bench, and the README results section.
+# searched-vs-uniform comparison, the end-to-end bench, the generate report, the ~25%-density check, the distilled
+# student, and the README results section (about 2 hours of a 2-core CPU).
 # Run it alone on the machine: every timing it records assumes no other job shares the CPU.
-#   bash benchmarks/refresh_tiny_shapes_results.sh [FROM_STEP]   (FROM_STEP 1-6 resumes a partial refresh)
+#   bash benchmarks/refresh_tiny_shapes_results.sh [FROM_STEP]   (FROM_STEP 1-9 resumes a partial refresh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 from=${1:-1}
@@ -47,6 +48,26 @@ if step 5 "end to end"; then
         benchmarks/results/plans/tiny-shapes-handmade.plan.json "diagonal:window=[1,0.25,0.25]" --ceiling \
         --num-prompts 20 --out benchmarks/results/e2e-tiny-shapes-cpu
 fi
-if step 6 "README results"; then
+if step 6 "generate report (README quick start)"; then
+    dit-sparse generate --out out/generate
+    cp out/generate/report.json benchmarks/results/generate-tiny-shapes-cpu/report.json
+fi
+if step 7 "searched vs uniform at ~25% density, 50 prompts"; then
+    d25=benchmarks/results/search-tiny-shapes/density-25
+    cp benchmarks/results/search-tiny-shapes/plans/searched-03.plan.json \
+        benchmarks/results/search-tiny-shapes/plans/uniform-03.plan.json "$d25/"
+    dit-sparse bench e2e --plans "$d25/searched-03.plan.json" "$d25/uniform-03.plan.json" --num-prompts 50 --out "$d25"
+fi
+if step 8 "4-step sparse student distilled from the teacher, and its evaluation"; then
+    dit-sparse distill --teacher tiny-shapes --plan default --student-steps 4 --max-steps 150 --fake-updates 3 \
+        --lr 5e-5 --fake-lr 2.5e-4 --max-minutes 30 --no-validation --out out/distill
+    python -m dit_sparse.distill.evaluate_student --student out/distill/export --num-prompts 20 \
+        --out benchmarks/results/distill-tiny-shapes/eval_student.json
+    cp out/distill/metrics.jsonl out/distill/config.yaml out/distill/export/distill.json \
+        benchmarks/results/distill-tiny-shapes/
+fi
+if step 9 "README results"; then
     python benchmarks/render_results.py
 fi
+# By hand afterwards: the prose that quotes these numbers (README status and default-plan paragraphs, the folders'
+# README.md files, command.txt of the distillation).
