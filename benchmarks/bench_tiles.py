@@ -5,9 +5,10 @@
 
 For each kernel tile (BLOCK_M x BLOCK_N; warps and stages autotuned per tile, the winner recorded), each density
 and each variant (16-bit; FP8 q.k with 16-bit P.V; FP8 on both dots, on GPUs with FP8 tensor cores), times the
-forward kernel alone (inputs quantized once, beforehand) beside dense SDPA (flash and cuDNN backends) of the same
-run. The layout blocks stay the executor's (128 x 128 on sm_90), so tiles must divide them. On CPU (Triton's
-interpreter) it runs a tiny fp32 shape, only to check the script itself.
+forward kernel alone (inputs quantized once, beforehand) beside the dense baselines of the same run (the kernel
+benchmark's: SDPA flash and cuDNN, flash-attn and xformers where installed). The layout blocks stay the
+executor's (128 x 128 on sm_90), so tiles must divide them. On CPU (Triton's interpreter) it runs a tiny fp32
+shape, only to check the script itself.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dit_sparse.kernels import segments
-from dit_sparse.kernels.bench import GRIDS, environment, random_layout, time_ms
+from dit_sparse.kernels.bench import GRIDS, _dense_baselines, _runnable, environment, random_layout, time_ms
 from dit_sparse.kernels.config import has_fp8_tensor_cores, layout_block_sizes
 from dit_sparse.kernels.fp8_quant import quantize_inputs
 from dit_sparse.kernels.fwd_kernel import block_sparse_fwd_kernel
@@ -75,18 +75,7 @@ def main(argv=None) -> int:
     q, k, v = (torch.randn(1, seq, heads, dim, device=device, dtype=dtype) for _ in range(3))
     fp8 = has_fp8_tensor_cores(device)
 
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    baselines = {"sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt)}
-    if cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def backend_call(backend):
-            def call():
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(qt, kt, vt)
-            return call
-        baselines = {"sdpa_flash": backend_call(SDPBackend.FLASH_ATTENTION),
-                     "sdpa_cudnn": backend_call(SDPBackend.CUDNN_ATTENTION)}
+    baselines = {name: fn for name, fn in _dense_baselines(q, k, v).items() if _runnable(name, fn)}
     reference_ms = {name: time_ms(fn, device, args.budget) for name, fn in baselines.items()}
     dense_ms = next(iter(reference_ms.values()))
 

@@ -122,13 +122,18 @@ def render_distill(path: Path, result: dict) -> list[str]:
             f"file `{path.relative_to(ROOT)}`)", "", markdown(result) + stale]
 
 
-def render_kernels(path: Path, result: dict) -> list[str]:
-    """`dit-sparse bench kernels` on a GPU: our kernel per density against the dense baselines of the same run."""
-    env, records = result["environment"], result["records"]
+def _gpu_versions(env: dict) -> str:
+    """Device, versions and date of a GPU benchmark's environment record."""
     where = env.get("gpu") or env.get("cpu")
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "driver") if env.get(k))
-    lines = [f"**Kernels: block-sparse attention vs dense baselines** (`dit-sparse bench kernels`; {where}; "
-             f"{versions}; {env['time'][:10]}; random layouts, B=1; file `{path.relative_to(ROOT)}`)", "",
+    return f"{where}; {versions}; {env['time'][:10]}"
+
+
+def render_kernels(path: Path, result: dict) -> list[str]:
+    """`dit-sparse bench kernels` on a GPU: our kernel per density against the dense baselines of the same run."""
+    records = result["records"]
+    lines = [f"**Kernels: block-sparse attention vs dense baselines** (`dit-sparse bench kernels`; "
+             f"{_gpu_versions(result['environment'])}; random layouts, B=1; file `{path.relative_to(ROOT)}`)", "",
              "| H | D | S | impl | density | ms | TFLOP/s dense-equiv. | linearity | speedup vs SDPA flash | "
              "mask estimation / dense | fp8 kernel speedup | backward ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -140,12 +145,6 @@ def render_kernels(path: Path, result: dict) -> list[str]:
                  _optional(r.get("bwd_ms"), ".2f")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines
-
-
-def _gpu_versions(env: dict) -> str:
-    where = env.get("gpu") or env.get("cpu")
-    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "driver") if env.get(k))
-    return f"{where}; {versions}; {env['time'][:10]}"
 
 
 MASK_ESTIMATION_PIECES = {

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from dit_sparse.fp8 import E4M3_MAX, fp8_scale, key_mean
+from dit_sparse.fp8 import E4M3_MAX, key_mean
 from dit_sparse.layout import num_blocks, pool_tokens
 
 from ._triton import LazyKernel, tl, triton
-from .fp8_quant import FP8, Fp8Inputs, pooled_lengths, sequence_major_fp8
+from .fp8_quant import FP8, Fp8Inputs, channel_scales, pooled_lengths, sequence_major_fp8
 
 # Grids the values are rounded to, as (mantissa bits, smallest exponent): e4m3fn, and the dequantized v's dtypes.
 # bf16's smallest exponent is raised to -100 so that the step stays a normal fp32; dequantized values are
@@ -151,7 +151,7 @@ def fused_quantize_inputs(q, k, v, block_q: int, block_k: int, max_level: int, s
     k_scale = torch.empty(b, h, s_ext, device=device, dtype=torch.float32)
     launch_quantize(k, k8[:, :s], tile=block_k, row_scale=k_scale[..., :s], mean=mean_k, centre=True)
 
-    v_scale = fp8_scale(channel_amax(v))
+    v_scale = channel_scales(v)
     if pv_fp8:
         v_ext = sequence_major_fp8(b, s_ext, h, d, block=block_k, device=device)
     else:
@@ -170,10 +170,4 @@ def fused_quantize_inputs(q, k, v, block_q: int, block_k: int, max_level: int, s
                             row_scale=k_scale[..., rows])
             launch_quantize(pool_tokens(v_deq, level), v_ext[:, rows], tile=block_k, channel_scale=v_scale)
     return Fp8Inputs(q8, q_scale, k8, k_scale, v_ext, v_scale, lse_shift)
-
-
-def channel_amax(v: torch.Tensor) -> torch.Tensor:
-    """(B, S, H, D) -> (B, H, D) fp32 max |v| over the sequence, in one read (no abs copy)."""
-    low, high = torch.aminmax(v, dim=1)
-    return torch.maximum(high.float(), -low.float())
 

@@ -30,15 +30,21 @@ def test_bench_shape_and_outputs(tmp_path):
     assert "speedup_vs_dense_sdpa" in bench.table(records, env)
 
 
-def test_tile_sweep_script_runs_in_the_interpreter(tmp_path):
-    """benchmarks/bench_tiles.py (run on GPUs) checked end to end on its tiny interpreter shape."""
+def _load_script(name: str):
+    """A script of benchmarks/ (not a package module), loaded from its file."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_tiles.py"
-    spec = importlib.util.spec_from_file_location("bench_tiles", path)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_tile_sweep_script_runs_in_the_interpreter(tmp_path):
+    """benchmarks/bench_tiles.py (run on GPUs) checked end to end on its tiny interpreter shape."""
+    module = _load_script("bench_tiles")
     out = tmp_path / "tiles.json"
     assert module.main(["--device", "cpu", "--tiles", "64x64", "64x32", "128x64", "--densities", "1.0", "0.5",
                         "--budget", "0.01", "--out", str(out)]) == 0
@@ -52,9 +58,7 @@ def test_tile_sweep_script_runs_in_the_interpreter(tmp_path):
     with pytest.raises(SystemExit):
         module.main(["--tiles", "128by64"])
     # The README renders such a file (when a GPU session commits one) row by row.
-    spec = importlib.util.spec_from_file_location("render_results", path.parent / "render_results.py")
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
+    render = _load_script("render_results")
     assert render.benchmark_name(result) in render.RENDERERS
     lines = render.render_tiles(render.ROOT / "benchmarks" / "results" / "tiles.json", result)
     assert lines[0].startswith("**Forward kernel per tile**") and "S=200" in lines[0]

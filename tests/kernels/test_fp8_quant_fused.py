@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from dit_sparse.fp8 import fp8_scale
 from dit_sparse.kernels.config import has_fp8_tensor_cores
-from dit_sparse.kernels.fp8_quant import FP8, quantize_inputs
-from dit_sparse.kernels.fp8_quant_fused import channel_amax, launch_quantize
+from dit_sparse.kernels.fp8_quant import FP8, channel_scales, quantize_inputs
+from dit_sparse.kernels.fp8_quant_fused import launch_quantize
 from kernel_cases import qkv
 
 
@@ -105,9 +106,9 @@ def test_nan_input_stays_nan(device):
     assert torch.isnan(out[0, 5, 0, 3].float()) and torch.isfinite(out.float()).sum() == q.numel() - 1
 
 
-def test_channel_amax_is_the_max_magnitude(device):
+def test_channel_scales_come_from_the_max_magnitude(device):
     v = qkv(2, 77, 3, 24, device=device, seed=4)[2].to(torch.bfloat16)
-    assert torch.equal(channel_amax(v), v.float().abs().amax(dim=1))
+    assert torch.equal(channel_scales(v), fp8_scale(v.float().abs().amax(dim=1)))
 
 
 def test_bad_arguments_are_refused(device):
