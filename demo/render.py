@@ -16,7 +16,7 @@ from ..strategies import get_strategy
 from ..strategies.base import BuildContext
 
 SHORT = {"dense": "dense", "skip": "skip", "diagonal": "diag", "multi_diagonal": "m-diag",
-         "vertical_stripe": "stripe", "block_adaptive": "adapt", "pyramid": "pyr"}
+         "vertical_stripe": "stripe", "block_adaptive": "adapt", "pyramid": "pyr", "reuse": "reuse"}
 MAX_HEATMAP_FRAMES = 8
 DENSITY_BLOCK = 128  # block size at which static densities are counted (as dit_sparse.summary does)
 _SAVE_LOCK = threading.Lock()  # matplotlib's font and text caches are shared: one picture is saved at a time

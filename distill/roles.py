@@ -60,6 +60,13 @@ class Roles:
         if nearest_class_name(type(teacher), SUPPORTED_TRANSFORMERS) is None:
             raise RoleError(f"distillation supports {', '.join(SUPPORTED_TRANSFORMERS)} teachers (and subclasses), "
                             f"not {type(teacher).__name__}")
+        reused = sorted({name for name in plan.modules for spec in plan.heads_for(name) if spec.strategy == "reuse"})
+        reused += ["the default strategy"] * (plan.default.strategy == "reuse")
+        if reused:
+            # A student forward at a sampled step would take an output kept from another sample's forward.
+            raise RoleError(f"the plan reuses attention outputs across denoising steps ({reused[0]}"
+                            f"{' and more' if len(reused) > 1 else ''}); a distilled student runs every step of "
+                            "every sample on its own, so distil with a plan without `reuse` heads")
         self.plan = plan
         self.executor = executor
         self.block_size = tuple(block_size) if block_size else None

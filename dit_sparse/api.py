@@ -119,7 +119,8 @@ def _describe(processor: SparseProcessor, transformer) -> list[str]:
         lines.append(f"  {name:<32} density {shown:>6}  {desc}")
     if densities:
         lines.append(f"  expected attention density over covered layers: {sum(densities) / len(densities):.1%}"
-                     f" (grid {grid.frames}x{grid.height}x{grid.width}; dynamic heads counted as dense)")
+                     f" (grid {grid.frames}x{grid.height}x{grid.width}; dynamic heads counted as dense, the dense "
+                     f"refreshes of re-scaled and reuse heads not counted)")
     if processor.stats.calls:
         lines.append(f"  executed so far: {processor.stats.executed_density:.1%} of dense attention "
                      f"over {processor.stats.calls} calls")

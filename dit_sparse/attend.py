@@ -107,11 +107,15 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
         )
     site.stats.calls += 1
     key_mask = text.key_mask(b, s, q.device) if text else None
+    video, text_part = text.slices(s) if text else (slice(0, s), None)
     if site.dense_now or all(spec == HeadStrategy("dense") for spec in site.heads):
         site.stats.add(b * h * s * s, b * h * s * s)
-        return dense_attention(q, k, v, key_mask)
+        out = dense_attention(q, k, v, key_mask)
+        for spec, heads in site.groups():
+            if get_strategy(spec.strategy).reuses and spec.param_dict["extrapolate"]:
+                _keep_output(site, heads, out[:, video, heads], True)  # the first refresh extends from here
+        return out
 
-    video, text_part = text.slices(s) if text else (slice(0, s), None)
     out = torch.empty_like(q)
     if text:
         out[:, text_part] = dense_attention(q[:, text_part], k, v, key_mask)
@@ -124,24 +128,57 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
     for spec, heads in site.groups():
         g = len(heads)
         site.stats.add(b * g * n_video * n_video, 0)
-        if not get_strategy(spec.strategy).computes:
-            out_v[:, :, heads] = 0
-            continue
+        strategy = get_strategy(spec.strategy)
         # A contiguous run of heads is a view; only scattered heads need a gather.
         sel = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else \
             torch.tensor(heads, device=q.device)
+        if strategy.reuses:
+            reused = _reused_output(site, heads, spec.param_dict["extrapolate"], out_v[:, :, sel].shape)
+            if reused is not None:
+                out_v[:, :, sel] = reused
+                continue
+        elif not strategy.computes:
+            out_v[:, :, heads] = 0
+            continue
         qg, kg, vg = qv[:, :, sel], kv[:, :, sel], vv[:, :, sel]
         o, lse = _run_group(spec, heads, qg, kg, vg, site)
         if text:
             o, lse = merge_partials(o, lse, out_vt[:, :, sel], lse_vt[:, sel])
         out_v[:, :, sel] = o.to(out.dtype)
+        if strategy.reuses:
+            _keep_output(site, heads, out_v[:, :, sel], spec.param_dict["extrapolate"])
     return out
+
+
+def _keep_output(site: AttentionSite, heads: list[int], out: torch.Tensor, extrapolate: bool) -> None:
+    """Keep a `reuse` group's computed output (B, S, G, D) and, to extrapolate, the one before it (from this
+    generation): two outputs per group, module and CFG branch."""
+    key = ("reuse", site.module_name, tuple(heads), site.branch)
+    last = site.cache.get(key)
+    earlier = extrapolate and last is not None and last["step"] is not None and site.step is not None \
+        and last["step"] < site.step and last["out"].shape == out.shape
+    # A dense warm-up step's output is only a point to extrapolate from; the first sparse step still refreshes.
+    site.cache[key] = {"step": site.step, "out": out.detach().clone(), "refresh": not site.dense_now,
+                       "previous": (last["step"], last["out"]) if earlier else None}
+
+
+def _reused_output(site: AttentionSite, heads: list[int], extrapolate: bool, shape) -> torch.Tensor | None:
+    """A `reuse` group's output between refreshes (None at a refresh): the last computed output, or with
+    `extrapolate` its linear continuation through the one before, by step index."""
+    kept = site.cache.get(("reuse", site.module_name, tuple(heads), site.branch))
+    if not site.is_fresh(kept) or not kept["refresh"] or kept["out"].shape != shape:
+        return None
+    if not extrapolate or kept["previous"] is None:
+        return kept["out"]
+    step, previous = kept["previous"]
+    slope = (kept["out"].float() - previous.float()) / (kept["step"] - step)
+    return (kept["out"].float() + slope * (site.step - kept["step"])).to(kept["out"].dtype)
 
 
 def _run_group(spec: HeadStrategy, heads: list[int], q, k, v, site: AttentionSite):
     """One head group's video-video attention -> (out (B, S, G, D), lse (B, G, S))."""
     b, s, g, _ = q.shape
-    if spec.strategy == "dense" and not spec.fp8:
+    if (spec.strategy == "dense" or get_strategy(spec.strategy).reuses) and not spec.fp8:
         site.stats.add(0, b * g * s * s)
         return dense_attention_lse(q, k, v)
     layout = _layout(spec, heads, q, k, site)

@@ -69,6 +69,8 @@ class HeadStrategy:
                 raise PlanError(f"{path}.{name}: must be true or false, got {value!r}")
         if modifiers["rescale"] and not impl.computes or modifiers["rescale"] and strategy == "dense":
             raise PlanError(f"{path}.rescale: only sparse strategies can be re-scaled, not {strategy!r}")
+        if modifiers["fp8"] and impl.reuses:
+            raise PlanError(f"{path}.fp8: `reuse` refreshes with 16-bit dense attention; drop fp8 there")
         unknown = sorted(set(given) - set(impl.params))
         if unknown:
             allowed = ", ".join(sorted(impl.params)) or "none"

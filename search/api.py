@@ -29,8 +29,9 @@ from .errors import SearchError
 from .sensitivity import LayerSensitivity, StepSensitivity, measure_step_sensitivity, pipeline_output
 from .solver import DEFAULT_MAX_ERROR, STEP_WEIGHTS, Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
-from .validation import (RESCALED_ONLY, Validation, asked_model_first, candidate_trials, failure_message,
-                         highest_psnr, settings_ladder, solver_variants, validate, validated_note, variant_trials)
+from .validation import (Validation, asked_model_first, candidate_trials, failure_message, highest_psnr,
+                         refreshing_variants, settings_ladder, solver_variants, validate, validated_note,
+                         variant_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -561,7 +562,7 @@ def _validated_solution(pipe, st: CalibrationStats, cost_model: CostModel, max_e
         return solve(st, cost_model, Budget(max_error=error), dense_first=first, dense_layers=tuple(dense_layers),
                      wall_seconds=wall, layer_weights=layer_weights, step_weights=step_weights, **kwargs)
 
-    variants = [("", {})] + ([RESCALED_ONLY] if any(c.rescale for c in st.candidates) else [])
+    variants = [("", {})] + refreshing_variants(st.candidates)
     trials = candidate_trials(solve_at, settings_ladder(max_error, dense_first), variants)
     prompts, kwargs = _check_settings(pipe, st, "--min-psnr")
     per_clip = st.info.get("seconds_per_generation")
@@ -597,7 +598,7 @@ def picked_solution(pipe, st: CalibrationStats, cost_model: CostModel, budget: B
         return solve(st, cost_model, budget, dense_first=dense_first, dense_layers=tuple(dense_layers),
                      wall_seconds=wall, **kwargs)
 
-    families = sorted({c.family for c in st.candidates if c.computes and c.family != "dense"})
+    families = sorted({c.family for c in st.candidates if (c.computes or c.reuses) and c.family != "dense"})
     variants = asked_model_first(solver_variants(families, st.has_step_weights(),
                                                  any(c.rescale for c in st.candidates)), layer_weights, step_weights)
     trials = variant_trials(solve_variant, variants, dense_first)
@@ -672,12 +673,14 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
     layers = len(adapter.covered_modules(transformer))
     sampled = sample_steps(steps, dense_first, calib_steps)
     rescaled = sum(c.rescale for c in candidates)
-    remembered = len(history_steps(sampled, int(round(dense_first * steps)), refresh_interval) - set(sampled)) \
-        if rescaled else 0
+    extrapolate = any(c.reuses and c.spec.param_dict["extrapolate"] for c in candidates)
+    remembered = len(history_steps(sampled, int(round(dense_first * steps)), refresh_interval, extrapolate)
+                     - set(sampled)) if any(c.refreshes for c in candidates) else 0
     seconds, memory = _estimate(prb, len(prompts), steps, len(sampled), prb.calls_per_step, layers,
                                 cost_model.dense_layer if cost_model.kind == "measured" else None, len(candidates),
                                 4096, 8, block_q, fingerprint.num_heads, fingerprint.head_dim,
-                                sum(c.dynamic for c in candidates), remembered, rescaled * (refresh_interval - 1))
+                                sum(c.dynamic for c in candidates), remembered,
+                                (rescaled + sum(c.reuses for c in candidates)) * (refresh_interval - 1))
     echo(f"calibration on {dev}{f' ({torch.get_num_threads()} threads)' if dev.type == 'cpu' else ''}: "
          f"{len(prompts)} prompts x {steps} steps on grid {prb.grid.frames}x{prb.grid.height}x"
          f"{prb.grid.width} ({prb.grid.num_tokens} tokens), {layers} layers x {fingerprint.num_heads} heads x "

@@ -28,6 +28,13 @@ mean over ages 0 ... refresh_interval - 1 (age 0 is the refresh itself, exact), 
 every ``refresh_interval`` steps sees on average; ages reaching back before the first sparse step are left out
 (the plan refreshes there, so step ``first_sparse_step`` itself scores 0). At its own layout's density, a
 re-scaled candidate costs a dense refresh on top; the solver adds that share.
+
+``reuse`` candidates are scored the same way: the kept history also holds each step's dense output on the scored
+rows, and reusing the output of a refresh ``age`` steps old costs the squared difference between it and this
+step's dense output (0 at age 0). An extrapolating ``reuse`` continues the line through the refresh at ``r`` and
+the output computed before it: the refresh at ``r - refresh_interval``, or, when that would fall in the dense
+warm-up, the last dense step ``r - 1`` (so the history reaches ``2 refresh_interval - 1`` steps back). Nothing
+runs between refreshes, so their cost is the refresh share alone.
 """
 
 from __future__ import annotations
@@ -74,10 +81,24 @@ def sample_steps(num_steps: int, dense_first: float, count: int) -> list[int]:
     return sorted({int(round(x)) for x in picks})
 
 
-def history_steps(steps: list[int], first_sparse_step: int, refresh_interval: int) -> set[int]:
-    """Steps whose re-scale statistics a sampled step of `steps` reuses: the refresh_interval - 1 before each.
-    A plan refreshes at its first sparse step, so none before that."""
-    return {s - a for s in steps for a in range(1, refresh_interval) if s - a >= first_sparse_step}
+def history_steps(steps: list[int], first_sparse_step: int, refresh_interval: int,
+                  extrapolate: bool = False) -> set[int]:
+    """Steps whose re-scale statistics or dense output a sampled step of `steps` reuses: the refresh_interval - 1
+    before each (a plan refreshes at its first sparse step, so none before that); with `extrapolate`, also the
+    step each of those extrapolates from (see `previous_step`)."""
+    refreshes = {s - a for s in steps for a in range(1, refresh_interval) if s - a >= first_sparse_step}
+    if not extrapolate:
+        return refreshes
+    earlier = {previous_step(r, first_sparse_step, refresh_interval) for r in refreshes}
+    return refreshes | {p for p in earlier if p is not None}
+
+
+def previous_step(refresh: int, first_sparse_step: int, refresh_interval: int) -> int | None:
+    """The computed output an extrapolating `reuse` refreshed at `refresh` continues from, as the processor does:
+    the refresh before (refresh_interval steps back), or the last dense step when that one lies in the warm-up."""
+    if refresh - refresh_interval >= first_sparse_step:
+        return refresh - refresh_interval
+    return refresh - 1 if refresh >= 1 else None
 
 
 @dataclass
@@ -139,10 +160,16 @@ class CalibrationObserver:
         self._levels = any(c.family == "pyramid" for c in candidates)
         self._fp8 = any(c.fp8 for c in candidates)
         self._rescaled = [ci for ci, c in enumerate(candidates) if c.rescale]
+        self._reused = [ci for ci, c in enumerate(candidates) if c.reuses]
         if any(c.rescale and (c.fp8 or c.per_head) for c in candidates):
             raise CalibrationError("re-scaled candidates must be shared and without fp8")
-        self._history_steps = history_steps(steps, first_sparse_step, refresh_interval) if self._rescaled else set()
-        # (module, branch, step) -> re-scale statistics of that step on the scored rows; see the module docstring
+        self._refreshing = bool(self._rescaled or self._reused)
+        self._extrapolate = any(candidates[ci].spec.param_dict["extrapolate"] for ci in self._reused)
+        self._history_steps = history_steps(steps, first_sparse_step, refresh_interval, self._extrapolate) \
+            if self._refreshing else set()
+        self._history_span = refresh_interval * (2 if self._extrapolate else 1)
+        # (module, branch, step) -> re-scale statistics and the dense output of that step on the scored rows; see
+        # the module docstring
         self._history: dict[tuple[int, str, int], dict[str, Any]] = {}
         self._mass_steps = {s - 1 for s in steps if s - 1 >= 0} | set(steps)
 
@@ -349,7 +376,7 @@ class CalibrationObserver:
         nq = num_blocks(seq, self.block_q)
         if seq <= self.max_rows:
             return torch.arange(nq)
-        fixed = module is not None and bool(self._rescaled)
+        fixed = module is not None and self._refreshing
         rng = np.random.default_rng([self.seed, module if fixed else self.calls, salt, int(fixed)])
         return torch.from_numpy(np.sort(rng.choice(nq, size=min(self.query_blocks, nq), replace=False)))
 
@@ -402,6 +429,8 @@ class CalibrationObserver:
                         self._fill_entry(entry, hs, sums)
                     if self._rescaled:
                         err[hs, self._rescaled] = self._rescaled_errors(history, hs, sums, dense, valid, all_valid)
+                    if self._reused:
+                        err[hs, self._reused] = self._reused_errors(where, blocks, b, hs, dense, valid, all_valid)
                 group = [ci for ci in scored if self.candidates[ci].fp8 == fp8]
                 if not group:
                     continue
@@ -412,7 +441,7 @@ class CalibrationObserver:
                     diff = diff * valid[None, None, :, None, :]
                 err[hs, group] = diff.sum((0, 2, 4)).double().cpu().numpy()
             for ci, cand in enumerate(self.candidates):
-                if not cand.computes:
+                if not cand.computes and not cand.reuses:
                     err[hs, ci] = energy[hs]
         if entry is not None:
             self._history[where] = entry
@@ -422,7 +451,7 @@ class CalibrationObserver:
     def _forget(self, mi: int, branch: str, step: int) -> None:
         """Drop statistics no later sampled step can use (too old, or left by the previous generation)."""
         stale = [key for key in self._history
-                 if key[0] == mi and key[1] == branch and not step - self.refresh_interval < key[2] < step]
+                 if key[0] == mi and key[1] == branch and not step - self._history_span < key[2] < step]
         for key in stale:
             del self._history[key]
 
@@ -442,6 +471,8 @@ class CalibrationObserver:
         dynamic layout is estimated fresh at a refresh, and both are then reused until the next one."""
         ctx = None
         levels = []
+        if not self._rescaled:
+            return {"blocks": blocks, "levels": None, "ratio": None, "residual": None, "dense": None}
         for ci in self._rescaled:
             cand = self.candidates[ci]
             if cand.dynamic:
@@ -450,9 +481,17 @@ class CalibrationObserver:
             else:
                 lv = self._static_levels(ci)
             levels.append(lv.to(q.device)[:, :, blocks.to(q.device)].expand(q.shape[0], self.num_heads, -1, -1))
-        return {"blocks": blocks, "levels": torch.stack(levels, dim=3), "ratio": None, "residual": None}
+        return {"blocks": blocks, "levels": torch.stack(levels, dim=3), "ratio": None, "residual": None,
+                "dense": None}
 
     def _fill_entry(self, entry: dict[str, Any], hs: slice, sums: PartialSums) -> None:
+        if self._reused:
+            dense = dense_output(sums)  # (B, h, J, bq, D)
+            if entry["dense"] is None:
+                entry["dense"] = dense.new_zeros(dense.shape[0], self.num_heads, *dense.shape[2:])
+            entry["dense"][:, hs] = dense
+        if not self._rescaled:
+            return
         ratio, residual = rescale_statistics(sums, entry["levels"][:, hs])
         if entry["ratio"] is None:
             b, _, nj, c, bq = ratio.shape
@@ -461,7 +500,7 @@ class CalibrationObserver:
         entry["ratio"][:, hs], entry["residual"][:, hs] = ratio, residual
 
     def _history_of(self, where: tuple[int, str, int], blocks: torch.Tensor, batch: int) -> list[dict[str, Any]]:
-        """The kept statistics of the refresh_interval - 1 steps before this one (those that exist)."""
+        """The kept re-scale statistics of the refresh_interval - 1 steps before this one (those that exist)."""
         mi, branch, step = where
         out = []
         for age in range(1, min(self.refresh_interval, step - self.first_sparse_step + 1)):
@@ -482,6 +521,36 @@ class CalibrationObserver:
                 diff = diff * valid[None, None, :, None, :]
             total += diff.sum((0, 2, 4)).double().cpu().numpy()
         return total / (len(history) + 1)
+
+    def _reused_errors(self, where, blocks, batch: int, hs: slice, dense, valid, all_valid: bool) -> np.ndarray:
+        """(h, C') squared errors of the `reuse` candidates: their output from a refresh `age` steps ago against
+        this step's dense output, averaged over ages 0 (the refresh, exact) ... refresh_interval - 1."""
+        mi, branch, step = where
+        total = np.zeros((dense.shape[1], len(self._reused)))
+        ages = 1  # age 0, exact
+        for age in range(1, min(self.refresh_interval, step - self.first_sparse_step + 1)):
+            kept = self._kept_dense(mi, branch, step - age, blocks, batch)
+            if kept is None:
+                continue
+            ages += 1
+            before = previous_step(step - age, self.first_sparse_step, self.refresh_interval)
+            earlier = None if before is None else self._kept_dense(mi, branch, before, blocks, batch)
+            for i, ci in enumerate(self._reused):
+                out = kept[:, hs]
+                if earlier is not None and self.candidates[ci].spec.param_dict["extrapolate"]:
+                    out = out + (out - earlier[:, hs]) * (age / (step - age - before))
+                diff = (out - dense).square().sum(-1)  # (B, h, J, bq)
+                if not all_valid:
+                    diff = diff * valid[None, None]
+                total[:, i] += diff.sum((0, 2, 3)).double().cpu().numpy()
+        return total / ages
+
+    def _kept_dense(self, mi: int, branch: str, step: int, blocks, batch: int) -> torch.Tensor | None:
+        entry = self._history.get((mi, branch, step))
+        if entry is None or entry["dense"] is None or entry["dense"].shape[0] != batch \
+                or not torch.equal(entry["blocks"], blocks):
+            return None
+        return entry["dense"]
 
     def _stacked_levels(self, state: _Module, group: list[int], dynamic, blocks, batch: int, device) -> torch.Tensor:
         """(B, H, J, C', NK) levels of the candidates in `group` at the sampled query blocks."""

@@ -5,7 +5,8 @@ A candidate is one HeadStrategy shared by every head, or a template resolved per
 whose layouts coincide at the executor's block sizes compute exactly the same thing, so only the first is kept;
 a static layout that visits every block is dense and is dropped in favour of ``dense``. The shared sparse
 candidates of the families in RESCALE_FAMILIES also come re-scaled (the ``rescale`` modifier), which pays a dense
-refresh every few steps for a much smaller error at the same layout.
+refresh every few steps for a much smaller error at the same layout. ``reuse`` (held and extrapolated) pays the
+same refresh and nothing between.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ class Candidate:
     def rescale(self) -> bool:
         return bool(self.spec is not None and self.spec.rescale)
 
+    @property
+    def reuses(self) -> bool:
+        return get_strategy(self.family).reuses
+
+    @property
+    def refreshes(self) -> bool:
+        """Runs dense at refresh steps besides its layout (re-scaled) or instead of nothing (reuse)."""
+        return self.rescale or self.reuses
+
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "family": self.family,
                 "spec": None if self.spec is None else self.spec.to_json(), "mass_blocks": self.mass_blocks}
@@ -106,7 +116,7 @@ def rescaled_variants(cands: list[Candidate]) -> list[Candidate]:
 def default_candidates(grid: Grid, block_q: int, block_k: int, rescale: bool = True) -> list[Candidate]:
     """Every candidate family at several widths and thresholds, deduplicated at these block sizes; with
     `rescale`, the re-scaled twins of the shared sparse ones follow."""
-    cands = [shared("dense"), shared("skip")]
+    cands = [shared("dense"), shared("skip"), shared("reuse", extrapolate=False), shared("reuse")]
     cands += [shared("diagonal", window=[t, s, s]) for t in DIAGONAL_FRAMES for s in DIAGONAL_SPATIAL]
     cands += [shared("multi_diagonal", window=[s, s]) for s in MULTI_DIAGONAL_SPATIAL]
     cands += [shared("vertical_stripe", first_frames=1)]

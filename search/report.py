@@ -19,10 +19,10 @@ logger = logging.getLogger(__name__)
 
 FAMILY_COLOURS = {
     "dense": "#4d4d4d", "skip": "#ffffff", "diagonal": "#1f77b4", "multi_diagonal": "#2ca02c",
-    "vertical_stripe": "#ff7f0e", "block_adaptive": "#9467bd", "pyramid": "#d62728",
+    "vertical_stripe": "#ff7f0e", "block_adaptive": "#9467bd", "pyramid": "#d62728", "reuse": "#8c564b",
 }
 SHORT = {"dense": "D", "skip": "skip", "diagonal": "diag", "multi_diagonal": "multi", "vertical_stripe": "stripe",
-         "block_adaptive": "adapt", "pyramid": "pyr"}
+         "block_adaptive": "adapt", "pyramid": "pyr", "reuse": "reuse"}
 
 
 def _fmt(x, spec: str = ".3f", none: str = "n/a") -> str:
@@ -230,7 +230,9 @@ def _modifier_note(candidates, refresh_interval) -> str:
     rescaled = sum(c.rescale for c in candidates)
     note = f"{fp8} fp8 variants (kept only where the cost model measured them faster; never on CPU)" if fp8 else \
         "no fp8 variants (kept only where the cost model measures them faster; never on CPU)"
-    if not rescaled:
-        return note + "; re-scaling not searched"
-    return note + (f"; {rescaled} re-scaled variants, scored over residual ages 0-{int(refresh_interval or 5) - 1} "
-                   "steps and charged a dense refresh")
+    ages = f"0-{int(refresh_interval or 5) - 1}"
+    note += (f"; {rescaled} re-scaled variants, scored over residual ages {ages} steps and charged a dense refresh"
+             if rescaled else "; re-scaling not searched")
+    if any(c.reuses for c in candidates):
+        note += f"; `reuse` scored over output ages {ages} steps and charged a dense refresh"
+    return note

@@ -160,7 +160,7 @@ class Problem:
             if not any(x.rescale for x in cands):
                 raise BudgetError("re-scaled strategies only: these statistics have no re-scaled candidates "
                                   "(calibrated by an older dit-sparse); calibrate again")
-            self.allowed &= np.array([x.rescale or not x.computes for x in cands])[None, None, :]
+            self.allowed &= np.array([x.rescale or not (x.computes or x.reuses) for x in cands])[None, None, :]
         self.dense_layers = tuple(sorted(set(dense_layers)))
         unknown = sorted(set(self.dense_layers) - set(stats.layers))
         if unknown:
@@ -190,21 +190,22 @@ class Problem:
         self.total_dense = self.calls_per_step * self.num_steps * m * self.dense_layer
 
     def _add_refreshes(self, cands) -> None:
-        """Re-scaled heads run dense (besides their layout) at ceil(sparse steps / refresh interval) of the sparse
-        steps; their errors were calibrated for the calibration's interval only."""
-        rescaled = np.array([x.rescale for x in cands])
-        if not rescaled.any():
+        """Re-scaled heads run dense (besides their layout) and `reuse` heads run dense (instead of nothing) at
+        ceil(sparse steps / refresh interval) of the sparse steps; their errors were calibrated for the
+        calibration's interval only."""
+        refreshing = np.array([x.refreshes for x in cands])
+        if not refreshing.any():
             return
         calibrated = int(self.stats.info.get("refresh_interval", 5))
         if self.refresh_interval != calibrated:
-            logger.warning("re-scaled candidates were calibrated with a refresh every %d steps, not %d: they are "
-                           "left out", calibrated, self.refresh_interval)
-            self.allowed &= ~rescaled[None, None, :]
+            logger.warning("re-scaled and reuse candidates were calibrated with a refresh every %d steps, not %d: "
+                           "they are left out", calibrated, self.refresh_interval)
+            self.allowed &= ~refreshing[None, None, :]
         share = refresh_share(self.sparse_steps, self.refresh_interval)
         dense = cands[self.dense_index]
-        self.p[:, :, rescaled] += share * self.cost.head_time(dense, 1.0)
-        self.o = np.where(rescaled, self.o + share * self.cost.group_overhead(dense), self.o)
-        self.dens[:, :, rescaled] += share
+        self.p[:, :, refreshing] += share * self.cost.head_time(dense, 1.0)
+        self.o = np.where(refreshing, self.o + share * self.cost.group_overhead(dense), self.o)
+        self.dens[:, :, refreshing] += share
 
     # -- exact quantities --------------------------------------------------------------------------------------
     def layer_times(self, a: np.ndarray) -> np.ndarray:
@@ -258,14 +259,14 @@ class Problem:
 
 
 def refresh_share(sparse_steps: int, refresh_interval: int) -> float:
-    """Fraction of the sparse steps at which a re-scaled head refreshes (runs dense besides its layout)."""
+    """Fraction of the sparse steps at which a re-scaled or `reuse` head refreshes (runs dense)."""
     return math.ceil(sparse_steps / refresh_interval) / sparse_steps
 
 
 def candidate_density(stats: CalibrationStats, ci: int, share: float) -> float:
-    """Candidate `ci`'s calibrated density in sparse steps, mean over covered heads; a re-scaled candidate's
-    includes its dense refreshes (`share`, from refresh_share)."""
-    return float(np.nanmean(stats.density[:, :, ci])) + share * stats.candidates[ci].rescale
+    """Candidate `ci`'s calibrated density in sparse steps, mean over covered heads; a re-scaled or `reuse`
+    candidate's includes its dense refreshes (`share`, from refresh_share)."""
+    return float(np.nanmean(stats.density[:, :, ci])) + share * stats.candidates[ci].refreshes
 
 
 def _relax(prob: Problem, f: np.ndarray, g: np.ndarray, lam: float) -> np.ndarray:

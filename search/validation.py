@@ -123,6 +123,10 @@ def candidate_trials(solve_at: Callable[..., Solution], ladder: list[tuple[float
 # layout's missing mass does: see benchmarks/results/search-tiny-shapes/rescale-search), so the end-to-end checks
 # also try plans made of re-scaled strategies only.
 RESCALED_ONLY = ("re-scaled strategies only", {"rescaled_only": True})
+# The same holds for `reuse`: its errors are old outputs, smooth in time, and cost far less end to end than a
+# layout's error of the same size (benchmarks/results/search-tiny-shapes/reuse/), so plans of reuse and dense
+# heads only are tried too.
+REUSE_ONLY = ("reuse only", {"families": ("reuse",)})
 
 
 def solver_variants(families: list[str], step_weights: bool = False,
@@ -136,6 +140,12 @@ def solver_variants(families: list[str], step_weights: bool = False,
                          {"layer_weights": "sensitivity", "step_weights": "sensitivity"}))
     variants += [(f"{family} only", {"families": (family,)}) for family in families]
     return variants + ([RESCALED_ONLY] if rescaled else [])
+
+
+def refreshing_variants(candidates) -> list[tuple[str, dict[str, Any]]]:
+    """The variants the --min-psnr ladder adds to the plain solver: re-scaled only and reuse only, where those
+    candidates were calibrated."""
+    return [RESCALED_ONLY] * any(c.rescale for c in candidates) + [REUSE_ONLY] * any(c.reuses for c in candidates)
 
 
 def asked_model_first(variants: list[tuple[str, dict[str, Any]]], layer_weights: str,
@@ -247,5 +257,6 @@ def failure_message(validation: Validation) -> str:
             f"(--dense-first)")
 
 
-__all__ = ["RESCALED_ONLY", "Trial", "Validation", "asked_model_first", "candidate_trials", "failure_message",
-           "highest_psnr", "settings_ladder", "solver_variants", "validate", "validated_note", "variant_trials"]
+__all__ = ["RESCALED_ONLY", "REUSE_ONLY", "Trial", "Validation", "asked_model_first", "candidate_trials",
+           "failure_message", "highest_psnr", "refreshing_variants", "settings_ladder", "solver_variants", "validate",
+           "validated_note", "variant_trials"]

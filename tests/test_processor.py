@@ -155,6 +155,37 @@ def test_rescale_refresh_is_exact_dense_and_reuses_its_statistics():
             attend(q2, k, v, _site(spec, grid, 4, dict(cache), "cpu"))).abs().max() < 1e-5
 
 
+def test_reuse_runs_dense_at_refreshes_and_reuses_that_output_between():
+    grid = Grid(3, 5, 7)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, grid.num_tokens, 2, 16, generator=g) for _ in range(3))
+    q2 = q + 0.3 * torch.randn(q.shape, generator=g)
+    reuse, diagonal = HeadStrategy.make("reuse"), HeadStrategy.make("diagonal", window=[0, 1, 1])
+
+    def sdpa(q_):
+        sdpa_ = torch.nn.functional.scaled_dot_product_attention
+        return sdpa_(*(x.transpose(1, 2) for x in (q_, k, v))).transpose(1, 2)
+
+    def site(step, cache, heads=(reuse, reuse)):
+        return AttentionSite("blocks.0.attn1", heads, grid, step, False, 3, "cond", get_executor("cpu"), 16, 16,
+                             cache, {})
+
+    cache = {}
+    refreshed = attend(q, k, v, site(0, cache))
+    assert (refreshed - sdpa(q)).abs().max() < 1e-5
+    for step in (1, 2):  # nothing runs: the output of step 0, bit for bit, whatever the inputs now
+        between = site(step, cache)
+        assert torch.equal(attend(q2, k, v, between), refreshed)
+        assert between.stats.computed_pairs == 0 and between.stats.dense_pairs > 0
+    assert (attend(q2, k, v, site(3, cache)) - sdpa(q2)).abs().max() < 1e-5  # the refresh interval is over
+    # Mixed heads: only the reuse head keeps its old output; the other runs its layout at this step.
+    cache = {}
+    attend(q, k, v, site(0, cache, (reuse, diagonal)))
+    mixed = attend(q2, k, v, site(1, cache, (reuse, diagonal)))
+    assert torch.equal(mixed[:, :, 0], refreshed[:, :, 0])
+    assert torch.equal(mixed[:, :, 1], attend(q2, k, v, site(1, {}, (diagonal, diagonal)))[:, :, 1])
+
+
 def _pipe_call(pipe, steps=4, **kw):
     g = torch.Generator().manual_seed(0)
     text = pipe.transformer.config.get("max_text_seq_length", 5) if hasattr(pipe.transformer.config, "get") else 5
@@ -203,14 +234,16 @@ def test_dense_first_steps_come_from_the_pipeline_not_call_counts():
 
 
 @pytest.mark.parametrize("first_steps", [4, 2])
-def test_cached_statistics_do_not_carry_over_to_the_next_generation(first_steps):
-    """A re-scaled plan whose only refresh is its first sparse step (4 steps, refresh every 5): the second
-    generation must refresh again, not reuse the first one's residual, whatever the first one's length."""
+@pytest.mark.parametrize("strategy", [dict(strategy="diagonal", window=[0, 1, 1], rescale=True),
+                                      dict(strategy="reuse")])
+def test_cached_statistics_do_not_carry_over_to_the_next_generation(first_steps, strategy):
+    """A re-scaled (or reuse) plan whose only refresh is its first sparse step (4 steps, refresh every 5): the
+    second generation must refresh again, not reuse the first one's residual (or output), whatever the first one's
+    length."""
     pipe = tiny_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
     size = dict(height=64, width=80, num_frames=5)
-    plan = SparsePlan.uniform(pipe.transformer, "diagonal", window=[0, 1, 1], rescale=True).with_schedule(
-        dense_first=0.25)
+    plan = SparsePlan.uniform(pipe.transformer, **strategy).with_schedule(dense_first=0.25)
 
     def generate(seed, steps=4):
         g = torch.Generator().manual_seed(seed)
@@ -238,3 +271,23 @@ def test_dynamic_layout_cache_is_keyed_by_branch_and_refreshed():
     branches = {key[3] for key in state.cache if key[0] == "layout"}
     assert branches == {"cond", "uncond"}
     assert {entry["step"] for entry in state.cache.values()} == {2}  # estimated at step 0, refreshed at step 2
+
+
+@pytest.mark.parametrize("build,size", [(tiny_wan_pipeline, dict(height=64, width=80, num_frames=5)),
+                                        (tiny_cogvideox_pipeline, dict(height=40, width=56, num_frames=9))])
+def test_reuse_in_a_pipeline_computes_at_refresh_steps_only(build, size):
+    """4 steps, refresh every 2: steps 0 and 2 run dense, 1 and 3 reuse. Refreshing every step is dense."""
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    dense = _pipe_call(pipe, **size)
+    plan = SparsePlan.uniform(pipe.transformer, "reuse").with_schedule(refresh_interval=2)
+    processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    reused = _pipe_call(pipe, **size)
+    video_only = build is tiny_wan_pipeline  # CogVideoX's text rows and columns are always attended
+    assert processor.stats.executed_density == pytest.approx(0.5) if video_only else \
+        0.5 < processor.stats.executed_density < 1.0
+    assert torch.isfinite(reused).all() and float((reused - dense).abs().max()) > 0
+    dit_sparse.remove(pipe)
+    dit_sparse.apply(pipe, plan.with_schedule(refresh_interval=1), block_size=BLOCKS)
+    assert float((_pipe_call(pipe, **size) - dense).abs().max()) < 1e-4
+    dit_sparse.remove(pipe)

@@ -42,7 +42,8 @@ class Strategy:
 
     name: str = ""
     dynamic: bool = False
-    computes: bool = True  # False for `skip`: the head's output is zero and nothing runs
+    computes: bool = True  # False when nothing runs at a sparse step: `skip`, and `reuse` between refreshes
+    reuses: bool = False  # True for `reuse`: dense at refresh steps, that output reused until the next one
     params: dict[str, Param] = {}
 
     def layout(self, params: dict[str, Any], ctx: BuildContext) -> BlockLayout:
@@ -58,6 +59,10 @@ def check_fraction(open_low: bool = True):
         return None
 
     return check
+
+
+def check_bool(value):
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
 
 
 def check_nonneg_int(value):

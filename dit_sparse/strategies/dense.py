@@ -1,4 +1,5 @@
-"""`dense` visits every block; `skip` computes nothing and the head's output is zero."""
+"""`dense` visits every block; `skip` computes nothing and the head's output is zero; `reuse` runs dense at refresh
+steps and reuses that output at the steps between."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from ..layout import BlockLayout, num_blocks
 from . import register
-from .base import BuildContext, Strategy
+from .base import BuildContext, Param, Strategy, check_bool
 
 
 def full_layout(seq_len: int, block_q: int, block_k: int, device=None) -> BlockLayout:
@@ -31,3 +32,23 @@ class Skip(Strategy):
 
     def layout(self, params, ctx: BuildContext) -> BlockLayout:
         raise RuntimeError("`skip` has no layout: its output is zero")
+
+
+@register
+class Reuse(Strategy):
+    """Attention outputs change little from one denoising step to the next (the idea of attention sharing across
+    timesteps in DiTFastAttn and of feature caching): the head runs dense at a refresh step (the first sparse step,
+    then every `schedule.refresh_interval` steps) and its output, text keys included, is reused at the steps
+    between, where nothing runs. With `extrapolate` (the default) the reused output follows the line through the
+    last two computed outputs, a first-order forecast in the spirit of TaylorSeer-style feature caching."""
+
+    name = "reuse"
+    computes = False
+    reuses = True
+    params = {
+        "extrapolate": Param(True, check_bool, "between refreshes, extend the change from the previous refresh (or "
+                                                "the last dense step) linearly in steps instead of holding the output"),
+    }
+
+    def layout(self, params, ctx: BuildContext) -> BlockLayout:
+        return full_layout(ctx.seq_len, ctx.block_q, ctx.block_k)

@@ -140,3 +140,10 @@ def test_lora_student_starts_as_teacher_and_teacher_calls_skip_plan_and_adapters
     assert float((s - t).abs().max()) > 0  # the adapters moved the student, and were off for the teacher
     assert torch.equal(s, s_again)  # and are back on afterwards, with the plan
     assert roles.sparse_calls == calls + 2 * len(d.plan.modules)
+
+
+def test_a_plan_that_reuses_outputs_across_steps_is_refused(teacher_dir, tmp_path):
+    from dit_sparse.distill.roles import RoleError
+
+    with pytest.raises(RoleError, match="reuses attention outputs across denoising steps"):
+        make_distiller(teacher_dir, tmp_path, plan="reuse")

@@ -29,6 +29,8 @@ def synthetic_stats(fingerprint: ModelFingerprint = TINY_SHAPES, seed: int = 0) 
             density[..., ci], error[..., ci] = 1.0, 0.0
         elif cand.family == "skip":
             density[..., ci], error[..., ci] = 0.0, rng.uniform(0.5, 1.5, (m, h))
+        elif cand.reuses:
+            density[..., ci], error[..., ci] = 0.0, rng.uniform(0.01, 0.3, (m, h))
         else:
             d = rng.uniform(0.1, 0.6)
             density[..., ci] = d + rng.uniform(-0.05, 0.05, (m, h)) * cand.dynamic

@@ -11,8 +11,10 @@ from dit_sparse.search.calibration import (
     CalibrationError,
     CalibrationObserver,
     dense_output,
+    history_steps,
     layout_output,
     partial_sums,
+    previous_step,
     sample_steps,
 )
 from dit_sparse.search.candidates import default_candidates, shared
@@ -256,6 +258,82 @@ def test_rescaled_candidates_score_the_processor_output_averaged_over_residual_a
         assert np.allclose(err[0, :, ci], expected.numpy(), rtol=1e-3, atol=1e-7), (spec, err[0, :, ci], expected)
         assert np.all(err[0, :, ci] > 0)
     assert not np.allclose(err[0, :, 2], err[0, :, 1])  # re-scaled and plain are told apart
+
+
+@pytest.mark.parametrize("with_text", [False, True])
+@pytest.mark.parametrize("with_rescaled", [False, True])
+def test_reuse_candidates_score_the_processor_output_averaged_over_its_ages(with_text, with_rescaled):
+    """`reuse` keeps the processor's output of a refresh (text keys included) for the steps until the next one,
+    held or extrapolated through the refresh before; its calibrated error is the processor's output against this
+    step's dense output, averaged over ages 0..K-1, with or without re-scaled candidates sharing the history."""
+    from dit_sparse.plan import HeadStrategy
+
+    text = TextTokens(length=5, first=True, mask=torch.tensor([[1] * 5]).bool()) if with_text else None
+    extra = 5 if with_text else 0
+    base = qkv(seed=39, batch=1, seq=GRID.num_tokens + extra)  # steps drift a little, as denoising steps do
+    steps_qkv = [tuple(x + 0.1 * s * y for x, y in zip(base, qkv(seed=40 + s, batch=1, seq=GRID.num_tokens + extra)))
+                 for s in range(6)]
+    interval, last = 3, 5
+    specs = [HeadStrategy.make("reuse", extrapolate=False), HeadStrategy.make("reuse")]
+    cands = [shared("dense"), shared("skip")] + [shared("reuse", **s.param_dict) for s in specs]
+    if with_rescaled:
+        cands.append(shared("diagonal", window=[0, 1, 1], rescale=True))
+    assert [c.reuses for c in cands] == [False, False, True, True] + [False] * with_rescaled
+    obs = CalibrationObserver(["m"], 3, cands, BQ, BK, steps=[last], first_sparse_step=0, refresh_interval=interval)
+    for step, (q, k, v) in enumerate(steps_qkv):
+        obs(site(step, "m"), q, k, v, text)
+    err, _, _ = obs.results()
+    video = slice(extra, None)
+    dense = _processor_outputs(HeadStrategy("dense"), steps_qkv, text, interval)[last][:, video]
+    energy = dense.square().sum((0, 1, 3)).mean()
+    for ci, spec in zip((2, 3), specs):
+        ages = []
+        for age in range(1, interval):
+            # The processor refreshing at `last - age` and, one interval before, at `last - age - interval`.
+            outs = _processor_outputs(spec, steps_qkv[last - age - interval:], text, interval)
+            ages.append((outs[-1][:, video] - dense).square().sum((0, 1, 3)) / energy)
+        expected = sum(ages) / interval
+        assert np.allclose(err[0, :, ci], expected.numpy(), rtol=1e-3, atol=1e-7), (spec, err[0, :, ci], expected)
+        assert np.all(err[0, :, ci] > 0) and np.all(err[0, :, ci] < err[0, :, 1])  # better than skipping, not free
+    assert not np.allclose(err[0, :, 2], err[0, :, 3])  # held and extrapolated are told apart
+
+
+def test_history_reaches_the_steps_that_reuse_extrapolates_from():
+    # Refresh every 3 steps from step 4: step 10 may reuse the refreshes at 9 and 8, which extend the lines from
+    # 6 and 5; step 5 may reuse 4, the first sparse step, which extends the line from the dense step 3.
+    assert history_steps([10], 4, 3) == {9, 8}
+    assert history_steps([10], 4, 3, extrapolate=True) == {9, 8, 6, 5}
+    assert history_steps([5], 4, 3, extrapolate=True) == {4, 3}
+    assert [previous_step(r, 4, 3) for r in (4, 5, 7, 9)] == [3, 4, 4, 6]
+    assert previous_step(0, 0, 3) is None  # no warm-up: the first refresh holds
+
+
+def test_reuse_extrapolates_from_the_last_dense_step_at_its_first_refresh():
+    """At the first sparse step the processor keeps the output of the dense step before it; a sampled step one
+    step later scores the line through the two."""
+    from dit_sparse.plan import HeadStrategy
+
+    steps_qkv = [tuple(x + 0.1 * s * y for x, y in zip(qkv(seed=49, batch=1), qkv(seed=50 + s, batch=1)))
+                 for s in range(4)]
+    spec = HeadStrategy.make("reuse")
+    obs = CalibrationObserver(["m"], 3, [shared("dense"), shared("reuse")], BQ, BK, steps=[3], first_sparse_step=2,
+                              refresh_interval=3)
+    for step, (q, k, v) in enumerate(steps_qkv):
+        obs(site(step, "m"), q, k, v, None)
+    err, _, _ = obs.results()
+    dense = [dense_attention_lse(q, k, v)[0] for q, k, v in steps_qkv]
+    line = dense[2] + (dense[2] - dense[1])  # refresh at 2, from the dense step 1, one step on
+    expected = (line - dense[3]).square().sum((0, 1, 3)) / dense[3].square().sum((0, 1, 3)).mean() / 2
+    assert np.allclose(err[0, :, 1], expected.numpy(), rtol=1e-3, atol=1e-7)
+    # The processor does the same: dense first 2 steps (kept), refresh at 2, extrapolated at 3.
+    from dit_sparse.attend import AttentionSite, attend
+    from dit_sparse.executors import get_executor
+
+    cache = {}
+    for step, (q, k, v) in enumerate(steps_qkv):
+        out = attend(q, k, v, AttentionSite("m", (spec,) * 3, GRID, step, step < 2, 3, "cond",
+                                            get_executor("cpu", torch.device("cpu")), BQ, BK, cache, {}))
+    assert (out - line).abs().max() < 1e-5
 
 
 def test_rescaled_candidates_use_no_statistics_from_before_the_first_sparse_step():

@@ -198,3 +198,24 @@ def test_rescaled_heads_pay_for_their_dense_refreshes(caplog):
     other = solve(stats, cost, Budget(max_error=math.sqrt(0.002)), dense_first=0.0, refresh_interval=4)
     assert "calibrated with a refresh every 3 steps" in caplog.text
     assert all(s.strategy == "dense" for name in stats.modules for s in other.plan.heads_for(name))
+
+
+def test_reuse_heads_pay_only_for_their_dense_refreshes(caplog):
+    """`reuse` runs nothing between refreshes: its time and density are the refresh share of a dense head."""
+    cands = CANDS + [shared("reuse")]
+    m, h = 2, 2
+    error = np.tile(np.array([0.0, 1.0, 0.05, 0.01, 0.002]), (m, h, 1))
+    density = np.tile(np.array([1.0, 0.0, 0.3, 0.6, 0.0]), (m, h, 1))
+    info = {"num_steps": 10, "calls_per_step": 1, "dense_first": 0.0, "refresh_interval": 3}
+    stats = CalibrationStats(ModelFingerprint("WanTransformer3DModel", m, h, 32), [f"blocks.{i}.attn1" for i in
+                             range(m)], list(range(m)), Grid(4, 8, 8), 64, 64, cands, error, density, {}, info)
+    per_head = {"dense": 1.0, cands[2].key: 0.3, cands[3].key: 0.6}
+    cost = CostModel("flop", "dense heads", per_head, {k: 0.0 for k in per_head}, {}, {}, (0.0, 1.0), 0.0, h * 1.0)
+    prob = Problem(stats, cost, 0.0, ())
+    assert np.allclose(prob.p[..., 4], 0.4) and np.allclose(prob.dens[..., 4], 0.4)  # dense at 4 of 10 steps
+    sol = solve(stats, cost, Budget(max_error=math.sqrt(0.003)), dense_first=0.0)
+    heads = [s for name in stats.modules for s in sol.plan.heads_for(name)]
+    assert all(s.strategy == "reuse" for s in heads) and sol.metrics["density"] == pytest.approx(0.4)
+    other = solve(stats, cost, Budget(max_error=math.sqrt(0.003)), dense_first=0.0, refresh_interval=4)
+    assert "calibrated with a refresh every 3 steps" in caplog.text
+    assert not any(s.strategy == "reuse" for name in stats.modules for s in other.plan.heads_for(name))

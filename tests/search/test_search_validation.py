@@ -177,6 +177,26 @@ def test_rescaled_only_plans_are_tried_besides_the_plain_solver():
     assert RESCALED_ONLY not in solver_variants(["diagonal"])
 
 
+def test_reuse_only_plans_are_tried_besides_the_plain_and_rescaled_ones():
+    from dit_sparse.search.validation import RESCALED_ONLY, REUSE_ONLY, refreshing_variants
+
+    stats = synthetic_stats()
+    fp = stats.fingerprint
+    cost = flop_cost(stats.candidates, stats.grid, stats.block_q, stats.block_k, fp.num_heads, fp.head_dim)
+    assert refreshing_variants(stats.candidates) == [RESCALED_ONLY, REUSE_ONLY]
+    assert refreshing_variants([c for c in stats.candidates if not c.reuses]) == [RESCALED_ONLY]
+
+    def solve_at(first, error, **kwargs):
+        return solve(stats, cost, Budget(max_error=error), dense_first=first, **kwargs)
+
+    trials = candidate_trials(solve_at, settings_ladder(0.2, 0.2), [("", {}), REUSE_ONLY])
+    reused = [t for t in trials if t.variant == REUSE_ONLY[0]]
+    assert reused and len(trials) > len(reused)
+    specs = [[s for name in stats.modules for s in t.solution.plan.heads_for(name)] for t in reused]
+    assert all(s.strategy in ("dense", "reuse") for plan in specs for s in plan)
+    assert any(s.strategy == "reuse" for plan in specs for s in plan)
+
+
 def test_pick_by_psnr_keeps_the_most_faithful_plan_that_meets_the_target(tiny_pipe, tmp_path):
     settings = {k: v for k, v in SETTINGS.items() if k != "max_error"}
     result = search("tiny-test", PROMPTS, pipe=tiny_pipe, out=tmp_path / "p.plan.json", target_density=0.5,
