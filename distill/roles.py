@@ -24,6 +24,7 @@ import torch
 from dit_sparse import apply, remove
 from dit_sparse.adapters import nearest_class_name
 from dit_sparse.plan import SparsePlan
+from dit_sparse.strategies import get_strategy
 from dit_sparse.processor import SparseProcessor
 
 from .sigmas import timestep
@@ -60,8 +61,9 @@ class Roles:
         if nearest_class_name(type(teacher), SUPPORTED_TRANSFORMERS) is None:
             raise RoleError(f"distillation supports {', '.join(SUPPORTED_TRANSFORMERS)} teachers (and subclasses), "
                             f"not {type(teacher).__name__}")
-        reused = sorted({name for name in plan.modules for spec in plan.heads_for(name) if spec.strategy == "reuse"})
-        reused += ["the default strategy"] * (plan.default.strategy == "reuse")
+        reused = sorted({name for name in plan.modules for spec in plan.heads_for(name)
+                         if get_strategy(spec.strategy).reuses})
+        reused += ["the default strategy"] * get_strategy(plan.default.strategy).reuses
         if reused:
             # A student forward at a sampled step would take an output kept from another sample's forward.
             raise RoleError(f"the plan reuses attention outputs across denoising steps ({reused[0]}"

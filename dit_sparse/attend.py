@@ -150,10 +150,14 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
     return out
 
 
+def _reuse_key(site: AttentionSite, heads: list[int]) -> tuple:
+    return ("reuse", site.module_name, tuple(heads), site.branch)
+
+
 def _keep_output(site: AttentionSite, heads: list[int], out: torch.Tensor, extrapolate: bool) -> None:
     """Keep a `reuse` group's computed output (B, S, G, D) and, to extrapolate, the one before it (from this
     generation): two outputs per group, module and CFG branch."""
-    key = ("reuse", site.module_name, tuple(heads), site.branch)
+    key = _reuse_key(site, heads)
     last = site.cache.get(key)
     earlier = extrapolate and last is not None and last["step"] is not None and site.step is not None \
         and last["step"] < site.step and last["out"].shape == out.shape
@@ -165,7 +169,7 @@ def _keep_output(site: AttentionSite, heads: list[int], out: torch.Tensor, extra
 def _reused_output(site: AttentionSite, heads: list[int], extrapolate: bool, shape) -> torch.Tensor | None:
     """A `reuse` group's output between refreshes (None at a refresh): the last computed output, or with
     `extrapolate` its linear continuation through the one before, by step index."""
-    kept = site.cache.get(("reuse", site.module_name, tuple(heads), site.branch))
+    kept = site.cache.get(_reuse_key(site, heads))
     if not site.is_fresh(kept) or not kept["refresh"] or kept["out"].shape != shape:
         return None
     if not extrapolate or kept["previous"] is None:

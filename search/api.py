@@ -672,7 +672,6 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
                              progress) if procs.is_main else None)
     layers = len(adapter.covered_modules(transformer))
     sampled = sample_steps(steps, dense_first, calib_steps)
-    rescaled = sum(c.rescale for c in candidates)
     extrapolate = any(c.reuses and c.spec.param_dict["extrapolate"] for c in candidates)
     remembered = len(history_steps(sampled, int(round(dense_first * steps)), refresh_interval, extrapolate)
                      - set(sampled)) if any(c.refreshes for c in candidates) else 0
@@ -680,7 +679,7 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
                                 cost_model.dense_layer if cost_model.kind == "measured" else None, len(candidates),
                                 4096, 8, block_q, fingerprint.num_heads, fingerprint.head_dim,
                                 sum(c.dynamic for c in candidates), remembered,
-                                (rescaled + sum(c.reuses for c in candidates)) * (refresh_interval - 1))
+                                sum(c.refreshes for c in candidates) * (refresh_interval - 1))
     echo(f"calibration on {dev}{f' ({torch.get_num_threads()} threads)' if dev.type == 'cpu' else ''}: "
          f"{len(prompts)} prompts x {steps} steps on grid {prb.grid.frames}x{prb.grid.height}x"
          f"{prb.grid.width} ({prb.grid.num_tokens} tokens), {layers} layers x {fingerprint.num_heads} heads x "

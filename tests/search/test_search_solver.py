@@ -171,18 +171,25 @@ def test_layer_sensitivity_weights_the_error_budget(stats):
         solve(stats, cost, Budget(max_error=0.1), layer_weights="depth")
 
 
+def refresh_problem(cands, error, density, extra_times, m=2, h=2):
+    """Stats over `cands` (CANDS plus one refreshing candidate) with the same error and density in every head,
+    calibrated for 10 steps refreshed every 3, and a flop cost model (dense head 1.0, diagonals 0.3 and 0.6, plus
+    `extra_times`)."""
+    info = {"num_steps": 10, "calls_per_step": 1, "dense_first": 0.0, "refresh_interval": 3}
+    stats = CalibrationStats(ModelFingerprint("WanTransformer3DModel", m, h, 32), [f"blocks.{i}.attn1" for i in
+                             range(m)], list(range(m)), Grid(4, 8, 8), 64, 64, cands,
+                             np.tile(np.array(error), (m, h, 1)), np.tile(np.array(density), (m, h, 1)), {}, info)
+    per_head = {"dense": 1.0, cands[2].key: 0.3, cands[3].key: 0.6, **extra_times}
+    cost = CostModel("flop", "dense heads", per_head, {k: 0.0 for k in per_head}, {}, {}, (0.0, 1.0), 0.0, h * 1.0)
+    return stats, cost
+
+
 def test_rescaled_heads_pay_for_their_dense_refreshes(caplog):
     from dit_sparse.search.candidates import with_modifier
 
     cands = CANDS + [with_modifier(CANDS[2], "rescale")]
-    m, h = 2, 2
-    error = np.tile(np.array([0.0, 1.0, 0.05, 0.01, 0.001]), (m, h, 1))
-    density = np.tile(np.array([1.0, 0.0, 0.3, 0.6, 0.3]), (m, h, 1))
-    info = {"num_steps": 10, "calls_per_step": 1, "dense_first": 0.0, "refresh_interval": 3}
-    stats = CalibrationStats(ModelFingerprint("WanTransformer3DModel", m, h, 32), [f"blocks.{i}.attn1" for i in
-                             range(m)], list(range(m)), Grid(4, 8, 8), 64, 64, cands, error, density, {}, info)
-    per_head = {"dense": 1.0, cands[2].key: 0.3, cands[3].key: 0.6, cands[4].key: 0.3}
-    cost = CostModel("flop", "dense heads", per_head, {k: 0.0 for k in per_head}, {}, {}, (0.0, 1.0), 0.0, h * 1.0)
+    stats, cost = refresh_problem(cands, [0.0, 1.0, 0.05, 0.01, 0.001], [1.0, 0.0, 0.3, 0.6, 0.3],
+                                  {cands[4].key: 0.3})
     prob = Problem(stats, cost, 0.0, ())
     # 10 sparse steps refreshed every 3: dense at steps 0, 3, 6, 9, i.e. 0.4 of a dense head on average.
     assert np.allclose(prob.p[..., 4], 0.3 + 0.4) and np.allclose(prob.dens[..., 4], 0.3 + 0.4)
@@ -203,14 +210,7 @@ def test_rescaled_heads_pay_for_their_dense_refreshes(caplog):
 def test_reuse_heads_pay_only_for_their_dense_refreshes(caplog):
     """`reuse` runs nothing between refreshes: its time and density are the refresh share of a dense head."""
     cands = CANDS + [shared("reuse")]
-    m, h = 2, 2
-    error = np.tile(np.array([0.0, 1.0, 0.05, 0.01, 0.002]), (m, h, 1))
-    density = np.tile(np.array([1.0, 0.0, 0.3, 0.6, 0.0]), (m, h, 1))
-    info = {"num_steps": 10, "calls_per_step": 1, "dense_first": 0.0, "refresh_interval": 3}
-    stats = CalibrationStats(ModelFingerprint("WanTransformer3DModel", m, h, 32), [f"blocks.{i}.attn1" for i in
-                             range(m)], list(range(m)), Grid(4, 8, 8), 64, 64, cands, error, density, {}, info)
-    per_head = {"dense": 1.0, cands[2].key: 0.3, cands[3].key: 0.6}
-    cost = CostModel("flop", "dense heads", per_head, {k: 0.0 for k in per_head}, {}, {}, (0.0, 1.0), 0.0, h * 1.0)
+    stats, cost = refresh_problem(cands, [0.0, 1.0, 0.05, 0.01, 0.002], [1.0, 0.0, 0.3, 0.6, 0.0], {})
     prob = Problem(stats, cost, 0.0, ())
     assert np.allclose(prob.p[..., 4], 0.4) and np.allclose(prob.dens[..., 4], 0.4)  # dense at 4 of 10 steps
     sol = solve(stats, cost, Budget(max_error=math.sqrt(0.003)), dense_first=0.0)
