@@ -80,6 +80,10 @@ class AttentionSite:
     cache: dict[Any, Any]  # per transformer: dynamic layouts and rescale statistics across steps
     static_layouts: dict[Any, BlockLayout]
     stats: AttentionStats = field(default_factory=AttentionStats)
+    # Set by the processor when every head reuses alike: then, if attend sees no text tokens, the processor keeps
+    # the module's whole output and attend keeps nothing per head (see whole_module_reuse).
+    module_reuse: bool = False
+    saw_text: bool | None = None  # set by attend
 
     def groups(self) -> list[tuple[HeadStrategy, list[int]]]:
         """Heads grouped by identical strategy, in order of first appearance."""
@@ -106,14 +110,17 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
             f"{n_video}; the model's input shape and its attention disagree (is the adapter right for this model?)"
         )
     site.stats.calls += 1
+    site.saw_text = text is not None
+    keep_per_head = text is not None or not site.module_reuse
     key_mask = text.key_mask(b, s, q.device) if text else None
     video, text_part = text.slices(s) if text else (slice(0, s), None)
     if site.dense_now or all(spec == HeadStrategy("dense") for spec in site.heads):
         site.stats.add(b * h * s * s, b * h * s * s)
         out = dense_attention(q, k, v, key_mask)
-        for spec, heads in site.groups():
+        for spec, heads in site.groups() if keep_per_head else ():
             if get_strategy(spec.strategy).reuses and spec.param_dict["extrapolate"]:
-                _keep_output(site, heads, out[:, video, heads], True)  # the first refresh extends from here
+                kept = out[:, video, heads]
+                _keep_output(site, _reuse_key(site, heads), kept, True, kept.shape)  # the first refresh extends it
         return out
 
     out = torch.empty_like(q)
@@ -133,7 +140,8 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
         sel = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else \
             torch.tensor(heads, device=q.device)
         if strategy.reuses:
-            reused = _reused_output(site, heads, spec.param_dict["extrapolate"], out_v[:, :, sel].shape)
+            reused = _reused_output(site, _reuse_key(site, heads), spec.param_dict["extrapolate"],
+                                    out_v[:, :, sel].shape)
             if reused is not None:
                 out_v[:, :, sel] = reused
                 continue
@@ -145,32 +153,71 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
         if text:
             o, lse = merge_partials(o, lse, out_vt[:, :, sel], lse_vt[:, sel])
         out_v[:, :, sel] = o.to(out.dtype)
-        if strategy.reuses:
-            _keep_output(site, heads, out_v[:, :, sel], spec.param_dict["extrapolate"])
+        if strategy.reuses and keep_per_head:
+            _keep_output(site, _reuse_key(site, heads), out_v[:, :, sel], spec.param_dict["extrapolate"],
+                         out_v[:, :, sel].shape)
     return out
 
 
-def _reuse_key(site: AttentionSite, heads: list[int]) -> tuple:
-    return ("reuse", site.module_name, tuple(heads), site.branch)
+def _reuse_key(site: AttentionSite, heads: list[int] | None) -> tuple:
+    """Cache key of a `reuse` group's outputs; heads None: the whole module's output."""
+    return ("reuse", site.module_name, "module" if heads is None else tuple(heads), site.branch)
 
 
-def _keep_output(site: AttentionSite, heads: list[int], out: torch.Tensor, extrapolate: bool) -> None:
-    """Keep a `reuse` group's computed output (B, S, G, D) and, to extrapolate, the one before it (from this
-    generation): two outputs per group, module and CFG branch."""
-    key = _reuse_key(site, heads)
+def whole_module_reuse(heads: tuple[HeadStrategy, ...]) -> HeadStrategy | None:
+    """The one `reuse` strategy of a module whose heads all reuse alike, else None. Such a module, when attention
+    sees no text tokens, is reused as a whole by the processor: its projections, RoPE and output projection are
+    affine around attention, so reusing (or extrapolating) their result equals doing so for the attention output,
+    and none of them has to run between refreshes."""
+    first = heads[0]
+    if get_strategy(first.strategy).reuses and all(spec == first for spec in heads):
+        return first
+    return None
+
+
+def reused_module_output(site: AttentionSite, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """The kept output of a wholly reused module between refreshes (None: run the module). Counts the attention
+    it stands for as not computed, as `attend` does for a reused head."""
+    if not site.module_reuse or site.dense_now:
+        return None
+    key = _reuse_key(site, None)
+    out = _reused_output(site, key, whole_module_reuse(site.heads).param_dict["extrapolate"],
+                         tuple(hidden_states.shape))
+    if out is None:
+        return None
+    b, n = hidden_states.shape[0], site.grid.num_tokens
+    site.stats.calls += 1
+    site.stats.add(b * len(site.heads) * n * n, 0)
+    # The model may write into what a module returns; the kept output must stay as it was.
+    return out.clone() if out is site.cache[key]["out"] else out
+
+
+def keep_module_output(site: AttentionSite, hidden_states: torch.Tensor, out: torch.Tensor) -> None:
+    """After a wholly reused module ran (a refresh, or a dense step to extrapolate from): keep its output when its
+    attention saw video tokens alone (`attend` then kept nothing per head)."""
+    if not site.module_reuse or site.saw_text is not False:
+        return
+    extrapolate = whole_module_reuse(site.heads).param_dict["extrapolate"]
+    if not site.dense_now or extrapolate:
+        _keep_output(site, _reuse_key(site, None), out, extrapolate, tuple(hidden_states.shape))
+
+
+def _keep_output(site: AttentionSite, key: tuple, out: torch.Tensor, extrapolate: bool, shape) -> None:
+    """Keep a `reuse` output and, to extrapolate, the one before it (from this generation): two outputs per key
+    (group or module, and CFG branch). `shape` identifies what the output was computed from."""
     last = site.cache.get(key)
     earlier = extrapolate and last is not None and last["step"] is not None and site.step is not None \
-        and last["step"] < site.step and last["out"].shape == out.shape
+        and last["step"] < site.step and last["shape"] == tuple(shape)
     # A dense warm-up step's output is only a point to extrapolate from; the first sparse step still refreshes.
-    site.cache[key] = {"step": site.step, "out": out.detach().clone(), "refresh": not site.dense_now,
-                       "previous": (last["step"], last["out"]) if earlier else None}
+    site.cache[key] = {"step": site.step, "out": out.detach().clone(), "shape": tuple(shape),
+                       "refresh": not site.dense_now, "previous": (last["step"], last["out"]) if earlier else None}
 
 
-def _reused_output(site: AttentionSite, heads: list[int], extrapolate: bool, shape) -> torch.Tensor | None:
-    """A `reuse` group's output between refreshes (None at a refresh): the last computed output, or with
-    `extrapolate` its linear continuation through the one before, by step index."""
-    kept = site.cache.get(_reuse_key(site, heads))
-    if not site.is_fresh(kept) or not kept["refresh"] or kept["out"].shape != shape:
+def _reused_output(site: AttentionSite, key: tuple, extrapolate: bool, shape) -> torch.Tensor | None:
+    """A `reuse` output between refreshes (None at a refresh): the last computed output, or with `extrapolate`
+    its linear continuation through the one before, by step index."""
+    kept = site.cache.get(key)
+    if not site.is_fresh(kept) or not kept["refresh"] or kept["shape"] != tuple(shape):
         return None
     if not extrapolate or kept["previous"] is None:
         return kept["out"]

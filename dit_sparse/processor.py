@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .adapters import ADAPTERS, ModelAdapter, adapter_for_transformer, has_adapter
-from .attend import AttentionSite, AttentionStats, attend
+from .attend import AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output, whole_module_reuse
 from .executors import get_executor
 from .layout import Grid
 from .plan import SparsePlan
@@ -267,6 +267,9 @@ class SparseProcessor:
             return self._pass_through(binding.stock, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       rotary, kwargs)
         site = self._site(state, binding, hidden_states)
+        reused = reused_module_output(site, hidden_states)
+        if reused is not None:
+            return reused  # nothing of the module runs between refreshes
 
         def bound_attend(q, k, v, text=None):
             for observe in self.observers:
@@ -275,8 +278,11 @@ class SparseProcessor:
 
         # Where text and image arrive as one sequence (Flux single blocks), the adapter needs the image token count.
         bound_attend.grid = site.grid
-        return state.adapter.attention(bound_attend, attn, hidden_states, encoder_hidden_states, attention_mask,
-                                       rotary, **kwargs)
+        out = state.adapter.attention(bound_attend, attn, hidden_states, encoder_hidden_states, attention_mask,
+                                      rotary, **kwargs)
+        if isinstance(out, torch.Tensor):
+            keep_module_output(site, hidden_states, out)
+        return out
 
     @staticmethod
     def _pass_through(stock, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, kwargs):
@@ -296,9 +302,10 @@ class SparseProcessor:
             raise RuntimeError("no grid captured: the transformer's forward pre-hook did not run")
         head_dim = self.plan.model.head_dim
         block_q, block_k = self.block_size or executor.block_sizes(device, head_dim)
+        heads = self.plan.heads_for(binding.name)
         return AttentionSite(
             module_name=binding.name,
-            heads=self.plan.heads_for(binding.name),
+            heads=heads,
             grid=state.grid,
             step=state.step,
             dense_now=self._dense_now(state, binding.layer),
@@ -310,6 +317,7 @@ class SparseProcessor:
             cache=state.cache,
             static_layouts=self._static_layouts,
             stats=self.stats,
+            module_reuse=whole_module_reuse(heads) is not None,
         )
 
     def _dense_now(self, state: _TransformerState, layer: int) -> bool:

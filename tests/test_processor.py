@@ -291,3 +291,57 @@ def test_reuse_in_a_pipeline_computes_at_refresh_steps_only(build, size):
     dit_sparse.apply(pipe, plan.with_schedule(refresh_interval=1), block_size=BLOCKS)
     assert float((_pipe_call(pipe, **size) - dense).abs().max()) < 1e-4
     dit_sparse.remove(pipe)
+
+
+@pytest.mark.parametrize("extrapolate", [True, False])
+def test_a_module_whose_heads_all_reuse_skips_its_projections_between_refreshes(monkeypatch, extrapolate):
+    """Wan's video-only attn1 with every head `reuse`: between refreshes the module's kept output (after its output
+    projection) is returned and none of its projections run; that equals reusing the attention output per head,
+    since what lies around attention is affine."""
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = dict(height=64, width=80, num_frames=5)
+    plan = SparsePlan.uniform(pipe.transformer, "reuse", extrapolate=extrapolate).with_schedule(
+        refresh_interval=2, dense_first=0.25)
+    calls = {"attn1": 0, "attn2": 0}
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_q")):
+            kind = name.split(".")[-2]
+            module.register_forward_hook(lambda *_, kind=kind: calls.__setitem__(kind, calls[kind] + 1))
+    processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    whole = _pipe_call(pipe, **size)
+    layers = len(pipe.transformer.blocks)
+    # 4 steps x 2 CFG branches: step 0 dense, steps 1 and 3 refresh, step 2 reuses.
+    assert calls == {"attn1": 3 * 2 * layers, "attn2": 4 * 2 * layers}
+    assert processor.stats.executed_density == pytest.approx(0.75)
+    state = next(iter(processor._states.values()))
+    assert {key[2] for key in state.cache if key[0] == "reuse"} == {"module"}  # nothing kept per head
+    dit_sparse.remove(pipe)
+    monkeypatch.setattr(dit_sparse.processor, "whole_module_reuse", lambda heads: None)
+    dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    per_head = _pipe_call(pipe, **size)
+    dit_sparse.remove(pipe)
+    assert torch.allclose(whole, per_head, atol=1e-5)
+    dense = _pipe_call(pipe, **size)
+    assert float((whole - dense).abs().max()) > 1e-3  # the reused step made a difference
+
+
+def test_joint_text_modules_reuse_per_head_and_run_their_projections():
+    """CogVideoX's text rows are attended afresh at every step, so its modules run even when every head reuses."""
+    pipe = tiny_cogvideox_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = dict(height=40, width=56, num_frames=9)
+    calls = []
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith("attn1.to_q"):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    _pipe_call(pipe, **size)
+    dense_calls, calls[:] = len(calls), []
+    processor = dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, "reuse").with_schedule(refresh_interval=2),
+                                 block_size=BLOCKS)
+    _pipe_call(pipe, **size)
+    assert len(calls) == dense_calls > 0
+    state = next(iter(processor._states.values()))
+    kept = {key[2] for key in state.cache if key[0] == "reuse"}
+    assert kept and "module" not in kept
+    dit_sparse.remove(pipe)
