@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from .adapters import ADAPTERS, ModelAdapter, adapter_for_transformer, has_adapter
-from .attend import AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output, whole_module_reuse
+from .attend import (AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output,
+                     whole_module_reuse)
 from .executors import get_executor
 from .layout import Grid
 from .plan import SparsePlan
@@ -266,7 +267,7 @@ class SparseProcessor:
         if not binding.covered:
             return self._pass_through(binding.stock, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       rotary, kwargs)
-        site = self._site(state, binding, hidden_states)
+        site = self._site(state, binding, attn, hidden_states)
         reused = reused_module_output(site, hidden_states)
         if reused is not None:
             return reused  # nothing of the module runs between refreshes
@@ -295,7 +296,7 @@ class SparseProcessor:
         return stock(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
                      **extra)
 
-    def _site(self, state: _TransformerState, binding: _Binding, hidden_states) -> AttentionSite:
+    def _site(self, state: _TransformerState, binding: _Binding, attn, hidden_states) -> AttentionSite:
         device = hidden_states.device
         executor = get_executor(self.executor_name, device)
         if state.grid is None:
@@ -317,7 +318,7 @@ class SparseProcessor:
             cache=state.cache,
             static_layouts=self._static_layouts,
             stats=self.stats,
-            module_reuse=whole_module_reuse(heads) is not None,
+            module_reuse=whole_module_reuse(heads) is not None and state.adapter.output_follows_attention(attn),
         )
 
     def _dense_now(self, state: _TransformerState, layer: int) -> bool:

@@ -68,6 +68,11 @@ class ModelAdapter:
             return AttnProcessor2_0()
         return cls()
 
+    def output_follows_attention(self, attn: torch.nn.Module) -> bool:
+        """Whether the module's output depends on its input only through attention, by an affine map (the output
+        projection): then a wholly reused module may keep and extrapolate its output instead of its attention's."""
+        return True
+
     def attention(self, attend: AttendFn, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                   rotary=None, **kwargs) -> Any:
         """Redo the family's pre-attention math for a covered module, call `attend`, and finish like the stock

@@ -21,6 +21,9 @@ class PixArtAdapter(ModelAdapter):
         p = transformer.config.patch_size
         return Grid(1, height // p, width // p)
 
+    def output_follows_attention(self, attn):
+        return not attn.residual_connection  # the module adds its own input to the output
+
     def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
                   **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:

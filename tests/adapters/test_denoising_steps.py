@@ -43,3 +43,21 @@ def test_dense_plan_equals_stock_over_denoising_steps(build, inputs):
     dit_sparse.apply(model, SparsePlan.uniform(model, "dense"))
     assert float((denoise(model, x) - stock).abs().max()) <= 1e-6
     dit_sparse.remove(model)
+
+
+@pytest.mark.parametrize("residual_connection", [False, True])
+def test_a_module_that_adds_its_input_is_not_reused_whole(residual_connection):
+    """PixArt's attention may add its own input to its output (`residual_connection`): its output then follows the
+    current input, so the module runs at every step (reusing per head); without it, it runs at refreshes only."""
+    model, x = tm.tiny_pixart(), tm.pixart_inputs()
+    modules = [m for name, m in model.named_modules() if name.endswith("attn1")]
+    calls = []
+    for module in modules:
+        module.residual_connection = residual_connection
+        module.to_q.register_forward_hook(lambda *_: calls.append(1))
+    plan = SparsePlan.uniform(model, "reuse").with_schedule(refresh_interval=3, dense_first=0.0)
+    processor = dit_sparse.apply(model, plan)
+    denoise(model, x)  # step 0 refreshes, steps 1 and 2 reuse
+    assert len(calls) == len(modules) * (3 if residual_connection else 1)
+    assert processor.stats.executed_density == pytest.approx(1 / 3)
+    dit_sparse.remove(model)
