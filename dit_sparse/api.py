@@ -39,7 +39,8 @@ def apply(pipe_or_transformer, plan: SparsePlan, executor: str | None = None,
     transformers = transformers_of(pipe_or_transformer)
     processor = SparseProcessor(plan, executor=executor, block_size=block_size)
     for transformer in transformers:
-        if getattr(transformer, _ATTR, None) is not None:
+        if getattr(transformer, _ATTR, None) is not None or _processors_on(transformer):
+            # The second case: the one-line form (set_attn_processor) put a processor there.
             raise AlreadyAppliedError(
                 f"{type(transformer).__name__} already runs a dit-sparse plan; call dit_sparse.remove(...) first"
             )
@@ -69,12 +70,17 @@ def remove(pipe_or_transformer) -> None:
         if applied is not None:
             processors.add(applied)
         for processor in processors:
-            if id(transformer) not in processor._states:
-                continue
-            restore = processor.unbind(transformer)
-            for name, module in attention_modules(transformer).items():
-                if name in restore:
-                    set_module_processor(module, restore[name])
+            if id(transformer) in processor._states:
+                restore = processor.unbind(transformer)
+                for name, module in attention_modules(transformer).items():
+                    if name in restore:
+                        set_module_processor(module, restore[name])
+        # A one-line-form processor that never bound (its plan failed the check at the first call): stock ones.
+        unbound = [m for m in attention_modules(transformer).values() if isinstance(m.processor, SparseProcessor)]
+        if unbound:
+            adapter = adapter_for_transformer(transformer)
+            for module in unbound:
+                set_module_processor(module, adapter.stock_processor(module))
         if applied is not None:
             delattr(transformer, _ATTR)
 
@@ -88,7 +94,15 @@ def summary(pipe_or_transformer) -> str:
             lines.append(f"{type(transformer).__name__}: no dit-sparse plan applied")
             continue
         for processor in processors:
-            lines.extend(_describe(processor, transformer))
+            if id(transformer) in processor._states or getattr(transformer, _ATTR, None) is processor:
+                lines.extend(_describe(processor, transformer))
+                continue
+            try:
+                processor.check_plan(transformer)
+                state = "not bound yet (the one-line form binds at the first call)"
+            except ValueError as e:
+                state = f"not usable: {e}; call dit_sparse.remove(...) to restore the stock processors"
+            lines.append(f"{type(transformer).__name__}: a dit-sparse processor is set but {state}")
     return "\n".join(lines)
 
 

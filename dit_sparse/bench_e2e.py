@@ -24,8 +24,8 @@ import torch
 
 from .api import apply, remove, transformers_of
 from .atomic import write_json
-from .generate import (DTYPES, GenerateError, default_plan_id, load_model, resolve_plan, timed_generation,
-                       tiny_shapes_weights_id, warm_up)
+from .generate import (DTYPES, GenerateError, check_device_and_dtype, check_positive, default_plan_id, load_model,
+                       resolve_plan, timed_generation, tiny_shapes_weights_id, warm_up)
 from .metrics import format_metric, psnr, ssim
 from .plan import SparsePlan
 from .strategies import STRATEGIES
@@ -89,6 +89,8 @@ def _caption_ok(pipe, frames, prompt) -> bool | None:
 def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_prompts: int, seeds: list[int],
             steps: int | None, device: str = "cpu", dtype: str = "float32", progress: bool = True,
             ceiling: bool = False) -> dict[str, Any]:
+    check_positive(num_prompts=num_prompts, steps=steps)
+    check_device_and_dtype(device, dtype)
     pipe = load_model(model, device, DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)
     transformers = transformers_of(pipe)

@@ -112,10 +112,11 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
               width: int | None = None, layers: int | None = None, repeats: int = 3, device: str = "cpu",
               dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     from .bench_e2e import parse_plan_spec
-    from .generate import GenerateError
+    from .generate import GenerateError, check_positive
 
+    check_positive(frames=frames, height=height, width=width, layers=layers, repeats=repeats)
     arch = ARCHITECTURES[arch_name]
-    f, h, w = frames or arch.default_size[0], height or arch.default_size[1], width or arch.default_size[2]
+    f, h, w = (arch.default_size[i] if given is None else given for i, given in enumerate((frames, height, width)))
     model = build(arch, layers, dtype, device)
     inputs = arch.inputs(arch.config, f, h, w, dtype, device)
     records, grid = [], None
@@ -141,7 +142,7 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
     return {
         "benchmark": "bench speed (random weights; fidelity not measured)",
         "architecture": arch_name,
-        "layers": layers or arch.config["num_layers"],
+        "layers": arch.config["num_layers"] if layers is None else layers,
         "size": {"frames": f, "height": h, "width": w, "video_tokens": grid.num_tokens if grid else None},
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),

@@ -8,6 +8,8 @@ import sys
 
 from .plan import PlanError
 
+NUM_PROMPTS_DEFAULT = 8
+
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate dense and sparse with the same seed and compare them")
@@ -56,7 +58,7 @@ def _add_bench(sub):
     e.add_argument("--plans", nargs="+", default=["default"],
                    help="'default', plan files, or uniform strategies like 'diagonal:window=[1,0.25,0.25]'")
     e.add_argument("--prompts", default=None, help="file with one prompt per line (default: tiny-shapes held-out)")
-    e.add_argument("--num-prompts", type=int, default=8)
+    e.add_argument("--num-prompts", type=int, default=NUM_PROMPTS_DEFAULT)
     e.add_argument("--seeds", type=int, nargs="+", default=[0])
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--device", default="cpu")
@@ -91,6 +93,9 @@ def _bench_e2e(args) -> int:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
             raise GenerateError(f"--prompts {args.prompts}: the file has no prompts")
+        if len(prompts) < args.num_prompts and args.num_prompts != NUM_PROMPTS_DEFAULT:
+            logging.getLogger(__name__).warning("--prompts %s has %d prompts, fewer than --num-prompts %d: using "
+                                                "them all", args.prompts, len(prompts), args.num_prompts)
     result = run_e2e(args.model, args.plans, prompts, args.num_prompts, args.seeds, args.steps, args.device, args.dtype,
                      ceiling=args.ceiling)
     write_results(result, Path(args.out))
@@ -104,10 +109,11 @@ def _bench_speed(args) -> int:
 
     from .atomic import write_json
     from .bench_speed import ARCHITECTURES, run_speed
-    from .generate import DTYPES, GenerateError
+    from .generate import DTYPES, GenerateError, check_device_and_dtype
 
     if args.arch not in ARCHITECTURES:
         raise GenerateError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {args.arch!r}")
+    check_device_and_dtype(args.device, args.dtype)
     result = run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
                        args.device, DTYPES[args.dtype])
     write_json(Path(args.out) / "results.json", result)
@@ -137,8 +143,10 @@ class _Errors:
         from .generate import GenerateError
         from .processor import PlanMismatchError
 
+        from .executors import ExecutorError
+
         return (PlanError, GenerateError, UnsupportedModelError, PlanMismatchError, AlreadyAppliedError,
-                FileNotFoundError)
+                ExecutorError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

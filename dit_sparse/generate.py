@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -131,13 +132,27 @@ def _validate(cfg: GenerateConfig) -> None:
         raise GenerateError(f"--steps must be a positive number of denoising steps, got {cfg.steps}")
     if cfg.repeats < 1:
         raise GenerateError(f"--repeats must be at least 1 (timed generations each way), got {cfg.repeats}")
-    for name in ("height", "width", "frames"):
-        value = getattr(cfg, name)
+    if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
+        raise GenerateError(f"--guidance must be a number >= 0 (1 or less turns guidance off), got {cfg.guidance}")
+    check_positive(height=cfg.height, width=cfg.width, frames=cfg.frames)
+    check_device_and_dtype(cfg.device, cfg.dtype)
+
+
+def check_positive(**options) -> None:
+    """Each named command-line option that was given (not None) must be > 0."""
+    for name, value in options.items():
         if value is not None and value <= 0:
-            raise GenerateError(f"--{name} must be positive, got {value}")
-    if cfg.dtype not in DTYPES:
-        raise GenerateError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise GenerateError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_device_and_dtype(device: str, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise GenerateError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise GenerateError(f"--device: {device!r} is not a torch device (cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise GenerateError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
 
 

@@ -192,6 +192,10 @@ class SparsePlan:
                     f"$.modules[{name!r}]: {len(heads)} head strategies for a model with {self.model.num_heads} heads"
                 )
         self.schedule.validate()
+        beyond = [layer for layer in self.schedule.dense_layers if layer >= self.model.num_layers]
+        if beyond:
+            raise PlanError(f"$.schedule.dense_layers: layer {beyond[0]} does not exist; the model has "
+                            f"{self.model.num_layers} covered layers (0..{self.model.num_layers - 1})")
 
     # -- queries ---------------------------------------------------------------------------------------------
     def heads_for(self, module_name: str) -> tuple[HeadStrategy, ...]:
@@ -199,6 +203,9 @@ class SparsePlan:
         return self.modules.get(module_name) or (self.default,) * self.model.num_heads
 
     def spec_for(self, module_name: str, head: int) -> HeadStrategy:
+        if not 0 <= head < self.model.num_heads:
+            raise IndexError(f"head {head} does not exist: the model has {self.model.num_heads} heads "
+                             f"(0..{self.model.num_heads - 1})")
         return self.heads_for(module_name)[head]
 
     def strategy_for(self, module_name: str, head: int) -> str:
@@ -249,11 +256,20 @@ class SparsePlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SparsePlan":
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"SparsePlan.load takes a file path, got {type(path).__name__} (for a parsed JSON object "
+                            "use SparsePlan.from_json)")
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise PlanError(f"plan file not found: {path}") from None
+        except IsADirectoryError:
+            raise PlanError(f"{path} is a directory, not a plan file (a .plan.json file)") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"{path}: not a plan file (not UTF-8 text; plan files are JSON)") from None
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read the plan file ({e.strerror or e})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

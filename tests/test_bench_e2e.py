@@ -71,6 +71,11 @@ def test_bench_e2e_ceiling_skips_every_covered_head_and_reports_speed_only(tiny_
 def test_bench_e2e_bad_plan_is_one_clear_error(tiny_dir, tmp_path, capsys):
     assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "nonsense", "--out", str(tmp_path)]) == 2
     assert "nonsense" in capsys.readouterr().err
+    for option, value, message in (("--num-prompts", "-1", "--num-prompts must be positive"),
+                                   ("--steps", "0", "--steps must be positive"),
+                                   ("--dtype", "fp64", "--dtype must be one of")):
+        assert main(["bench", "e2e", "--model", str(tiny_dir), option, value, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_table_cells_say_exact_for_identical_videos_and_na_for_missing_values():

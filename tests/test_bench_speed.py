@@ -35,4 +35,9 @@ def test_bench_speed_bad_input_ends_with_one_clear_line(tmp_path, capsys):
     assert "--arch must be one of wan2.1-1.3b, cogvideox-5b, hunyuanvideo" in capsys.readouterr().err
     assert main(["bench", "speed", *SMALL, "--plans", "block_adaptive", "--out", str(tmp_path)]) == 2
     assert "weight-dependent density" in capsys.readouterr().err
+    for option, value in (("--frames", "0"), ("--repeats", "0"), ("--layers", "-1")):
+        assert main(["bench", "speed", *SMALL, option, value, "--out", str(tmp_path)]) == 2
+        assert f"{option} must be positive, got {value}" in capsys.readouterr().err  # not the published default
+    assert main(["bench", "speed", *SMALL, "--dtype", "fp64", "--out", str(tmp_path)]) == 2
+    assert "--dtype must be one of" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()

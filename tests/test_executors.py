@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dit_sparse.executors import get_executor
+from dit_sparse.executors import ExecutorError, get_executor
 from dit_sparse.executors.reference import token_mask
 from dit_sparse.fp8 import fake_quantize_qkv, sqnr_db
 from dit_sparse.layout import Grid
@@ -124,8 +124,14 @@ def test_non_contiguous_inputs():
 
 
 def test_unknown_executor_is_a_clear_error():
-    with pytest.raises(KeyError, match="registered"):
+    with pytest.raises(ExecutorError, match="unknown executor 'warp-drive'; known: .*cpu.*reference"):
         get_executor("warp-drive")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_the_triton_executor_without_cuda_says_what_it_needs():
+    with pytest.raises(ExecutorError, match="needs a CUDA GPU"):
+        get_executor("triton")
 
 
 def test_fp8_lse_is_that_of_the_original_scores():

@@ -43,6 +43,11 @@ def test_generate_smoke_writes_videos_and_report(saved_pipeline, tmp_path, capsy
         (["--height", "15"], "refused these settings"),
         (["--dtype", "float8"], "--dtype must be one of"),
         (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--guidance", "nan"], "--guidance must be a number >= 0"),
+        (["--device", "gpu"], "'gpu' is not a torch device"),
+        (["--plan", "."], "is a directory, not a plan file"),
+        (["--executor", "triton"], "executor 'triton' needs a CUDA GPU"),
+        (["--executor", "fast"], "unknown executor 'fast'"),
     ],
 )
 def test_bad_arguments_are_clear_errors(saved_pipeline, tmp_path, capsys, extra, message):

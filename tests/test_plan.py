@@ -66,6 +66,7 @@ def test_int_and_float_windows_survive_json(tmp_path):
         (lambda d: d["modules"]["blocks.1.attn1"].append({"strategy": "dense"}), "$.modules['blocks.1.attn1']"),
         (lambda d: d["schedule"].update(dense_first=2), "$.schedule.dense_first"),
         (lambda d: d["schedule"].update(refresh_every=2), "$.schedule.refresh_every"),
+        (lambda d: d["schedule"].update(dense_layers=[d["model"]["num_layers"]]), "$.schedule.dense_layers"),
         (lambda d: d["model"].update(num_heads=0), "$.model.num_heads"),
         (lambda d: d.update(version=7), "$.version"),
         (lambda d: d.update(extra=1), "$.extra"),
@@ -94,6 +95,20 @@ def test_malformed_json_file(tmp_path):
         SparsePlan.load(path)
     with pytest.raises(PlanError, match="not found"):
         SparsePlan.load(tmp_path / "missing.json")
+    with pytest.raises(PlanError, match="is a directory"):
+        SparsePlan.load(tmp_path)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfegarbage")
+    with pytest.raises(PlanError, match="not UTF-8"):
+        SparsePlan.load(tmp_path / "binary.json")
+    with pytest.raises(TypeError, match="from_json"):
+        SparsePlan.load(plan_json())
+
+
+def test_a_head_outside_the_model_is_an_error_not_another_head():
+    plan = SparsePlan.from_json(plan_json())
+    for head in (-1, plan.model.num_heads):
+        with pytest.raises(IndexError, match="does not exist"):
+            plan.spec_for("blocks.0.attn1", head)
 
 
 def test_unknown_strategy_lists_known_ones():

@@ -47,6 +47,27 @@ def test_one_line_form_equals_apply(build, inputs):
     assert not any(isinstance(p, SparseProcessor) for p in model.attn_processors.values())
 
 
+def test_a_one_line_form_that_failed_its_check_is_removed_and_apply_refuses_over_a_one_line_form():
+    model, x = tiny_wan(), wan_inputs()
+    stock = run(model, x)
+    plan = SparsePlan.uniform(model, "diagonal", window=[0, 1, 1])
+    wrong = SparsePlan.from_json({**plan.to_json(), "model": {**plan.to_json()["model"], "num_layers": 30}})
+    model.set_attn_processor(SparseProcessor(wrong, block_size=BLOCKS))
+    with pytest.raises(PlanMismatchError):
+        run(model, x)
+    assert "not usable" in dit_sparse.summary(model) and "remove" in dit_sparse.summary(model)
+    dit_sparse.remove(model)
+    assert not any(isinstance(p, SparseProcessor) for p in model.attn_processors.values())
+    assert torch.equal(run(model, x), stock)
+    # A working one-line form: apply on top of it is refused (remove first), not half-applied.
+    model.set_attn_processor(SparseProcessor(plan, block_size=BLOCKS))
+    run(model, x)
+    with pytest.raises(AlreadyAppliedError, match="remove"):
+        dit_sparse.apply(model, plan)
+    dit_sparse.remove(model)
+    assert torch.equal(run(model, x), stock)
+
+
 def test_sparse_plan_changes_output_by_a_measured_amount_and_counts_work():
     model, x = tiny_wan(), wan_inputs(frames=3, height=10, width=14)
     stock = run(model, x)

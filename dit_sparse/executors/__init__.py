@@ -21,6 +21,12 @@ class Executor:
 
 
 EXECUTORS: dict[str, Executor] = {}
+# Executors registered only where they can run, with what they need.
+OPTIONAL_EXECUTORS = {"triton": "a CUDA GPU (--device cuda) and the triton package"}
+
+
+class ExecutorError(ValueError):
+    pass
 
 
 def register_executor(executor: Executor) -> Executor:
@@ -45,13 +51,16 @@ def get_executor(name: str | None, device: torch.device | str = "cpu") -> Execut
         usable = [e for e in EXECUTORS.values() if e.available(device)]
         return max(usable, key=lambda e: e.priority)
     if name not in EXECUTORS:
-        raise KeyError(f"unknown executor {name!r}; registered: {', '.join(sorted(EXECUTORS))}")
+        if name in OPTIONAL_EXECUTORS:
+            raise ExecutorError(f"executor {name!r} needs {OPTIONAL_EXECUTORS[name]}; here it is not available "
+                                f"(available: {', '.join(sorted(EXECUTORS))})")
+        raise ExecutorError(f"unknown executor {name!r}; known: {', '.join(sorted({*EXECUTORS, *OPTIONAL_EXECUTORS}))}")
     executor = EXECUTORS[name]
     if not executor.available(device):
-        raise RuntimeError(f"executor {name!r} cannot run on {device}")
+        raise ExecutorError(f"executor {name!r} cannot run on {device}")
     return executor
 
 
 from . import cpu, reference  # noqa: E402,F401  (registration side effects)
 
-__all__ = ["EXECUTORS", "Executor", "register_executor", "get_executor", "load_optional_kernels"]
+__all__ = ["EXECUTORS", "Executor", "ExecutorError", "register_executor", "get_executor", "load_optional_kernels"]
