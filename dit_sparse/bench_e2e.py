@@ -51,9 +51,10 @@ def parse_plan_spec(spec: str, pipe, transformer) -> PlanRun:
             try:
                 params[key.strip()] = json.loads(value)
             except json.JSONDecodeError:
-                raise GenerateError(f"--plans {spec!r}: {value!r} is not a JSON value") from None
+                raise GenerateError(f"--plans {spec!r}: {value!r} is not a JSON value (lists go in brackets: "
+                                    "'diagonal:window=[1,0.25,0.25]')") from None
         return PlanRun(spec, SparsePlan.uniform(transformer, name, **params))
-    return PlanRun(spec, resolve_plan(spec, pipe, transformer))
+    return PlanRun(spec, resolve_plan(spec, pipe, transformer, option="--plans"))
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:

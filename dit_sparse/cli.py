@@ -86,8 +86,9 @@ def _bench_e2e(args) -> int:
     from pathlib import Path
 
     from .bench_e2e import markdown_table, run_e2e, write_results
-    from .generate import GenerateError
+    from .generate import GenerateError, check_out_folder
 
+    check_out_folder(args.out)
     prompts = None
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -109,11 +110,12 @@ def _bench_speed(args) -> int:
 
     from .atomic import write_json
     from .bench_speed import ARCHITECTURES, run_speed
-    from .generate import DTYPES, GenerateError, check_device_and_dtype
+    from .generate import DTYPES, GenerateError, check_device_and_dtype, check_out_folder
 
     if args.arch not in ARCHITECTURES:
         raise GenerateError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {args.arch!r}")
     check_device_and_dtype(args.device, args.dtype)
+    check_out_folder(args.out)
     result = run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
                        args.device, DTYPES[args.dtype])
     write_json(Path(args.out) / "results.json", result)
@@ -125,6 +127,9 @@ def _bench_speed(args) -> int:
 
 
 def _bench_kernels(args) -> int:
+    from .generate import check_out_folder
+
+    check_out_folder(args.out)
     try:
         from dit_sparse.kernels import bench
     except ImportError as e:

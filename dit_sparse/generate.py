@@ -101,8 +101,9 @@ def _is_saved_tiny_shapes(model: str) -> bool:
     return index.is_file() and json.loads(index.read_text()).get("_class_name") == "TinyShapesPipeline"
 
 
-def resolve_plan(spec: str | None, pipe, transformer) -> SparsePlan:
-    """A plan file, a uniform strategy name, or the shipped default plan of the pipeline's kind."""
+def resolve_plan(spec: str | None, pipe, transformer, option: str = "--plan") -> SparsePlan:
+    """A plan file, a uniform strategy name, or the shipped default plan of the pipeline's kind (`option`: the
+    command-line option that gave `spec`, for errors)."""
     kind = type(pipe).__name__
     if spec is None or spec == "default":
         if kind not in DEFAULT_PLANS:
@@ -112,7 +113,7 @@ def resolve_plan(spec: str | None, pipe, transformer) -> SparsePlan:
     if spec in STRATEGIES:
         return SparsePlan.uniform(transformer, spec)
     if not Path(spec).exists():
-        raise GenerateError(f"--plan: {spec!r} is neither a plan file nor a strategy "
+        raise GenerateError(f"{option}: {spec!r} is neither a plan file nor a strategy "
                             f"(known strategies: {', '.join(sorted(STRATEGIES))})")
     return SparsePlan.load(spec)
 
@@ -136,6 +137,14 @@ def _validate(cfg: GenerateConfig) -> None:
         raise GenerateError(f"--guidance must be a number >= 0 (1 or less turns guidance off), got {cfg.guidance}")
     check_positive(height=cfg.height, width=cfg.width, frames=cfg.frames)
     check_device_and_dtype(cfg.device, cfg.dtype)
+    if cfg.out:
+        check_out_folder(cfg.out)
+
+
+def check_out_folder(out: str | os.PathLike) -> None:
+    """Before any work: an --out folder must not be an existing file (else the results fail to write at the end)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise GenerateError(f"--out {out} is an existing file; --out takes a folder")
 
 
 def check_positive(**options) -> None:
@@ -154,6 +163,9 @@ def check_device_and_dtype(device: str, dtype: str) -> None:
         raise GenerateError(f"--device: {device!r} is not a torch device (cpu, cuda or cuda:N)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise GenerateError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
+    if kind == "cpu" and DTYPES[dtype] in (torch.float16, torch.bfloat16):
+        logger.warning("--dtype %s on CPU: half precision is often many times slower than float32 on CPUs, and "
+                       "its timings say little about a GPU", dtype)
 
 
 def warm_up(pipe, kwargs) -> None:

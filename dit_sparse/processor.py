@@ -154,6 +154,10 @@ class SparseProcessor:
     def __init__(self, plan: SparsePlan, executor: str | None = None, block_size: tuple[int, int] | None = None):
         if not isinstance(plan, SparsePlan):
             raise TypeError(f"SparseProcessor needs a SparsePlan, got {type(plan).__name__}")
+        if block_size is not None and not (
+                isinstance(block_size, (tuple, list)) and len(block_size) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_size)):
+            raise ValueError(f"block_size must be (block_q, block_k), two positive integers, got {block_size!r}")
         self.plan = plan
         self.executor_name = executor
         self.block_size = block_size

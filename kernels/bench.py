@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--no-fp8", action="store_true")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is an existing file; --out takes a folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.no_grad() if args.no_backward else nullcontext():

@@ -76,6 +76,15 @@ def test_bench_e2e_bad_plan_is_one_clear_error(tiny_dir, tmp_path, capsys):
                                    ("--dtype", "fp64", "--dtype must be one of")):
         assert main(["bench", "e2e", "--model", str(tiny_dir), option, value, "--out", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
+    assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "diagnal", "--out", str(tmp_path)]) == 2
+    assert "--plans: 'diagnal' is neither a plan file nor a strategy" in capsys.readouterr().err
+    assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "diagonal:window=1,0.25,0.25",
+                 "--out", str(tmp_path)]) == 2
+    assert "lists go in brackets" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    for command in (["e2e", "--model", str(tiny_dir)], ["speed"], ["kernels", "--quick"]):
+        assert main(["bench", *command, "--out", str(tmp_path / "a-file")]) == 2
+        assert "is an existing file; --out takes a folder" in capsys.readouterr().err
 
 
 def test_table_cells_say_exact_for_identical_videos_and_na_for_missing_values():

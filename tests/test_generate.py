@@ -48,6 +48,7 @@ def test_generate_smoke_writes_videos_and_report(saved_pipeline, tmp_path, capsy
         (["--plan", "."], "is a directory, not a plan file"),
         (["--executor", "triton"], "executor 'triton' needs a CUDA GPU"),
         (["--executor", "fast"], "unknown executor 'fast'"),
+        (["--out", __file__], "is an existing file; --out takes a folder"),
     ],
 )
 def test_bad_arguments_are_clear_errors(saved_pipeline, tmp_path, capsys, extra, message):

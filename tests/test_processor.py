@@ -68,6 +68,14 @@ def test_a_one_line_form_that_failed_its_check_is_removed_and_apply_refuses_over
     assert torch.equal(run(model, x), stock)
 
 
+@pytest.mark.parametrize("block_size", [(16,), (-16, 16), ("64", 64), (0, 16), 64])
+def test_a_bad_block_size_is_refused_when_applied_not_at_the_first_forward(block_size):
+    model = tiny_wan()
+    with pytest.raises(ValueError, match="block_size must be"):
+        dit_sparse.apply(model, SparsePlan.uniform(model, "dense"), block_size=block_size)
+    assert not any(isinstance(p, SparseProcessor) for p in model.attn_processors.values())
+
+
 def test_sparse_plan_changes_output_by_a_measured_amount_and_counts_work():
     model, x = tiny_wan(), wan_inputs(frames=3, height=10, width=14)
     stock = run(model, x)
