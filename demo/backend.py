@@ -372,6 +372,9 @@ class DemoBackend:
             source, strategy = UNIFORM, plan
         elif plan is not None and plan != "default":
             path = Path(plan)
+            if not path.exists():  # the same words as generate's --plan
+                raise DemoError(f"--plan: {plan!r} is neither a plan file nor a strategy (known strategies: "
+                                f"{', '.join(sorted(STRATEGIES))}; or 'default')")
             try:
                 loaded = SparsePlan.load(path)
             except PlanError as e:

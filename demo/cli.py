@@ -33,6 +33,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args) -> int:
+    if not 1 <= args.port <= 65535:  # gradio would fail with a traceback; 0 would serve on a port we cannot name
+        print(f"error: --port must be a TCP port in 1..65535, got {args.port}", file=sys.stderr)
+        return 2
     try:
         import gradio  # noqa: F401
     except ImportError:

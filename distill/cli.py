@@ -98,18 +98,46 @@ def build_config(args):
     return cfg.updated(**parse_set(args.set))
 
 
+def check_arguments(args, cfg) -> None:
+    """Before anything loads: refuse what would fail late or do something other than asked."""
+    from dit_sparse.generate import check_out_folder
+
+    from .config import ConfigError
+    from .trainer import list_checkpoints
+
+    if args.resume and not Path(args.resume).is_dir():
+        raise ConfigError(f"--resume {args.resume}: no such run folder")
+    if args.export_only and not args.resume:
+        # without a run to resume there is only the untrained student of step 0
+        raise ConfigError("--export-only exports a run's newest checkpoint: give the run folder with --resume DIR")
+    if args.export_only and not list_checkpoints(args.resume):
+        raise ConfigError(f"--export-only: no checkpoint in {args.resume} to export (train the run first)")
+    check_out_folder(cfg.out)
+
+
+# generate's loaders name generate's options; the same values come from these distill options
+_GENERATE_OPTIONS = {"--model": "--teacher", "--plans": "--plan"}
+
+
+def in_distill_terms(message: str) -> str:
+    """An error message with a leading generate option renamed to the distill option the user typed."""
+    for theirs, ours in _GENERATE_OPTIONS.items():
+        if message.startswith(theirs):
+            return ours + message[len(theirs):]
+    return message
+
+
 def run_distill(args) -> int:
+    from dit_sparse.generate import GenerateError
+
     from .config import ConfigError
 
     try:
         cfg = build_config(args)
-    except ConfigError as e:
+        check_arguments(args, cfg)
+    except (ConfigError, GenerateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.resume and not Path(args.resume).is_dir():
-        print(f"error: --resume {args.resume}: no such run folder", file=sys.stderr)
-        return 2
-    from dit_sparse.generate import GenerateError
     from dit_sparse.plan import PlanError
     from dit_sparse.processor import PlanMismatchError
 
@@ -121,7 +149,7 @@ def run_distill(args) -> int:
         distiller = Distiller(cfg, resume=bool(args.resume), progress=not args.quiet)
     except (GenerateError, PlanError, PlanMismatchError, PipelineKindError, RoleError, ConfigError,
             FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_distill_terms(str(e))}", file=sys.stderr)
         return 2
     if args.dry_run:
         report = distiller.dry_run()

@@ -129,7 +129,7 @@ class DistillConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values")
         return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()}, str(path))
@@ -152,8 +152,19 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = _parse_yaml(value, f"--set {item!r}")
     return out
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, with a syntax error turned into one ConfigError line that names the source and position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str):

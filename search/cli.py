@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -84,6 +85,10 @@ def run_search(args) -> int:
         if not args.quiet:
             print(message, file=sys.stderr)
 
+    if args.out is not None and Path(args.out).is_dir():  # found before calibrating, not when writing the plan
+        print(f"error: --out {args.out} is a directory; --out takes the plan's file path (e.g. "
+              f"{Path(args.out) / 'model.plan.json'}), the report and statistics go beside it", file=sys.stderr)
+        return 2
     try:
         result = search(
             args.model, args.prompts, height=args.height, width=args.width, frames=args.frames, steps=args.steps,

@@ -145,7 +145,10 @@ def test_demo_command_builds_and_launches(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["demo", "--dtype", "float8"], "--dtype must be one of"),
-    (["demo", "--plan", "/no/such.plan.json"], "plan file not found"),
+    (["demo", "--plan", "/no/such.plan.json"], "'/no/such.plan.json' is neither a plan file nor a strategy"),
+    (["demo", "--plan", "diagnal"], "'diagnal' is neither a plan file nor a strategy (known strategies: "),
+    (["demo", "--port", "99999"], "--port must be a TCP port in 1..65535, got 99999"),
+    (["demo", "--port", "0"], "--port must be a TCP port in 1..65535, got 0"),
     (["demo", "--model", "/no/such/model/dir"], "neither a local directory nor a hub id"),
 ])
 def test_demo_command_bad_arguments(monkeypatch, capsys, argv, message):

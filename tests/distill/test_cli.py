@@ -95,3 +95,37 @@ def test_distill_is_a_subcommand_of_the_main_cli(tmp_path, capsys):
     assert "--student-steps" in capsys.readouterr().out
     assert dit_sparse_main(["distill", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_config_that_is_not_yaml_names_the_file_and_position(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("bogus: [1,")
+    assert main(["--config", str(path)]) == 2
+    assert f"{path}: not valid YAML at line 1, column 11" in capsys.readouterr().err
+    assert main(["--set", "betas=[0,"]) == 2
+    assert "--set 'betas=[0,': not valid YAML" in capsys.readouterr().err
+
+
+def test_export_only_needs_a_run_with_a_checkpoint(tmp_path, capsys):
+    assert main(["--export-only", "--out", str(tmp_path / "new")]) == 2
+    assert "give the run folder with --resume DIR" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--resume", str(tmp_path / "empty"), "--export-only"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "empty" / "export").exists()
+
+
+def test_out_that_is_an_existing_file_is_refused_before_loading(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert main(["--teacher", str(tmp_path / "missing"), "--out", str(taken)]) == 2
+    assert f"--out {taken} is an existing file; --out takes a folder" in capsys.readouterr().err
+
+
+def test_errors_name_the_distill_options_not_generates(teacher_dir, tmp_path, capsys):
+    assert main(["--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --teacher: ") and "--model" not in err
+    assert main(["--teacher", str(teacher_dir), "--plan", "diagnal", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--plan: 'diagnal' is neither a plan file nor a strategy" in err and "--plans" not in err

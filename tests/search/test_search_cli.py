@@ -113,6 +113,15 @@ def test_bad_budgets_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "p.plan.json").exists()
 
 
+def test_out_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):
+    stats = synthetic_stats().save(tmp_path / "s.stats.json")
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    assert main(["search", "--stats", str(stats), "--cost", "flop", "--quiet", "--out", str(folder)]) == 2
+    assert f"--out {folder} is a directory; --out takes the plan's file path" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["plans", "s.stats.json"] and not os.listdir(folder)
+
+
 def test_measured_cost_table_is_cached(tmp_path, monkeypatch):
     grid = Grid(2, 4, 8)
     cands = default_candidates(grid, 16, 16)
