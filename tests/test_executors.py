@@ -128,10 +128,13 @@ def test_unknown_executor_is_a_clear_error():
         get_executor("warp-drive")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
-def test_the_triton_executor_without_cuda_says_what_it_needs():
+def test_the_triton_executor_on_cpu_says_what_it_needs():
+    # Registered or not (importing the kernels registers it), it cannot run on the CPU.
     with pytest.raises(ExecutorError, match="needs a CUDA GPU"):
-        get_executor("triton")
+        get_executor("triton", "cpu")
+    import dit_sparse.kernels  # noqa: F401
+    with pytest.raises(ExecutorError, match="cannot run on cpu; it needs a CUDA GPU"):
+        get_executor("triton", "cpu")
 
 
 def test_fp8_lse_is_that_of_the_original_scores():

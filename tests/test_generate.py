@@ -46,7 +46,7 @@ def test_generate_smoke_writes_videos_and_report(saved_pipeline, tmp_path, capsy
         (["--guidance", "nan"], "--guidance must be a number >= 0"),
         (["--device", "gpu"], "'gpu' is not a torch device"),
         (["--plan", "."], "is a directory, not a plan file"),
-        (["--executor", "triton"], "executor 'triton' needs a CUDA GPU"),
+        (["--executor", "triton"], "needs a CUDA GPU (--device cuda)"),
         (["--executor", "fast"], "unknown executor 'fast'"),
         (["--out", __file__], "is an existing file; --out takes a folder"),
     ],

@@ -57,7 +57,8 @@ def get_executor(name: str | None, device: torch.device | str = "cpu") -> Execut
         raise ExecutorError(f"unknown executor {name!r}; known: {', '.join(sorted({*EXECUTORS, *OPTIONAL_EXECUTORS}))}")
     executor = EXECUTORS[name]
     if not executor.available(device):
-        raise ExecutorError(f"executor {name!r} cannot run on {device}")
+        needs = f"; it needs {OPTIONAL_EXECUTORS[name]}" if name in OPTIONAL_EXECUTORS else ""
+        raise ExecutorError(f"executor {name!r} cannot run on {device}{needs}")
     return executor
 
 
