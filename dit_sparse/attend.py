@@ -80,9 +80,9 @@ class AttentionSite:
     cache: dict[Any, Any]  # per transformer: dynamic layouts and rescale statistics across steps
     static_layouts: dict[Any, BlockLayout]
     stats: AttentionStats = field(default_factory=AttentionStats)
-    # Set by the processor when every head reuses alike: then, if attend sees no text tokens, the processor keeps
-    # the module's whole output and attend keeps nothing per head (see whole_module_reuse).
-    module_reuse: bool = False
+    # Set by the processor to the one `reuse` strategy of a module whose heads all reuse alike: then, if attend sees
+    # no text tokens, the processor keeps the module's whole output and attend keeps nothing per head.
+    module_reuse: HeadStrategy | None = None
     saw_text: bool | None = None  # set by attend
 
     def groups(self) -> list[tuple[HeadStrategy, list[int]]]:
@@ -111,7 +111,7 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
         )
     site.stats.calls += 1
     site.saw_text = text is not None
-    keep_per_head = text is not None or not site.module_reuse
+    keep_per_head = text is not None or site.module_reuse is None
     key_mask = text.key_mask(b, s, q.device) if text else None
     video, text_part = text.slices(s) if text else (slice(0, s), None)
     if site.dense_now or all(spec == HeadStrategy("dense") for spec in site.heads):
@@ -178,11 +178,10 @@ def whole_module_reuse(heads: tuple[HeadStrategy, ...]) -> HeadStrategy | None:
 def reused_module_output(site: AttentionSite, hidden_states: torch.Tensor) -> torch.Tensor | None:
     """The kept output of a wholly reused module between refreshes (None: run the module). Counts the attention
     it stands for as not computed, as `attend` does for a reused head."""
-    if not site.module_reuse or site.dense_now:
+    if site.module_reuse is None or site.dense_now:
         return None
     key = _reuse_key(site, None)
-    out = _reused_output(site, key, whole_module_reuse(site.heads).param_dict["extrapolate"],
-                         tuple(hidden_states.shape))
+    out = _reused_output(site, key, site.module_reuse.param_dict["extrapolate"], tuple(hidden_states.shape))
     if out is None:
         return None
     b, n = hidden_states.shape[0], site.grid.num_tokens
@@ -195,9 +194,9 @@ def reused_module_output(site: AttentionSite, hidden_states: torch.Tensor) -> to
 def keep_module_output(site: AttentionSite, hidden_states: torch.Tensor, out: torch.Tensor) -> None:
     """After a wholly reused module ran (a refresh, or a dense step to extrapolate from): keep its output when its
     attention saw video tokens alone (`attend` then kept nothing per head)."""
-    if not site.module_reuse or site.saw_text is not False:
+    if site.module_reuse is None or site.saw_text is not False:
         return
-    extrapolate = whole_module_reuse(site.heads).param_dict["extrapolate"]
+    extrapolate = site.module_reuse.param_dict["extrapolate"]
     if not site.dense_now or extrapolate:
         _keep_output(site, _reuse_key(site, None), out, extrapolate, tuple(hidden_states.shape))
 

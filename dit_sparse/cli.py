@@ -145,10 +145,9 @@ class _Errors:
     def known():
         from .adapters import UnsupportedModelError
         from .api import AlreadyAppliedError
+        from .executors import ExecutorError
         from .generate import GenerateError
         from .processor import PlanMismatchError
-
-        from .executors import ExecutorError
 
         return (PlanError, GenerateError, UnsupportedModelError, PlanMismatchError, AlreadyAppliedError,
                 ExecutorError, FileNotFoundError)

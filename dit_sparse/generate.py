@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .api import apply, remove
+from .executors import get_executor
 from .metrics import psnr, ssim, to_uint8_video
 from .plan import SparsePlan
 from .strategies import STRATEGIES
@@ -137,6 +138,8 @@ def _validate(cfg: GenerateConfig) -> None:
         raise GenerateError(f"--guidance must be a number >= 0 (1 or less turns guidance off), got {cfg.guidance}")
     check_positive(height=cfg.height, width=cfg.width, frames=cfg.frames)
     check_device_and_dtype(cfg.device, cfg.dtype)
+    if cfg.executor is not None:
+        get_executor(cfg.executor, cfg.device)  # known, and able to run on that device
     if cfg.out:
         check_out_folder(cfg.out)
 

@@ -22,7 +22,7 @@ import torch
 from .adapters import ADAPTERS, ModelAdapter, adapter_for_transformer, has_adapter
 from .attend import (AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output,
                      whole_module_reuse)
-from .executors import get_executor
+from .executors import get_executor, known_executor
 from .layout import Grid
 from .plan import SparsePlan
 
@@ -168,7 +168,7 @@ class SparseProcessor:
         # Called as observer(site, q, k, v, text) before every covered attention; calibration records through it.
         self.observers: list = []
         if executor is not None:
-            get_executor(executor)  # fail early on an unknown name
+            known_executor(executor)  # fail early on an unknown name (the device is known at the first call)
 
     # -- binding ---------------------------------------------------------------------------------------------
     def bind(self, transformer: torch.nn.Module, originals: dict[str, Any] | None = None) -> None:
@@ -322,7 +322,7 @@ class SparseProcessor:
             cache=state.cache,
             static_layouts=self._static_layouts,
             stats=self.stats,
-            module_reuse=whole_module_reuse(heads) is not None and state.adapter.output_follows_attention(attn),
+            module_reuse=whole_module_reuse(heads) if state.adapter.output_follows_attention(attn) else None,
         )
 
     def _dense_now(self, state: _TransformerState, layer: int) -> bool:

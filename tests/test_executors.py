@@ -149,3 +149,14 @@ def test_fp8_lse_is_that_of_the_original_scores():
         _, quant = get_executor(name).run(q, k, v, layout, fp8=True)
         assert (exact - quant).abs().max() < 0.1 * exact.abs().max()
         assert (exact - quant).abs().mean() < 0.05
+
+
+def test_a_processor_checks_the_executor_name_when_built_and_the_device_at_the_first_call():
+    import dit_sparse.kernels  # noqa: F401  (registers triton, as on a GPU machine)
+    from dit_sparse import SparsePlan, SparseProcessor
+    from dit_sparse.plan import ModelFingerprint
+
+    plan = SparsePlan(ModelFingerprint("WanTransformer3DModel", 2, 2, 16))
+    assert SparseProcessor(plan, executor="triton").executor_name == "triton"  # its device is not known yet
+    with pytest.raises(ExecutorError, match="unknown executor 'warp-drive'"):
+        SparseProcessor(plan, executor="warp-drive")

@@ -44,18 +44,24 @@ def load_optional_kernels():
             pass
 
 
+def known_executor(name: str) -> Executor:
+    """The registered executor of this name, whatever the device; ExecutorError says why there is none."""
+    load_optional_kernels()
+    if name not in EXECUTORS:
+        if name in OPTIONAL_EXECUTORS:
+            raise ExecutorError(f"executor {name!r} needs {OPTIONAL_EXECUTORS[name]}; here it is not available "
+                                f"(available: {', '.join(sorted(EXECUTORS))})")
+        raise ExecutorError(f"unknown executor {name!r}; known: {', '.join(sorted({*EXECUTORS, *OPTIONAL_EXECUTORS}))}")
+    return EXECUTORS[name]
+
+
 def get_executor(name: str | None, device: torch.device | str = "cpu") -> Executor:
     device = torch.device(device)
     load_optional_kernels()
     if name is None:
         usable = [e for e in EXECUTORS.values() if e.available(device)]
         return max(usable, key=lambda e: e.priority)
-    if name not in EXECUTORS:
-        if name in OPTIONAL_EXECUTORS:
-            raise ExecutorError(f"executor {name!r} needs {OPTIONAL_EXECUTORS[name]}; here it is not available "
-                                f"(available: {', '.join(sorted(EXECUTORS))})")
-        raise ExecutorError(f"unknown executor {name!r}; known: {', '.join(sorted({*EXECUTORS, *OPTIONAL_EXECUTORS}))}")
-    executor = EXECUTORS[name]
+    executor = known_executor(name)
     if not executor.available(device):
         needs = f"; it needs {OPTIONAL_EXECUTORS[name]}" if name in OPTIONAL_EXECUTORS else ""
         raise ExecutorError(f"executor {name!r} cannot run on {device}{needs}")
@@ -64,4 +70,4 @@ def get_executor(name: str | None, device: torch.device | str = "cpu") -> Execut
 
 from . import cpu, reference  # noqa: E402,F401  (registration side effects)
 
-__all__ = ["EXECUTORS", "Executor", "ExecutorError", "register_executor", "get_executor", "load_optional_kernels"]
+__all__ = ["EXECUTORS", "Executor", "ExecutorError", "register_executor", "get_executor", "known_executor", "load_optional_kernels"]
