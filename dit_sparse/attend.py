@@ -140,8 +140,7 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
         sel = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else \
             torch.tensor(heads, device=q.device)
         if strategy.reuses:
-            reused = _reused_output(site, _reuse_key(site, heads), spec.param_dict["extrapolate"],
-                                    out_v[:, :, sel].shape)
+            reused = _reused_output(site, _reuse_key(site, heads), spec, out_v[:, :, sel].shape)
             if reused is not None:
                 out_v[:, :, sel] = reused
                 continue
@@ -181,7 +180,7 @@ def reused_module_output(site: AttentionSite, hidden_states: torch.Tensor) -> to
     if site.module_reuse is None or site.dense_now:
         return None
     key = _reuse_key(site, None)
-    out = _reused_output(site, key, site.module_reuse.param_dict["extrapolate"], tuple(hidden_states.shape))
+    out = _reused_output(site, key, site.module_reuse, tuple(hidden_states.shape))
     if out is None:
         return None
     b, n = hidden_states.shape[0], site.grid.num_tokens
@@ -209,20 +208,38 @@ def _keep_output(site: AttentionSite, key: tuple, out: torch.Tensor, extrapolate
         and last["step"] < site.step and last["shape"] == tuple(shape)
     # A dense warm-up step's output is only a point to extrapolate from; the first sparse step still refreshes.
     site.cache[key] = {"step": site.step, "out": out.detach().clone(), "shape": tuple(shape),
-                       "refresh": not site.dense_now, "previous": (last["step"], last["out"]) if earlier else None}
+                       "refresh": not site.dense_now, "previous": (last["step"], last["out"]) if earlier else None,
+                       "older": last["previous"] if earlier else None}
 
 
-def _reused_output(site: AttentionSite, key: tuple, extrapolate: bool, shape) -> torch.Tensor | None:
+def _reused_output(site: AttentionSite, key: tuple, spec: HeadStrategy, shape) -> torch.Tensor | None:
     """A `reuse` output between refreshes (None at a refresh): the last computed output, or with `extrapolate`
-    its linear continuation through the one before, by step index."""
+    its Taylor forecast from the ones before, by step index."""
     kept = site.cache.get(key)
     if not site.is_fresh(kept) or not kept["refresh"] or kept["shape"] != tuple(shape):
         return None
-    if not extrapolate or kept["previous"] is None:
+    params = spec.param_dict
+    if not params["extrapolate"] or kept["previous"] is None:
         return kept["out"]
-    step, previous = kept["previous"]
-    slope = (kept["out"].float() - previous.float()) / (kept["step"] - step)
-    return (kept["out"].float() + slope * (site.step - kept["step"])).to(kept["out"].dtype)
+    points = [kept["older"], kept["previous"], (kept["step"], kept["out"])]
+    points = points[1:] if params.get("order", 1) == 1 or points[0] is None else points
+    return taylor_forecast(points, site.step).to(kept["out"].dtype)
+
+
+def taylor_forecast(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tensor:
+    """Forecast at `step` from computed outputs [(step, out), ...], oldest first (two or three points): the
+    Taylor expansion at the last point with derivatives from backward divided differences, as TaylorSeer does.
+    The second-order term is f[s0, s1, s2] (step - s2)^2; Newton's polynomial would use (step - s2)(step - s1),
+    which overshoots when the curvature estimate is noisy."""
+    (s1, y1), (s2, y2) = points[-2], points[-1]
+    h = step - s2
+    slope = (y2.float() - y1.float()) / (s2 - s1)
+    forecast = y2.float() + slope * h
+    if len(points) == 3:
+        s0, y0 = points[0]
+        curvature = (slope - (y1.float() - y0.float()) / (s1 - s0)) / (s2 - s0)
+        forecast = forecast + curvature * h * h
+    return forecast
 
 
 def _run_group(spec: HeadStrategy, heads: list[int], q, k, v, site: AttentionSite):

@@ -22,6 +22,7 @@ import torch
 from .adapters import ADAPTERS, ModelAdapter, adapter_for_transformer, has_adapter
 from .attend import (AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output,
                      whole_module_reuse)
+from .branch_share import keep_for_other_branch, shared_output
 from .executors import get_executor, known_executor
 from .layout import Grid
 from .plan import SparsePlan
@@ -272,8 +273,16 @@ class SparseProcessor:
             return self._pass_through(binding.stock, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       rotary, kwargs)
         site = self._site(state, binding, attn, hidden_states)
+        # Sharing between CFG branches needs an output that depends on nothing but these; calibration observes all.
+        shares = encoder_hidden_states is None and attention_mask is None and not kwargs and not self.observers
+        if shares:
+            shared = shared_output(site, hidden_states, rotary)
+            if shared is not None:
+                return shared  # the other branch of this step had the same input
         reused = reused_module_output(site, hidden_states)
         if reused is not None:
+            if shares:
+                keep_for_other_branch(site, hidden_states, rotary, reused)
             return reused  # nothing of the module runs between refreshes
 
         def bound_attend(q, k, v, text=None):
@@ -287,6 +296,8 @@ class SparseProcessor:
                                       rotary, **kwargs)
         if isinstance(out, torch.Tensor):
             keep_module_output(site, hidden_states, out)
+            if shares:
+                keep_for_other_branch(site, hidden_states, rotary, out)
         return out
 
     @staticmethod

@@ -462,6 +462,66 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
         torch.set_num_threads(previous_threads)
 
 
+def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | Path | None = None, *,
+                          min_psnr: float | None = None, height: int | None = None, width: int | None = None,
+                          frames: int | None = None, steps: int | None = None, guidance: float | None = None,
+                          out: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
+                          allow_closest: bool = False, seed: int = 0, progress: bool = True,
+                          threads: int | None = None, echo: Callable[[str], None] | None = None,
+                          pipe=None) -> SearchResult:
+    """`dit-sparse search --reuse-schedule`: the fastest schedule of a uniform `reuse` plan whose calibration
+    prompts reach `min_psnr` end to end (see `search.schedule`). Writes the plan and a report beside it."""
+    from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
+
+    from .schedule import search_reuse_schedule as run_schedule_search
+    from .schedule import write_schedule_report
+
+    echo = echo or logger.info
+    if min_psnr is None or not min_psnr > 0:
+        raise SearchError("--reuse-schedule keeps the fastest schedule that reaches --min-psnr; give --min-psnr DB "
+                          f"(a PSNR in dB > 0){'' if min_psnr is None else f', got {min_psnr}'}")
+    if dtype not in DTYPES:
+        raise SearchError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SearchError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
+    if threads is not None and threads < 1:
+        raise SearchError(f"--threads must be >= 1, got {threads}")
+    if isinstance(prompts, (str, Path)):
+        prompts = read_prompts(prompts)
+    elif prompts is not None and not [p for p in prompts if p.strip()]:
+        raise SearchError("no prompt given (the prompt list is empty)")
+    model = model or TINY_SHAPES
+    paths = output_paths(out, model)
+    paths.pop("stats"), paths.pop("png")
+    if pipe is None and model != TINY_SHAPES:
+        model_fingerprint(model)  # an unsupported transformer fails here, before any weight is loaded
+    previous_threads = torch.get_num_threads()
+    if not device.startswith("cuda"):
+        torch.set_num_threads(threads or auto_threads())
+    try:
+        try:
+            pipe = pipe if pipe is not None else load_model(model, device, DTYPES[dtype])
+        except (GenerateError, FileNotFoundError) as e:
+            raise SearchError(str(e)) from None
+        transformer = transformers_of(pipe)[0]
+        adapter_for_transformer(transformer)  # unsupported models fail here, before any generation
+        num_steps = steps or _pipeline_defaults(pipe).get("num_inference_steps")
+        if not isinstance(num_steps, int):
+            raise SearchError(f"{type(pipe).__name__} has no default step count; give --steps")
+        prompts = list(prompts) if prompts else default_prompts(pipe)
+        kwargs = call_settings(pipe, steps=num_steps, guidance=guidance, height=height, width=width, frames=frames,
+                               output_type="np")
+        solution, validation, closest = run_schedule_search(
+            pipe, transformer, prompts, kwargs, num_steps, min_psnr, seed=seed, allow_closest=allow_closest,
+            progress=progress, echo=echo)
+    finally:
+        torch.set_num_threads(previous_threads)
+    solution.plan.calibration["model"] = model
+    solution.plan.save(paths["plan"])
+    write_schedule_report(solution, validation, paths["report"])
+    return SearchResult(solution.plan, solution, None, paths, closest)
+
+
 def _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers, stats, out,
             device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo, pipe,
             layer_weights, procs: Processes, min_psnr: float | None = None,

@@ -46,6 +46,10 @@ def add_search_parser(subparsers) -> None:
                         help="with --target-density / --target-speedup: solve the target under several error "
                              "models, generate the calibration prompts with each plan and keep the highest mean "
                              "PSNR against dense")
+    budget.add_argument("--reuse-schedule", action="store_true",
+                        help="with --min-psnr: search only the schedule of a uniform `reuse` plan (dense first and "
+                             "last steps, refresh interval, forecast order), fastest first, checked end to end; no "
+                             "calibration statistics")
     p.add_argument("--dense-first", type=float, default=0.2, help="fraction of the first steps that stay dense")
     p.add_argument("--dense-layers", type=_layers, default=(), help="comma-separated layers that stay dense")
     p.add_argument("--stats", default=None,
@@ -89,6 +93,8 @@ def run_search(args) -> int:
         print(f"error: --out {args.out} is a directory; --out takes the plan's file path (e.g. "
               f"{Path(args.out) / 'model.plan.json'}), the report and statistics go beside it", file=sys.stderr)
         return 2
+    if args.reuse_schedule:
+        return _run_reuse_schedule(args, echo)
     try:
         result = search(
             args.model, args.prompts, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
@@ -109,6 +115,43 @@ def run_search(args) -> int:
     print(f"{result.solution.binding}")
     print(f"predicted: relative L2 error {m['relative_l2_error']:.4f}, density {m['density']:.1%} in sparse steps, "
           f"attention {m['attention_speedup']:.2f}x" + (f", end to end {e2e:.2f}x" if e2e else ""))
+    for kind, path in result.paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+# Options of the per-head search that a schedule search has no use for, with their defaults.
+_PER_HEAD_ONLY = {"max_error": None, "target_density": None, "target_speedup": None, "pick_by_psnr": False,
+                  "dense_first": 0.2, "dense_layers": (), "stats": None, "cost": "measured", "cache_dir": None,
+                  "calib_steps": 5, "refresh_interval": None, "layer_weights": "sensitivity", "step_weights": "none"}
+
+
+def _run_reuse_schedule(args, echo) -> int:
+    from dit_sparse.adapters import UnsupportedModelError
+    from dit_sparse.plan import PlanError
+
+    from .api import search_reuse_schedule
+    from .errors import SearchError
+
+    ignored = [name for name, default in _PER_HEAD_ONLY.items() if getattr(args, name) != default]
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        print(f"error: --reuse-schedule searches the schedule alone; {flags} belong to the per-head search "
+              "(leave them out)", file=sys.stderr)
+        return 2
+    try:
+        result = search_reuse_schedule(
+            args.model, args.prompts, min_psnr=args.min_psnr, height=args.height, width=args.width,
+            frames=args.frames, steps=args.steps, guidance=args.guidance, out=args.out, device=args.device,
+            dtype=args.dtype, allow_closest=args.allow_closest, seed=args.seed, progress=not args.quiet,
+            threads=args.threads, echo=echo)
+    except (SearchError, PlanError, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = result.solution.metrics
+    print(result.solution.binding)
+    print(f"predicted: executed density {m['executed_density']:.1%}, attention of the covered modules "
+          f"{m['attention_speedup']:.2f}x")
     for kind, path in result.paths.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -116,6 +116,14 @@ def test_unknown_strategy_lists_known_ones():
         HeadStrategy.make("wiggle")
 
 
+def test_reuse_forecast_order_is_one_or_two_and_defaults_to_one():
+    assert HeadStrategy.make("reuse").param_dict["order"] == 1
+    assert HeadStrategy.make("reuse", order=2).param_dict["order"] == 2
+    for bad in (0, 3, 1.5, True, "2"):
+        with pytest.raises(PlanError, match=r"\$.order: must be 1 or 2"):
+            HeadStrategy.make("reuse", order=bad)
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     plan = SparsePlan.from_json(plan_json())
     path = plan.save(tmp_path / "p.json")

@@ -215,6 +215,41 @@ def test_reuse_runs_dense_at_refreshes_and_reuses_that_output_between():
     assert torch.equal(mixed[:, :, 1], attend(q2, k, v, site(1, {}, (diagonal, diagonal)))[:, :, 1])
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_reuse_forecasts_between_refreshes_from_the_last_computed_outputs(order):
+    """Steps 0 and 1 run dense (points to forecast from), step 2 refreshes, steps 3 and 4 forecast: the line
+    through the last two outputs, plus with order 2 TaylorSeer's second-order term."""
+    grid = Grid(2, 3, 5)
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, grid.num_tokens, 2, 8, generator=g) for _ in range(2))
+    qs = [torch.randn(1, grid.num_tokens, 2, 8, generator=g) for _ in range(3)]
+    spec = HeadStrategy.make("reuse", order=order)
+    cache = {}
+
+    def site(step):
+        return AttentionSite("blocks.0.attn1", (spec, spec), grid, step, step < 2, 3, "cond", get_executor("cpu"),
+                             16, 16, cache, {})
+
+    y0, y1, y2 = (attend(q, k, v, site(step)) for step, q in enumerate(qs))
+    for step in (3, 4):
+        h = step - 2
+        expected = y2 + (y2 - y1) * h
+        if order == 2:
+            expected = expected + ((y2 - y1) - (y1 - y0)) / 2 * h * h
+        assert torch.allclose(attend(qs[0], k, v, site(step)), expected, atol=1e-6)
+
+
+def test_taylor_forecast_is_exact_on_lines_and_damps_the_curvature_of_newtons_polynomial():
+    from dit_sparse.attend import taylor_forecast
+
+    line = [(s, torch.tensor([2.0 * s + 1])) for s in (0, 3, 5)]
+    for points in (line, line[1:]):
+        assert float(taylor_forecast(points, 7)) == pytest.approx(15.0)
+    square = [(s, torch.tensor([float(s * s)])) for s in (0, 3, 6)]
+    # slope 9 between the last two, curvature (9 - 3) / 6 = 1: 36 + 9 * 2 + 1 * 2^2 (Newton would give 8^2 = 64)
+    assert float(taylor_forecast(square, 8)) == pytest.approx(58.0)
+
+
 def _pipe_call(pipe, steps=4, **kw):
     g = torch.Generator().manual_seed(0)
     text = pipe.transformer.config.get("max_text_seq_length", 5) if hasattr(pipe.transformer.config, "get") else 5
@@ -299,13 +334,21 @@ def test_dynamic_layout_cache_is_keyed_by_branch_and_refreshed():
     state = next(iter(processor._states.values()))
     branches = {key[3] for key in state.cache if key[0] == "layout"}
     assert branches == {"cond", "uncond"}
-    assert {entry["step"] for entry in state.cache.values()} == {2}  # estimated at step 0, refreshed at step 2
+    # Estimated at step 0, refreshed at step 2, except where the uncond call of step 2 took the cond call's output
+    # (the first block's attn1 sees the same input in both branches).
+    alike = {key[1] for key, entry in state.cache.items() if key[0] == "branches" and entry["alike"]}
+    assert alike == {"blocks.0.attn1"}
+    layouts = [entry for key, entry in state.cache.items()
+               if key[0] == "layout" and not (key[1] in alike and key[3] == "uncond")]
+    assert {entry["step"] for entry in layouts} == {2}
 
 
 @pytest.mark.parametrize("build,size", [(tiny_wan_pipeline, dict(height=64, width=80, num_frames=5)),
                                         (tiny_cogvideox_pipeline, dict(height=40, width=56, num_frames=9))])
 def test_reuse_in_a_pipeline_computes_at_refresh_steps_only(build, size):
-    """4 steps, refresh every 2: steps 0 and 2 run dense, 1 and 3 reuse. Refreshing every step is dense."""
+    """4 steps, refresh every 2: steps 0 and 2 run dense, 1 and 3 reuse. Refreshing every step is dense. On Wan the
+    first block's attn1 sees the same input in both CFG branches: from step 1 on, its uncond call takes the cond
+    call's output, so of 2 computed steps x 2 branches x 2 layers one call less runs."""
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     dense = _pipe_call(pipe, **size)
@@ -313,7 +356,7 @@ def test_reuse_in_a_pipeline_computes_at_refresh_steps_only(build, size):
     processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
     reused = _pipe_call(pipe, **size)
     video_only = build is tiny_wan_pipeline  # CogVideoX's text rows and columns are always attended
-    assert processor.stats.executed_density == pytest.approx(0.5) if video_only else \
+    assert processor.stats.executed_density == pytest.approx(7 / 16) if video_only else \
         0.5 < processor.stats.executed_density < 1.0
     assert torch.isfinite(reused).all() and float((reused - dense).abs().max()) > 0
     dit_sparse.remove(pipe)
@@ -340,9 +383,10 @@ def test_a_module_whose_heads_all_reuse_skips_its_projections_between_refreshes(
     processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
     whole = _pipe_call(pipe, **size)
     layers = len(pipe.transformer.blocks)
-    # 4 steps x 2 CFG branches: step 0 dense, steps 1 and 3 refresh, step 2 reuses.
-    assert calls == {"attn1": 3 * 2 * layers, "attn2": 4 * 2 * layers}
-    assert processor.stats.executed_density == pytest.approx(0.75)
+    # 4 steps x 2 CFG branches: step 0 dense, steps 1 and 3 refresh, step 2 reuses; at steps 1 and 3 the first
+    # block's uncond call takes the cond call's output (the same input).
+    assert calls == {"attn1": 3 * 2 * layers - 2, "attn2": 4 * 2 * layers}
+    assert processor.stats.executed_density == pytest.approx((3 * 2 * layers - 2) / (4 * 2 * layers))
     state = next(iter(processor._states.values()))
     assert {key[2] for key in state.cache if key[0] == "reuse"} == {"module"}  # nothing kept per head
     dit_sparse.remove(pipe)
@@ -374,3 +418,63 @@ def test_joint_text_modules_reuse_per_head_and_run_their_projections():
     kept = {key[2] for key in state.cache if key[0] == "reuse"}
     assert kept and "module" not in kept
     dit_sparse.remove(pipe)
+
+
+def test_cfg_branches_with_the_same_input_share_the_output_exactly(monkeypatch):
+    """Wan's first attn1 sees no text, so both CFG branches give it the same input: from the second step on its
+    uncond call returns the cond call's output, bit for bit what it would have computed. The second block's input
+    differs between branches (text entered through attn2): it runs every call and keeps no copy."""
+    import dit_sparse.processor as processor_module
+
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = dict(height=64, width=80, num_frames=5)
+    calls = {}
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith("attn1.to_q"):
+            module.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    plan = SparsePlan.uniform(pipe.transformer, "dense")
+    processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    shared = _pipe_call(pipe, **size)
+    assert calls == {"blocks.0.attn1.to_q": 4 * 2 - 3, "blocks.1.attn1.to_q": 4 * 2}
+    state = next(iter(processor._states.values()))
+    first, second = (state.cache[("branches", f"blocks.{i}.attn1")] for i in (0, 1))
+    assert first["alike"] and not first["differs"] and first["first"]["input"] is not None
+    assert second["differs"] and second["first"] is None
+    dit_sparse.remove(pipe)
+    monkeypatch.setattr(processor_module, "shared_output", lambda *args: None)
+    dit_sparse.apply(pipe, plan, block_size=BLOCKS)
+    computed = _pipe_call(pipe, **size)
+    dit_sparse.remove(pipe)
+    assert torch.equal(shared, computed)
+
+
+def test_a_branch_shares_only_an_equal_input_and_equal_rotary_embedding():
+    from dit_sparse.branch_share import keep_for_other_branch, shared_output
+
+    grid = Grid(1, 2, 3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, grid.num_tokens, 8, generator=g)
+    rotary = (torch.randn(grid.num_tokens, 4, generator=g),)
+    cache = {}
+
+    def site(step, branch):
+        return AttentionSite("blocks.0.attn1", (HeadStrategy("dense"),) * 2, grid, step, False, 1, branch,
+                             get_executor("cpu"), 16, 16, cache, {})
+
+    out0, out1 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    keep_for_other_branch(site(0, "cond"), x, rotary, out0)
+    assert shared_output(site(0, "uncond"), x, rotary) is None  # the first step only finds that inputs look alike
+    keep_for_other_branch(site(1, "cond"), x, rotary, out1)
+    assert shared_output(site(1, "uncond"), x, (rotary[0] + 1,)) is None  # other positions: not the same output
+    assert shared_output(site(2, "uncond"), x, rotary) is None  # another step's output is never shared
+    assert shared_output(site(1, "cond"), x, rotary) is None  # the same branch again is another generation
+    got = shared_output(site(1, "uncond"), x, rotary)
+    kept = cache[("branches", "blocks.0.attn1")]["first"]["output"]
+    assert torch.equal(got, out1) and got.data_ptr() != kept.data_ptr()
+    # An input that differs in one element: not shared, and the module is not looked at again.
+    keep_for_other_branch(site(2, "cond"), x, rotary, out1)
+    assert shared_output(site(2, "uncond"), x + 1e-3 * (torch.arange(x.numel()) == 5).reshape(x.shape), rotary) is None
+    assert cache[("branches", "blocks.0.attn1")]["differs"]
+    keep_for_other_branch(site(3, "cond"), x, rotary, out1)
+    assert shared_output(site(3, "uncond"), x, rotary) is None

@@ -10,6 +10,10 @@ from . import register
 from .base import BuildContext, Param, Strategy, check_bool
 
 
+def check_order(value):
+    return None if value in (1, 2) and not isinstance(value, bool) else f"must be 1 or 2, got {value!r}"
+
+
 def full_layout(seq_len: int, block_q: int, block_k: int, device=None) -> BlockLayout:
     nq, nk = num_blocks(seq_len, block_q), num_blocks(seq_len, block_k)
     index = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
@@ -40,7 +44,8 @@ class Reuse(Strategy):
     timesteps in DiTFastAttn and of feature caching): the head runs dense at a refresh step (the first sparse step,
     then every `schedule.refresh_interval` steps) and its output, text keys included, is reused at the steps
     between, where nothing runs. With `extrapolate` (the default) the reused output follows the line through the
-    last two computed outputs, a first-order forecast in the spirit of TaylorSeer-style feature caching."""
+    last two computed outputs, a first-order forecast in the spirit of TaylorSeer-style feature caching; `order` 2
+    adds TaylorSeer's second-order term (the second divided difference of the last three computed outputs)."""
 
     name = "reuse"
     computes = False
@@ -48,6 +53,8 @@ class Reuse(Strategy):
     params = {
         "extrapolate": Param(True, check_bool, "between refreshes, extend the change from the previous refresh (or "
                                                 "the last dense step) linearly in steps instead of holding the output"),
+        "order": Param(1, check_order, "with `extrapolate`: 1 follows the line through the last two computed "
+                                       "outputs, 2 adds the second-order Taylor term from the last three"),
     }
 
     def layout(self, params, ctx: BuildContext) -> BlockLayout:

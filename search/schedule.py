@@ -1,0 +1,158 @@
+"""`dit-sparse search --reuse-schedule`: search the schedule of a uniform `reuse` plan end to end.
+
+Every covered module reuses its output between refreshes; what decides speed and fidelity is the schedule: how many
+first and last steps stay dense, how often the output is refreshed, and the order of the forecast between
+refreshes. Attention runs only at dense and refresh steps, so the fraction of steps at which it runs (the executed
+density) orders the candidates by speed exactly. The search generates the calibration prompts dense and then with
+each candidate, fastest first, and keeps the first whose mean PSNR against dense reaches --min-psnr.
+
+Why a schedule search beside the per-head solver: the solver sees attention errors one step at a time, while what
+ruins a reused output is where in the trajectory it is reused. Outputs change fast in the first and the last few
+steps and slowly between (on tiny-shapes the relative error of a one-step linear forecast of an attn1 output is
+1-9% from step 6 to 15 of 20 and up to 44% in the last three: benchmarks/reuse_forecast_profile.py), and only an
+end-to-end check sees how those errors add up.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dit_sparse.plan import Schedule, SparsePlan
+
+from .errors import SearchError
+from .solver import Solution
+from .validation import Trial, Validation, highest_psnr, validate
+
+REFRESH_INTERVALS = (2, 3, 4, 5)
+DENSE_FIRST_STEPS = (1, 2, 3, 4, 5, 6)  # the first step is always dense: there is nothing to reuse yet
+DENSE_LAST_STEPS = (0, 1, 2, 3)
+ORDERS = (2, 1)  # at equal speed the second-order forecast is tried first: it was the more faithful on tiny-shapes
+
+
+@dataclass(frozen=True)
+class ReuseSchedule:
+    """One candidate: dense first and last steps, refresh interval, forecast order (0: hold the output)."""
+
+    dense_first_steps: int
+    dense_last_steps: int
+    refresh_interval: int
+    order: int
+
+    def runs_attention(self, num_steps: int) -> list[bool]:
+        """Per step: whether attention runs (dense, or a refresh: the first sparse step, then every interval)."""
+        first_sparse = self.dense_first_steps
+        last_sparse = num_steps - self.dense_last_steps
+        return [not first_sparse <= s < last_sparse or (s - first_sparse) % self.refresh_interval == 0
+                for s in range(num_steps)]
+
+    def executed_density(self, num_steps: int) -> float:
+        return sum(self.runs_attention(num_steps)) / num_steps
+
+    def describe(self) -> str:
+        forecast = {0: "held", 1: "linear forecast", 2: "second-order forecast"}[self.order]
+        return (f"{self.dense_first_steps} dense first, {self.dense_last_steps} dense last, refresh every "
+                f"{self.refresh_interval}, {forecast}")
+
+    def plan(self, transformer, num_steps: int) -> SparsePlan:
+        params: dict[str, Any] = {"extrapolate": self.order > 0}
+        if self.order == 2:
+            params["order"] = 2
+        schedule = Schedule(dense_first=self.dense_first_steps / num_steps, dense_last_steps=self.dense_last_steps,
+                            refresh_interval=self.refresh_interval)
+        plan = SparsePlan.uniform(transformer, "reuse", schedule=schedule, **params)
+        plan.calibration.update({"source": "dit-sparse search --reuse-schedule", "schedule": self.describe(),
+                                 "steps": num_steps})
+        return plan
+
+
+def schedule_grid(num_steps: int, orders: tuple[int, ...] = ORDERS) -> list[ReuseSchedule]:
+    """Every candidate that leaves at least one step sparse, fastest (lowest executed density) first; at equal
+    density, more dense last steps first (the last steps are where reuse costs most), then `orders`' order."""
+    grid = []
+    for first, last, interval, order in itertools.product(DENSE_FIRST_STEPS, DENSE_LAST_STEPS, REFRESH_INTERVALS,
+                                                          orders):
+        if first + last >= num_steps:
+            continue
+        grid.append(ReuseSchedule(first, last, interval, order))
+    unique = {}
+    for cand in grid:  # candidates that run attention at the same steps with the same forecast are one plan
+        unique.setdefault((tuple(cand.runs_attention(num_steps)), cand.order), cand)
+    return sorted(unique.values(), key=lambda c: (c.executed_density(num_steps), -c.dense_last_steps,
+                                                  orders.index(c.order), c.refresh_interval))
+
+
+class ScheduleTrial(Trial):
+    """A trial named by its schedule alone (the dense warm-up is part of it)."""
+
+    def describe(self) -> str:
+        return self.variant
+
+
+def schedule_trials(transformer, num_steps: int, candidates: list[ReuseSchedule]) -> list[Trial]:
+    """The candidates as trials of the end-to-end check. Their predicted speed is the attention speedup of the
+    covered modules, 1 / executed density: a reused module runs nothing between refreshes."""
+    trials = []
+    for cand in candidates:
+        density = cand.executed_density(num_steps)
+        metrics = {"attention_speedup": 1.0 / density, "end_to_end_speedup": None, "executed_density": density,
+                   "density": density, "relative_l2_error": float("nan"), "dense_steps": cand.dense_first_steps}
+        solution = Solution(np.zeros((0, 0), dtype=np.int64), cand.plan(transformer, num_steps), metrics,
+                            binding=cand.describe())
+        trials.append(ScheduleTrial(cand.dense_first_steps / num_steps, None, solution, variant=cand.describe()))
+    return trials
+
+
+def search_reuse_schedule(pipe, transformer, prompts: list[str], call_kwargs: dict[str, Any], num_steps: int,
+                          min_psnr: float, *, seed: int = 0, allow_closest: bool = False, progress: bool = True,
+                          echo: Callable[[str], None] = lambda message: None,
+                          max_trials: int | None = None) -> tuple[Solution, Validation, bool]:
+    """The fastest uniform-reuse schedule whose calibration prompts reach `min_psnr` (mean PSNR against dense).
+    Returns (solution, validation, closest); raises SearchError when none does (unless `allow_closest`)."""
+    if num_steps < 2:
+        raise SearchError(f"--reuse-schedule needs at least 2 denoising steps, got {num_steps}")
+    candidates = schedule_grid(num_steps)[:max_trials]
+    trials = schedule_trials(transformer, num_steps, candidates)
+    echo(f"reuse schedule search: {len(prompts)} prompts dense, then up to {len(trials)} schedules, fastest first")
+    validation = validate(pipe, prompts, call_kwargs, trials, min_psnr, seed=seed, progress=progress, echo=echo)
+    if validation.chosen is not None:
+        solution, closest = validation.chosen.solution, False
+        solution.binding = (f"{solution.binding}: mean PSNR {validation.chosen.mean_psnr:.1f} dB against dense >= "
+                            f"{min_psnr:g} dB on {len(prompts)} prompts (schedule {len(validation.trials)} of "
+                            f"{len(trials)}, fastest first)")
+    else:
+        best = highest_psnr(validation.trials)
+        failure = (f"no schedule reached mean PSNR {min_psnr:g} dB against dense on {len(prompts)} prompts: the best "
+                   f"of {len(validation.trials)} reached {best.mean_psnr:.1f} dB ({best.variant})")
+        if not allow_closest:
+            raise SearchError(f"{failure}. No plan written (lower --min-psnr, or pass --allow-closest to write the "
+                              "schedule with the highest PSNR)")
+        echo(f"warning: {failure}; writing the schedule with the highest PSNR (--allow-closest)")
+        solution, closest = best.solution, True
+        solution.binding = f"{solution.binding}; closest to --min-psnr {min_psnr:g}: mean PSNR {best.mean_psnr:.1f} dB"
+    solution.plan.calibration.update({"binding": solution.binding, "prompts": list(prompts),
+                                      "end_to_end_check": validation.to_json(),
+                                      "predicted": {"executed_density": solution.metrics["executed_density"],
+                                                    "attention_speedup": solution.metrics["attention_speedup"]}})
+    return solution, validation, closest
+
+
+def write_schedule_report(solution: Solution, validation: Validation, path: Path) -> None:
+    """A markdown list of every schedule tried, in the order tried, and the one kept."""
+    lines = ["# Reuse schedule search", "", solution.binding, "",
+             f"Calibration prompts ({len(validation.prompts)}): " + "; ".join(validation.prompts), "",
+             "| schedule | executed density | predicted attention speedup | mean PSNR dB | min PSNR dB |",
+             "|---|---|---|---|---|"]
+    for trial in validation.trials:
+        m = trial.solution.metrics
+        lines.append(f"| {trial.variant} | {m['executed_density']:.1%} | {m['attention_speedup']:.2f}x | "
+                     f"{trial.mean_psnr:.1f} | {min(trial.psnr):.1f} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+__all__ = ["ReuseSchedule", "schedule_grid", "schedule_trials", "search_reuse_schedule", "write_schedule_report"]

@@ -1,0 +1,113 @@
+"""`dit-sparse search --reuse-schedule`: candidate schedules of a uniform `reuse` plan, fastest first, checked end to
+end; a schedule's plan runs attention at exactly the steps the schedule says."""
+
+import json
+
+import pytest
+import torch
+from dit_sparse.search.api import search_reuse_schedule
+from dit_sparse.search.errors import SearchError
+from dit_sparse.search.schedule import ReuseSchedule, schedule_grid
+from tiny_models import tiny_wan_pipeline
+
+import dit_sparse
+from dit_sparse import SparsePlan
+from dit_sparse.cli import main
+
+PROMPTS = ["a red circle moving right on a dark background", "a blue square growing on a light background"]
+SIZE = dict(frames=4, height=32, width=32)
+
+
+def test_a_schedule_runs_attention_at_its_dense_and_refresh_steps():
+    schedule = ReuseSchedule(dense_first_steps=2, dense_last_steps=1, refresh_interval=3, order=2)
+    #                                  dense  dense  refresh  -      -      refresh  -      -      refresh  dense
+    assert schedule.runs_attention(10) == [True, True, True, False, False, True, False, False, True, True]
+    assert schedule.executed_density(10) == pytest.approx(0.6)
+    assert ReuseSchedule(1, 0, 2, 1).runs_attention(5) == [True, True, False, True, False]
+
+
+def test_the_grid_is_fastest_first_and_every_candidate_leaves_a_step_sparse():
+    grid = schedule_grid(20)
+    densities = [c.executed_density(20) for c in grid]
+    assert densities == sorted(densities) and densities[-1] < 1.0
+    assert {c.order for c in grid} == {1, 2}
+    patterns = [(tuple(c.runs_attention(20)), c.order) for c in grid]
+    assert len(set(patterns)) == len(patterns)  # the same steps with the same forecast are one candidate
+    # at equal density, more dense last steps come first: the last steps are where reuse costs most
+    for a, b in zip(grid, grid[1:]):
+        if a.executed_density(20) == b.executed_density(20):
+            assert a.dense_last_steps >= b.dense_last_steps
+
+
+@pytest.mark.parametrize("schedule", [ReuseSchedule(1, 1, 2, 2), ReuseSchedule(2, 0, 3, 1), ReuseSchedule(1, 2, 4, 0)])
+def test_a_schedules_plan_computes_attention_exactly_where_the_schedule_says(schedule):
+    """On Wan's video-only attn1 a reused module runs none of its projections, so counting its q projections
+    counts the steps at which attention ran: two CFG branches per step, except in the first block, whose uncond
+    call takes the cond call's output after the first step (both see the same input)."""
+    steps = 7
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    plan = schedule.plan(pipe.transformer, steps)
+    assert plan.schedule.dense_last_steps == schedule.dense_last_steps
+    assert plan.heads_for("blocks.0.attn1")[0].param_dict == {"extrapolate": schedule.order > 0,
+                                                               "order": max(schedule.order, 1)}
+    calls = []
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith("attn1.to_q"):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    processor = dit_sparse.apply(pipe, plan)
+    g = torch.Generator().manual_seed(0)
+    emb, neg = torch.randn(1, 5, 24, generator=g), torch.randn(1, 5, 24, generator=g)
+    pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, guidance_scale=4.0, height=64,
+         width=80, num_frames=5, output_type="pt", generator=torch.Generator().manual_seed(1))
+    dit_sparse.remove(pipe)
+    layers, runs = len(pipe.transformer.blocks), sum(schedule.runs_attention(steps))
+    assert len(calls) == runs * 2 * layers - (runs - 1)
+    assert processor.stats.executed_density == pytest.approx(len(calls) / (steps * 2 * layers))
+
+
+def test_the_search_keeps_the_fastest_schedule_over_the_bar_and_writes_plan_and_report(tiny_pipe, tmp_path):
+    out = tmp_path / "s.plan.json"
+    result = search_reuse_schedule("tiny-test", PROMPTS, pipe=tiny_pipe, min_psnr=25.0, steps=4, out=out,
+                                   progress=False, **SIZE)
+    check = result.plan.calibration["end_to_end_check"]
+    tried = check["tried"]
+    assert check["chosen"] == tried[-1] and tried[-1]["mean_psnr"] >= 25.0
+    assert all(t["mean_psnr"] < 25.0 for t in tried[:-1])  # every faster schedule was tried first and failed
+    speeds = [t["predicted_speedup"] for t in tried]
+    assert speeds == sorted(speeds, reverse=True)
+    loaded = SparsePlan.load(out)
+    assert loaded.default.strategy == "reuse" and loaded.calibration["source"] == "dit-sparse search --reuse-schedule"
+    report = (tmp_path / "s.report.md").read_text()
+    assert "# Reuse schedule search" in report and report.count("| ") >= len(tried)
+    assert json.loads(out.read_text())["schedule"]["refresh_interval"] == loaded.schedule.refresh_interval
+
+
+def test_an_unreachable_bar_is_an_error_unless_the_closest_is_asked_for(tiny_pipe, tmp_path):
+    out = tmp_path / "s.plan.json"
+    settings = dict(pipe=tiny_pipe, min_psnr=150.0, steps=3, out=out, progress=False, **SIZE)
+    with pytest.raises(SearchError, match="no schedule reached mean PSNR 150"):
+        search_reuse_schedule("tiny-test", PROMPTS[:1], **settings)
+    assert not out.exists()
+    result = search_reuse_schedule("tiny-test", PROMPTS[:1], allow_closest=True, **settings)
+    assert result.closest and "closest to --min-psnr 150" in result.solution.binding and out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--reuse-schedule"], "give --min-psnr"),
+    (["--reuse-schedule", "--min-psnr", "-1"], "got -1.0"),
+    (["--reuse-schedule", "--min-psnr", "30", "--max-error", "0.1"], "--max-error belong to the per-head search"),
+    (["--reuse-schedule", "--min-psnr", "30", "--dense-first", "0.3", "--stats", "x.json"],
+     "--dense-first, --stats belong to the per-head search"),
+    (["--reuse-schedule", "--min-psnr", "30", "--threads", "0"], "--threads must be >= 1"),
+])
+def test_reuse_schedule_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
+    assert main(["search", "--quiet", "--out", str(tmp_path / "p.plan.json")] + args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.plan.json").exists()
+
+
+def test_too_few_steps_is_a_clear_error(tiny_pipe, tmp_path):
+    with pytest.raises(SearchError, match="at least 2 denoising steps"):
+        search_reuse_schedule("tiny-test", PROMPTS[:1], pipe=tiny_pipe, min_psnr=20.0, steps=1,
+                              out=tmp_path / "s.plan.json", progress=False, **SIZE)
