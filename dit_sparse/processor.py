@@ -273,8 +273,10 @@ class SparseProcessor:
             return self._pass_through(binding.stock, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       rotary, kwargs)
         site = self._site(state, binding, attn, hidden_states)
-        # Sharing between CFG branches needs an output that depends on nothing but these; calibration observes all.
-        shares = encoder_hidden_states is None and attention_mask is None and not kwargs and not self.observers
+        # Sharing between CFG branches needs an output that depends on nothing but these; calibration observes every
+        # call, and training needs each branch's own graph (a shared output is a detached copy).
+        shares = encoder_hidden_states is None and attention_mask is None and not kwargs and not self.observers \
+            and not torch.is_grad_enabled()
         if shares:
             shared = shared_output(site, hidden_states, rotary)
             if shared is not None:

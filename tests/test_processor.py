@@ -478,3 +478,20 @@ def test_a_branch_shares_only_an_equal_input_and_equal_rotary_embedding():
     assert cache[("branches", "blocks.0.attn1")]["differs"]
     keep_for_other_branch(site(3, "cond"), x, rotary, out1)
     assert shared_output(site(3, "uncond"), x, rotary) is None
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_branches_share_only_without_autograd(grad):
+    """A shared output is a detached copy: with gradients on (training) every branch runs its own attention."""
+    model = tiny_wan()
+    dit_sparse.apply(model, SparsePlan.uniform(model, "dense"))
+    calls = []
+    model.blocks[0].attn1.to_q.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 4, 3, 10, 14, generator=g), torch.randn(1, 5, 24, generator=g)
+    with torch.set_grad_enabled(grad):
+        for t in (900.0, 500.0):
+            for branch in ("cond", "uncond"):
+                with model.cache_context(branch):
+                    model(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=text, return_dict=False)
+    assert len(calls) == (4 if grad else 3)
