@@ -222,7 +222,7 @@ def _reused_output(site: AttentionSite, key: tuple, spec: HeadStrategy, shape) -
     if not params["extrapolate"] or kept["previous"] is None:
         return kept["out"]
     points = [kept["older"], kept["previous"], (kept["step"], kept["out"])]
-    points = points[1:] if params.get("order", 1) == 1 or points[0] is None else points
+    points = points[1:] if params["order"] == 1 or points[0] is None else points
     return taylor_forecast(points, site.step).to(kept["out"].dtype)
 
 

@@ -1,8 +1,9 @@
 """Exact sharing between the CFG branches of one step: a module whose input is the same in both branches returns
 the first branch's output to the second.
 
-The self-attention of a video-only first block (Wan, LTX-Video, PixArt) sees the latents, the positions and the
-timestep, but no text: both branches give it the same input, so the second call would compute the same output again.
+The self-attention of a video-only first block (Wan's; LTX-Video and PixArt batch their branches into one call)
+sees the latents, the positions and the timestep, but no text: both branches give it the same input, so the second
+call would compute the same output again.
 Which modules do is found at run time, never assumed, and sharing needs bit-equal inputs: at each step the first
 branch's call keeps a cheap fingerprint of its input; a second branch whose fingerprint differs marks the module as
 one whose branches differ (it is never looked at again), and one whose fingerprint matches makes the module a

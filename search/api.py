@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -411,8 +412,6 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
     (with a speed or density target): solve the target under several error models, generate the calibration
     prompts with each plan and keep the highest mean PSNR against dense.
     """
-    from dit_sparse.generate import DTYPES
-
     echo = echo or logger.info
     procs = processes(device)  # several under accelerate launch / torchrun; otherwise just this one
     device = procs.device(device)
@@ -439,6 +438,19 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
         raise SearchError(f"--step-weights must be one of {', '.join(STEP_WEIGHTS)}, got {step_weights!r}")
     if cost not in ("measured", "flop"):
         raise SearchError(f"--cost must be 'measured' or 'flop', got {cost!r}")
+    prompts = _checked_run_options(prompts, device, dtype, threads)
+    if refresh_interval is not None and refresh_interval < 1:
+        raise SearchError(f"--refresh-interval must be >= 1 step, got {refresh_interval}")
+    with _cpu_threads(device, threads):
+        return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
+                       stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
+                       pipe, layer_weights, procs, min_psnr, pick_by_psnr, step_weights, refresh_interval)
+
+
+def _checked_run_options(prompts, device: str, dtype: str, threads: int | None) -> list[str] | None:
+    """The checks both searches make before any work; returns the prompts (read from a file when given one)."""
+    from dit_sparse.generate import DTYPES
+
     if dtype not in DTYPES:
         raise SearchError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -449,15 +461,17 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
         raise SearchError("no prompt given (the prompt list is empty)")
     if threads is not None and threads < 1:
         raise SearchError(f"--threads must be >= 1, got {threads}")
-    if refresh_interval is not None and refresh_interval < 1:
-        raise SearchError(f"--refresh-interval must be >= 1 step, got {refresh_interval}")
+    return prompts
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: str, threads: int | None):
+    """Torch CPU threads for a whole search (None: the cores not already busy); restored afterwards."""
     previous_threads = torch.get_num_threads()
     if not device.startswith("cuda"):
         torch.set_num_threads(threads or auto_threads())
     try:
-        return _search(model, prompts, height, width, frames, steps, guidance, budget, dense_first, dense_layers,
-                       stats, out, device, dtype, allow_closest, cost, cache_dir, calib_steps, seed, progress, echo,
-                       pipe, layer_weights, procs, min_psnr, pick_by_psnr, step_weights, refresh_interval)
+        yield
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -480,25 +494,13 @@ def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | P
     if min_psnr is None or not min_psnr > 0:
         raise SearchError("--reuse-schedule keeps the fastest schedule that reaches --min-psnr; give --min-psnr DB "
                           f"(a PSNR in dB > 0){'' if min_psnr is None else f', got {min_psnr}'}")
-    if dtype not in DTYPES:
-        raise SearchError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SearchError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
-    if threads is not None and threads < 1:
-        raise SearchError(f"--threads must be >= 1, got {threads}")
-    if isinstance(prompts, (str, Path)):
-        prompts = read_prompts(prompts)
-    elif prompts is not None and not [p for p in prompts if p.strip()]:
-        raise SearchError("no prompt given (the prompt list is empty)")
+    prompts = _checked_run_options(prompts, device, dtype, threads)
     model = model or TINY_SHAPES
     paths = output_paths(out, model)
     paths.pop("stats"), paths.pop("png")
     if pipe is None and model != TINY_SHAPES:
         model_fingerprint(model)  # an unsupported transformer fails here, before any weight is loaded
-    previous_threads = torch.get_num_threads()
-    if not device.startswith("cuda"):
-        torch.set_num_threads(threads or auto_threads())
-    try:
+    with _cpu_threads(device, threads):
         try:
             pipe = pipe if pipe is not None else load_model(model, device, DTYPES[dtype])
         except (GenerateError, FileNotFoundError) as e:
@@ -514,8 +516,6 @@ def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | P
         solution, validation, closest = run_schedule_search(
             pipe, transformer, prompts, kwargs, num_steps, min_psnr, seed=seed, allow_closest=allow_closest,
             progress=progress, echo=echo)
-    finally:
-        torch.set_num_threads(previous_threads)
     solution.plan.calibration["model"] = model
     solution.plan.save(paths["plan"])
     write_schedule_report(solution, validation, paths["report"])

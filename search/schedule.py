@@ -59,12 +59,10 @@ class ReuseSchedule:
                 f"{self.refresh_interval}, {forecast}")
 
     def plan(self, transformer, num_steps: int) -> SparsePlan:
-        params: dict[str, Any] = {"extrapolate": self.order > 0}
-        if self.order == 2:
-            params["order"] = 2
         schedule = Schedule(dense_first=self.dense_first_steps / num_steps, dense_last_steps=self.dense_last_steps,
                             refresh_interval=self.refresh_interval)
-        plan = SparsePlan.uniform(transformer, "reuse", schedule=schedule, **params)
+        plan = SparsePlan.uniform(transformer, "reuse", schedule=schedule, extrapolate=self.order > 0,
+                                  order=max(self.order, 1))
         plan.calibration.update({"source": "dit-sparse search --reuse-schedule", "schedule": self.describe(),
                                  "steps": num_steps})
         return plan
