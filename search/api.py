@@ -482,9 +482,11 @@ def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | P
                           out: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
                           allow_closest: bool = False, seed: int = 0, progress: bool = True,
                           threads: int | None = None, echo: Callable[[str], None] | None = None,
-                          pipe=None) -> SearchResult:
+                          pipe=None, grid=None) -> SearchResult:
     """`dit-sparse search --reuse-schedule`: the fastest schedule of a uniform `reuse` plan whose calibration
-    prompts reach `min_psnr` end to end (see `search.schedule`). Writes the plan and a report beside it."""
+    prompts reach `min_psnr` end to end (see `search.schedule`; `grid`, a `ScheduleGrid`, narrows or widens the
+    candidates). Writes the plan and a report beside it."""
+    from dit_sparse.bench_e2e import invoked_command
     from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
 
     from .schedule import search_reuse_schedule as run_schedule_search
@@ -515,10 +517,13 @@ def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | P
                                output_type="np")
         solution, validation, closest = run_schedule_search(
             pipe, transformer, prompts, kwargs, num_steps, min_psnr, seed=seed, allow_closest=allow_closest,
-            progress=progress, echo=echo)
+            progress=progress, echo=echo, grid=grid)
     solution.plan.calibration["model"] = model
+    command = invoked_command()
+    if command is not None:
+        solution.plan.calibration["command"] = command
     solution.plan.save(paths["plan"])
-    write_schedule_report(solution, validation, paths["report"])
+    write_schedule_report(solution, validation, paths["report"], command)
     return SearchResult(solution.plan, solution, None, paths, closest)
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 
 def _layers(text: str) -> tuple[int, ...]:
-    import argparse
-
     try:
         return tuple(int(x) for x in text.replace(" ", "").split(",") if x != "")
     except ValueError:
@@ -50,6 +49,16 @@ def add_search_parser(subparsers) -> None:
                         help="with --min-psnr: search only the schedule of a uniform `reuse` plan (dense first and "
                              "last steps, refresh interval, forecast order), fastest first, checked end to end; no "
                              "calibration statistics")
+    grid = p.add_argument_group("schedule grid of --reuse-schedule (defaults: dense first 1..max(6, 15% of the "
+                                "steps), dense last 0..3, refresh every 2..max(5, steps/8), orders 2,1)")
+    grid.add_argument("--grid-first", type=_whole_numbers, default=None, metavar="N,N",
+                      help="dense first steps to try, e.g. 4,5,6")
+    grid.add_argument("--grid-last", type=_whole_numbers, default=None, metavar="N,N",
+                      help="dense last steps to try, e.g. 1,2")
+    grid.add_argument("--grid-refresh", type=_whole_numbers, default=None, metavar="K,K",
+                      help="refresh intervals to try, e.g. 3,4,5")
+    grid.add_argument("--grid-order", type=_whole_numbers, default=None, metavar="O,O",
+                      help="forecast orders to try, in order of preference: 2 second-order, 1 linear, 0 hold")
     p.add_argument("--dense-first", type=float, default=0.2, help="fraction of the first steps that stay dense")
     p.add_argument("--dense-layers", type=_layers, default=(), help="comma-separated layers that stay dense")
     p.add_argument("--stats", default=None,
@@ -95,6 +104,11 @@ def run_search(args) -> int:
         return 2
     if args.reuse_schedule:
         return _run_reuse_schedule(args, echo)
+    grid_flags = [f"--grid-{name}" for name in _GRID_FLAGS if getattr(args, f"grid_{name}") is not None]
+    if grid_flags:
+        print(f"error: {', '.join(grid_flags)} set the schedule grid of --reuse-schedule; add --reuse-schedule or "
+              "leave them out", file=sys.stderr)
+        return 2
     try:
         result = search(
             args.model, args.prompts, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
@@ -126,12 +140,32 @@ _PER_HEAD_ONLY = {"max_error": None, "target_density": None, "target_speedup": N
                   "calib_steps": 5, "refresh_interval": None, "layer_weights": "sensitivity", "step_weights": "none"}
 
 
+# The --grid-* flags, in the order of ScheduleGrid's fields.
+_GRID_FLAGS = ("first", "last", "refresh", "order")
+
+
+def _tuple_or_none(values: list[int] | None) -> tuple[int, ...] | None:
+    return None if values is None else tuple(values)
+
+
+def _whole_numbers(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 2,3,4, got {text!r}") \
+            from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def _run_reuse_schedule(args, echo) -> int:
     from dit_sparse.adapters import UnsupportedModelError
     from dit_sparse.plan import PlanError
 
     from .api import search_reuse_schedule
     from .errors import SearchError
+    from .schedule import ScheduleGrid
 
     ignored = [name for name, default in _PER_HEAD_ONLY.items() if getattr(args, name) != default]
     if ignored:
@@ -140,8 +174,9 @@ def _run_reuse_schedule(args, echo) -> int:
               "(leave them out)", file=sys.stderr)
         return 2
     try:
+        grid = ScheduleGrid(*(_tuple_or_none(getattr(args, f"grid_{name}")) for name in _GRID_FLAGS))
         result = search_reuse_schedule(
-            args.model, args.prompts, min_psnr=args.min_psnr, height=args.height, width=args.width,
+            args.model, args.prompts, min_psnr=args.min_psnr, grid=grid, height=args.height, width=args.width,
             frames=args.frames, steps=args.steps, guidance=args.guidance, out=args.out, device=args.device,
             dtype=args.dtype, allow_closest=args.allow_closest, seed=args.seed, progress=not args.quiet,
             threads=args.threads, echo=echo)

@@ -28,10 +28,40 @@ from .errors import SearchError
 from .solver import Solution
 from .validation import Trial, Validation, highest_psnr, validate
 
-REFRESH_INTERVALS = (2, 3, 4, 5)
-DENSE_FIRST_STEPS = (1, 2, 3, 4, 5, 6)  # the first step is always dense: there is nothing to reuse yet
-DENSE_LAST_STEPS = (0, 1, 2, 3)
 ORDERS = (2, 1)  # at equal speed the second-order forecast is tried first: it was the more faithful on tiny-shapes
+FORECASTS = {0: "held", 1: "linear forecast", 2: "second-order forecast"}
+
+
+@dataclass(frozen=True)
+class ScheduleGrid:
+    """The values each knob of a candidate schedule takes; None: the default for the step count (`for_steps`)."""
+
+    dense_first_steps: tuple[int, ...] | None = None
+    dense_last_steps: tuple[int, ...] | None = None
+    refresh_intervals: tuple[int, ...] | None = None
+    orders: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        smallest = {"dense_first_steps": (1, "the first step is always dense: there is nothing to reuse yet"),
+                    "dense_last_steps": (0, "a count of steps"),
+                    "refresh_intervals": (2, "an interval of 1 refreshes every step, which is dense")}
+        for name, (low, why) in smallest.items():
+            values = getattr(self, name)
+            if values is not None and (not values or any(not isinstance(v, int) or v < low for v in values)):
+                raise SearchError(f"schedule grid: {name.replace('_', ' ')} must be whole numbers >= {low} ({why}), "
+                                  f"got {list(values)}")
+        if self.orders is not None and (not self.orders or any(o not in FORECASTS for o in self.orders)):
+            raise SearchError(f"schedule grid: forecast orders must be among {sorted(FORECASTS)} (0 holds the output, "
+                              f"1 and 2 forecast it), got {list(self.orders)}")
+
+    def for_steps(self, num_steps: int) -> ScheduleGrid:
+        """The grid with defaults filled in. Outputs change fast in roughly the first 15% of the steps, so the dense
+        warm-up ranges over up to that share; longer runs change less per step and afford longer intervals."""
+        return ScheduleGrid(
+            self.dense_first_steps or tuple(range(1, max(6, round(0.15 * num_steps)) + 1)),
+            self.dense_last_steps or (0, 1, 2, 3),
+            self.refresh_intervals or tuple(range(2, max(5, num_steps // 8) + 1)),
+            self.orders or ORDERS)
 
 
 @dataclass(frozen=True)
@@ -54,7 +84,7 @@ class ReuseSchedule:
         return sum(self.runs_attention(num_steps)) / num_steps
 
     def describe(self) -> str:
-        forecast = {0: "held", 1: "linear forecast", 2: "second-order forecast"}[self.order]
+        forecast = FORECASTS[self.order]
         return (f"{self.dense_first_steps} dense first, {self.dense_last_steps} dense last, refresh every "
                 f"{self.refresh_interval}, {forecast}")
 
@@ -68,17 +98,20 @@ class ReuseSchedule:
         return plan
 
 
-def schedule_grid(num_steps: int, orders: tuple[int, ...] = ORDERS) -> list[ReuseSchedule]:
-    """Every candidate that leaves at least one step sparse, fastest (lowest executed density) first; at equal
-    density, more dense last steps first (the last steps are where reuse costs most), then `orders`' order."""
-    grid = []
-    for first, last, interval, order in itertools.product(DENSE_FIRST_STEPS, DENSE_LAST_STEPS, REFRESH_INTERVALS,
-                                                          orders):
+def schedule_grid(num_steps: int, grid: ScheduleGrid | None = None) -> list[ReuseSchedule]:
+    """Every candidate of `grid` that leaves at least one step sparse, fastest (lowest executed density) first; at
+    equal density, more dense last steps first (the last steps are where reuse costs most), then the grid's order
+    of forecast orders."""
+    values = (grid or ScheduleGrid()).for_steps(num_steps)
+    orders = values.orders
+    candidates = []
+    for first, last, interval, order in itertools.product(values.dense_first_steps, values.dense_last_steps,
+                                                          values.refresh_intervals, orders):
         if first + last >= num_steps:
             continue
-        grid.append(ReuseSchedule(first, last, interval, order))
+        candidates.append(ReuseSchedule(first, last, interval, order))
     unique = {}
-    for cand in grid:  # candidates that run attention at the same steps with the same forecast are one plan
+    for cand in candidates:  # candidates that run attention at the same steps with the same forecast are one plan
         unique.setdefault((tuple(cand.runs_attention(num_steps)), cand.order), cand)
     return sorted(unique.values(), key=lambda c: (c.executed_density(num_steps), -c.dense_last_steps,
                                                   orders.index(c.order), c.refresh_interval))
@@ -108,12 +141,16 @@ def schedule_trials(transformer, num_steps: int, candidates: list[ReuseSchedule]
 def search_reuse_schedule(pipe, transformer, prompts: list[str], call_kwargs: dict[str, Any], num_steps: int,
                           min_psnr: float, *, seed: int = 0, allow_closest: bool = False, progress: bool = True,
                           echo: Callable[[str], None] = lambda message: None,
-                          max_trials: int | None = None) -> tuple[Solution, Validation, bool]:
+                          max_trials: int | None = None,
+                          grid: ScheduleGrid | None = None) -> tuple[Solution, Validation, bool]:
     """The fastest uniform-reuse schedule whose calibration prompts reach `min_psnr` (mean PSNR against dense).
     Returns (solution, validation, closest); raises SearchError when none does (unless `allow_closest`)."""
     if num_steps < 2:
         raise SearchError(f"--reuse-schedule needs at least 2 denoising steps, got {num_steps}")
-    candidates = schedule_grid(num_steps)[:max_trials]
+    candidates = schedule_grid(num_steps, grid)[:max_trials]
+    if not candidates:
+        raise SearchError(f"the schedule grid has no candidate that leaves a step of {num_steps} sparse: lower the "
+                          "dense first or last steps")
     trials = schedule_trials(transformer, num_steps, candidates)
     echo(f"reuse schedule search: {len(prompts)} prompts dense, then up to {len(trials)} schedules, fastest first")
     validation = validate(pipe, prompts, call_kwargs, trials, min_psnr, seed=seed, progress=progress, echo=echo)
@@ -139,9 +176,11 @@ def search_reuse_schedule(pipe, transformer, prompts: list[str], call_kwargs: di
     return solution, validation, closest
 
 
-def write_schedule_report(solution: Solution, validation: Validation, path: Path) -> None:
-    """A markdown list of every schedule tried, in the order tried, and the one kept."""
-    lines = ["# Reuse schedule search", "", solution.binding, "",
+def write_schedule_report(solution: Solution, validation: Validation, path: Path, command: str | None = None) -> None:
+    """A markdown list of every schedule tried, in the order tried, and the one kept; `command`: the command line
+    that ran the search, when known."""
+    ran = [f"Command: `{command}`", ""] if command else []
+    lines = ["# Reuse schedule search", "", *ran, solution.binding, "",
              f"Calibration prompts ({len(validation.prompts)}): " + "; ".join(validation.prompts), "",
              "| schedule | executed density | predicted attention speedup | mean PSNR dB | min PSNR dB |",
              "|---|---|---|---|---|"]
@@ -153,4 +192,5 @@ def write_schedule_report(solution: Solution, validation: Validation, path: Path
     path.write_text("\n".join(lines) + "\n")
 
 
-__all__ = ["ReuseSchedule", "schedule_grid", "schedule_trials", "search_reuse_schedule", "write_schedule_report"]
+__all__ = ["ReuseSchedule", "ScheduleGrid", "schedule_grid", "schedule_trials", "search_reuse_schedule",
+           "write_schedule_report"]

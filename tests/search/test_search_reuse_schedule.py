@@ -2,12 +2,13 @@
 end; a schedule's plan runs attention at exactly the steps the schedule says."""
 
 import json
+import re
 
 import pytest
 import torch
 from dit_sparse.search.api import search_reuse_schedule
 from dit_sparse.search.errors import SearchError
-from dit_sparse.search.schedule import ReuseSchedule, schedule_grid
+from dit_sparse.search.schedule import ReuseSchedule, ScheduleGrid, schedule_grid
 from tiny_models import tiny_wan_pipeline
 
 import dit_sparse
@@ -39,6 +40,42 @@ def test_the_grid_is_fastest_first_and_every_candidate_leaves_a_step_sparse():
             assert a.dense_last_steps >= b.dense_last_steps
 
 
+def test_the_default_grid_scales_with_the_step_count():
+    at_20 = ScheduleGrid().for_steps(20)
+    assert at_20 == ScheduleGrid((1, 2, 3, 4, 5, 6), (0, 1, 2, 3), (2, 3, 4, 5), (2, 1))
+    at_50 = ScheduleGrid().for_steps(50)
+    assert at_50.dense_first_steps == tuple(range(1, 9)) and at_50.refresh_intervals == tuple(range(2, 7))
+    assert max(c.refresh_interval for c in schedule_grid(50)) == 6
+
+
+def test_a_narrowed_grid_holds_only_its_values_and_keeps_its_order_of_orders():
+    grid = schedule_grid(50, ScheduleGrid(dense_first_steps=(4, 5), dense_last_steps=(2,), orders=(1, 2)))
+    assert {c.dense_first_steps for c in grid} == {4, 5} and {c.dense_last_steps for c in grid} == {2}
+    assert {c.refresh_interval for c in grid} == set(range(2, 7))  # not narrowed: the default for 50 steps
+    for a, b in zip(grid, grid[1:]):
+        if a.runs_attention(50) == b.runs_attention(50):
+            assert (a.order, b.order) == (1, 2)  # at equal speed, the order named first is tried first
+
+
+@pytest.mark.parametrize("grid,message", [
+    (dict(dense_first_steps=(0, 2)), "dense first steps must be whole numbers >= 1"),
+    (dict(dense_last_steps=(-1,)), "dense last steps must be whole numbers >= 0"),
+    (dict(refresh_intervals=(1, 3)), "refresh intervals must be whole numbers >= 2"),
+    (dict(refresh_intervals=()), "refresh intervals must be whole numbers >= 2"),
+    (dict(orders=(3,)), "forecast orders must be among [0, 1, 2]"),
+])
+def test_a_bad_grid_is_a_clear_error(grid, message):
+    with pytest.raises(SearchError, match=re.escape(message)):
+        ScheduleGrid(**grid)
+
+
+def test_a_grid_that_leaves_no_step_sparse_is_a_clear_error(tiny_pipe, tmp_path):
+    grid = ScheduleGrid(dense_first_steps=(3,), dense_last_steps=(1,))
+    with pytest.raises(SearchError, match="no candidate that leaves a step of 4 sparse"):
+        search_reuse_schedule("tiny-test", PROMPTS[:1], pipe=tiny_pipe, min_psnr=20.0, steps=4, grid=grid,
+                              out=tmp_path / "s.plan.json", progress=False, **SIZE)
+
+
 @pytest.mark.parametrize("schedule", [ReuseSchedule(1, 1, 2, 2), ReuseSchedule(2, 0, 3, 1), ReuseSchedule(1, 2, 4, 0)])
 def test_a_schedules_plan_computes_attention_exactly_where_the_schedule_says(schedule):
     """On Wan's video-only attn1 a reused module runs none of its projections, so counting its q projections
@@ -66,8 +103,10 @@ def test_a_schedules_plan_computes_attention_exactly_where_the_schedule_says(sch
     assert processor.stats.executed_density == pytest.approx(len(calls) / (steps * 2 * layers))
 
 
-def test_the_search_keeps_the_fastest_schedule_over_the_bar_and_writes_plan_and_report(tiny_pipe, tmp_path):
+def test_the_search_keeps_the_fastest_schedule_over_the_bar_and_writes_plan_and_report(tiny_pipe, tmp_path,
+                                                                                        monkeypatch):
     out = tmp_path / "s.plan.json"
+    monkeypatch.setattr("sys.argv", ["/venv/bin/dit-sparse", "search", "--reuse-schedule", "--min-psnr", "25"])
     result = search_reuse_schedule("tiny-test", PROMPTS, pipe=tiny_pipe, min_psnr=25.0, steps=4, out=out,
                                    progress=False, **SIZE)
     check = result.plan.calibration["end_to_end_check"]
@@ -80,6 +119,8 @@ def test_the_search_keeps_the_fastest_schedule_over_the_bar_and_writes_plan_and_
     assert loaded.default.strategy == "reuse" and loaded.calibration["source"] == "dit-sparse search --reuse-schedule"
     report = (tmp_path / "s.report.md").read_text()
     assert "# Reuse schedule search" in report and report.count("| ") >= len(tried)
+    command = "dit-sparse search --reuse-schedule --min-psnr 25"  # how the report says it was made
+    assert f"Command: `{command}`" in report and loaded.calibration["command"] == command
     assert json.loads(out.read_text())["schedule"]["refresh_interval"] == loaded.schedule.refresh_interval
 
 
@@ -100,6 +141,10 @@ def test_an_unreachable_bar_is_an_error_unless_the_closest_is_asked_for(tiny_pip
     (["--reuse-schedule", "--min-psnr", "30", "--dense-first", "0.3", "--stats", "x.json"],
      "--dense-first, --stats belong to the per-head search"),
     (["--reuse-schedule", "--min-psnr", "30", "--threads", "0"], "--threads must be >= 1"),
+    (["--reuse-schedule", "--min-psnr", "30", "--grid-refresh", "1,3"], "refresh intervals must be whole numbers"),
+    (["--reuse-schedule", "--min-psnr", "30", "--grid-order", "3"], "forecast orders must be among"),
+    (["--max-error", "0.1", "--grid-first", "3", "--grid-last", "1"],
+     "--grid-first, --grid-last set the schedule grid of --reuse-schedule"),
 ])
 def test_reuse_schedule_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
     assert main(["search", "--quiet", "--out", str(tmp_path / "p.plan.json")] + args) == 2
@@ -111,3 +156,20 @@ def test_too_few_steps_is_a_clear_error(tiny_pipe, tmp_path):
     with pytest.raises(SearchError, match="at least 2 denoising steps"):
         search_reuse_schedule("tiny-test", PROMPTS[:1], pipe=tiny_pipe, min_psnr=20.0, steps=1,
                               out=tmp_path / "s.plan.json", progress=False, **SIZE)
+
+
+def test_the_grid_flags_reach_the_search(monkeypatch, tmp_path, capsys):
+    import dit_sparse.search.api as api
+
+    seen = {}
+
+    def fake_search(*args, **kwargs):
+        seen.update(kwargs)
+        raise SearchError("stopped by the test")
+
+    monkeypatch.setattr(api, "search_reuse_schedule", fake_search)
+    args = ["search", "--quiet", "--reuse-schedule", "--min-psnr", "30", "--steps", "50", "--grid-first", "4,5",
+            "--grid-last", "2", "--grid-order", "2", "--out", str(tmp_path / "p.plan.json")]
+    assert main(args) == 2
+    assert "stopped by the test" in capsys.readouterr().err
+    assert seen["grid"] == ScheduleGrid(dense_first_steps=(4, 5), dense_last_steps=(2,), orders=(2,))
