@@ -230,15 +230,18 @@ def taylor_forecast(points: list[tuple[int, torch.Tensor]], step: int) -> torch.
     """Forecast at `step` from computed outputs [(step, out), ...], oldest first (two or three points): the
     Taylor expansion at the last point with derivatives from backward divided differences, as TaylorSeer does.
     The second-order term is f[s0, s1, s2] (step - s2)^2; Newton's polynomial would use (step - s2)(step - s1),
-    which overshoots when the curvature estimate is noisy."""
+    which overshoots when the curvature estimate is noisy. The expansion is linear in the outputs, so it is summed
+    as one weighted sum (one pass per point, in float32, no temporaries): it runs at every reused step."""
     (s1, y1), (s2, y2) = points[-2], points[-1]
-    h = step - s2
-    slope = (y2.float() - y1.float()) / (s2 - s1)
-    forecast = y2.float() + slope * h
-    if len(points) == 3:
+    h, d = step - s2, s2 - s1
+    weights = [(y2, 1 + h / d), (y1, -h / d)]  # y2 + h (y2 - y1) / d
+    if len(points) == 3:  # + h^2 ((y2 - y1) / d - (y1 - y0) / e) / g
         s0, y0 = points[0]
-        curvature = (slope - (y1.float() - y0.float()) / (s1 - s0)) / (s2 - s0)
-        forecast = forecast + curvature * h * h
+        e, g = s1 - s0, s2 - s0
+        weights = [(y2, 1 + h / d + h * h / (d * g)), (y1, -h / d - h * h / g * (1 / d + 1 / e)), (y0, h * h / (e * g))]
+    forecast = torch.mul(weights[0][0].float(), weights[0][1])
+    for y, w in weights[1:]:
+        forecast.add_(y, alpha=w)
     return forecast
 
 

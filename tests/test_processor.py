@@ -250,6 +250,23 @@ def test_taylor_forecast_is_exact_on_lines_and_damps_the_curvature_of_newtons_po
     assert float(taylor_forecast(square, 8)) == pytest.approx(58.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_taylor_forecast_weighted_sum_matches_the_divided_differences_on_uneven_steps(dtype):
+    from dit_sparse.attend import taylor_forecast
+
+    g = torch.Generator().manual_seed(0)
+    points = [(s, torch.randn(2, 7, 5, generator=g).to(dtype)) for s in (1, 4, 6)]
+    (s0, y0), (s1, y1), (s2, y2) = [(s, y.double()) for s, y in points]
+    slope = (y2 - y1) / (s2 - s1)
+    curvature = (slope - (y1 - y0) / (s1 - s0)) / (s2 - s0)
+    for step in (7, 9):
+        h = step - s2
+        second, first = taylor_forecast(points, step), taylor_forecast(points[1:], step)
+        assert second.dtype == first.dtype == torch.float32  # summed in float32 whatever the outputs' dtype
+        assert torch.allclose(second.double(), y2 + slope * h + curvature * h * h, atol=1e-5)
+        assert torch.allclose(first.double(), y2 + slope * h, atol=1e-5)
+
+
 def _pipe_call(pipe, steps=4, **kw):
     g = torch.Generator().manual_seed(0)
     text = pipe.transformer.config.get("max_text_seq_length", 5) if hasattr(pipe.transformer.config, "get") else 5
