@@ -16,6 +16,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+def _load_average(result: dict) -> str:
+    load = result["hardware"].get("load_average_1min")
+    return "n/a" if load is None else f"{load:.2f}"
+
+
 def _hardware(result: dict) -> str:
     hw = result.get("hardware", {})
     where = hw.get("gpu") or f"{hw.get('cpus')}-core {hw.get('machine')} CPU ({hw.get('torch_threads')} threads)"
@@ -44,7 +49,7 @@ def render_e2e(path: Path, result: dict) -> list[str]:
     from dit_sparse.bench_e2e import CEILING_LABEL, markdown_table
 
     lines = [f"**End to end: {result['model']}** (`{result.get('command') or 'dit-sparse bench e2e'}`; "
-             f"{result['date'][:10]}; 1-minute load average {result['hardware'].get('load_average_1min', 'n/a')}; "
+             f"{result['date'][:10]}; 1-minute load average {_load_average(result)}; "
              f"file `{path.relative_to(ROOT)}`)", "", markdown_table(result)]
     ceiling = next((r for r in result["results"] if r["plan"] == CEILING_LABEL), None)
     if ceiling is not None:

@@ -239,7 +239,7 @@ def taylor_forecast(points: list[tuple[int, torch.Tensor]], step: int) -> torch.
         s0, y0 = points[0]
         e, g = s1 - s0, s2 - s0
         weights = [(y2, 1 + h / d + h * h / (d * g)), (y1, -h / d - h * h / g * (1 / d + 1 / e)), (y0, h * h / (e * g))]
-    forecast = torch.mul(weights[0][0].float(), weights[0][1])
+    forecast = weights[0][0].to(torch.float32, copy=True).mul_(weights[0][1])  # a copy: never the kept output
     for y, w in weights[1:]:
         forecast.add_(y, alpha=w)
     return forecast

@@ -183,7 +183,7 @@ def _summarise(label: str, rows: list[dict], dense: list[dict], speed_only: bool
 
 def invoked_command() -> str | None:
     """The `dit-sparse ...` command line that is running, for the result file (None when called from Python)."""
-    return "dit-sparse " + " ".join(sys.argv[1:]) if sys.argv and "dit-sparse" in sys.argv[0] else None
+    return "dit-sparse " + " ".join(sys.argv[1:]) if sys.argv and Path(sys.argv[0]).name == "dit-sparse" else None
 
 
 def hardware(device: str) -> dict[str, Any]:

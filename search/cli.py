@@ -106,8 +106,8 @@ def run_search(args) -> int:
         return _run_reuse_schedule(args, echo)
     grid_flags = [f"--grid-{name}" for name in _GRID_FLAGS if getattr(args, f"grid_{name}") is not None]
     if grid_flags:
-        print(f"error: {', '.join(grid_flags)} set the schedule grid of --reuse-schedule; add --reuse-schedule or "
-              "leave them out", file=sys.stderr)
+        print(f"error: {', '.join(grid_flags)}: the --grid-* flags apply only to --reuse-schedule; add "
+              "--reuse-schedule or leave them out", file=sys.stderr)
         return 2
     try:
         result = search(

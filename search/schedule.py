@@ -16,6 +16,7 @@ end-to-end check sees how those errors add up.
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,10 @@ ORDERS = (2, 1)  # at equal speed the second-order forecast is tried first: it w
 FORECASTS = {0: "held", 1: "linear forecast", 2: "second-order forecast"}
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ScheduleGrid:
     """The values each knob of a candidate schedule takes; None: the default for the step count (`for_steps`)."""
@@ -42,23 +47,27 @@ class ScheduleGrid:
     orders: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        smallest = {"dense_first_steps": (1, "the first step is always dense: there is nothing to reuse yet"),
-                    "dense_last_steps": (0, "a count of steps"),
-                    "refresh_intervals": (2, "an interval of 1 refreshes every step, which is dense")}
-        for name, (low, why) in smallest.items():
+        smallest = {"dense_first_steps": (1, "--grid-first", "the first step is always dense: nothing to reuse yet"),
+                    "dense_last_steps": (0, "--grid-last", "a count of steps"),
+                    "refresh_intervals": (2, "--grid-refresh", "an interval of 1 refreshes every step: dense")}
+        for name, (low, flag, why) in smallest.items():
             values = getattr(self, name)
-            if values is not None and (not values or any(not isinstance(v, int) or v < low for v in values)):
-                raise SearchError(f"schedule grid: {name.replace('_', ' ')} must be whole numbers >= {low} ({why}), "
-                                  f"got {list(values)}")
-        if self.orders is not None and (not self.orders or any(o not in FORECASTS for o in self.orders)):
-            raise SearchError(f"schedule grid: forecast orders must be among {sorted(FORECASTS)} (0 holds the output, "
-                              f"1 and 2 forecast it), got {list(self.orders)}")
+            if values is not None and (len(values) == 0 or any(not _whole(v) or v < low for v in values)):
+                raise SearchError(f"schedule grid: {name.replace('_', ' ')} ({flag}) must be whole numbers >= {low} "
+                                  f"({why}), got {list(values)}")
+        if self.orders is not None and (len(self.orders) == 0 or any(not _whole(o) or o not in FORECASTS
+                                                               for o in self.orders)):
+            raise SearchError(f"schedule grid: forecast orders (--grid-order) must be among {sorted(FORECASTS)} (0 "
+                              f"holds the output, 1 and 2 forecast it), got {list(self.orders)}")
+        for name in ("dense_first_steps", "dense_last_steps", "refresh_intervals", "orders"):
+            if getattr(self, name) is not None:  # lists or numpy integers in, a hashable grid of ints out
+                object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
 
     def for_steps(self, num_steps: int) -> ScheduleGrid:
         """The grid with defaults filled in. Outputs change fast in roughly the first 15% of the steps, so the dense
         warm-up ranges over up to that share; longer runs change less per step and afford longer intervals."""
         return ScheduleGrid(
-            self.dense_first_steps or tuple(range(1, max(6, round(0.15 * num_steps)) + 1)),
+            self.dense_first_steps or tuple(range(1, max(6, num_steps * 15 // 100) + 1)),
             self.dense_last_steps or (0, 1, 2, 3),
             self.refresh_intervals or tuple(range(2, max(5, num_steps // 8) + 1)),
             self.orders or ORDERS)

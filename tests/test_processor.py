@@ -256,6 +256,7 @@ def test_taylor_forecast_weighted_sum_matches_the_divided_differences_on_uneven_
 
     g = torch.Generator().manual_seed(0)
     points = [(s, torch.randn(2, 7, 5, generator=g).to(dtype)) for s in (1, 4, 6)]
+    kept = [y.clone() for _, y in points]
     (s0, y0), (s1, y1), (s2, y2) = [(s, y.double()) for s, y in points]
     slope = (y2 - y1) / (s2 - s1)
     curvature = (slope - (y1 - y0) / (s1 - s0)) / (s2 - s0)
@@ -265,6 +266,7 @@ def test_taylor_forecast_weighted_sum_matches_the_divided_differences_on_uneven_
         assert second.dtype == first.dtype == torch.float32  # summed in float32 whatever the outputs' dtype
         assert torch.allclose(second.double(), y2 + slope * h + curvature * h * h, atol=1e-5)
         assert torch.allclose(first.double(), y2 + slope * h, atol=1e-5)
+    assert all(torch.equal(y, before) for (_, y), before in zip(points, kept))  # the kept outputs stay as they were
 
 
 def _pipe_call(pipe, steps=4, **kw):

@@ -4,6 +4,7 @@ end; a schedule's plan runs attention at exactly the steps the schedule says."""
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from dit_sparse.search.api import search_reuse_schedule
@@ -44,7 +45,8 @@ def test_the_default_grid_scales_with_the_step_count():
     at_20 = ScheduleGrid().for_steps(20)
     assert at_20 == ScheduleGrid((1, 2, 3, 4, 5, 6), (0, 1, 2, 3), (2, 3, 4, 5), (2, 1))
     at_50 = ScheduleGrid().for_steps(50)
-    assert at_50.dense_first_steps == tuple(range(1, 9)) and at_50.refresh_intervals == tuple(range(2, 7))
+    # 15% of 50 is 7.5: up to 7 dense first steps
+    assert at_50.dense_first_steps == tuple(range(1, 8)) and at_50.refresh_intervals == tuple(range(2, 7))
     assert max(c.refresh_interval for c in schedule_grid(50)) == 6
 
 
@@ -58,15 +60,24 @@ def test_a_narrowed_grid_holds_only_its_values_and_keeps_its_order_of_orders():
 
 
 @pytest.mark.parametrize("grid,message", [
-    (dict(dense_first_steps=(0, 2)), "dense first steps must be whole numbers >= 1"),
-    (dict(dense_last_steps=(-1,)), "dense last steps must be whole numbers >= 0"),
-    (dict(refresh_intervals=(1, 3)), "refresh intervals must be whole numbers >= 2"),
-    (dict(refresh_intervals=()), "refresh intervals must be whole numbers >= 2"),
-    (dict(orders=(3,)), "forecast orders must be among [0, 1, 2]"),
+    (dict(dense_first_steps=(0, 2)), "dense first steps (--grid-first) must be whole numbers >= 1"),
+    (dict(dense_last_steps=(-1,)), "dense last steps (--grid-last) must be whole numbers >= 0"),
+    (dict(refresh_intervals=(1, 3)), "refresh intervals (--grid-refresh) must be whole numbers >= 2"),
+    (dict(refresh_intervals=()), "refresh intervals (--grid-refresh) must be whole numbers >= 2"),
+    (dict(refresh_intervals=(2.5,)), "refresh intervals (--grid-refresh) must be whole numbers >= 2"),
+    (dict(orders=(3,)), "forecast orders (--grid-order) must be among [0, 1, 2]"),
+    (dict(orders=(True,)), "forecast orders (--grid-order) must be among [0, 1, 2]"),
 ])
 def test_a_bad_grid_is_a_clear_error(grid, message):
     with pytest.raises(SearchError, match=re.escape(message)):
         ScheduleGrid(**grid)
+
+
+def test_a_grid_takes_lists_and_numpy_integers_and_holds_plain_int_tuples():
+    grid = ScheduleGrid(dense_first_steps=[np.int64(4), 5], refresh_intervals=np.array([3, 4]))
+    assert grid.dense_first_steps == (4, 5) and grid.refresh_intervals == (3, 4)
+    assert all(type(v) is int for v in grid.dense_first_steps + grid.refresh_intervals)
+    assert hash(grid) == hash(ScheduleGrid((4, 5), None, (3, 4)))
 
 
 def test_a_grid_that_leaves_no_step_sparse_is_a_clear_error(tiny_pipe, tmp_path):
@@ -141,15 +152,26 @@ def test_an_unreachable_bar_is_an_error_unless_the_closest_is_asked_for(tiny_pip
     (["--reuse-schedule", "--min-psnr", "30", "--dense-first", "0.3", "--stats", "x.json"],
      "--dense-first, --stats belong to the per-head search"),
     (["--reuse-schedule", "--min-psnr", "30", "--threads", "0"], "--threads must be >= 1"),
-    (["--reuse-schedule", "--min-psnr", "30", "--grid-refresh", "1,3"], "refresh intervals must be whole numbers"),
-    (["--reuse-schedule", "--min-psnr", "30", "--grid-order", "3"], "forecast orders must be among"),
+    (["--reuse-schedule", "--min-psnr", "30", "--grid-refresh", "1,3"],
+     "refresh intervals (--grid-refresh) must be whole numbers"),
+    (["--reuse-schedule", "--min-psnr", "30", "--grid-order", "3"], "forecast orders (--grid-order) must be among"),
     (["--max-error", "0.1", "--grid-first", "3", "--grid-last", "1"],
-     "--grid-first, --grid-last set the schedule grid of --reuse-schedule"),
+     "--grid-first, --grid-last: the --grid-* flags apply only to --reuse-schedule"),
 ])
 def test_reuse_schedule_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
     assert main(["search", "--quiet", "--out", str(tmp_path / "p.plan.json")] + args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "p.plan.json").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--grid-first", "", "expected at least one number"),
+    ("--grid-last", "1,x", "expected comma-separated whole numbers such as 2,3,4, got '1,x'"),
+])
+def test_a_grid_flag_that_is_not_a_list_of_numbers_is_a_usage_error(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--reuse-schedule", "--min-psnr", "30", flag, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_too_few_steps_is_a_clear_error(tiny_pipe, tmp_path):
