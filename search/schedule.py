@@ -29,7 +29,9 @@ from .errors import SearchError
 from .solver import Solution
 from .validation import Trial, Validation, highest_psnr, validate
 
-ORDERS = (2, 1)  # at equal speed the second-order forecast is tried first: it was the more faithful on tiny-shapes
+# At equal speed the second-order forecast is tried first: the more faithful on tiny-shapes at 20 steps. Both are
+# tried: at 50 steps the linear one was the better at 3 dense first, 3 dense last, refresh 5 (30.9 against 28.8 dB).
+ORDERS = (2, 1)
 FORECASTS = {0: "held", 1: "linear forecast", 2: "second-order forecast"}
 
 
