@@ -7,11 +7,15 @@ import sys
 from pathlib import Path
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def _comma_separated_ints(text: str, what: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.replace(" ", "").split(",") if x != "")
+        return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    return _comma_separated_ints(text.replace(" ", ""), "layer indices")
 
 
 def add_search_parser(subparsers) -> None:
@@ -144,16 +148,8 @@ _PER_HEAD_ONLY = {"max_error": None, "target_density": None, "target_speedup": N
 _GRID_FLAGS = ("first", "last", "refresh", "order")
 
 
-def _tuple_or_none(values: list[int] | None) -> tuple[int, ...] | None:
-    return None if values is None else tuple(values)
-
-
-def _whole_numbers(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 2,3,4, got {text!r}") \
-            from None
+def _whole_numbers(text: str) -> tuple[int, ...]:
+    values = _comma_separated_ints(text, "whole numbers such as 2,3,4")
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
@@ -174,7 +170,7 @@ def _run_reuse_schedule(args, echo) -> int:
               "(leave them out)", file=sys.stderr)
         return 2
     try:
-        grid = ScheduleGrid(*(_tuple_or_none(getattr(args, f"grid_{name}")) for name in _GRID_FLAGS))
+        grid = ScheduleGrid(*(getattr(args, f"grid_{name}") for name in _GRID_FLAGS))
         result = search_reuse_schedule(
             args.model, args.prompts, min_psnr=args.min_psnr, grid=grid, height=args.height, width=args.width,
             frames=args.frames, steps=args.steps, guidance=args.guidance, out=args.out, device=args.device,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,9 +61,10 @@ class ScheduleGrid:
                                                                for o in self.orders)):
             raise SearchError(f"schedule grid: forecast orders (--grid-order) must be among {sorted(FORECASTS)} (0 "
                               f"holds the output, 1 and 2 forecast it), got {list(self.orders)}")
-        for name in ("dense_first_steps", "dense_last_steps", "refresh_intervals", "orders"):
-            if getattr(self, name) is not None:  # lists or numpy integers in, a hashable grid of ints out
-                object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        for field in fields(self):
+            values = getattr(self, field.name)
+            if values is not None:  # lists or numpy integers in, a hashable grid of ints out
+                object.__setattr__(self, field.name, tuple(int(v) for v in values))
 
     def for_steps(self, num_steps: int) -> ScheduleGrid:
         """The grid with defaults filled in. Outputs change fast in roughly the first 15% of the steps, so the dense
