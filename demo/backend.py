@@ -25,7 +25,16 @@ from typing import Any, Callable
 import numpy as np
 
 from ..api import transformers_of
-from ..generate import DTYPES, PLANS_DIR, TINY_SHAPES, GenerateError, compare_dense_sparse, load_model, write_video
+from ..generate import (
+    DTYPES,
+    PLANS_DIR,
+    TINY_SHAPES,
+    GenerateError,
+    compare_dense_sparse,
+    load_model,
+    side_by_side,
+    write_video,
+)
 from ..plan import PlanError, SparsePlan
 from ..strategies import STRATEGIES
 
@@ -580,7 +589,7 @@ class DemoBackend:
         dense, sparse = comparison.dense, comparison.sparse
         write_video(out / "dense.mp4", dense)
         write_video(out / "sparse.mp4", sparse)
-        write_video(out / "side_by_side.mp4", np.concatenate([dense, sparse], axis=2))
+        write_video(out / "side_by_side.mp4", side_by_side(dense, sparse))
         difference_heatmap(dense, sparse, out / "difference.png")
         self.draw_plan(plan, plan_name, request.height, request.width, request.frames, out / "plan.png")
         metrics = dict(comparison.metrics)

@@ -1,10 +1,13 @@
-"""`dit-sparse generate` on a locally saved tiny-shapes pipeline at a reduced size, and its bad-input errors."""
+"""`dit-sparse generate` on a locally saved tiny-shapes pipeline at a reduced size, and its bad-input errors; the
+labelled side-by-side clip."""
 
 import json
 
+import numpy as np
 import pytest
 
 from dit_sparse.cli import main
+from dit_sparse.generate import SHOWN_HEIGHT, side_by_side
 from dit_sparse.plan import ModelFingerprint, SparsePlan
 
 
@@ -33,6 +36,18 @@ def test_generate_smoke_writes_videos_and_report(saved_pipeline, tmp_path, capsy
     for name in ("dense.mp4", "sparse.mp4", "side_by_side.mp4"):
         assert (out / name).stat().st_size > 0
     assert "speedup" in capsys.readouterr().out
+    import imageio.v3 as iio
+
+    dense, side = iio.imread(out / "dense.mp4"), iio.imread(out / "side_by_side.mp4")
+    assert dense.shape == (2, 256, 256, 3)  # 16x16 upscaled to 256
+    band = side.shape[1] - 256  # the caption band above the pictures
+    assert side.shape == (2, 256 + band, 512, 3) and 0 < band < 128 and side.shape[1] % 2 == 0
+    assert np.abs(side[:, band:, :256].astype(int) - dense).mean() < 8  # the left half is the dense clip
+    caption = side[:, :band].astype(int)
+    assert caption.max() - caption.min() > 150  # text on the band, not a uniform strip
+    labelled = side_by_side(np.zeros((1, 16, 16, 3)), np.zeros((1, 16, 16, 3)))[0, :band].astype(int)
+    swapped = side_by_side(np.zeros((1, 16, 16, 3)), np.zeros((1, 16, 16, 3)), ("sparse", "dense"))[0, :band]
+    assert np.abs(caption - labelled).mean() < np.abs(caption - swapped.astype(int)).mean() / 2  # dense | sparse
 
 
 @pytest.mark.parametrize(
@@ -102,3 +117,70 @@ def test_repeated_timings_keep_the_fastest_and_the_same_frames(monkeypatch):
     assert np.array_equal(runs[0], runs[2]) and np.array_equal(runs[1], runs[3])
     assert not np.array_equal(runs[0], runs[1]) and 0 < m["executed_attention_density"] < 1
 
+
+
+@pytest.fixture(params=["freetype", "bitmap"])
+def label_font(request, monkeypatch):
+    """Both fonts side_by_side draws with: Pillow's FreeType default at a size, and the bitmap font that stands in
+    where FreeType (or load_default(size=...), Pillow < 10.1) is missing."""
+    if request.param == "bitmap":
+        from PIL import ImageFont
+
+        bitmap = ImageFont.load_default_imagefont
+
+        def no_freetype(size=None):
+            if size is not None:
+                raise ImportError("The _imagingft C module is not installed")
+            return bitmap()
+
+        monkeypatch.setattr(ImageFont, "load_default", no_freetype)
+    return request.param
+
+
+def _clips(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16, 3), (3, 32, 32, 3), (1, 15, 15, 3), (1, 8, 12, 3), (1, 300, 40, 3)])
+def test_side_by_side_puts_a_caption_band_above_both_pictures_intact(label_font, shape):
+    dense, sparse = _clips(shape)
+    out = side_by_side(dense, sparse)
+    frames, height, width, _ = shape
+    scale = out.shape[2] // 2 // width
+    band = out.shape[1] - height * scale
+    assert out.dtype == np.uint8 and out.shape == (frames, height * scale + band, 2 * width * scale, 3)
+    assert out.shape[1] % 2 == 0 and out.shape[2] % 2 == 0  # libx264, yuv420p
+    assert scale == max(1, SHOWN_HEIGHT // height, -(-96 // width))  # as tall as write_video shows it, >= 96 wide
+    assert max(1, SHOWN_HEIGHT // out.shape[1]) == 1  # write_video then keeps it at its size
+    assert 10 <= band < height * scale
+    for half, clip in zip((out[:, band:, :width * scale], out[:, band:, width * scale:]), (dense, sparse)):
+        assert np.array_equal(half, clip.repeat(scale, axis=1).repeat(scale, axis=2))  # nearest, pixel for pixel
+    caption = out[:, :band]
+    assert (caption == caption[:1]).all() and (caption == caption[..., :1]).all()  # one grey band on every frame
+    assert caption[0, 0, 0, 0] == 0 and caption.max() == 255  # white text on black
+    floats = side_by_side(dense / 255.0, sparse / 255.0)
+    assert np.array_equal(floats, out)  # float clips in [0, 1] as written by write_video
+
+
+def test_side_by_side_bands_name_their_own_half(label_font):
+    """The left band is the rendering of "dense" and the right one of "sparse", whatever the pictures: a swapped or
+    missing label fails."""
+    dense, sparse = _clips((1, 16, 16, 3))
+    out = side_by_side(dense, sparse)
+    band = out.shape[1] - 256
+    left, right = out[0, :band, :256], out[0, :band, 256:]
+    other_dense, other_sparse = _clips((1, 16, 16, 3), seed=1)
+    as_dense = side_by_side(other_dense, other_sparse, labels=("dense", "dense"))[0, :band]
+    as_sparse = side_by_side(other_dense, other_sparse, labels=("sparse", "sparse"))[0, :band]
+    assert np.array_equal(as_dense[:, :256], as_dense[:, 256:])  # a band depends on its label only
+    assert np.array_equal(as_sparse[:, :256], as_sparse[:, 256:])
+    assert np.array_equal(left, as_dense[:, :256]) and np.array_equal(right, as_sparse[:, :256])
+    assert not np.array_equal(left, right)
+    assert left.max() == 255 and right.max() == 255  # neither band is blank
+    assert not np.array_equal(side_by_side(dense, sparse, labels=("A", "B")), out)
+
+
+def test_side_by_side_refuses_clips_of_different_shapes():
+    with pytest.raises(ValueError, match="of one shape"):
+        side_by_side(np.zeros((2, 16, 16, 3)), np.zeros((2, 16, 32, 3)))

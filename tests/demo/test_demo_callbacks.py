@@ -38,7 +38,15 @@ def test_good_request_returns_videos_pictures_and_metrics(callbacks, small):
 
     frames = iio.imread(dense)
     assert frames.shape == (4, 256, 256, 3)  # 32x32 upscaled to 256 for the page
-    assert iio.imread(side).shape == (4, 256, 512, 3)
+    side_frames = iio.imread(side)  # dense | sparse, under a caption band that names each half
+    band = side_frames.shape[1] - 256
+    assert side_frames.shape == (4, 256 + band, 512, 3) and 0 < band < 128 and side_frames.shape[1] % 2 == 0
+    assert np.abs(side_frames[:, band:, :256].astype(int) - frames).mean() < 8
+    from dit_sparse.generate import side_by_side
+
+    caption = side_frames[:, :band].astype(int)
+    labelled = side_by_side(np.zeros((1, 32, 32, 3)), np.zeros((1, 32, 32, 3)))[0, :band].astype(int)
+    assert caption.max() - caption.min() > 150 and np.abs(caption - labelled).mean() < 4
     for path in (heat, plan_png):
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = dict(table.values.tolist())
