@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                 continue
             base_ms = None  # the 16-bit variant's, first in the dict
             for name, (vq, vk, vv, scales) in inputs.items():
-                def run(vq=vq, vk=vk, vv=vv, scales=scales):
+                def run(vq=vq, vk=vk, vv=vv, scales=scales, idx=idx, cnt=cnt, block_m=block_m, block_n=block_n):
                     launch_forward(vq, vk, vv, idx, cnt, out, lse, block_q=block_q, block_k=block_k,
                                    scale=scale, fp8=scales, block_m=block_m, block_n=block_n)
                 ms = time_ms(run, device, args.budget)

@@ -75,7 +75,7 @@ def main(argv=None):
     for density in args.densities:
         for kind, layout in (("band", band_layout(args.seq, bq, bk, density)),
                              ("random", random_layout(args.seq, bq, bk, density, args.heads))):
-            sparse_s = best_time(lambda: executor.run(q, k, v, layout), args.repeats)
+            sparse_s = best_time(lambda layout=layout: executor.run(q, k, v, layout), args.repeats)
             speedup = dense_s / sparse_s
             rows.append({"layout": kind, "density": layout.density(), "seconds": sparse_s, "speedup": speedup,
                          "linearity": speedup * layout.density()})

@@ -54,7 +54,7 @@ class Callbacks:
         self.backend = backend
 
     def compare(self, prompt, seed, steps, guidance, resolution, frames, plan_source, shipped_plan, plan_file,
-                strategy, knob, progress=gr.Progress()):
+                strategy, knob, progress=gr.Progress()):  # noqa: B008 (Gradio's progress-injection default)
         """Returns (dense video, sparse video, side-by-side video, heat map, metrics table, plan picture,
         raw metrics, status line)."""
         try:

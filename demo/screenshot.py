@@ -17,7 +17,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIDEOS_READY = ("() => ['#dense-video', '#sparse-video', '#side-by-side'].every(id => {"
-                "  const v = document.querySelector(id + ' video'); return v && v.readyState >= 2 && v.videoWidth > 0; })")
+                "  const v = document.querySelector(id + ' video');"
+                " return v && v.readyState >= 2 && v.videoWidth > 0; })")
 
 
 def free_port() -> int:

@@ -116,8 +116,8 @@ def markdown(result: dict) -> str:
                      f"less wall time (target: {c['target']}; met: {c['meets_target']})")
         teacher = result["rows"]["teacher_50"]["caption_accuracy"]
         if teacher < WEAK_TEACHER:
-            lines.append(f"caution: the 50-step teacher itself passes only {teacher:.0%} of the prompts, so the accuracy "
-                         "half of this comparison says little until the teacher is better trained")
+            lines.append(f"caution: the 50-step teacher itself passes only {teacher:.0%} of the prompts, so the "
+                         "accuracy half of this comparison says little until the teacher is better trained")
     return "\n".join(lines)
 
 

@@ -38,8 +38,16 @@ from .config import DistillConfig
 from .losses import default_huber_c, fake_score_loss, student_loss
 from .pipelines import kind_of
 from .roles import Roles
-from .sigmas import (default_terminal, diffuse, make_scheduler, pred_x0_eps, renoise, sample_in_interval, sigma_grid,
-                     x0_from)
+from .sigmas import (
+    default_terminal,
+    diffuse,
+    make_scheduler,
+    pred_x0_eps,
+    renoise,
+    sample_in_interval,
+    sigma_grid,
+    x0_from,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +287,8 @@ class Distiller:
                 v = self.roles.student_velocity(x, s[j], batch.emb)
                 x0, eps = pred_x0_eps(v, x, s[j])
                 if j < batch.k:
-                    x = renoise(x0, eps, s[j + 1], self.cfg.eta, batch.rollout_noise[j] if batch.rollout_noise else None)
+                    x = renoise(x0, eps, s[j + 1], self.cfg.eta,
+                                batch.rollout_noise[j] if batch.rollout_noise else None)
         return x, x0, eps
 
     def noisy_point(self, batch: Batch, x0: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +329,8 @@ class Distiller:
         x0 = x0_from(v, x_k, s_k)
         loss, g = student_loss(x0, x0_real, x0_fake, self.huber_c)
         with torch.no_grad():
-            info = {"dmd_gap": float((x0_fake - x0_real).abs().mean()), "x0_to_real": float((x0 - x0_real).abs().mean())}
+            info = {"dmd_gap": float((x0_fake - x0_real).abs().mean()),
+                    "x0_to_real": float((x0 - x0_real).abs().mean())}
         return loss, info
 
     # -- updates -----------------------------------------------------------------------------------------------
@@ -523,7 +533,7 @@ class Distiller:
         f, h, w = self.size
         pipe.set_progress_bar_config(disable=True)
         videos = []
-        for i, emb in enumerate(self.validation_embeds):
+        for _i, emb in enumerate(self.validation_embeds):
             gens = [torch.Generator().manual_seed(s) for s in self.cfg.validation_seeds]
             n = len(gens)
             kwargs = {"negative_prompt_embeds": self.negative.expand(n, -1, -1)} if guidance > 1 else {}

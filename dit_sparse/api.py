@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .adapters import adapter_for_transformer
+from .executors import get_executor
 from .plan import SparsePlan
 from .processor import SparseProcessor, attention_modules, set_module_processor
-from .executors import get_executor
 from .strategies import get_strategy
 from .strategies.base import BuildContext
 
@@ -45,7 +45,8 @@ def apply(pipe_or_transformer, plan: SparsePlan, executor: str | None = None,
                 f"{type(transformer).__name__} already runs a dit-sparse plan; call dit_sparse.remove(...) first"
             )
         processor.check_plan(transformer, adapter_for_transformer(transformer))
-    scheduler = None if isinstance(pipe_or_transformer, torch.nn.Module) else getattr(pipe_or_transformer, "scheduler", None)
+    scheduler = (None if isinstance(pipe_or_transformer, torch.nn.Module)
+                 else getattr(pipe_or_transformer, "scheduler", None))
     for transformer in transformers:
         modules = attention_modules(transformer)
         originals = {name: module.processor for name, module in modules.items()}
@@ -118,9 +119,10 @@ def _describe(processor: SparseProcessor, transformer) -> list[str]:
         f"dense layers {list(sched.dense_layers)}, refresh every {sched.refresh_interval} steps",
     ]
     device = next(transformer.parameters()).device
-    blocks = processor.block_size or get_executor(processor.executor_name, device).block_sizes(device, plan.model.head_dim)
+    blocks = (processor.block_size
+              or get_executor(processor.executor_name, device).block_sizes(device, plan.model.head_dim))
     densities = []
-    for name, layer in adapter.covered_modules(transformer):
+    for name, _layer in adapter.covered_modules(transformer):
         heads = plan.heads_for(name)
         groups: dict[str, int] = {}
         for spec in heads:

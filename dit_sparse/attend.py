@@ -271,7 +271,8 @@ def _layout(spec: HeadStrategy, heads: list[int], q, k, site: AttentionSite) -> 
     key = ("layout", site.module_name, tuple(heads), site.branch)
     entry = site.cache.get(key)
     if not site.is_fresh(entry) or entry["grid"] != site.grid or entry["batch"] != q.shape[0]:
-        entry = {"step": site.step, "grid": site.grid, "batch": q.shape[0], "layout": strategy.layout(spec.param_dict, ctx)}
+        entry = {"step": site.step, "grid": site.grid, "batch": q.shape[0],
+                 "layout": strategy.layout(spec.param_dict, ctx)}
         site.cache[key] = entry
     return entry["layout"]
 

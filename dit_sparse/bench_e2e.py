@@ -24,8 +24,18 @@ import torch
 
 from .api import apply, remove, transformers_of
 from .atomic import write_json
-from .generate import (DTYPES, GenerateError, check_device_and_dtype, check_positive, default_plan_id, load_model,
-                       resolve_plan, timed_generation, tiny_shapes_weights_id, warm_up)
+from .generate import (
+    DTYPES,
+    GenerateError,
+    check_device_and_dtype,
+    check_positive,
+    default_plan_id,
+    load_model,
+    resolve_plan,
+    timed_generation,
+    tiny_shapes_weights_id,
+    warm_up,
+)
 from .metrics import format_metric, psnr, ssim
 from .plan import SparsePlan
 from .strategies import STRATEGIES
@@ -242,16 +252,20 @@ def markdown_table(result: dict[str, Any]) -> str:
     fmt = format_metric
     lines = [
         f"{result['model']} on {result['device']} ({result['dtype']}), {result['prompts']} prompts x "
-        f"{len(result['seeds'])} seeds, steps={result['steps'] or 'default'}; {result['hardware'].get('gpu') or result['hardware']['processor'] or result['hardware']['machine']}, "
-        f"{result['hardware']['cpus']} CPUs; torch {result['versions']['torch']}, diffusers {result['versions']['diffusers']}",
+        f"{len(result['seeds'])} seeds, steps={result['steps'] or 'default'}; "
+        f"{result['hardware'].get('gpu') or result['hardware']['processor'] or result['hardware']['machine']}, "
+        f"{result['hardware']['cpus']} CPUs; torch {result['versions']['torch']}, "
+        f"diffusers {result['versions']['diffusers']}",
         "",
-        "| plan | total s | attention s | speedup | attention speedup | executed density | PSNR dB | SSIM | caption accuracy |",
+        "| plan | total s | attention s | speedup | attention speedup | executed density | PSNR dB | SSIM "
+        "| caption accuracy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         lines.append(
             f"| {r['plan']} | {fmt(r['seconds'], '.2f')} | {fmt(r['attention_seconds'], '.2f')} | "
-            f"{fmt(r['speedup'], '.2f')}x | {fmt(r['attention_speedup'], '.2f')}x | {fmt(r['executed_density'], '.1%')} | "
+            f"{fmt(r['speedup'], '.2f')}x | {fmt(r['attention_speedup'], '.2f')}x | "
+            f"{fmt(r['executed_density'], '.1%')} | "
             f"{fmt(r['psnr'], '.1f')} | {fmt(r['ssim'], '.3f')} | {fmt(r['caption_accuracy'], '.0%')} |"
         )
     return "\n".join(lines)

@@ -137,7 +137,8 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
         finally:
             remove(model)
         records.append({"plan": spec, "seconds": seconds, "attention_seconds": attention,
-                        "speedup": dense_s / seconds, "attention_speedup": dense_attn / attention if attention else None,
+                        "speedup": dense_s / seconds,
+                        "attention_speedup": dense_attn / attention if attention else None,
                         "executed_density": density})
     return {
         "benchmark": "bench speed (random weights; fidelity not measured)",

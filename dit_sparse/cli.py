@@ -19,7 +19,8 @@ def _add_generate(sub):
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--plan", default=None,
                    help="a plan file, a strategy name for a uniform plan (e.g. diagonal, block_adaptive), or 'default'")
-    p.add_argument("--model", default="tiny-shapes", help="tiny-shapes, or a local diffusers pipeline directory / hub id")
+    p.add_argument("--model", default="tiny-shapes",
+                   help="tiny-shapes, or a local diffusers pipeline directory / hub id")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--height", type=int, default=None)

@@ -68,7 +68,8 @@ class BlockLayout:
         if self.kv_index.dim() != 4 or self.kv_index.shape[2] != nq:
             raise ValueError(f"kv_index must be (B, H, {nq}, K), got {tuple(self.kv_index.shape)}")
         if self.kv_count.shape != self.kv_index.shape[:3]:
-            raise ValueError(f"kv_count {tuple(self.kv_count.shape)} does not match kv_index {tuple(self.kv_index.shape)}")
+            raise ValueError(f"kv_count {tuple(self.kv_count.shape)} does not match kv_index "
+                             f"{tuple(self.kv_index.shape)}")
         if self.kv_level is not None and self.kv_level.shape != self.kv_index.shape:
             raise ValueError("kv_level must have the shape of kv_index")
         if self.block_k % (2**MAX_LEVEL) and self.kv_level is not None:

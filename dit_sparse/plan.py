@@ -74,7 +74,8 @@ class HeadStrategy:
         unknown = sorted(set(given) - set(impl.params))
         if unknown:
             allowed = ", ".join(sorted(impl.params)) or "none"
-            raise PlanError(f"{path}.{unknown[0]}: unknown parameter for {strategy!r} (allowed: {allowed}, rescale, fp8)")
+            raise PlanError(f"{path}.{unknown[0]}: unknown parameter for {strategy!r} "
+                            f"(allowed: {allowed}, rescale, fp8)")
         params = {}
         for name, spec in impl.params.items():
             value = given.get(name, spec.default)
@@ -144,7 +145,8 @@ class Schedule:
             raise PlanError(f"{path}: expected an object, got {data!r}")
         unknown = sorted(set(data) - {"dense_first", "dense_last_steps", "dense_layers", "refresh_interval"})
         if unknown:
-            raise PlanError(f"{path}.{unknown[0]}: unknown key (allowed: dense_first, dense_last_steps, dense_layers, refresh_interval)")
+            raise PlanError(f"{path}.{unknown[0]}: unknown key "
+                            "(allowed: dense_first, dense_last_steps, dense_layers, refresh_interval)")
         values = dict(data)
         if isinstance(values.get("dense_layers"), list):
             values["dense_layers"] = tuple(values["dense_layers"])
@@ -326,5 +328,6 @@ class SparsePlan:
         for key, kind in expected.items():
             value = data.get(key)
             if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-                raise PlanError(f"$.model.{key}: expected {'a positive integer' if kind is int else 'a string'}, got {value!r}")
+                raise PlanError(f"$.model.{key}: expected {'a positive integer' if kind is int else 'a string'}, "
+                                f"got {value!r}")
         return ModelFingerprint(**{k: data[k] for k in expected})

@@ -251,10 +251,12 @@ def measure_cost(candidates: list[Candidate], grid: Grid, block_q: int, block_k:
             pair(f"est:{cand.key}", lambda q_, k_, v_, c_, s=strategy, p=params: s.layout(p, c_))
             layout = strategy.layout(params, ctx_all)
             dyn_layouts[cand.key] = layout
-            bench.add(f"run:{cand.key}|all", lambda fn=runner(cand, layout): fn(q, k, v))
+            run_fn = runner(cand, layout)
+            bench.add(f"run:{cand.key}|all", lambda fn=run_fn: fn(q, k, v))
         else:
             layout = _static_layout(cand, grid, block_q, block_k)
-            pair(f"run:{cand.key}", lambda q_, k_, v_, c_, fn=runner(cand, layout): fn(q_, k_, v_))
+            run_fn = runner(cand, layout)
+            pair(f"run:{cand.key}", lambda q_, k_, v_, c_, fn=run_fn: fn(q_, k_, v_))
     times = bench.run(progress)
 
     def split(name):

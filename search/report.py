@@ -56,7 +56,8 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
         + (f"; step sensitivities {', '.join(f'{step}: {v:.2f}' for step, v in step_sens)}" if step_sens else ""),
         f"- candidates per head: {len(stats.candidates)} ({', '.join(sorted({c.family for c in stats.candidates}))});"
         f" {_modifier_note(stats.candidates, info.get('refresh_interval'))}",
-        f"- cost model: {cost.kind} ({cost.unit}){' on ' + cost.meta.get('device', '') if cost.kind == 'measured' else ''}",
+        f"- cost model: {cost.kind} ({cost.unit})"
+        f"{' on ' + cost.meta.get('device', '') if cost.kind == 'measured' else ''}",
         f"- schedule: dense first {plan.schedule.dense_first:.0%} of steps ({m['dense_steps']} of {m['num_steps']}), "
         f"dense layers {list(plan.schedule.dense_layers) or 'none'}, dynamic layouts and re-scale statistics "
         f"refreshed every {plan.schedule.refresh_interval} steps",
@@ -97,8 +98,9 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
     if validation is not None:
         lines += _validation_lines(validation)
     lines += _candidate_lines(solution, stats)
-    lines += ["", "## Layers", "", "| layer | module | sensitivity weight | relative L2 error | density | head groups | "
-              "strategies |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Layers", "",
+              "| layer | module | sensitivity weight | relative L2 error | density | head groups | strategies |",
+              "|---|---|---|---|---|---|---|"]
     head_err = np.asarray(m["head_error"])
     head_dens = np.asarray(m["head_density"])
     for mi, name in enumerate(stats.modules):

@@ -281,7 +281,10 @@ def _relax(prob: Problem, f: np.ndarray, g: np.ndarray, lam: float) -> np.ndarra
 def _lagrange(prob: Problem, f_name: str, g_name: str, budget: float) -> tuple[np.ndarray, float]:
     """Smallest multiplier whose relaxed solution meets `budget` on the exact g; returns (assignment, lambda)."""
     f, g = prob.metric(f_name), prob.metric(g_name)
-    g_exact = lambda a: prob.totals(a)[g_name]
+
+    def g_exact(a):
+        return prob.totals(a)[g_name]
+
     a0 = _relax(prob, f, g, 0.0)
     if g_exact(a0) <= budget:
         return a0, 0.0
@@ -330,7 +333,10 @@ def _deltas(prob: Problem, a: np.ndarray):
         gp = np.einsum("mhc,mhk->mck", onehot, prob.p)
         ge = np.einsum("mhc,mhk->mck", onehot, np.where(np.isfinite(prob.err), prob.err, 1e30))
         gd = np.einsum("mhc,mhk->mck", onehot, prob.dens)
-    diag = lambda x: np.diagonal(x, axis1=1, axis2=2)[..., None]
+
+    def diag(x):
+        return np.diagonal(x, axis1=1, axis2=2)[..., None]
+
     join_g = np.where(prob.perhead[None, None, :], counts[:, :, None] * prob.o[None, None, :],
                       np.where(counts[:, None, :] == 0, prob.o[None, None, :], 0.0))
     gdt = gp - diag(gp) + join_g - prob.o[None, :, None]
@@ -411,7 +417,10 @@ def _pair_move(prob: Problem, a: np.ndarray, single, fi: int, gi: int, f_scale: 
     # Moves that free the most g for the least f, and those that free the most g at all.
     ratio = flat_df[pay] / -flat_dg[pay]
     pay = np.unique(np.concatenate([pay[np.argsort(ratio)[:k]], pay[np.argsort(flat_dg[pay])[:k]]]))
-    head_of = lambda idx: idx // prob.shape[2]
+
+    def head_of(idx):
+        return idx // prob.shape[2]
+
     total_df = flat_df[gain][:, None] + flat_df[pay][None, :]
     total_dg = flat_dg[gain][:, None] + flat_dg[pay][None, :]
     # Two moves in one layer may share a group launch, which their separate deltas count twice: allow that much
@@ -498,7 +507,8 @@ def solve(stats: CalibrationStats, cost: CostModel, budget: Budget, *, dense_fir
                                f"the error budget reaches {_fmt_g(prob, g_name, closest_a)}", closest)
     sol = _solution(prob, a, budget, note, dense_first, dense_layers, refresh, wall_seconds)
     if budget.max_error is not None:
-        sol.binding += f"; --max-error {budget.max_error:g} holds (relative L2 error {sol.metrics['relative_l2_error']:.4f})"
+        sol.binding += (f"; --max-error {budget.max_error:g} holds "
+                        f"(relative L2 error {sol.metrics['relative_l2_error']:.4f})")
     sol.frontier = frontier(prob)
     return sol
 

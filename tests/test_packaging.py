@@ -9,7 +9,8 @@ def _run(code: str) -> str:
 
 
 def test_import_is_light():
-    out = _run("import sys, dit_sparse; print(sorted(m for m in ('triton', 'gradio', 'accelerate') if m in sys.modules))")
+    out = _run("import sys, dit_sparse; "
+               "print(sorted(m for m in ('triton', 'gradio', 'accelerate') if m in sys.modules))")
     assert out.strip() == "[]"
 
 

@@ -22,7 +22,8 @@ def plan_json(**overrides):
         "schedule": {"dense_first": 0.25, "dense_layers": [0], "refresh_interval": 3},
         "modules": {
             "blocks.0.attn1": {"strategy": "diagonal", "window": [1, 0.25, 2]},
-            "blocks.1.attn1": [{"strategy": "skip"}, {"strategy": "block_adaptive", "tau": 0.8, "rescale": True, "fp8": True}],
+            "blocks.1.attn1": [{"strategy": "skip"},
+                               {"strategy": "block_adaptive", "tau": 0.8, "rescale": True, "fp8": True}],
         },
     }
     data.update(overrides)

@@ -39,7 +39,8 @@ def layout_of(name, grid, bq, bk, q=None, k=None, **params):
 def test_diagonal_matches_brute_force(grid, blocks, window):
     bq, bk = blocks
     c = coords(grid)
-    half = [v if isinstance(v, int) else int(round(v * n)) for v, n in zip(window, (grid.frames, grid.height, grid.width))]
+    half = [v if isinstance(v, int) else int(round(v * n))
+            for v, n in zip(window, (grid.frames, grid.height, grid.width))]
 
     def ok(i, j):
         return all(abs(a - b) <= r for a, b, r in zip(c[i], c[j], half))
@@ -72,7 +73,8 @@ def test_vertical_stripe_matches_brute_force(grid, blocks):
         return i == j or j < hw or j < 2 or j in columns
 
     expected = brute_block_mask(ok, grid.num_tokens, bq, bk)
-    got = layout_of("vertical_stripe", grid, bq, bk, first_frames=1, sinks=2, columns=sorted(columns)).block_mask()[0, 0]
+    got = layout_of("vertical_stripe", grid, bq, bk, first_frames=1, sinks=2,
+                    columns=sorted(columns)).block_mask()[0, 0]
     assert torch.equal(got, expected)
 
 
@@ -122,7 +124,8 @@ def _structured_qk(seq, groups=2, batch=2, d=8, seed=0):
     base = torch.randn(batch, seq, groups, d, generator=g)
     drift = torch.linspace(0, 3, seq).view(1, seq, 1, 1)
     q = base * 0.3 + torch.sin(drift * torch.arange(1, d + 1).view(1, 1, 1, d))
-    k = torch.randn(batch, seq, groups, d, generator=g) * 0.3 + torch.cos(drift * torch.arange(1, d + 1).view(1, 1, 1, d))
+    k = (torch.randn(batch, seq, groups, d, generator=g) * 0.3
+         + torch.cos(drift * torch.arange(1, d + 1).view(1, 1, 1, d)))
     return q * 2, k * 2
 
 

@@ -40,7 +40,8 @@ class ModelAdapter:
         modules = dict(transformer.named_modules())
         names = self.covered_modules(transformer)
         if not names:
-            raise ValueError(f"{type(transformer).__name__} has no self-attention module matching {self.covered_pattern!r}")
+            raise ValueError(f"{type(transformer).__name__} has no self-attention module matching "
+                             f"{self.covered_pattern!r}")
         attn = modules[names[0][0]]
         heads = attn.heads
         head_dim = self.head_dim(attn)

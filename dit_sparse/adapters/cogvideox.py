@@ -19,7 +19,8 @@ class CogVideoXAdapter(ModelAdapter):
         hidden = inputs.arguments["hidden_states"]  # (B, F, C, H, W)
         cfg = transformer.config
         patch_t = cfg.patch_size_t or 1
-        return patched_grid((hidden.shape[1], hidden.shape[3], hidden.shape[4]), (patch_t, cfg.patch_size, cfg.patch_size))
+        return patched_grid((hidden.shape[1], hidden.shape[3], hidden.shape[4]),
+                            (patch_t, cfg.patch_size, cfg.patch_size))
 
     def stock_processor(self, attn):
         from diffusers.models.attention_processor import AttnProcessor2_0, CogVideoXAttnProcessor2_0

@@ -70,4 +70,5 @@ def get_executor(name: str | None, device: torch.device | str = "cpu") -> Execut
 
 from . import cpu, reference  # noqa: E402,F401  (registration side effects)
 
-__all__ = ["EXECUTORS", "Executor", "ExecutorError", "register_executor", "get_executor", "known_executor", "load_optional_kernels"]
+__all__ = ["EXECUTORS", "Executor", "ExecutorError", "register_executor", "get_executor", "known_executor",
+           "load_optional_kernels"]

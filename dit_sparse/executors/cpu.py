@@ -35,7 +35,8 @@ def key_rows(layout: BlockLayout):
     with L the longest list; B', H' as in the layout (possibly 1).
     """
     seq, bk = layout.seq_len, layout.block_k
-    levels = layout.kv_level.long() if layout.kv_level is not None else torch.zeros_like(layout.kv_index, dtype=torch.long)
+    levels = (layout.kv_level.long() if layout.kv_level is not None
+              else torch.zeros_like(layout.kv_index, dtype=torch.long))
     device = layout.kv_index.device
     sizes = [num_blocks(seq, 2**level) for level in range(layout.max_level + 1)]
     offsets = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)

@@ -103,7 +103,8 @@ class Pyramid(Strategy):
             (0.6, 0.8, 0.9, 0.95), _check_bands,
             "cumulative mass ranked before a block below bands[l] gives level l; past the last band it is dropped",
         ),
-        "min_similarity": Param(0.3, _check_similarity, "self-similarity below which a block is kept at full resolution"),
+        "min_similarity": Param(0.3, _check_similarity,
+                                "self-similarity below which a block is kept at full resolution"),
     }
 
     def layout(self, params, ctx: BuildContext) -> BlockLayout:

@@ -167,30 +167,30 @@ def save_png(maps, grid, path, layers):
     sub = fig.subfigures(1, 2, width_ratios=[H, 4.2])
     ax = sub[0].subplots(L, H, squeeze=False)
     pool = max(1, n // 256)
-    for l in range(L):
+    for layer_i in range(L):
         for hd in range(H):
-            m = maps[l][hd]
+            m = maps[layer_i][hd]
             m = m.reshape(n // pool, pool, n // pool, pool).sum(axis=(1, 3))
-            ax[l, hd].imshow(m + 1e-6, norm=LogNorm(vmin=1e-4, vmax=max(1e-3, m.max())), cmap="magma")
-            lm = layers[l]["heads"][hd]["local"]
-            ax[l, hd].set_title(f"L{l} H{hd} local={lm:.2f}", fontsize=8)
-            ax[l, hd].set_xticks([])
-            ax[l, hd].set_yticks([])
-    sub[0].suptitle(f"attention matrices (rows: queries, cols: keys, {n} tokens, frame-major; {pool}x{pool} pooled, log)",
-                    fontsize=9)
+            ax[layer_i, hd].imshow(m + 1e-6, norm=LogNorm(vmin=1e-4, vmax=max(1e-3, m.max())), cmap="magma")
+            lm = layers[layer_i]["heads"][hd]["local"]
+            ax[layer_i, hd].set_title(f"L{layer_i} H{hd} local={lm:.2f}", fontsize=8)
+            ax[layer_i, hd].set_xticks([])
+            ax[layer_i, hd].set_yticks([])
+    sub[0].suptitle(f"attention matrices (rows: queries, cols: keys, {n} tokens, frame-major; "
+                    f"{pool}x{pool} pooled, log)", fontsize=9)
     # right: one query in the middle of the clip, its attention over the frames, for the most local head per layer
     ax2 = sub[1].subplots(L, t, squeeze=False)
     qi = (t // 2) * h * w + (h // 2) * w + w // 2
-    for l in range(L):
-        hd = int(np.argmax([x["local"] for x in layers[l]["heads"]]))
-        row = maps[l][hd][qi].reshape(t, h, w)
+    for layer_i in range(L):
+        hd = int(np.argmax([x["local"] for x in layers[layer_i]["heads"]]))
+        row = maps[layer_i][hd][qi].reshape(t, h, w)
         for f in range(t):
-            ax2[l, f].imshow(row[f], vmin=0, vmax=row.max(), cmap="viridis")
-            ax2[l, f].set_xticks([])
-            ax2[l, f].set_yticks([])
-            if l == 0:
-                ax2[l, f].set_title(f"frame {f}", fontsize=7)
-        ax2[l, 0].set_ylabel(f"L{l} H{hd}", fontsize=8)
+            ax2[layer_i, f].imshow(row[f], vmin=0, vmax=row.max(), cmap="viridis")
+            ax2[layer_i, f].set_xticks([])
+            ax2[layer_i, f].set_yticks([])
+            if layer_i == 0:
+                ax2[layer_i, f].set_title(f"frame {f}", fontsize=7)
+        ax2[layer_i, 0].set_ylabel(f"L{layer_i} H{hd}", fontsize=8)
     sub[1].suptitle(f"one query (frame {t // 2}, centre): its attention per frame", fontsize=9)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

@@ -2,14 +2,13 @@ import json
 
 import pytest
 import torch
+from distill_helpers import make_distiller
 
 import dit_sparse
 from dit_sparse.distill.export import load_student, verify_export
 from dit_sparse.distill.sigmas import sigma_grid
 from dit_sparse.plan import SparsePlan
 from dit_sparse.zoo import TinyShapesPipeline
-
-from distill_helpers import make_distiller
 
 
 def _generate(pipe, steps, emb, seed=0):
@@ -23,7 +22,8 @@ def test_export_is_a_pipeline_with_plan_and_the_training_grid(teacher_dir, tmp_p
     d = make_distiller(teacher_dir, tmp_path / "run", max_steps=2, lora_rank=lora)
     d.train()
     path = d.export()
-    assert {"model_index.json", "plan.json", "distill.json", "transformer", "scheduler"} <= {p.name for p in path.iterdir()}
+    assert ({"model_index.json", "plan.json", "distill.json", "transformer", "scheduler"}
+            <= {p.name for p in path.iterdir()})
     info = json.loads((path / "distill.json").read_text())
     assert info["student_steps"] == 2 and info["guidance_scale"] == 1.0
     assert info["sigmas"] == sigma_grid(2, 1.0, 0.5).tolist() == [1.0, 0.5, 0.0]
@@ -46,7 +46,8 @@ def test_export_is_a_pipeline_with_plan_and_the_training_grid(teacher_dir, tmp_p
     named = d.roles.named_student_parameters()
     with d.ema.applied(named):
         d.roles.new_rollout()
-        ref = _generate(d._pipeline(d.roles.student, pipe.scheduler.__class__.from_config(pipe.scheduler.config)), 2, emb)
+        ref = _generate(d._pipeline(d.roles.student, pipe.scheduler.__class__.from_config(pipe.scheduler.config)),
+                        2, emb)
     tol = 1e-5 if lora else 0.0  # LoRA is merged into the exported weights
     torch.testing.assert_close(exported, ref, rtol=0, atol=tol)
 
@@ -76,10 +77,10 @@ def test_the_shipped_coordinate_channel_architecture_distills_and_exports(tmp_pa
     teacher, and its student must export as a pipeline that loads and generates."""
     from dataclasses import replace
 
+    from distill_helpers import FAST_TEACHER
+
     from dit_sparse.zoo.model import build_pipeline
     from dit_sparse.zoo.transformer import TinyShapesTransformer
-
-    from distill_helpers import FAST_TEACHER
 
     teacher = tmp_path / "coords-teacher"
     build_pipeline(replace(FAST_TEACHER, coordinate_channels=True), seed=0).save_pretrained(str(teacher))

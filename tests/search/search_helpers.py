@@ -1,11 +1,11 @@
 """Shared helpers of the search tests."""
 
 import numpy as np
-from dit_sparse.search.candidates import default_candidates
-from dit_sparse.search.stats import CalibrationStats
 
 from dit_sparse.layout import Grid
 from dit_sparse.plan import ModelFingerprint
+from dit_sparse.search.candidates import default_candidates
+from dit_sparse.search.stats import CalibrationStats
 from dit_sparse.zoo.model import TinyShapesConfig
 
 # A tiny random tiny-shapes pipeline for end-to-end search runs (2 layers x 2 heads, built from config).
@@ -38,7 +38,8 @@ def synthetic_stats(fingerprint: ModelFingerprint = TINY_SHAPES, seed: int = 0) 
     columns = {(mi, hi, ci): [1000 + 128 * j for j in range(cand.mass_blocks)] for mi in range(m) for hi in range(h)
                for ci, cand in enumerate(cands) if cand.per_head}
     info = {"model": "tiny-shapes", "num_steps": 20, "dense_first": 0.2, "refresh_interval": 5, "calls_per_step": 2,
-            "batch": 1, "prompts": ["a red circle moving right on a dark background"], "sample_steps": [4, 8, 12, 15, 19],
+            "batch": 1, "prompts": ["a red circle moving right on a dark background"],
+            "sample_steps": [4, 8, 12, 15, 19],
             "branches": ["cond", "uncond"], "executor": "cpu", "device": "cpu", "rows": "all"}
     return CalibrationStats(fingerprint, [f"blocks.{i}.attn1" for i in range(m)], list(range(m)), grid, 256, 128,
                             cands, error, density, columns, info)
