@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dit_sparse.kernels.bench import GRIDS, ESTIMATOR, environment, time_ms
+from dit_sparse.kernels.bench import ESTIMATOR, GRIDS, environment, time_ms
 from dit_sparse.strategies import BuildContext, get_strategy
 from dit_sparse.strategies.block_stats import FUSED, block_stats, torch_block_stats
 

@@ -24,8 +24,8 @@ import torch
 from dit_sparse import apply, remove
 from dit_sparse.adapters import nearest_class_name
 from dit_sparse.plan import SparsePlan
-from dit_sparse.strategies import get_strategy
 from dit_sparse.processor import SparseProcessor
+from dit_sparse.strategies import get_strategy
 
 from .sigmas import timestep
 

@@ -4,12 +4,8 @@
     pipe.transformer.set_attn_processor(SparseProcessor(SparsePlan.load("plan.json")))
 """
 
-from ._shadowing import prefer_installed_kernels
-
-prefer_installed_kernels()  # before anything imports diffusers / transformers
-
-from .api import AlreadyAppliedError, apply, remove, summary
 from .adapters import UnsupportedModelError, supported_transformers
+from .api import AlreadyAppliedError, apply, remove, summary
 from .layout import BlockLayout, Grid
 from .plan import HeadStrategy, PlanError, Schedule, SparsePlan
 from .processor import PlanMismatchError, SparseProcessor

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from .adapters import ADAPTERS, ModelAdapter, adapter_for_transformer, has_adapter
-from .attend import (AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output,
-                     whole_module_reuse)
+from .attend import AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output, whole_module_reuse
 from .branch_share import keep_for_other_branch, shared_output
 from .executors import get_executor, known_executor
 from .layout import Grid

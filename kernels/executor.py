@@ -1,4 +1,14 @@
-"""The ``triton`` executor: block-sparse attention on the Triton kernels, chosen by default on CUDA."""
+"""The ``triton`` executor: block-sparse attention on the Triton kernels, chosen by default on CUDA.
+
+Importing this module registers the executor, the fused mask-estimation statistics for CUDA and the custom ops
+``torch.ops.dit_sparse.block_sparse_fwd``, ``block_sparse_fwd_fp8`` and ``block_sparse_bwd``.
+``dit_sparse.executors`` imports it on CUDA machines. Without Triton the import raises an ImportError that says what
+to install.
+
+``dit_sparse.kernels`` has no ``__init__.py`` on purpose: the source folder ``kernels/`` at the repository root must
+not be a regular top-level package, or ``import kernels`` from the root would find it instead of Hugging Face's
+``kernels`` library, which transformers imports.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,10 @@ import torch
 
 from dit_sparse.executors import Executor, register_executor
 
+from . import (
+    _triton,  # noqa: F401  (fails early, with an install hint, when Triton is missing)
+    block_stats,  # noqa: F401  (registers the fused mask-estimation statistics for CUDA)
+)
 from .attention import block_sparse_attention
 from .config import layout_block_sizes
 

@@ -47,7 +47,7 @@ def check_head_dim_pow2(head_dim: int) -> None:
     if head_dim not in (16, 32, 64, 128):
         raise ValueError(
             f"the Triton kernels take head dims 16, 32, 64 or 128 (other multiples of 16 up to 128 are zero-padded "
-            f"by dit_sparse.kernels.block_sparse_attention), got {head_dim}"
+            f"by dit_sparse.kernels.attention.block_sparse_attention), got {head_dim}"
         )
 
 

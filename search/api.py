@@ -30,9 +30,19 @@ from .errors import SearchError
 from .sensitivity import LayerSensitivity, StepSensitivity, measure_step_sensitivity, pipeline_output
 from .solver import DEFAULT_MAX_ERROR, STEP_WEIGHTS, Budget, InfeasibleBudget, Solution, solve
 from .stats import CalibrationStats
-from .validation import (Validation, asked_model_first, candidate_trials, failure_message, highest_psnr,
-                         refreshing_variants, settings_ladder, solver_variants, validate, validated_note,
-                         variant_trials)
+from .validation import (
+    Validation,
+    asked_model_first,
+    candidate_trials,
+    failure_message,
+    highest_psnr,
+    refreshing_variants,
+    settings_ladder,
+    solver_variants,
+    validate,
+    validated_note,
+    variant_trials,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,7 @@ from dit_sparse.plan import Schedule, SparsePlan
 
 from ._io import write_json, write_text
 from .cost import CostModel, flop_cost
-from .solver import (Budget, BudgetError, InfeasibleBudget, candidate_density, evaluate_plan, refresh_share,
-                     solve)
+from .solver import Budget, BudgetError, InfeasibleBudget, candidate_density, evaluate_plan, refresh_share, solve
 from .stats import CalibrationStats
 
 

@@ -132,7 +132,7 @@ def test_the_triton_executor_on_cpu_says_what_it_needs():
     # Registered or not (importing the kernels registers it), it cannot run on the CPU.
     with pytest.raises(ExecutorError, match="needs a CUDA GPU"):
         get_executor("triton", "cpu")
-    import dit_sparse.kernels  # noqa: F401
+    import dit_sparse.kernels.executor  # noqa: F401
     with pytest.raises(ExecutorError, match="cannot run on cpu; it needs a CUDA GPU"):
         get_executor("triton", "cpu")
 
@@ -152,7 +152,7 @@ def test_fp8_lse_is_that_of_the_original_scores():
 
 
 def test_a_processor_checks_the_executor_name_when_built_and_the_device_at_the_first_call():
-    import dit_sparse.kernels  # noqa: F401  (registers triton, as on a GPU machine)
+    import dit_sparse.kernels.executor  # noqa: F401  (registers triton, as on a GPU machine)
     from dit_sparse import SparsePlan, SparseProcessor
     from dit_sparse.plan import ModelFingerprint
 

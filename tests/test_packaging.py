@@ -1,7 +1,9 @@
 """Packaging: light imports, sub-packages installed under dit_sparse (never as top-level `kernels` etc.)."""
 
+import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _run(code: str) -> str:
@@ -23,21 +25,37 @@ def test_subpackages_live_under_dit_sparse():
     assert out.strip() == "[True, True, True]"
 
 
-def test_python_run_from_the_repository_root_imports_the_installed_kernels_library():
-    """`python -m dit_sparse...` from the root puts the root on sys.path, where the `kernels/` source folder would
-    shadow Hugging Face's `kernels` library that transformers imports; dit_sparse imports the library first."""
-    import importlib.metadata
-    import subprocess
-    import sys
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parent.parent
+TOP_LEVEL_SOURCE_FOLDERS = ("kernels", "search", "distill", "demo")
 
-    root = Path(__file__).resolve().parent.parent
-    code = ("import dit_sparse, diffusers, transformers, kernels; from dit_sparse.zoo import load_tiny_shapes; "
-            "print(kernels.__file__)")
-    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    try:
-        importlib.metadata.distribution("kernels")  # Hugging Face's library (a dependency of recent transformers)
-    except importlib.metadata.PackageNotFoundError:
-        return  # nothing to shadow; the imports above still had to work from the root
-    assert Path(run.stdout.strip()).parent != root / "kernels"
+
+def _run_at_root(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A command run where a user stands after `git clone` and `pip install -e .`: the repository root."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_libraries_import_before_dit_sparse_at_the_repository_root():
+    """`python -c` at the root puts the root first on sys.path. Its `kernels/` folder must not stand in for Hugging
+    Face's `kernels` library, which transformers imports, whatever is imported first."""
+    code = ("import torch, transformers; from diffusers import WanTransformer3DModel; import kernels, dit_sparse; "
+            "import dit_sparse.kernels.naive; print(getattr(kernels, '__file__', None))")
+    run = _run_at_root("-c", code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not run.stdout.strip().startswith(str(ROOT / "kernels")), run.stdout
+
+
+def test_python_m_pytest_works_at_the_repository_root():
+    run = _run_at_root("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_plan.py", "-k", "round_trip",
+                       timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert " passed" in run.stdout
+
+
+def test_no_source_folder_at_the_root_is_a_package_named_like_an_installed_library():
+    """The fix for the `kernels` clash itself: a root folder that is a regular package (has __init__.py) is
+    importable as a top-level package from the root, so its name must not be any installed distribution's."""
+    installed = importlib.metadata.packages_distributions()
+    assert not (ROOT / "kernels" / "__init__.py").exists()  # Hugging Face's kernels comes with transformers
+    for name in TOP_LEVEL_SOURCE_FOLDERS:
+        if (ROOT / name / "__init__.py").exists():
+            assert name not in installed or installed[name] == ["dit-sparse"], (name, installed.get(name))

@@ -2,8 +2,14 @@
 
 import pytest
 import torch
-from tiny_models import (cogvideox_inputs, tiny_cogvideox, tiny_cogvideox_pipeline, tiny_wan, tiny_wan_pipeline,
-                         wan_inputs)
+from tiny_models import (
+    cogvideox_inputs,
+    tiny_cogvideox,
+    tiny_cogvideox_pipeline,
+    tiny_wan,
+    tiny_wan_pipeline,
+    wan_inputs,
+)
 
 import dit_sparse
 from dit_sparse import AlreadyAppliedError, PlanMismatchError, SparsePlan, SparseProcessor, UnsupportedModelError

@@ -1,29 +1,89 @@
 """The README stays true: its minimal example runs as written and CI runs its test command."""
 
+import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_minimal_example_runs_as_written(capsys):
-    section = README.split("A minimal example that runs as written", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README-example", "exec"), {})
-    printed = capsys.readouterr().out
-    assert "diagonal" in printed and "executed" in printed
+def _load(path: Path):
+    """A script that is not a package module, loaded from its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_ci_runs_the_readme_test_command():
-    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
-    test_command = next(b.strip() for b in blocks if "pytest" in b)
+def _api_example() -> str:
+    section = README.split("## Use it", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_api_example_runs_as_written_at_the_repository_root():
+    """Pasted into Python where a user stands after `pip install -e .` (the root, which is first on sys.path)."""
+    code = _api_example()
+    assert len(code.strip().splitlines()) <= 16
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "diagonal" in run.stdout and "density" in run.stdout
+    assert (ROOT / "out" / "my.plan.json").is_file()
+
+
+def test_ci_runs_the_readme_commands_extracted_from_it():
     ci = (ROOT / ".ci" / "run").read_text()
-    pytest_part = test_command.split("&&")[-1].strip()
-    assert pytest_part in ci
-    assert "pip install --quiet torch==2.13.0" in ci
-    assert "dit-sparse generate" in blocks[0]
+    commands = _load(ROOT / ".ci" / "readme_commands.py")
+    quick, tests = commands.command("quick-start"), commands.command("tests")
+    # The plain install, exactly: no extra may bring what the main job needs.
+    assert quick == "pip install torch==2.13.0 && pip install -e . && dit-sparse generate"
+    assert "pytest" in tests and "pip install -e \".[test]\"" in tests
+    assert "readme_commands.py quick-start" in ci and "readme_commands.py tests" in ci
+    assert "python -m venv" in ci and "readme_commands.py fresh" in ci and "readme_commands.py outputs" in ci
+    assert quick not in ci and tests not in ci  # never a copy of the README's commands
+    assert "ruff check ." in ci
+
+
+def test_readme_command_extraction_refuses_a_missing_or_doubled_marker():
+    commands = _load(ROOT / ".ci" / "readme_commands.py")
+    text = "<!-- ci:tests -->\n```bash\npip install -e .\npytest -q\n```\n"
+    assert commands.command("tests", text) == "pip install -e . && pytest -q"
+    for bad in ("", text + text, "<!-- ci:tests -->\nno block\n"):
+        with pytest.raises(SystemExit):
+            commands.command("tests", bad)
+
+
+def test_pre_commit_runs_the_lint_ci_runs_with_the_same_ruff():
+    pre_commit = (ROOT / ".pre-commit-config.yaml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pinned = re.search(r'"(ruff==[0-9.]+)"', pyproject).group(1)
+    assert f'"{pinned}"' in pre_commit and "entry: ruff check" in pre_commit
+    for rule in ('"F"', '"E"', '"I"', '"B"'):  # pyflakes, pycodestyle errors, import order, bugbear
+        assert rule in pyproject.split("[tool.ruff.lint]", 1)[1].split("\n[", 1)[0]
+
+
+def test_readme_is_a_front_door():
+    lines = README.splitlines()
+    assert len(lines) <= 210
+    for heading in ("## Quick start", "## Use it", "## How it works", "## Supported models", "## Strategies",
+                    "## Commands", "## Results", "## Repository layout"):
+        assert heading in lines, heading
+    assert "python -m pytest" not in README  # no caveat: it works like pytest
+
+
+def test_hand_written_markdown_stays_within_120_columns():
+    docs = ROOT / "docs"
+    written = [ROOT / "README.md", *(docs / name for name in ("usage.md", "tiny-shapes.md", "gpu.md", "results.md"))]
+    for path in written:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if path.name == "results.md" and line.startswith("|"):
+                continue  # rendered table rows cannot wrap
+            assert len(line) <= 120, f"{path.relative_to(ROOT)}:{number} has {len(line)} characters"
 
 
 def test_results_section_is_rendered_from_the_result_files():

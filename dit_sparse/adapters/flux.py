@@ -9,7 +9,6 @@ image); inputs whose ids do not form one rectangle (e.g. Kontext's reference ima
 
 from __future__ import annotations
 
-
 import torch
 
 from ..attend import TextTokens

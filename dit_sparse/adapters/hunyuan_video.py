@@ -10,7 +10,6 @@ self-attention over the prompt is not covered and runs its own processor.
 
 from __future__ import annotations
 
-
 import torch
 
 from ..attend import TextTokens

@@ -35,11 +35,11 @@ def register_executor(executor: Executor) -> Executor:
 
 
 def load_optional_kernels():
-    # The Triton executor lives in dit_sparse.kernels and registers itself on import; only try when CUDA exists
-    # so importing dit_sparse never imports triton eagerly.
+    # The Triton executor lives in dit_sparse.kernels.executor and registers itself on import; only try when CUDA
+    # exists so importing dit_sparse never imports triton eagerly.
     if torch.cuda.is_available() and "triton" not in EXECUTORS:
         try:
-            import dit_sparse.kernels  # noqa: F401
+            import dit_sparse.kernels.executor  # noqa: F401
         except ImportError:
             pass
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
 from scipy.ndimage import binary_dilation
 
 from .shapes_data import BACKGROUNDS, COLOURS, Attrs, _shape_mask, parse_caption

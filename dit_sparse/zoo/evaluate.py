@@ -20,8 +20,14 @@ import torch
 from .checker import check_clip, checker_accuracy
 from .cli_types import float_pair
 from .conditioning import attribute_sensitivity, word_choice_accuracy
-from .pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, check_guidance_interval, load_tiny_shapes,
-                       weights_id)
+from .pipeline import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    WEIGHTS_DIR,
+    check_guidance_interval,
+    load_tiny_shapes,
+    weights_id,
+)
 from .shapes_data import MOTIONS, TRAIN_COMBOS, heldout_eval_set, parse_caption
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "eval.json"

@@ -1,8 +1,11 @@
 """CogVideoX and 1.5: joint attention with the text first, RoPE on the video part only."""
 
 import pytest
-from adapter_checks import (check_dense_plan_equals_stock_and_remove_restores, check_one_line_form_equals_apply,
-                            check_sparse_plan_changes_output)
+from adapter_checks import (
+    check_dense_plan_equals_stock_and_remove_restores,
+    check_one_line_form_equals_apply,
+    check_sparse_plan_changes_output,
+)
 from tiny_models import cogvideox_inputs, tiny_cogvideox
 
 

@@ -7,8 +7,8 @@ tracking, the CFG-branch hook and the grid capture all run as they do in a pipel
 import contextlib
 
 import pytest
-import torch
 import tiny_models as tm
+import torch
 
 import dit_sparse
 from dit_sparse import SparsePlan

@@ -2,8 +2,12 @@
 
 import pytest
 import torch
-from adapter_checks import (check_dense_plan_equals_stock_and_remove_restores, check_one_line_form_equals_apply,
-                            check_sparse_plan_changes_output, run)
+from adapter_checks import (
+    check_dense_plan_equals_stock_and_remove_restores,
+    check_one_line_form_equals_apply,
+    check_sparse_plan_changes_output,
+    run,
+)
 from tiny_models import flux_inputs, tiny_flux
 
 import dit_sparse

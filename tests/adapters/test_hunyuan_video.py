@@ -1,8 +1,12 @@
 """HunyuanVideo: double and single blocks, text last with padding, the token refiner passing through."""
 
 import pytest
-from adapter_checks import (check_dense_plan_equals_stock_and_remove_restores, check_one_line_form_equals_apply,
-                            check_sparse_plan_changes_output, run)
+from adapter_checks import (
+    check_dense_plan_equals_stock_and_remove_restores,
+    check_one_line_form_equals_apply,
+    check_sparse_plan_changes_output,
+    run,
+)
 from tiny_models import hunyuan_video_inputs, tiny_hunyuan_video
 
 import dit_sparse

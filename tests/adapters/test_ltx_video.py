@@ -1,8 +1,12 @@
 """LTX-Video: video-only attn1 with RoPE in the processor, grid from the forward's num_frames/height/width."""
 
 import pytest
-from adapter_checks import (check_dense_plan_equals_stock_and_remove_restores, check_one_line_form_equals_apply,
-                            check_sparse_plan_changes_output, run)
+from adapter_checks import (
+    check_dense_plan_equals_stock_and_remove_restores,
+    check_one_line_form_equals_apply,
+    check_sparse_plan_changes_output,
+    run,
+)
 from tiny_models import ltx_video_inputs, tiny_ltx_video
 
 import dit_sparse

@@ -2,8 +2,12 @@
 
 import pytest
 import torch
-from adapter_checks import (check_dense_plan_equals_stock_and_remove_restores, check_one_line_form_equals_apply,
-                            check_sparse_plan_changes_output, set_on_every_module)
+from adapter_checks import (
+    check_dense_plan_equals_stock_and_remove_restores,
+    check_one_line_form_equals_apply,
+    check_sparse_plan_changes_output,
+    set_on_every_module,
+)
 from tiny_models import mochi_inputs, tiny_mochi
 
 from dit_sparse.adapters.mochi import pack_real_text

@@ -1,8 +1,12 @@
 """PixArt: image-only attn1, cross-attention attn2 with a padded prompt passing through."""
 
 import pytest
-from adapter_checks import (check_dense_plan_equals_stock_and_remove_restores, check_one_line_form_equals_apply,
-                            check_sparse_plan_changes_output, run)
+from adapter_checks import (
+    check_dense_plan_equals_stock_and_remove_restores,
+    check_one_line_form_equals_apply,
+    check_sparse_plan_changes_output,
+    run,
+)
 from tiny_models import pixart_inputs, tiny_pixart
 
 import dit_sparse

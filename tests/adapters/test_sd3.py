@@ -1,8 +1,11 @@
 """SD3 / SD3.5: joint attention with the image first, no RoPE; the dual-attention attn2 covered as image-only."""
 
 import pytest
-from adapter_checks import (check_dense_plan_equals_stock_and_remove_restores, check_one_line_form_equals_apply,
-                            check_sparse_plan_changes_output)
+from adapter_checks import (
+    check_dense_plan_equals_stock_and_remove_restores,
+    check_one_line_form_equals_apply,
+    check_sparse_plan_changes_output,
+)
 from tiny_models import sd3_inputs, tiny_sd3
 
 from dit_sparse.adapters import adapter_for_transformer

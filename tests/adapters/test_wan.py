@@ -1,8 +1,11 @@
 """Wan 2.1 / 2.2: video-only attn1 with RoPE in the processor; cross-attention attn2 passes through."""
 
 import pytest
-from adapter_checks import (check_dense_plan_equals_stock_and_remove_restores, check_one_line_form_equals_apply,
-                            check_sparse_plan_changes_output)
+from adapter_checks import (
+    check_dense_plan_equals_stock_and_remove_restores,
+    check_one_line_form_equals_apply,
+    check_sparse_plan_changes_output,
+)
 from tiny_models import tiny_wan, wan_inputs
 
 
@@ -23,6 +26,7 @@ def tiny_wan_with_coordinates(seed: int = 0):
     """The tiny-shapes subclass (appends 3 coordinate channels in forward) at the tiny Wan's sizes: it keeps Wan's
     attention modules, so the Wan adapter must serve it, in both binding forms."""
     import torch
+
     from dit_sparse.zoo.transformer import TinyShapesTransformer
 
     torch.manual_seed(seed)
@@ -44,6 +48,7 @@ def test_subclass_of_a_supported_transformer_uses_its_adapter():
 
 def test_unrelated_module_still_has_no_adapter():
     import torch
+
     from dit_sparse.adapters import UnsupportedModelError, adapter_for_transformer
 
     with pytest.raises(UnsupportedModelError, match="no adapter for Linear"):

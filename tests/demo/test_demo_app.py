@@ -10,6 +10,7 @@ import pytest
 
 def test_build_app_has_the_compare_endpoint_and_a_queue(backend):
     import gradio as gr
+
     from dit_sparse.demo.app import build_app
 
     app = build_app(backend=backend)
@@ -28,7 +29,6 @@ def test_build_app_has_the_compare_endpoint_and_a_queue(backend):
 def test_warning_banner_only_when_the_model_is_untrained():
     from dit_sparse.demo.app import build_app
     from dit_sparse.demo.backend import UNTRAINED_WARNING, DemoBackend
-
     from dit_sparse.zoo import build_pipeline
 
     def banners(app):
@@ -41,7 +41,6 @@ def test_warning_banner_only_when_the_model_is_untrained():
 
 def test_tiny_shapes_falls_back_to_the_untrained_architecture(monkeypatch, tmp_path):
     from dit_sparse.demo.backend import UNTRAINED_WARNING, load_demo_model
-
     from dit_sparse.zoo import pipeline as zoo_pipeline
 
     monkeypatch.setattr(zoo_pipeline, "WEIGHTS_DIR", tmp_path / "missing")
@@ -58,7 +57,6 @@ def test_tiny_shapes_falls_back_to_the_untrained_architecture(monkeypatch, tmp_p
 
 def test_tiny_shapes_uses_the_trained_weights_when_present(monkeypatch, tmp_path):
     from dit_sparse.demo.backend import load_demo_model
-
     from dit_sparse.zoo import build_pipeline
     from dit_sparse.zoo import pipeline as zoo_pipeline
 
@@ -75,8 +73,9 @@ def test_tiny_shapes_uses_the_trained_weights_when_present(monkeypatch, tmp_path
 def test_limits_and_plans_for_a_diffusers_video_pipeline():
     """Any supported diffusers pipeline: limits from its call defaults and VAE, no shipped plan, uniform plans."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dit_sparse.demo.backend import DemoBackend
     from tiny_models import tiny_wan_pipeline
+
+    from dit_sparse.demo.backend import DemoBackend
 
     b = DemoBackend(pipe=tiny_wan_pipeline(), model="tiny-wan")
     try:

@@ -6,9 +6,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dit_sparse.zoo.model import build_pipeline  # noqa: E402
-
 from distill_helpers import FAST_TEACHER  # noqa: E402
+
+from dit_sparse.zoo.model import build_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,8 @@ def digest(module) -> str:
 
 def main(teacher: str, out: str, result: str) -> None:
     import torch.distributed as dist
-
     from distill_helpers import make_config
+
     from dit_sparse.distill import Distiller
 
     torch.set_num_threads(1)

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
+from distill_helpers import make_distiller
 
 from dit_sparse.distill.trainer import list_checkpoints
-
-from distill_helpers import make_distiller
 
 
 def _run(d):

@@ -3,12 +3,11 @@ import json
 
 import pytest
 import yaml
+from distill_helpers import SPARSE
 
 from dit_sparse.distill.cli import add_distill_parser, build_config, main
 from dit_sparse.distill.config import ConfigError, DistillConfig
 from dit_sparse.distill.trainer import list_checkpoints
-
-from distill_helpers import SPARSE
 
 
 def _parse(argv):

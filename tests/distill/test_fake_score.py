@@ -1,5 +1,4 @@
 import torch
-
 from distill_helpers import make_distiller
 
 

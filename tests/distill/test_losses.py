@@ -1,11 +1,10 @@
 import math
 
 import torch
+from distill_helpers import make_distiller
 
 from dit_sparse.distill import losses as L
 from dit_sparse.distill import trainer as T
-
-from distill_helpers import make_distiller
 
 
 def _assert_proportional(grad: torch.Tensor, direction: torch.Tensor):

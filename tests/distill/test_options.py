@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from distill_helpers import make_distiller
 
 

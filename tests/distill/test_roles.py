@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from distill_helpers import make_distiller
 
 from dit_sparse.processor import SparseProcessor
-
-from distill_helpers import make_distiller
 
 
 def _count_forwards(module):

@@ -10,13 +10,12 @@ import time
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from toy import TOY_PROMPTS, TOY_SHAPE, sample, train_toy_teacher
 
 from dit_sparse.distill import DistillConfig, Distiller
 from dit_sparse.distill.export import load_student
 from dit_sparse.distill.metrics import energy_distance
 from dit_sparse.plan import SparsePlan
-
-from toy import TOY_PROMPTS, TOY_SHAPE, sample, train_toy_teacher
 
 GUIDANCE = 2.0
 N = 256  # samples per prompt and set

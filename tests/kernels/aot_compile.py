@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from kernel_cases import qkv, random_layout
 from triton import compile as triton_compile
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -24,7 +25,6 @@ from triton.runtime.jit import JITFunction
 
 from dit_sparse.kernels import block_stats, bwd_kernel, config, fp8_quant_fused, fwd_kernel, launch, segments
 from dit_sparse.kernels.fp8_quant import quantize_inputs
-from kernel_cases import qkv, random_layout
 
 # record() replaces these modules' kernels with Recorders.
 BLOCK_STATS_KERNEL = block_stats.block_stats_kernel

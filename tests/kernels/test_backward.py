@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+from kernel_cases import nan_like, qkv, random_layout, to_device
 
 from dit_sparse.executors.reference import reference_attention
-from dit_sparse.kernels import block_sparse_attention, segments
+from dit_sparse.kernels import segments
+from dit_sparse.kernels.attention import block_sparse_attention
 from dit_sparse.kernels.launch import launch_backward
 from dit_sparse.layout import BlockLayout
-from kernel_cases import nan_like, qkv, random_layout, to_device
 
 REL = 1e-3
 

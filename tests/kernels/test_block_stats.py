@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from kernel_cases import qkv
 
+from dit_sparse.kernels.block_stats import fused_block_stats, launch_block_stats
 from dit_sparse.layout import Grid, num_blocks
 from dit_sparse.strategies import BuildContext, get_strategy
 from dit_sparse.strategies.block_stats import FUSED, BlockStats, torch_block_stats
-from dit_sparse.kernels.block_stats import fused_block_stats, launch_block_stats
-from kernel_cases import qkv
 
 CASES = [  # batch, seq, heads, head dim, block: ragged last blocks, a head dim and a block that are not powers of 2
     (2, 63, 3, 32, 64),

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import qkv, random_layout
 
 from dit_sparse.executors import get_executor
 from dit_sparse.executors.reference import extended_keys, reference_attention, token_mask
 from dit_sparse.fp8 import sqnr_db
-from dit_sparse.kernels import attention, block_sparse_attention, config
-from kernel_cases import qkv, random_layout
+from dit_sparse.kernels import attention, config
+from dit_sparse.kernels.attention import block_sparse_attention
 
 pytestmark = [
     pytest.mark.cuda,

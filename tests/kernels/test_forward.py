@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
+from kernel_cases import nan_like, qkv, random_layout, to_device
 
 from dit_sparse.executors.reference import reference_attention
-from dit_sparse.kernels import block_sparse_attention, segments
+from dit_sparse.kernels import segments
+from dit_sparse.kernels.attention import block_sparse_attention
 from dit_sparse.kernels.launch import Pooled, launch_forward
 from dit_sparse.kernels.pool import pooled_bias, pooled_kv
 from dit_sparse.layout import BlockLayout
-from kernel_cases import nan_like, qkv, random_layout, to_device
 
 TOL = 1e-4
 

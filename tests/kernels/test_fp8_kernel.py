@@ -8,14 +8,15 @@ import math
 
 import pytest
 import torch
+from kernel_cases import nan_like, qkv, random_layout
 
 from dit_sparse.executors.reference import reference_attention
 from dit_sparse.fp8 import sqnr_db
-from dit_sparse.kernels import block_sparse_attention, segments
+from dit_sparse.kernels import segments
+from dit_sparse.kernels.attention import block_sparse_attention
 from dit_sparse.kernels.fp8_quant import quantize_inputs
 from dit_sparse.kernels.launch import Fp8Scales, Pooled, launch_forward
 from dit_sparse.kernels.pool import pooled_bias
-from kernel_cases import nan_like, qkv, random_layout
 
 
 def run_fp8(q, k, v, layout, scale, pv_fp8=False):

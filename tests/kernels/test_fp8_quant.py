@@ -4,14 +4,16 @@ import math
 
 import pytest
 import torch
+from kernel_cases import qkv, random_layout
 
 from dit_sparse.executors.reference import reference_attention
-from dit_sparse.fp8 import fake_quantize_qkv, quantize_channels as fake_channels, quantize_tiles as fake_tiles, sqnr_db
+from dit_sparse.fp8 import fake_quantize_qkv, sqnr_db
+from dit_sparse.fp8 import quantize_channels as fake_channels
+from dit_sparse.fp8 import quantize_tiles as fake_tiles
 from dit_sparse.kernels import naive, segments
 from dit_sparse.kernels.fp8_quant import FP8, dequantize_rows, quantize_channels, quantize_inputs, quantize_tiles
 from dit_sparse.kernels.pool import pooled_bias
 from dit_sparse.layout import BlockLayout
-from kernel_cases import qkv, random_layout
 
 
 @pytest.mark.parametrize("seq,tile", [(63, 16), (200, 64), (317, 128)])

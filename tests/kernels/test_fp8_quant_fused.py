@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from kernel_cases import qkv
 
 from dit_sparse.fp8 import fp8_scale
 from dit_sparse.kernels.config import has_fp8_tensor_cores
 from dit_sparse.kernels.fp8_quant import FP8, channel_scales, quantize_inputs
 from dit_sparse.kernels.fp8_quant_fused import launch_quantize
-from kernel_cases import qkv
 
 
 @pytest.fixture

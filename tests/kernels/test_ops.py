@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import qkv, random_layout
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import dit_sparse.kernels as kernels
+import dit_sparse.kernels.executor as kernels_executor
 from dit_sparse.executors import EXECUTORS, get_executor
 from dit_sparse.executors.reference import reference_attention
 from dit_sparse.kernels import naive, segments
-from kernel_cases import qkv, random_layout
 
 
 def op_args(q, k, v, layout):
@@ -63,7 +63,7 @@ def test_compile_fullgraph_through_the_public_function(device):
     layout = random_layout(63, 32, 32, heads=2, device=device)
 
     def attend(q, k, v):
-        out, lse = kernels.block_sparse_attention(q * 1.0, k, v, layout)
+        out, lse = kernels_executor.block_sparse_attention(q * 1.0, k, v, layout)
         return out + 1.0, lse
 
     torch._dynamo.reset()
@@ -81,7 +81,7 @@ def test_compile_fullgraph_through_the_public_function(device):
 
 def test_triton_executor_is_registered_for_cuda():
     executor = EXECUTORS["triton"]
-    assert executor is kernels.TRITON_EXECUTOR
+    assert executor is kernels_executor.TRITON_EXECUTOR
     assert executor.priority > EXECUTORS["cpu"].priority
     assert not executor.available(torch.device("cpu"))
     assert get_executor(None, "cpu").name == "cpu"
@@ -96,18 +96,22 @@ def test_triton_executor_is_the_default_on_cuda():
 
 
 def test_import_guards_in_a_fresh_interpreter():
-    # 1. With the repository root on sys.path the kernels folder is importable as a top-level `kernels`, the name
-    #    transformers probes for Hugging Face's library: it must be an empty module there, registering nothing.
+    # 1. With the repository root on sys.path, `import kernels` (the name transformers probes for Hugging Face's
+    #    library) must not find the kernels source folder: it has no __init__.py, so it is at most a namespace
+    #    portion, which any installed regular package of that name outranks; and it registers nothing.
     # 2. Without Triton (an install without the [triton] extra) the import fails with an install hint.
     root = Path(__file__).resolve().parents[2]
     code = (
         f"import sys; sys.path.insert(0, {str(root)!r})\n"
         "import kernels; from dit_sparse.executors import EXECUTORS\n"
-        "print('shadow', [m for m in sys.modules if m.startswith('kernels.')], 'triton' in EXECUTORS)\n"
+        "print('regular', getattr(kernels, '__file__', None) is not None, 'triton' in EXECUTORS)\n"
+        "print('origin', getattr(kernels, '__file__', None))\n"
         "for m in [m for m in sys.modules if 'kernels' in m]: del sys.modules[m]\n"
         "sys.modules['triton'] = None\n"
-        "try:\n    import dit_sparse.kernels\nexcept ImportError as e:\n    print(e)\n"
+        "try:\n    import dit_sparse.kernels.executor\nexcept ImportError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert "shadow [] False" in out.stdout, out.stderr[-2000:]
+    assert "False" == out.stdout.split("regular ", 1)[1].split()[1], out.stdout + out.stderr[-2000:]
+    origin = out.stdout.split("origin ", 1)[1].split("\n", 1)[0]
+    assert not origin.startswith(str(root / "kernels")), origin
     assert "needs Triton" in out.stdout, out.stderr[-2000:]

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from kernel_cases import qkv, random_layout
 
 from dit_sparse.executors.reference import reference_attention
 from dit_sparse.kernels import naive, segments
 from dit_sparse.kernels.pool import pooled_bias, pooled_kv
 from dit_sparse.layout import BlockLayout
-from kernel_cases import qkv, random_layout
 
 
 def twin_forward(q, k, v, layout, scale):

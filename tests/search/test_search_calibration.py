@@ -7,6 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
+from dit_sparse.attend import TextTokens
+from dit_sparse.dense import dense_attention_lse, merge_partials
+from dit_sparse.executors.reference import reference_attention
+from dit_sparse.layout import Grid
 from dit_sparse.search.calibration import (
     CalibrationError,
     CalibrationObserver,
@@ -18,11 +23,6 @@ from dit_sparse.search.calibration import (
     sample_steps,
 )
 from dit_sparse.search.candidates import default_candidates, shared
-
-from dit_sparse.attend import TextTokens
-from dit_sparse.dense import dense_attention_lse, merge_partials
-from dit_sparse.executors.reference import reference_attention
-from dit_sparse.layout import Grid
 from dit_sparse.strategies import BuildContext, get_strategy
 
 GRID = Grid(3, 5, 7)  # 105 tokens: 16-token blocks are ragged
@@ -162,8 +162,9 @@ def test_calibrating_a_joint_attention_model_with_batched_cfg():
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from dit_sparse.search import calibrate
     from tiny_models import cogvideox_inputs, tiny_cogvideox
+
+    from dit_sparse.search import calibrate
 
     model = tiny_cogvideox()
     grid = Grid(3, 5, 7)

@@ -6,14 +6,14 @@ import os
 
 import pytest
 import torch
-from dit_sparse.search import search
-from dit_sparse.search.candidates import default_candidates
-from dit_sparse.search.cost import measure_cost
 from search_helpers import synthetic_stats
 
 from dit_sparse import SparsePlan, UnsupportedModelError, apply, remove
 from dit_sparse.cli import main
 from dit_sparse.layout import Grid
+from dit_sparse.search import search
+from dit_sparse.search.candidates import default_candidates
+from dit_sparse.search.cost import measure_cost
 
 
 def test_search_on_a_tiny_pipeline_writes_plan_report_and_stats(tiny_pipe, tmp_path, capsys):

@@ -7,10 +7,10 @@ import numpy as np
 import planted
 import pytest
 import torch
-from dit_sparse.search import Budget, calibrate, default_candidates, flop_cost, solve
 
 import dit_sparse
 from dit_sparse.layout import Grid
+from dit_sparse.search import Budget, calibrate, default_candidates, flop_cost, solve
 
 GRID = Grid(8, 4, 8)  # 8 frames of 4 rows x 8 columns; 8-token blocks are one row
 BLOCKS = (8, 8)

@@ -7,14 +7,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from dit_sparse.search.api import search_reuse_schedule
-from dit_sparse.search.errors import SearchError
-from dit_sparse.search.schedule import ReuseSchedule, ScheduleGrid, schedule_grid
 from tiny_models import tiny_wan_pipeline
 
 import dit_sparse
 from dit_sparse import SparsePlan
 from dit_sparse.cli import main
+from dit_sparse.search.api import search_reuse_schedule
+from dit_sparse.search.errors import SearchError
+from dit_sparse.search.schedule import ReuseSchedule, ScheduleGrid, schedule_grid
 
 PROMPTS = ["a red circle moving right on a dark background", "a blue square growing on a light background"]
 SIZE = dict(frames=4, height=32, width=32)

@@ -5,6 +5,9 @@ import math
 
 import numpy as np
 import pytest
+
+from dit_sparse.layout import Grid
+from dit_sparse.plan import ModelFingerprint
 from dit_sparse.search.candidates import shared
 from dit_sparse.search.cost import CostModel, flop_cost
 from dit_sparse.search.solver import (
@@ -15,9 +18,6 @@ from dit_sparse.search.solver import (
     solve,
 )
 from dit_sparse.search.stats import CalibrationStats
-
-from dit_sparse.layout import Grid
-from dit_sparse.plan import ModelFingerprint
 
 CANDS = [shared("dense"), shared("skip"), shared("diagonal", window=[0, 0.5, 0.5]),
          shared("diagonal", window=[1, 0.5, 0.5])]
@@ -130,9 +130,8 @@ def test_dense_layers_and_warm_up_are_in_the_plan_and_the_prediction(stats):
 
 
 def test_existing_plans_are_evaluated_from_the_statistics(stats):
-    from dit_sparse.search.solver import assignment_of, evaluate_plan
-
     from dit_sparse.plan import HeadStrategy, Schedule, SparsePlan
+    from dit_sparse.search.solver import assignment_of, evaluate_plan
 
     cost = flop_cost(stats.candidates, stats.grid, 256, 128, 4, 32)
     sol = solve(stats, cost, Budget(max_error=0.1))

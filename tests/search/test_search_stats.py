@@ -6,11 +6,11 @@ import time
 
 import numpy as np
 import pytest
-from dit_sparse.search import SearchError, StatsError, search
-from dit_sparse.search.stats import CalibrationStats
 from search_helpers import TINY_SHAPES, synthetic_stats
 
 from dit_sparse.plan import ModelFingerprint, SparsePlan
+from dit_sparse.search import SearchError, StatsError, search
+from dit_sparse.search.stats import CalibrationStats
 
 
 def test_round_trip(stats, tmp_path):

@@ -4,6 +4,7 @@ perturbation at each step moves the generated result, and the solver can weight 
 import numpy as np
 import pytest
 import torch
+
 from dit_sparse.search import search
 from dit_sparse.search.api import pipeline_runner
 from dit_sparse.search.cost import flop_cost

@@ -6,16 +6,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from dit_sparse.search import search
-from dit_sparse.search.cost import flop_cost
-from dit_sparse.search.errors import SearchError
-from dit_sparse.search.solver import Budget, BudgetError, InfeasibleBudget, solve
-from dit_sparse.search.validation import candidate_trials, settings_ladder, solver_variants, variant_trials
 from search_helpers import synthetic_stats
 
 from dit_sparse import SparsePlan, apply, remove
 from dit_sparse.cli import main
 from dit_sparse.metrics import psnr
+from dit_sparse.search import search
+from dit_sparse.search.cost import flop_cost
+from dit_sparse.search.errors import SearchError
+from dit_sparse.search.solver import Budget, BudgetError, InfeasibleBudget, solve
+from dit_sparse.search.validation import candidate_trials, settings_ladder, solver_variants, variant_trials
 
 PROMPTS = ["a red circle moving right on a dark background", "a blue square growing on a light background"]
 SETTINGS = dict(steps=4, frames=4, height=32, width=32, dense_first=0.0, calib_steps=2, cost="flop", max_error=0.5,
