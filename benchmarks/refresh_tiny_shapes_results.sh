@@ -2,7 +2,7 @@
 # Re-derive everything that depends on the shipped tiny-shapes weights, after they were retrained:
 # evaluation, attention report, the searched default plan (+ the e0.15 plan the e2e bench compares), the
 # searched-vs-uniform comparison, the end-to-end bench, the generate report, the ~25%-density check, the distilled
-# student, and the README results section (about 2 hours of a 2-core CPU).
+# student, and the rendered results: docs/results.md and the README headline (about 2 hours of a 2-core CPU).
 # Run it alone on the machine: every timing it records assumes no other job shares the CPU.
 #   bash benchmarks/refresh_tiny_shapes_results.sh [FROM_STEP]   (FROM_STEP 1-9 resumes a partial refresh)
 set -euo pipefail
@@ -66,7 +66,7 @@ if step 8 "4-step sparse student distilled from the teacher, and its evaluation"
     cp out/distill/metrics.jsonl out/distill/config.yaml out/distill/export/distill.json \
         benchmarks/results/distill-tiny-shapes/
 fi
-if step 9 "README results"; then
+if step 9 "docs/results.md and the README headline"; then
     python benchmarks/render_results.py
 fi
 # By hand afterwards: the prose that quotes these numbers (README status and default-plan paragraphs, the folders'

@@ -30,7 +30,7 @@ def test_bench_e2e_writes_one_record_per_plan_table_and_plot(tiny_dir, tmp_path,
     assert isinstance(records, list) and [r["plan"] for r in records][0] == "dense" and len(records) == 3
     for r in records:  # every record carries the run's metadata
         assert r["benchmark"] == "bench e2e" and r["prompts"] == 2 and r["hardware"]["cpus"] >= 1
-        assert r["weights_id"] == weights_id(tiny_dir)  # so a README table from earlier weights can be flagged
+        assert r["weights_id"] == weights_id(tiny_dir)  # so a docs/results.md table from earlier weights is flagged
         assert r["default_plan_id"] is None  # no `default` plan in this run
         assert r["seconds"] > 0 and r["attention_seconds"] > 0
         assert r["caption_accuracy"] is not None and 0.0 <= r["caption_accuracy"] <= 1.0

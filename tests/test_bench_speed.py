@@ -19,7 +19,7 @@ def test_bench_speed_writes_dense_and_one_record_per_plan(tmp_path, capsys, monk
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/dit-sparse", *argv])  # as the console script runs it
     assert main(argv) == 0
     result = json.loads((out / "results.json").read_text())
-    assert result["command"] == "dit-sparse " + " ".join(argv)  # the README renders it with the numbers
+    assert result["command"] == "dit-sparse " + " ".join(argv)  # docs/results.md renders it with the numbers
     assert result["architecture"] == "wan2.1-1.3b" and result["layers"] == 1
     assert result["size"] == {"frames": 17, "height": 256, "width": 256, "video_tokens": 1280}
     dense, sparse = result["results"]

@@ -57,7 +57,7 @@ def test_tile_sweep_script_runs_in_the_interpreter(tmp_path):
     assert dense == 1.0 and abs(sparse - 0.5) < 0.1
     with pytest.raises(SystemExit):
         module.main(["--tiles", "128by64"])
-    # The README renders such a file (when a GPU session commits one) row by row.
+    # docs/results.md renders such a file (when a GPU session commits one) row by row.
     render = _load_script("render_results")
     assert render.benchmark_name(result) in render.RENDERERS
     lines = render.render_tiles(render.ROOT / "benchmarks" / "results" / "tiles.json", result)

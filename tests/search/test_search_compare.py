@@ -30,7 +30,7 @@ def test_compare_writes_pairs_at_equal_density(tmp_path, monkeypatch):
 
     monkeypatch.setattr("dit_sparse.bench_e2e.run_e2e", fake_run_e2e)
     summary = compare_uniform.compare(path, cost="flop", out=tmp_path / "cmp", prompts=2, progress=False)
-    assert summary["weights_id"] == "0123456789ab"  # the README flags comparisons made on earlier weights
+    assert summary["weights_id"] == "0123456789ab"  # docs/results.md flags comparisons made on earlier weights
     shared = [c for c in stats.candidates if not c.per_head and c.computes and c.family != "dense"]
     assert len(summary["pairs"]) == len(shared) and len(seen["specs"]) == 2 * len(shared)
     for pair in summary["pairs"]:
