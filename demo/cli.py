@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..extras import MissingExtra, require
+
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="a web page running dense and sparse side by side (needs dit-sparse[demo])",
@@ -36,11 +38,7 @@ def run_demo(args) -> int:
     if not 1 <= args.port <= 65535:  # gradio would fail with a traceback; 0 would serve on a port we cannot name
         print(f"error: --port must be a TCP port in 1..65535, got {args.port}", file=sys.stderr)
         return 2
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("error: the demo needs gradio: pip install 'dit-sparse[demo]'", file=sys.stderr)
-        return 2
+    require("demo", what="dit-sparse demo")  # gradio for the page, matplotlib for its pictures
     from .app import build_app, launch_app
     from .backend import DemoError
 
@@ -63,4 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dit_sparse.demo", description=DESCRIPTION)
     _add_arguments(parser)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingExtra as e:  # as dit_sparse.cli.main does
+        print(f"error: {e}", file=sys.stderr)
+        return 2

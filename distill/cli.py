@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from dit_sparse.extras import MissingExtra, require
+
 # flag -> config key, for the flags that map one to one (None defaults: only given flags override)
 _FLAGS = {
     "teacher": str, "plan": str, "executor": str, "student_steps": int, "max_steps": int, "out": str,
@@ -99,7 +101,9 @@ def build_config(args):
 
 
 def check_arguments(args, cfg) -> None:
-    """Before anything loads: refuse what would fail late or do something other than asked."""
+    """Before anything loads: refuse what would fail late or do something other than asked (a missing extra
+    raises MissingExtra)."""
+    from dit_sparse.executors import require_executor_extra
     from dit_sparse.generate import check_out_folder
 
     from .config import ConfigError
@@ -113,6 +117,9 @@ def check_arguments(args, cfg) -> None:
     if args.export_only and not list_checkpoints(args.resume):
         raise ConfigError(f"--export-only: no checkpoint in {args.resume} to export (train the run first)")
     check_out_folder(cfg.out)
+    if cfg.lora_rank > 0:
+        require("distill", "peft", what="dit-sparse distill with lora_rank > 0")
+    require_executor_extra(cfg.executor)
 
 
 # generate's loaders name generate's options; the same values come from these distill options
@@ -128,6 +135,8 @@ def in_distill_terms(message: str) -> str:
 
 
 def run_distill(args) -> int:
+    # configs and run folders are YAML; peft only for LoRA (check_arguments). MissingExtra reaches main.
+    require("distill", "yaml", what="dit-sparse distill")
     from dit_sparse.generate import GenerateError
 
     from .config import ConfigError
@@ -197,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return run_distill(args)
+    try:
+        return run_distill(args)
+    except MissingExtra as e:  # as dit_sparse.cli.main does
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

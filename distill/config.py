@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+# yaml (pyyaml, the distill extra) is imported where used: `dit-sparse` registers the distill command, and so
+# imports this module, also where the extra is not installed.
 
 
 class ConfigError(ValueError):
@@ -107,6 +108,8 @@ class DistillConfig:
     def save(self, path: str | Path) -> None:
         import os
 
+        import yaml
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -158,6 +161,8 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
 
 def _parse_yaml(text: str, source: str) -> Any:
     """yaml.safe_load, with a syntax error turned into one ConfigError line that names the source and position."""
+    import yaml
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

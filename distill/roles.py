@@ -23,6 +23,7 @@ import torch
 
 from dit_sparse import apply, remove
 from dit_sparse.adapters import nearest_class_name
+from dit_sparse.extras import install_command
 from dit_sparse.plan import SparsePlan
 from dit_sparse.processor import SparseProcessor
 from dit_sparse.strategies import get_strategy
@@ -101,7 +102,7 @@ class Roles:
         try:
             from peft import LoraConfig
         except ImportError:
-            raise RoleError("lora_rank > 0 needs peft: pip install 'dit-sparse[distill]'") from None
+            raise RoleError(f"lora_rank > 0 needs peft: {install_command('distill')}") from None
         self.student.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True),
                                  adapter_name="student")
         self.student.requires_grad_(False)

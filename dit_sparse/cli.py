@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from .extras import MissingExtra, require
 from .plan import PlanError
 
 NUM_PROMPTS_DEFAULT = 8
@@ -50,9 +51,11 @@ def _generate(args) -> int:
 def _add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
-    k = bench.add_parser("kernels", help="attention kernels against dense SDPA (CPU: the cpu executor)")
+    k = bench.add_parser("kernels", help="attention kernels against dense SDPA (CUDA: the Triton kernels, needs "
+                                          "dit-sparse[triton]; CPU: the cpu executor)")
     k.add_argument("--out", default="benchmarks/results")
     k.add_argument("--quick", action="store_true", help="fewer sizes")
+    k.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     k.set_defaults(func=_bench_kernels)
     e = bench.add_parser("e2e", help="end-to-end generation: dense vs plans, speed and fidelity")
     e.add_argument("--model", default="tiny-shapes")
@@ -128,19 +131,26 @@ def _bench_speed(args) -> int:
 
 
 def _bench_kernels(args) -> int:
-    from .generate import check_out_folder
+    import torch
 
+    from .generate import check_device_and_dtype, check_out_folder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device_and_dtype(device, "float32")
     check_out_folder(args.out)
+    if torch.device(device).type == "cuda":  # the Triton kernels; on CPU the cpu executor needs no extra
+        require("triton", what="dit-sparse bench kernels on CUDA")
     try:
         from dit_sparse.kernels import bench
     except ImportError as e:
         print(f"error: the kernel benchmark is not available: {e}", file=sys.stderr)
         return 2
-    return bench.main(["--out", args.out] + (["--quick"] if args.quick else []))
+    return bench.main(["--out", args.out, "--device", device] + (["--quick"] if args.quick else []))
 
 
 class _Errors:
-    """Bad input ends with one clear line and exit status 2, never a traceback."""
+    """Bad input, or a missing extra (MissingExtra: names its pip install command), ends with one clear line and
+    exit status 2, never a traceback."""
 
     @staticmethod
     def known():
@@ -151,7 +161,7 @@ class _Errors:
         from .processor import PlanMismatchError
 
         return (PlanError, GenerateError, UnsupportedModelError, PlanMismatchError, AlreadyAppliedError,
-                ExecutorError, FileNotFoundError)
+                ExecutorError, MissingExtra, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import types
 
+from dit_sparse.extras import MissingExtra, install_command
+
 try:
     import triton
     import triton.language as tl
 except ImportError as exc:  # pragma: no cover - exercised only without triton
-    raise ImportError(
-        "dit_sparse.kernels needs Triton (pip install 'dit-sparse[triton]' or 'triton>=3.1'); "
+    raise MissingExtra(  # an ImportError
+        f"dit_sparse.kernels needs Triton: {install_command('triton')} (or pip install 'triton>=3.1'); "
         "without it use the 'cpu' or 'reference' executor"
     ) from exc
 

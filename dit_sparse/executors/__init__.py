@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from ..extras import MissingExtra, require
+
 
 @dataclass(frozen=True)
 class Executor:
@@ -23,10 +25,22 @@ class Executor:
 EXECUTORS: dict[str, Executor] = {}
 # Executors registered only where they can run, with what they need.
 OPTIONAL_EXECUTORS = {"triton": "a CUDA GPU (--device cuda) and the triton package"}
+# The extra of pyproject.toml that brings each optional executor's package (dit_sparse.extras).
+EXECUTOR_EXTRAS = {"triton": "triton"}
 
 
 class ExecutorError(ValueError):
     pass
+
+
+class ExecutorExtraMissing(MissingExtra, ExecutorError):
+    """The executor's package is not installed: both an ExecutorError and a MissingExtra (names the pip command)."""
+
+
+def require_executor_extra(name: str | None) -> None:
+    """Raise ExecutorExtraMissing when ``name`` is an optional executor whose extra is not installed."""
+    if name in EXECUTOR_EXTRAS:
+        require(EXECUTOR_EXTRAS[name], what=f"executor {name!r}", error=ExecutorExtraMissing)
 
 
 def register_executor(executor: Executor) -> Executor:
@@ -49,6 +63,7 @@ def known_executor(name: str) -> Executor:
     load_optional_kernels()
     if name not in EXECUTORS:
         if name in OPTIONAL_EXECUTORS:
+            require_executor_extra(name)
             raise ExecutorError(f"executor {name!r} needs {OPTIONAL_EXECUTORS[name]}; here it is not available "
                                 f"(available: {', '.join(sorted(EXECUTORS))})")
         raise ExecutorError(f"unknown executor {name!r}; known: {', '.join(sorted({*EXECUTORS, *OPTIONAL_EXECUTORS}))}")
@@ -70,5 +85,5 @@ def get_executor(name: str | None, device: torch.device | str = "cpu") -> Execut
 
 from . import cpu, reference  # noqa: E402,F401  (registration side effects)
 
-__all__ = ["EXECUTORS", "Executor", "ExecutorError", "register_executor", "get_executor", "known_executor",
-           "load_optional_kernels"]
+__all__ = ["EXECUTORS", "Executor", "ExecutorError", "ExecutorExtraMissing", "register_executor", "get_executor",
+           "known_executor", "load_optional_kernels", "require_executor_extra"]
