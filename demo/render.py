@@ -117,7 +117,7 @@ def plan_picture(plan: SparsePlan, module_names: list[str], grid: Grid | None, p
     known = density[~np.isnan(density)]
     sched = plan.schedule
     lines = [title]
-    detail = f"dense first {sched.dense_first:.0%} of steps"
+    detail = f"dense steps: {sched.dense_steps_text()}"
     if sched.dense_layers:
         detail += f", layers {sorted(dense_layers)} dense (*)"
     if known.size:

@@ -5,14 +5,15 @@
 """
 
 from .adapters import UnsupportedModelError, supported_transformers
-from .api import AlreadyAppliedError, apply, remove, summary
+from .api import AlreadyAppliedError, apply, in_noise_units, noise_levels, remove, summary
 from .layout import BlockLayout, Grid
 from .plan import HeadStrategy, PlanError, Schedule, SparsePlan
-from .processor import PlanMismatchError, SparseProcessor
+from .processor import PlanMismatchError, SparseProcessor, UnknownStepError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyAppliedError", "BlockLayout", "Grid", "HeadStrategy", "PlanError", "PlanMismatchError", "Schedule",
-    "SparsePlan", "SparseProcessor", "UnsupportedModelError", "apply", "remove", "summary", "supported_transformers",
+    "SparsePlan", "SparseProcessor", "UnknownStepError", "UnsupportedModelError", "apply", "in_noise_units",
+    "noise_levels", "remove", "summary", "supported_transformers",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .adapters import adapter_for_transformer
@@ -57,6 +59,34 @@ def apply(pipe_or_transformer, plan: SparsePlan, executor: str | None = None,
             set_module_processor(module, processor)
         setattr(transformer, _ATTR, processor)
     return processor
+
+
+def noise_levels(pipe, num_inference_steps: int, **set_timesteps_kwargs) -> list[float]:
+    """The noise level (1 pure noise, 0 clean) of every step `pipe` runs at `num_inference_steps`, from a copy of
+    its scheduler (pass what the pipeline passes to `set_timesteps`, e.g. Flux's `mu`, where it passes more)."""
+    import copy
+
+    scheduler = copy.deepcopy(getattr(pipe, "scheduler", None))
+    if scheduler is None:
+        raise TypeError(f"{type(pipe).__name__} has no scheduler; pass a diffusers pipeline")
+    scheduler.set_timesteps(num_inference_steps, **set_timesteps_kwargs)
+    levels = adapter_for_transformer(transformers_of(pipe)[0]).scheduler_noise_levels(scheduler)
+    return levels[:num_inference_steps]
+
+
+def in_noise_units(plan: SparsePlan, pipe_or_levels, num_inference_steps: int | None = None,
+                   **set_timesteps_kwargs) -> SparsePlan:
+    """`plan` with its dense steps in noise levels, running the same steps dense as it does counted in steps at
+    `num_inference_steps` of this pipeline's scheduler (or on the step grid `pipe_or_levels`, one noise level per
+    step). A plan in noise levels runs alike in every form of applying it: `apply(pipe)`, `apply(transformer)` and
+    `transformer.set_attn_processor(SparseProcessor(plan))`."""
+    if isinstance(pipe_or_levels, (list, tuple)):
+        levels = pipe_or_levels
+    else:
+        if num_inference_steps is None:
+            raise TypeError("in_noise_units(plan, pipe, num_inference_steps): give the step count the plan runs at")
+        levels = noise_levels(pipe_or_levels, num_inference_steps, **set_timesteps_kwargs)
+    return replace(plan, schedule=plan.schedule.in_noise_units(levels))
 
 
 def _processors_on(transformer) -> set:
@@ -115,8 +145,8 @@ def _describe(processor: SparseProcessor, transformer) -> list[str]:
     lines = [
         f"{type(transformer).__name__} ({adapter.family}): {plan.model.num_layers} covered layers x "
         f"{plan.model.num_heads} heads, executor={processor.executor_name or 'auto'}",
-        f"  schedule: dense first {sched.dense_first:.0%} of steps, dense last {sched.dense_last_steps} steps, "
-        f"dense layers {list(sched.dense_layers)}, refresh every {sched.refresh_interval} steps",
+        f"  dense steps: {sched.dense_steps_text()}",
+        f"  dense layers {list(sched.dense_layers)}, refresh every {sched.refresh_interval} steps",
     ]
     device = next(transformer.parameters()).device
     blocks = (processor.block_size

@@ -89,6 +89,19 @@ def tiny_shapes_weights_id(model: str) -> str | None:
     return weights_id(model) if _is_saved_tiny_shapes(model) else None
 
 
+def equivalent_default_plan_id(pipeline_class: str, steps: int | None) -> str | None:
+    """The id of the file the shipped default plan was converted from, when a run at `steps` (None: the pipeline's
+    default) computes exactly what that earlier file computed: its dense steps moved from step counts to noise
+    levels, the same steps at the step count it was measured at (`in_noise_units`)."""
+    path = DEFAULT_PLANS.get(pipeline_class)
+    if path is None or not path.is_file():
+        return None
+    converted = json.loads(path.read_text()).get("calibration", {}).get("schedule_in_noise_units")
+    if not converted or steps not in (None, converted.get("steps")):
+        return None
+    return converted.get("from_plan_id")
+
+
 def default_plan_id(pipeline_class: str) -> str | None:
     """Short content hash of the default plan shipped for a pipeline class (None when none ships).
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,11 +30,42 @@ from typing import Any, Mapping
 from .strategies import MODIFIERS, STRATEGIES
 
 PLAN_FORMAT = "dit-sparse-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class PlanError(ValueError):
     """A plan that cannot be used; the message names the JSON path of the problem."""
+
+
+# The largest plan file read: a 100-layer x 64-head plan with every head spelled out is about 1 MB.
+MAX_PLAN_BYTES = 64 * 2**20
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refusing a key given twice (json would silently keep the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PlanError(f"duplicate key {key!r}: each key may appear once in an object (the second would "
+                            "silently replace the first)")
+        out[key] = value
+    return out
+
+
+def parse_json_text(text: str, source: str) -> Any:
+    """JSON text to Python, with PlanError naming `source` for anything that is not a plain JSON document: a
+    syntax error, a duplicate key, a number too long to convert, nesting too deep to read."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{source}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except PlanError as e:
+        raise PlanError(f"{source}: {e}") from None
+    except RecursionError:
+        raise PlanError(f"{source}: JSON nested too deeply to be a plan") from None
+    except ValueError as e:  # Python refuses integers of more than 4300 digits
+        raise PlanError(f"{source}: not a usable JSON document ({e})") from None
 
 
 def _freeze(value):
@@ -132,24 +164,46 @@ class ModelFingerprint:
 
 @dataclass(frozen=True)
 class Schedule:
-    """When the plan applies. dense_first is a fraction of the denoising steps that run dense at the start."""
+    """When the plan applies: which denoising steps and layers run dense, and how often refreshes happen.
+
+    Dense steps are given in one of two units:
+
+    - noise level (version 2, what the search writes): a step runs dense when its noise level is at least
+      `dense_above` or at most `dense_below` (1 is pure noise, 0 a clean sample). Every form of applying a plan sees
+      the timestep the pipeline passes to the transformer, and each model adapter turns it into a noise level, so a
+      plan in these units runs the same steps dense in `apply(pipe)`, `apply(transformer)` and the one-line form.
+      `calibrated_noise` records the noise levels of the step grid the plan was measured on (for the summary).
+    - steps (version 1 files, `with_schedule(dense_first=..., dense_last_steps=...)`): `dense_first` is the fraction
+      of the steps that run dense at the start (rounded), `dense_last_steps` a number of steps at the end. These need
+      the step count, which only the pipeline knows: `apply(pipe)` reads it from the scheduler, pipelines that pass
+      it in their cache context (Wan, tiny-shapes) give it to every form, and elsewhere the processor refuses to run
+      rather than guess. `in_noise_units(noise_levels)` turns such a schedule into noise levels for one step grid.
+    """
 
     dense_first: float = 0.0
     dense_last_steps: int = 0
     dense_layers: tuple[int, ...] = ()
     refresh_interval: int = 5
+    dense_above: float | None = None
+    dense_below: float | None = None
+    calibrated_noise: tuple[float, ...] = ()
+
+    KEYS = ("dense_first", "dense_last_steps", "dense_layers", "refresh_interval", "dense_above", "dense_below",
+            "calibrated_noise")
 
     @classmethod
-    def from_json(cls, data: Any, path: str = "$.schedule") -> "Schedule":
+    def from_json(cls, data: Any, path: str = "$.schedule", version: int = PLAN_VERSION) -> "Schedule":
         if not isinstance(data, Mapping):
             raise PlanError(f"{path}: expected an object, got {data!r}")
-        unknown = sorted(set(data) - {"dense_first", "dense_last_steps", "dense_layers", "refresh_interval"})
+        allowed = cls.KEYS if version >= 2 else cls.KEYS[:4]
+        unknown = sorted(set(data) - set(allowed))
         if unknown:
-            raise PlanError(f"{path}.{unknown[0]}: unknown key "
-                            "(allowed: dense_first, dense_last_steps, dense_layers, refresh_interval)")
+            raise PlanError(f"{path}.{unknown[0]}: unknown key in a version {version} plan "
+                            f"(allowed: {', '.join(allowed)})")
         values = dict(data)
-        if isinstance(values.get("dense_layers"), list):
-            values["dense_layers"] = tuple(values["dense_layers"])
+        for key in ("dense_layers", "calibrated_noise"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         out = cls(**values)
         out.validate(path)
         return out
@@ -163,10 +217,98 @@ class Schedule:
             raise PlanError(f"{path}.dense_layers: must be a list of layer indices >= 0, got {self.dense_layers!r}")
         if not _is_int(self.refresh_interval) or self.refresh_interval < 1:
             raise PlanError(f"{path}.refresh_interval: must be an integer >= 1, got {self.refresh_interval!r}")
+        for key in ("dense_above", "dense_below"):
+            value = getattr(self, key)
+            if value is not None and (not _is_number(value) or not 0.0 <= value <= 1.0):
+                raise PlanError(f"{path}.{key}: must be a noise level in [0, 1] or null, got {value!r}")
+        if not isinstance(self.calibrated_noise, tuple) or not all(
+                _is_number(v) and 0.0 <= v <= 1.0 for v in self.calibrated_noise):
+            raise PlanError(f"{path}.calibrated_noise: must be a list of noise levels in [0, 1], "
+                            f"got {self.calibrated_noise!r}")
+        if self.counts_steps and self.uses_noise_levels:
+            raise PlanError(f"{path}: dense steps are given both in steps (dense_first, dense_last_steps) and in noise "
+                            "levels (dense_above, dense_below); use one unit")
+
+    @property
+    def counts_steps(self) -> bool:
+        """Whether dense steps are given in steps, which needs the pipeline's step count."""
+        return self.dense_first > 0 or self.dense_last_steps > 0
+
+    @property
+    def uses_noise_levels(self) -> bool:
+        return self.dense_above is not None or self.dense_below is not None
+
+    def dense_at_noise(self, noise: float) -> bool:
+        """Whether a step at this noise level runs dense (noise-level schedules)."""
+        return (self.dense_above is not None and noise >= self.dense_above) or (
+            self.dense_below is not None and noise <= self.dense_below)
+
+    def dense_at_step(self, step: int, total: int) -> bool:
+        """Whether step `step` (0-based) of `total` runs dense (step schedules; as measured by version 1)."""
+        return step < int(round(self.dense_first * total)) or step >= total - self.dense_last_steps
+
+    def in_noise_units(self, noise_levels) -> "Schedule":
+        """This schedule in noise levels, running exactly the same steps dense on the step grid `noise_levels`
+        (one per step, falling). Each threshold sits halfway between the last dense step and the next, so a timestep
+        rounded on its way to the transformer (bf16) still lands on the same side."""
+        levels = tuple(float(v) for v in noise_levels)
+        if any(b >= a for a, b in zip(levels, levels[1:])):
+            raise PlanError(f"noise levels must fall from step to step, got {levels}")
+        total = len(levels)
+        if not levels:
+            raise PlanError("in_noise_units needs the noise level of every step, got none")
+        if not self.counts_steps:
+            return replace(self, calibrated_noise=levels)
+        first = min(int(round(self.dense_first * total)), total)
+        last_start = max(total - self.dense_last_steps, 0)
+        above = None if first == 0 else (0.0 if first >= total else (levels[first - 1] + levels[first]) / 2)
+        below = None if last_start >= total else (1.0 if last_start == 0 else
+                                                  (levels[last_start - 1] + levels[last_start]) / 2)
+        return replace(self, dense_first=0.0, dense_last_steps=0, dense_above=above, dense_below=below,
+                       calibrated_noise=levels)
+
+    def dense_steps_text(self) -> str:
+        """Which steps run dense, in words (for summaries)."""
+        if self.counts_steps:
+            parts = []
+            if self.dense_first > 0:
+                parts.append(f"the first {self.dense_first:.0%} of the steps")
+            if self.dense_last_steps > 0:
+                parts.append(f"the last {self.dense_last_steps}")
+            return " and ".join(parts) + " (counted in steps: needs the pipeline's step count)"
+        if not self.uses_noise_levels:
+            return "none"
+        parts = []
+        if self.dense_above is not None:
+            parts.append(f"noise level >= {self.dense_above:.4g}")
+        if self.dense_below is not None:
+            parts.append(f"noise level <= {self.dense_below:.4g}")
+        text = " or ".join(parts)
+        if self.calibrated_noise:
+            dense = [i for i, v in enumerate(self.calibrated_noise) if self.dense_at_noise(v)]
+            text += (f"; on the {len(self.calibrated_noise)}-step grid it was measured on: "
+                     f"{_ranges(dense) or 'none'}")
+        return text
 
     def to_json(self) -> dict[str, Any]:
-        return {"dense_first": self.dense_first, "dense_last_steps": self.dense_last_steps,
-                "dense_layers": list(self.dense_layers), "refresh_interval": self.refresh_interval}
+        out = {"dense_first": self.dense_first, "dense_last_steps": self.dense_last_steps,
+               "dense_layers": list(self.dense_layers), "refresh_interval": self.refresh_interval}
+        if self.uses_noise_levels or self.calibrated_noise:
+            out.update(dense_above=self.dense_above, dense_below=self.dense_below,
+                       calibrated_noise=list(self.calibrated_noise))
+        return out
+
+
+def _ranges(indices: list[int]) -> str:
+    """'steps 0-3, 18, 19' style text for sorted step indices."""
+    groups: list[list[int]] = []
+    for i in indices:
+        if groups and i == groups[-1][-1] + 1:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    spans = [f"{g[0]}-{g[-1]}" if len(g) > 2 else ", ".join(map(str, g)) for g in groups]
+    return ("steps " + ", ".join(spans)) if spans else ""
 
 
 def _is_int(v) -> bool:
@@ -209,6 +351,15 @@ class SparsePlan:
             raise IndexError(f"head {head} does not exist: the model has {self.model.num_heads} heads "
                              f"(0..{self.model.num_heads - 1})")
         return self.heads_for(module_name)[head]
+
+    @property
+    def keeps_state_across_steps(self) -> bool:
+        """Whether some head carries state from one denoising step to the next (`reuse`, re-scaled heads, dynamic
+        layouts refreshed every `refresh_interval` steps): such a plan has to tell the steps apart."""
+        from .strategies import get_strategy
+
+        heads = {self.default, *(h for spec in self.modules.values() for h in spec)}
+        return any(h.rescale or get_strategy(h.strategy).reuses or get_strategy(h.strategy).dynamic for h in heads)
 
     def strategy_for(self, module_name: str, head: int) -> str:
         """Name of the strategy that runs in this module and head."""
@@ -263,20 +414,25 @@ class SparsePlan:
                             "use SparsePlan.from_json)")
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            info = path.stat()
         except FileNotFoundError:
             raise PlanError(f"plan file not found: {path}") from None
-        except IsADirectoryError:
-            raise PlanError(f"{path} is a directory, not a plan file (a .plan.json file)") from None
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read the plan file ({e.strerror or e})") from None
+        if stat.S_ISDIR(info.st_mode):
+            raise PlanError(f"{path} is a directory, not a plan file (a .plan.json file)")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would hang, /dev/zero would fill the memory
+            raise PlanError(f"{path} is not a regular file (a device, pipe or socket); give a .plan.json file")
+        if info.st_size > MAX_PLAN_BYTES:
+            raise PlanError(f"{path}: {info.st_size:,} bytes is too large for a plan file "
+                            f"(at most {MAX_PLAN_BYTES:,}); is it the right file?")
+        try:
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise PlanError(f"{path}: not a plan file (not UTF-8 text; plan files are JSON)") from None
         except OSError as e:
             raise PlanError(f"{path}: cannot read the plan file ({e.strerror or e})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-        return cls.from_json(data, source=str(path))
+        return cls.from_json(parse_json_text(text, str(path)), source=str(path))
 
     @classmethod
     def from_json(cls, data: Any, source: str = "<plan>") -> "SparsePlan":
@@ -295,11 +451,13 @@ class SparsePlan:
             raise PlanError(f"$.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
         if data.get("format") != PLAN_FORMAT:
             raise PlanError(f"$.format: expected {PLAN_FORMAT!r}, got {data.get('format')!r}")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"$.version: this dit-sparse reads version {PLAN_VERSION}, got {data.get('version')!r}")
+        version = data.get("version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise PlanError(f"$.version: this dit-sparse reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}, got {version!r}")
         model = cls._parse_model(data.get("model"))
         default = HeadStrategy.from_json(data.get("default", "dense"), "$.default")
-        schedule = Schedule.from_json(data.get("schedule", {}))
+        schedule = Schedule.from_json(data.get("schedule", {}), version=version)
         raw_modules = data.get("modules", {})
         if not isinstance(raw_modules, Mapping):
             raise PlanError("$.modules: expected an object keyed by module name")

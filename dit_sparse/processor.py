@@ -4,8 +4,8 @@ diffusers puts one processor object on every attention module and never says whi
 processor binds itself to the transformer that owns a module: eagerly in `apply`, or lazily on the first call in
 the one-line form (`transformer.set_attn_processor(SparseProcessor(plan))`). Binding maps each attention module to
 its name and layer, registers a forward pre-hook for the grid and timestep and a stateful diffusers hook that
-receives the pipeline's cache context (CFG branch, step index). Modules the plan does not cover run the family's
-own processor.
+receives the pipeline's cache context (step index and count, where the pipeline passes them). Modules the plan does
+not cover run the family's own processor.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .plan import SparsePlan
 logger = logging.getLogger(__name__)
 
 _CONTEXT_HOOK = "dit_sparse_context"
+UNNAMED_BRANCH = "unknown"  # a call outside any cache context, or the one-line form's first call
 
 
 class PlanMismatchError(ValueError):
@@ -70,36 +71,82 @@ def _hook_registry(transformer):
     return HookRegistry.check_if_exists_or_initialize(transformer)
 
 
-@dataclass
-class StepTracker:
-    """Denoising step from the pipeline's cache context when it says, else from the sequence of timesteps.
+def _open_cache_context(transformer):
+    """The cache context a pipeline holds open around the running forward (`with transformer.cache_context(...)`),
+    or None. diffusers hands a context only to the hooks present when the `with` opens; the one-line form binds
+    (and registers its hook) inside the first forward, so it reads that context from the suspended context manager."""
+    import gc
+    import inspect as _inspect
 
-    Timesteps fall during one generation; a timestep above the last one starts a new generation. Calls with the
-    same timestep (CFG branches, a second transformer) share a step: nothing here counts calls.
+    from diffusers.hooks.hooks import CacheContext
+
+    found = []
+    for ref in gc.get_referrers(transformer):
+        if (_inspect.isgenerator(ref) and ref.gi_code.co_name == "cache_context"
+                and _inspect.getgeneratorstate(ref) == _inspect.GEN_SUSPENDED
+                and ref.gi_frame.f_locals.get("self") is transformer):
+            local = ref.gi_frame.f_locals
+            found.append(CacheContext(local["name"], **local.get("kwargs", {})))
+    return found[0] if len(found) == 1 else None
+
+
+@dataclass
+class StepPosition:
+    """Where one forward sits in its generation.
+
+    step: distinct noise levels seen in this generation before this one (the clock of caches and refreshes).
+    index, total: the step's place in the pipeline's schedule, where the pipeline tells it; only schedules that
+    count steps need them.
     """
 
-    timesteps: list[float] = field(default_factory=list)
+    noise: float | None = None
+    step: int | None = None
+    index: int | None = None
+    total: int | None = None
+    new_generation: bool = False
+
+
+@dataclass
+class StepTracker:
+    """The denoising step of each forward, from what every form of applying a plan can observe.
+
+    Noise levels fall during a generation; one above the last starts a new generation. Calls at the same noise
+    level (CFG branches, a second transformer) share a step: nothing here counts calls. The schedule position
+    (index, total) comes from the pipeline's cache context when it passes one (Wan's pipelines, tiny-shapes), else
+    from the scheduler `apply(pipe)` bound, matched by noise level.
+    """
+
+    levels: list[float] = field(default_factory=list)
     scheduler_ref: Any = None
 
-    def update(self, timestep: float | None, context) -> tuple[int | None, int | None]:
-        step = getattr(context, "step_index", None)
+    def update(self, noise: float | None, context, adapter: ModelAdapter) -> StepPosition:
+        index = getattr(context, "step_index", None)
         total = getattr(context, "num_inference_steps", None)
-        if timestep is not None:
-            if self.timesteps and timestep > self.timesteps[-1] + 1e-6:
-                self.timesteps = []
-            if not self.timesteps or abs(timestep - self.timesteps[-1]) > 1e-6:
-                self.timesteps.append(timestep)
+        if noise is None:
+            return StepPosition(index=index, total=total)
+        new_generation = bool(self.levels) and noise > self.levels[-1] + 1e-6
+        if new_generation:
+            self.levels = []
+        if not self.levels or abs(noise - self.levels[-1]) > 1e-6:
+            self.levels.append(noise)
+        if index is None or total is None:
+            index, total = self._from_scheduler(noise, adapter)
+        return StepPosition(noise, len(self.levels) - 1, index, total, new_generation)
+
+    def _from_scheduler(self, noise: float, adapter: ModelAdapter) -> tuple[int | None, int | None]:
         scheduler = self.scheduler_ref() if self.scheduler_ref is not None else None
-        if (step is None or total is None) and scheduler is not None and timestep is not None:
-            known = getattr(scheduler, "timesteps", None)
-            if known is not None and len(known):
-                diffs = (torch.as_tensor(known, dtype=torch.float64) - timestep).abs()
-                if float(diffs.min()) < 1e-3:
-                    step = int(diffs.argmin()) if step is None else step
-                    total = len(known) if total is None else total
-        if step is None and self.timesteps:
-            step = len(self.timesteps) - 1
-        return step, total
+        levels = adapter.scheduler_noise_levels(scheduler) if scheduler is not None else None
+        if not levels:
+            return None, None
+        gaps = torch.tensor(levels, dtype=torch.float64)
+        distance = (gaps - noise).abs()
+        nearest = int(distance.argmin())
+        # The nearest step, if the noise level is nearer to it than to any other (a bf16 timestep is off by up to
+        # 0.4%; neighbouring steps are further apart than that).
+        others = torch.cat([distance[:nearest], distance[nearest + 1:]])
+        if len(others) and float(distance[nearest]) * 2 >= float(others.min()):
+            return None, None
+        return nearest, len(levels)
 
 
 @dataclass
@@ -120,10 +167,9 @@ class _TransformerState:
     originals: dict[str, Any] | None  # module name -> processor before apply (None in the lazy form)
     steps: StepTracker = field(default_factory=StepTracker)
     grid: Grid | None = None
-    timestep: float | None = None
-    step: int | None = None
-    num_steps: int | None = None
-    branch: str = "unknown"
+    position: StepPosition = field(default_factory=StepPosition)
+    branch: str = UNNAMED_BRANCH
+    unnamed_step: float | None = None  # the noise level of a first call whose branch name nobody received
     cache: dict = field(default_factory=dict)
     handles: list = field(default_factory=list)
     context_hook: Any = None
@@ -231,13 +277,59 @@ class SparseProcessor:
     def _capture(self, state: _TransformerState, transformer, args, kwargs) -> None:
         bound = inspect.signature(type(transformer).forward).bind_partial(transformer, *args, **kwargs)
         state.grid = state.adapter.grid(transformer, bound)
-        state.timestep = state.adapter.timestep(bound)
         context = state.context_hook.state._context if state.context_hook else None
-        state.branch = context.name if context is not None else "unknown"
-        previous = state.step
-        state.step, state.num_steps = state.steps.update(state.timestep, context)
-        if previous is not None and state.step is not None and state.step < previous:
+        noise = state.adapter.noise_level(state.adapter.timestep(bound))
+        state.position = state.steps.update(noise, context, state.adapter)
+        state.branch = context.name if context is not None else UNNAMED_BRANCH
+        self._name_the_first_branch(state, noise)
+        if state.position.new_generation:
             state.cache.clear()  # a new generation: layouts and re-scale statistics must not carry over
+        self._check_steps_known(state, transformer)
+
+    @staticmethod
+    def _name_the_first_branch(state: _TransformerState, noise: float | None) -> None:
+        """The one-line form binds during its first call, after the pipeline set that call's cache context, so the
+        first call's CFG branch has no name and its cache entries are kept under UNNAMED_BRANCH. At the next step,
+        whose first call is the same branch (pipelines call their branches in a fixed order), they take its name:
+        from then on the caches are exactly those `apply` keeps."""
+        if state.originals is not None:
+            return  # bound by apply: its context hook received every call's context
+        if state.branch == UNNAMED_BRANCH:
+            if state.unnamed_step is None and state.position.step == 0:
+                state.unnamed_step = noise
+            return
+        if state.unnamed_step is None or noise == state.unnamed_step:
+            return
+        for key in [key for key in state.cache if isinstance(key, tuple) and key[-1] == UNNAMED_BRANCH]:
+            state.cache[key[:-1] + (state.branch,)] = state.cache.pop(key)
+        for entry in state.cache.values():
+            if isinstance(entry, dict) and isinstance(entry.get("first"), dict) \
+                    and entry["first"].get("branch") == UNNAMED_BRANCH:
+                entry["first"]["branch"] = state.branch
+        state.unnamed_step = None
+
+    def _check_steps_known(self, state: _TransformerState, transformer) -> None:
+        """Refuse, before any attention of this forward runs, a plan whose schedule this form cannot follow:
+        running it anyway would make another video than the one the plan was measured with."""
+        schedule, position = self.plan.schedule, state.position
+        name = type(transformer).__name__
+        if schedule.counts_steps and (position.index is None or position.total is None):
+            why = ("the one-line form binds during the first call and cannot see that call's step count"
+                   if state.originals is None else
+                   "its pipeline passes no step count in its cache context, and no scheduler is bound")
+            raise UnknownStepError(
+                f"the plan's dense steps are counted in steps ({schedule.dense_steps_text()}), and nothing tells "
+                f"{name} where this step is: {why}. Apply the plan to the pipeline with dit_sparse.apply(pipe, plan), "
+                "which reads the scheduler, or give the plan its dense steps in noise levels, which every form sees: "
+                "plan = dit_sparse.in_noise_units(plan, pipe, num_inference_steps)")
+        needs = ("dense steps in noise levels" if schedule.uses_noise_levels else
+                 "heads that keep state from step to step (reuse, re-scaled or dynamic)"
+                 if self.plan.keeps_state_across_steps else None)
+        if needs and position.noise is None:
+            raise UnknownStepError(
+                f"the plan has {needs}, but {name}.forward gave no timestep the processor could read, so it cannot "
+                "tell denoising steps apart: pass `timestep` to the transformer by name or in its usual position (a "
+                "subclass must keep its parent's forward signature)")
 
     def _bind_lazily(self, attn: torch.nn.Module) -> _TransformerState:
         """One-line form: find the transformer whose forward is running this module, bind, capture its inputs."""
@@ -253,6 +345,7 @@ class SparseProcessor:
             ):
                 self.bind(owner)
                 state = self._states[id(owner)]
+                state.context_hook.state.set_context(_open_cache_context(owner))
                 self._capture(state, owner, frame.f_locals["args"], frame.f_locals["kwargs"])
                 return state
             frame = frame.f_back
@@ -324,7 +417,7 @@ class SparseProcessor:
             module_name=binding.name,
             heads=heads,
             grid=state.grid,
-            step=state.step,
+            step=state.position.step,
             dense_now=self._dense_now(state, binding.layer),
             refresh_interval=self.plan.schedule.refresh_interval,
             branch=state.branch,
@@ -338,24 +431,14 @@ class SparseProcessor:
         )
 
     def _dense_now(self, state: _TransformerState, layer: int) -> bool:
-        schedule = self.plan.schedule
+        """Whether this layer runs dense at this step (`_check_steps_known` made sure the schedule can say)."""
+        schedule, position = self.plan.schedule, state.position
         if layer in schedule.dense_layers:
             return True
-        step, total = state.step, state.num_steps
-        if total is not None and step is not None:
-            if step < int(round(schedule.dense_first * total)):
-                return True
-            return step >= total - schedule.dense_last_steps
-        if schedule.dense_first > 0 and state.timestep is not None:
-            # No step count known: read the fraction as a fraction of the noise range (timestep / 1000).
-            return state.timestep / 1000.0 > 1.0 - schedule.dense_first
-        if schedule.dense_first > 0 or schedule.dense_last_steps > 0:
-            # Running every step sparse instead would be a silently different video.
-            raise UnknownStepError(
-                f"the plan runs dense steps (dense_first {schedule.dense_first}, dense_last_steps "
-                f"{schedule.dense_last_steps}) but {type(state.transformer_ref()).__name__}.forward gave no timestep "
-                "the processor could read: pass `timestep` to the transformer by name or in Wan's position (a "
-                "subclass must keep its parent's forward signature), or use a plan with no dense steps")
+        if schedule.uses_noise_levels:
+            return schedule.dense_at_noise(position.noise)
+        if schedule.counts_steps:
+            return schedule.dense_at_step(position.index, position.total)
         return False
 
     def reset_caches(self) -> None:

@@ -9,7 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dit_sparse.adapters import adapter_for_transformer
-from dit_sparse.api import apply, remove, transformers_of
+from dit_sparse.api import apply, in_noise_units, noise_levels, remove, transformers_of
 from dit_sparse.executors import get_executor
 from dit_sparse.layout import Grid, num_blocks
 from dit_sparse.plan import ModelFingerprint, SparsePlan
@@ -532,6 +532,7 @@ def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | P
     command = invoked_command()
     if command is not None:
         solution.plan.calibration["command"] = command
+    solution = replace(solution, plan=in_noise_units(solution.plan, noise_levels(pipe, num_steps)))
     solution.plan.save(paths["plan"])
     write_schedule_report(solution, validation, paths["report"], command)
     return SearchResult(solution.plan, solution, None, paths, closest)
@@ -618,6 +619,14 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
         solution, validation = picked_solution(pipe, st, cost_model, budget, dense_first, dense_layers, wall,
                                                layer_weights, seed=seed, progress=progress, echo=echo,
                                                step_weights=step_weights)
+    levels = st.info.get("noise_levels") or (noise_levels(pipe, st.info["num_steps"])
+                                             if pipe is not None else None)
+    if levels is not None:
+        solution = replace(solution, plan=in_noise_units(solution.plan, levels))
+    else:  # statistics from before noise levels were recorded, re-solved without loading the model
+        logger.warning("the statistics do not record the step grid's noise levels: the plan's dense steps stay "
+                       "counted in steps, which only apply(pipe, plan) can follow; calibrate again to write them in "
+                       "noise levels")
     solution.plan.save(paths["plan"])
     from .report import write_report
 
@@ -767,6 +776,7 @@ def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, ste
                    dense_first=dense_first, calib_steps=calib_steps, refresh_interval=refresh_interval, device=dev,
                    progress=progress, seed=seed, info=info, procs=procs)
     st.info["calibration_seconds"] = time.perf_counter() - start
+    st.info["noise_levels"] = noise_levels(pipe, steps)  # the step grid the plan is written for
     if cost_model.kind == "measured" and st.info.get("batch") != prb.batch:
         cost_model = procs.broadcast(
             measure_cost(candidates, prb.grid, block_q, block_k, st.info["batch"], fingerprint.num_heads,

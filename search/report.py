@@ -58,7 +58,7 @@ def render_markdown(solution: Solution, stats: CalibrationStats, cost: CostModel
         f" {_modifier_note(stats.candidates, info.get('refresh_interval'))}",
         f"- cost model: {cost.kind} ({cost.unit})"
         f"{' on ' + cost.meta.get('device', '') if cost.kind == 'measured' else ''}",
-        f"- schedule: dense first {plan.schedule.dense_first:.0%} of steps ({m['dense_steps']} of {m['num_steps']}), "
+        f"- schedule: dense steps {plan.schedule.dense_steps_text()} ({m['dense_steps']} of {m['num_steps']}), "
         f"dense layers {list(plan.schedule.dense_layers) or 'none'}, dynamic layouts and re-scale statistics "
         f"refreshed every {plan.schedule.refresh_interval} steps",
         "",

@@ -161,3 +161,76 @@ def test_builders():
     assert plan.schedule.dense_first == 0.1
     with pytest.raises(PlanError, match="head strategies for a model with 2 heads"):
         plan.with_module("blocks.0.attn1", [HeadStrategy.make("dense")] * 3)
+
+
+# -- files that are not plain plan documents -----------------------------------------------------------------------
+@pytest.mark.parametrize("text,key", [
+    ('{"format": "dit-sparse-plan", "format": "dit-sparse-plan"}', "format"),
+    # a `skip` entry above the real one used to be dropped silently: the last one won
+    ('{"modules": {"blocks.0.attn1": {"strategy": "skip"}, "blocks.0.attn1": {"strategy": "dense"}}}',
+     "blocks.0.attn1"),
+    ('{"modules": {"blocks.0.attn1": {"strategy": "diagonal", "window": [1, 1, 1], "window": [0, 1, 1]}}}',
+     "window"),
+])
+def test_a_key_given_twice_anywhere_is_an_error_naming_it(tmp_path, text, key):
+    path = tmp_path / "dup.plan.json"
+    path.write_text(text)
+    with pytest.raises(PlanError, match=f"duplicate key '{key}'"):
+        SparsePlan.load(path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"version": ' + "9" * 5000 + "}", "not a usable JSON document"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_absurd_json_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "odd.plan.json"
+    path.write_text(text)
+    with pytest.raises(PlanError, match=message):
+        SparsePlan.load(path)
+
+
+def test_devices_and_pipes_are_refused_before_reading(tmp_path):
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    for path in (fifo, Path("/dev/zero")):  # /dev/zero would be read until the memory runs out
+        with pytest.raises(PlanError, match="not a regular file"):
+            SparsePlan.load(path)
+
+
+# -- the schedule's two units --------------------------------------------------------------------------------------
+LEVELS = [1.0, 0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.1]
+
+
+@pytest.mark.parametrize("first,last", [(0.0, 0), (0.25, 0), (0.3, 2), (0.0, 3), (1.0, 0), (0.0, 8), (0.5, 5)])
+def test_in_noise_units_runs_exactly_the_same_steps_dense(first, last):
+    steps = Schedule(dense_first=first, dense_last_steps=last)
+    noise = steps.in_noise_units(LEVELS)
+    assert not noise.counts_steps and noise.calibrated_noise == tuple(LEVELS)
+    assert [noise.dense_at_noise(v) for v in LEVELS] == [steps.dense_at_step(i, len(LEVELS))
+                                                        for i in range(len(LEVELS))]
+    # A timestep rounded on its way to the transformer (bf16 keeps about 3 significant digits) lands alike.
+    assert [noise.dense_at_noise(v * (1 + 3e-3)) for v in LEVELS[1:]] == [noise.dense_at_noise(v)
+                                                                          for v in LEVELS[1:]]
+
+
+def test_a_version_2_schedule_round_trips_and_says_which_steps_run_dense(tmp_path):
+    plan = SparsePlan.from_json(plan_json(schedule={"dense_first": 0.25, "dense_last_steps": 1}))
+    noise = SparsePlan(plan.model, plan.modules, plan.default, plan.schedule.in_noise_units(LEVELS))
+    again = SparsePlan.load(noise.save(tmp_path / "p.json"))
+    assert again == noise and again.to_json()["version"] == 2
+    assert again.schedule.dense_steps_text().endswith("8-step grid it was measured on: steps 0, 1, 7")
+    assert "counted in steps" in plan.schedule.dense_steps_text()
+
+
+def test_version_1_files_keep_their_meaning_and_refuse_version_2_keys():
+    v1 = SparsePlan.from_json(plan_json())
+    assert v1.schedule.counts_steps and v1.schedule.dense_first == 0.25
+    with pytest.raises(PlanError, match=r"\$.schedule.dense_above: unknown key in a version 1 plan"):
+        SparsePlan.from_json(plan_json(schedule={"dense_above": 0.8}))
+    with pytest.raises(PlanError, match="use one unit"):
+        SparsePlan.from_json(plan_json(version=2, schedule={"dense_first": 0.2, "dense_above": 0.8}))
+    with pytest.raises(PlanError, match="dense_below: must be a noise level"):
+        SparsePlan.from_json(plan_json(version=2, schedule={"dense_below": 1.5}))
+    with pytest.raises(PlanError, match="reads versions 1, 2"):
+        SparsePlan.from_json(plan_json(version=3))

@@ -312,7 +312,7 @@ def test_dense_first_steps_come_from_the_pipeline_not_call_counts():
 
     def spy(state, layer):
         result = original(state, layer)
-        seen.append((state.step, state.branch, result))
+        seen.append((state.position.step, state.branch, result))
         return result
 
     processor._dense_now = spy

@@ -54,11 +54,33 @@ class ModelAdapter:
         """Video tokens per (frames, rows, cols) for this forward call, from the transformer's own inputs."""
         raise NotImplementedError
 
+    # The family's timestep convention, as its pipeline passes the timestep to the transformer: the value at pure
+    # noise, and whether timesteps rise during denoising (Mochi's do). Schedulers count in thousandths throughout.
+    timestep_at_pure_noise: float = 1000.0
+    timestep_rises: bool = False
+
     def timestep(self, inputs: inspect.BoundArguments) -> float | None:
+        """The timestep of this forward as passed (its largest element: per-token timesteps, as in Wan 2.2's
+        expanded ones, give clean conditioning frames 0)."""
         t = inputs.arguments.get("timestep")
         if t is None:
             return None
-        return float(torch.as_tensor(t).flatten()[0])
+        return float(torch.as_tensor(t).detach().float().max())
+
+    def noise_level(self, timestep: float | None) -> float | None:
+        """The noise level (1 pure noise, 0 a clean sample) of a timestep as this family's pipeline passes it."""
+        if timestep is None:
+            return None
+        level = timestep / self.timestep_at_pure_noise
+        return 1.0 - level if self.timestep_rises else level
+
+    def scheduler_noise_levels(self, scheduler) -> list[float] | None:
+        """The noise level of every step in a diffusers scheduler's `timesteps` (after set_timesteps)."""
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None or not len(timesteps):
+            return None
+        levels = torch.as_tensor(timesteps).detach().double().flatten() / 1000.0
+        return (1.0 - levels if self.timestep_rises else levels).tolist()
 
     def stock_processor(self, attn: torch.nn.Module):
         """A fresh instance of the processor the family uses for this module (for pass-through)."""

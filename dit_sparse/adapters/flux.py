@@ -34,6 +34,8 @@ def grid_from_ids(img_ids: torch.Tensor) -> Grid:
 class FluxAdapter(ModelAdapter):
     family = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
+    # FluxPipeline passes timestep / 1000: a noise level already.
+    timestep_at_pure_noise = 1.0
     covered_pattern = r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn"
 
     def covered_modules(self, transformer):

@@ -35,6 +35,8 @@ def pack_real_text(text_out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class MochiAdapter(ModelAdapter):
     family = "mochi"
     transformer_classes = ("MochiTransformer3DModel",)
+    # MochiPipeline's scheduler inverts sigmas: the timesteps it passes rise from 0 (pure noise) to 1000.
+    timestep_rises = True
     covered_pattern = r"transformer_blocks\.(\d+)\.attn1"
 
     def grid(self, transformer, inputs):

@@ -188,11 +188,14 @@ class TinyShapesPipeline(DiffusionPipeline):
                 self._current_timestep = t
                 x = latents.to(tdtype)
                 timestep = t.expand(batch)
-                with self.transformer.cache_context("cond"):
+                # Where the loop is, as WanPipeline tells it (plans counted in steps read it).
+                where = {"step_index": i, "num_inference_steps": len(timesteps),
+                         "sigma": float(self.scheduler.sigmas[i])}
+                with self.transformer.cache_context("cond", **where):
                     pred = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds,
                                             attention_kwargs=attention_kwargs, return_dict=False)[0]
                 if self.do_classifier_free_guidance and guided_at(float(self.scheduler.sigmas[i]), guidance_interval):
-                    with self.transformer.cache_context("uncond"):
+                    with self.transformer.cache_context("uncond", **where):
                         pred_u = self.transformer(hidden_states=x, timestep=timestep,
                                                   encoder_hidden_states=negative_prompt_embeds,
                                                   attention_kwargs=attention_kwargs, return_dict=False)[0]

@@ -54,9 +54,9 @@ def test_cfg_branches_use_cache_context(tiny_pipe, monkeypatch):
     seen = []
     orig = tiny_pipe.transformer.cache_context
 
-    def spy(name):
+    def spy(name, **where):
         seen.append(name)
-        return orig(name)
+        return orig(name, **where)
 
     monkeypatch.setattr(tiny_pipe.transformer, "cache_context", spy)
     calls = []
@@ -73,7 +73,8 @@ def test_cfg_branches_use_cache_context(tiny_pipe, monkeypatch):
 def test_guidance_interval_guides_only_the_steps_inside_it(tiny_pipe, monkeypatch):
     seen = []
     orig = tiny_pipe.transformer.cache_context
-    monkeypatch.setattr(tiny_pipe.transformer, "cache_context", lambda name: seen.append(name) or orig(name))
+    monkeypatch.setattr(tiny_pipe.transformer, "cache_context",
+                        lambda name, **where: seen.append(name) or orig(name, **where))
     steps = dict(num_inference_steps=4)
     every_step = _gen(tiny_pipe, guidance_scale=4.0, **steps)
     np.testing.assert_array_equal(every_step, _gen(tiny_pipe, guidance_scale=4.0, guidance_interval=(0, 1), **steps))
