@@ -6,26 +6,33 @@ from dataclasses import replace
 
 import torch
 
-from .adapters import adapter_for_transformer
+from .adapters import UnsupportedModelError, adapter_for_transformer, has_adapter
+from .adapters.base import ModelAdapter
 from .executors import get_executor
 from .plan import SparsePlan
-from .processor import SparseProcessor, attention_modules, set_module_processor
+from .processor import (
+    AlreadyAppliedError,
+    SparseProcessor,
+    attention_modules,
+    bound_processor,
+    set_module_processor,
+    unwrap_compiled,
+)
 from .strategies import get_strategy
 from .strategies.base import BuildContext
 
 _ATTR = "_dit_sparse_processor"
 
-
-class AlreadyAppliedError(RuntimeError):
-    pass
+__all__ = ["AlreadyAppliedError", "apply", "in_noise_units", "noise_levels", "remove", "summary", "transformers_of"]
 
 
 def transformers_of(pipe_or_transformer) -> list[torch.nn.Module]:
-    """The denoising transformers of a pipeline (Wan 2.2 A14B has two), or the transformer itself."""
+    """The denoising transformers of a pipeline (Wan 2.2 A14B has two), or the transformer itself; a transformer
+    wrapped by torch.compile stands for the one it wraps, which runs the plan's hooks and processors."""
     if isinstance(pipe_or_transformer, torch.nn.Module):
-        return [pipe_or_transformer]
+        return [unwrap_compiled(pipe_or_transformer)]
     found = [getattr(pipe_or_transformer, name, None) for name in ("transformer", "transformer_2")]
-    found = [t for t in found if t is not None]
+    found = [unwrap_compiled(t) for t in found if t is not None]
     if not found:
         raise TypeError(f"{type(pipe_or_transformer).__name__} has no `transformer`; pass a pipeline or a transformer")
     return found
@@ -93,25 +100,45 @@ def _processors_on(transformer) -> set:
     return {m.processor for m in attention_modules(transformer).values() if isinstance(m.processor, SparseProcessor)}
 
 
+def _stock_processors(model: torch.nn.Module) -> dict[str, object]:
+    """The processors `model`'s constructor installs, by module name, from a copy built from its config without
+    weights (some modules get a processor other than their class's default: Sana's linear attention)."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            fresh = type(model).from_config(model.config)
+    except Exception:  # no config, or a constructor that needs more: each module's default processor
+        return {}
+    return {name: m.processor for name, m in fresh.named_modules()
+            if hasattr(m, "processor") and not isinstance(m.processor, torch.nn.Module)}
+
+
 def remove(pipe_or_transformer) -> None:
-    """Put back the processors that were there before `apply` (or the family's stock ones after the one-line form)."""
+    """Put back the processors that were there before `apply`, or the model's stock ones after the one-line form
+    (on any model, supported or not)."""
     for transformer in transformers_of(pipe_or_transformer):
         processors = _processors_on(transformer)
         applied = getattr(transformer, _ATTR, None)
-        if applied is not None:
-            processors.add(applied)
+        for bound in (applied, bound_processor(transformer)):
+            if bound is not None:
+                processors.add(bound)
         for processor in processors:
             if id(transformer) in processor._states:
                 restore = processor.unbind(transformer)
                 for name, module in attention_modules(transformer).items():
                     if name in restore:
                         set_module_processor(module, restore[name])
-        # A one-line-form processor that never bound (its plan failed the check at the first call): stock ones.
-        unbound = [m for m in attention_modules(transformer).values() if isinstance(m.processor, SparseProcessor)]
+        # A one-line-form processor that never bound (its plan failed the check at the first call, or the model has
+        # no adapter): stock ones.
+        unbound = {name: m for name, m in transformer.named_modules()
+                   if isinstance(getattr(m, "processor", None), SparseProcessor)}
         if unbound:
-            adapter = adapter_for_transformer(transformer)
-            for module in unbound:
-                set_module_processor(module, adapter.stock_processor(module))
+            supported = has_adapter(transformer)
+            adapter = adapter_for_transformer(transformer) if supported else ModelAdapter()
+            stock = {} if supported else _stock_processors(transformer)
+            for name, module in unbound.items():
+                set_module_processor(module, stock.get(name) or adapter.stock_processor(module))
         if applied is not None:
             delattr(transformer, _ATTR)
 
@@ -131,7 +158,7 @@ def summary(pipe_or_transformer) -> str:
             try:
                 processor.check_plan(transformer)
                 state = "not bound yet (the one-line form binds at the first call)"
-            except ValueError as e:
+            except (ValueError, UnsupportedModelError) as e:
                 state = f"not usable: {e}; call dit_sparse.remove(...) to restore the stock processors"
             lines.append(f"{type(transformer).__name__}: a dit-sparse processor is set but {state}")
     return "\n".join(lines)

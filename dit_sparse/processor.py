@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from .adapters import ADAPTERS, ModelAdapter, adapter_for_transformer, has_adapter
+from .adapters import (
+    ADAPTERS,
+    ModelAdapter,
+    UnsupportedModelError,
+    adapter_for_transformer,
+    has_adapter,
+    nearest_class_name,
+    supported_transformers,
+)
 from .attend import AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output, whole_module_reuse
 from .branch_share import keep_for_other_branch, shared_output
 from .executors import get_executor, known_executor
@@ -36,12 +44,17 @@ class PlanMismatchError(ValueError):
     pass
 
 
+class AlreadyAppliedError(RuntimeError):
+    pass
+
+
 class UnknownStepError(RuntimeError):
     """The plan runs some denoising steps dense, but nothing told the processor which step this call is."""
 
 
-def _context_hook():
+def _context_hook(owner: SparseProcessor):
     """A do-nothing stateful diffusers hook: diffusers hands it the pipeline's cache context on every call.
+    It names its `owner`, the processor bound to the transformer (`bound_processor`).
 
     Built on first use so that importing dit_sparse does not import diffusers (which imports triton).
     """
@@ -62,7 +75,9 @@ def _context_hook():
             # Pipelines reset stateful hooks after each generation; our step state resets itself by timestep.
             return module
 
-    return _ContextHook()
+    hook = _ContextHook()
+    hook.owner = owner
+    return hook
 
 
 def _hook_registry(transformer):
@@ -71,23 +86,20 @@ def _hook_registry(transformer):
     return HookRegistry.check_if_exists_or_initialize(transformer)
 
 
-def _open_cache_context(transformer):
-    """The cache context a pipeline holds open around the running forward (`with transformer.cache_context(...)`),
-    or None. diffusers hands a context only to the hooks present when the `with` opens; the one-line form binds
-    (and registers its hook) inside the first forward, so it reads that context from the suspended context manager."""
-    import gc
-    import inspect as _inspect
+def bound_processor(transformer: torch.nn.Module) -> SparseProcessor | None:
+    """The SparseProcessor whose hooks are on `transformer` (bound by `apply` or by the one-line form), or None."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(_CONTEXT_HOOK) if registry is not None else None
+    return getattr(hook, "owner", None)
 
-    from diffusers.hooks.hooks import CacheContext
 
-    found = []
-    for ref in gc.get_referrers(transformer):
-        if (_inspect.isgenerator(ref) and ref.gi_code.co_name == "cache_context"
-                and _inspect.getgeneratorstate(ref) == _inspect.GEN_SUSPENDED
-                and ref.gi_frame.f_locals.get("self") is transformer):
-            local = ref.gi_frame.f_locals
-            found.append(CacheContext(local["name"], **local.get("kwargs", {})))
-    return found[0] if len(found) == 1 else None
+def unwrap_compiled(module):
+    """The module torch.compile wrapped (its OptimizedModule keeps it as `_orig_mod`), or `module` itself: plans,
+    hooks and processors live on the original module, which the compiled one runs."""
+    while type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None),
+                                                                    torch.nn.Module):
+        module = module._orig_mod
+    return module
 
 
 @dataclass
@@ -221,6 +233,7 @@ class SparseProcessor:
         """Map the transformer's attention modules to names and layers and install the context hooks."""
         if id(transformer) in self._states:
             return
+        self._take_over(transformer)
         adapter = adapter_for_transformer(transformer)
         self.check_plan(transformer, adapter)
         covered = dict(adapter.covered_modules(transformer))
@@ -230,12 +243,33 @@ class SparseProcessor:
             bindings[id(module)] = _Binding(name, covered.get(name, -1), name in covered, stock)
         state = _TransformerState(weakref.ref(transformer), adapter, bindings, originals)
         state.handles.append(transformer.register_forward_pre_hook(self._make_pre_hook(state), with_kwargs=True))
-        hook = _context_hook()
+        hook = _context_hook(self)
         _hook_registry(transformer).register_hook(hook, _CONTEXT_HOOK)
         state.context_hook = hook
         self._states[id(transformer)] = state
         for module_id in bindings:
             self._module_state[module_id] = state
+
+    def _take_over(self, transformer: torch.nn.Module) -> None:
+        """Refuse to bind over another processor's hooks, except a one-line form's that no module runs any more (a
+        second `set_attn_processor(SparseProcessor(...))` replaced it): that processor is done, and unbinds here."""
+        previous = bound_processor(transformer)
+        if previous is None or previous is self:
+            return
+        state = previous._states.get(id(transformer))
+        name = type(transformer).__name__
+        if state is not None and state.originals is not None:
+            raise AlreadyAppliedError(
+                f"{name} already runs a dit-sparse plan applied with dit_sparse.apply(); set_attn_processor replaced "
+                "its processors but not the hooks apply installed. Call dit_sparse.remove(transformer) first, then "
+                "set the new SparseProcessor (or apply the new plan with dit_sparse.apply(transformer, plan))")
+        if any(m.processor is previous for m in attention_modules(transformer).values()):
+            raise AlreadyAppliedError(f"{name} already runs another dit-sparse plan in some of its attention modules; "
+                                      "call dit_sparse.remove(transformer) first")
+        if state is not None:
+            previous.unbind(transformer)
+        else:
+            _hook_registry(transformer).remove_hook(_CONTEXT_HOOK, recurse=False)
 
     def check_plan(self, transformer: torch.nn.Module, adapter: ModelAdapter | None = None) -> None:
         adapter = adapter or adapter_for_transformer(transformer)
@@ -275,7 +309,7 @@ class SparseProcessor:
         return pre_hook
 
     def _capture(self, state: _TransformerState, transformer, args, kwargs) -> None:
-        bound = inspect.signature(type(transformer).forward).bind_partial(transformer, *args, **kwargs)
+        bound = self._bind_arguments(state.adapter, transformer, args, kwargs)
         state.grid = state.adapter.grid(transformer, bound)
         context = state.context_hook.state._context if state.context_hook else None
         noise = state.adapter.noise_level(state.adapter.timestep(bound))
@@ -285,6 +319,32 @@ class SparseProcessor:
         if state.position.new_generation:
             state.cache.clear()  # a new generation: layouts and re-scale statistics must not carry over
         self._check_steps_known(state, transformer)
+
+    @staticmethod
+    def _bind_arguments(adapter: ModelAdapter, transformer, args, kwargs) -> inspect.BoundArguments:
+        """The forward's arguments by name, bound by the transformer's own forward signature (a subclass may add
+        arguments) or, where that signature passes them on as *args/**kwargs to super().forward, by its family's:
+        the forward of the first class in its MRO that the adapter names."""
+        cls = type(transformer)
+        family = next(c for c in cls.__mro__ if c.__name__ == nearest_class_name(cls, adapter.transformer_classes))
+        bound, error = {}, None
+        for owner in dict.fromkeys((cls, family)):
+            try:
+                bound[owner] = inspect.signature(owner.forward).bind_partial(transformer, *args, **kwargs)
+            except TypeError as e:
+                error = e
+        own = bound.get(cls)
+        varargs = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        passes_on = own is not None and any(
+            own.signature.parameters[name].kind in varargs and value for name, value in own.arguments.items())
+        for candidate in (bound.get(family), own) if passes_on else (own, bound.get(family)):
+            if candidate is not None and "hidden_states" in candidate.arguments:
+                return candidate
+        why = f" ({error})" if error is not None else ""
+        raise TypeError(
+            f"dit-sparse reads the token grid and timestep from {cls.__name__}.forward's arguments and finds no "
+            f"hidden_states in them, bound by {family.__name__}.forward's signature{why}: a subclass must pass "
+            f"hidden_states and timestep on by name, or keep {family.__name__}.forward's signature")
 
     @staticmethod
     def _name_the_first_branch(state: _TransformerState, noise: float | None) -> None:
@@ -333,22 +393,29 @@ class SparseProcessor:
 
     def _bind_lazily(self, attn: torch.nn.Module) -> _TransformerState:
         """One-line form: find the transformer whose forward is running this module, bind, capture its inputs."""
-        frame = sys._getframe(1)
+        frame, model = sys._getframe(1), None
         while frame is not None:
             owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module) and any(m is attn for m in owner.modules()):
+                owner = model = unwrap_compiled(owner)  # model: the outermost module running this one
+            else:
+                owner = None
             if (
-                isinstance(owner, torch.nn.Module)
+                owner is not None
                 and has_adapter(owner)
                 and "args" in frame.f_locals
                 and "kwargs" in frame.f_locals
-                and any(m is attn for m in owner.modules())
             ):
                 self.bind(owner)
                 state = self._states[id(owner)]
-                state.context_hook.state.set_context(_open_cache_context(owner))
                 self._capture(state, owner, frame.f_locals["args"], frame.f_locals["kwargs"])
                 return state
             frame = frame.f_back
+        if model is not None:
+            raise UnsupportedModelError(
+                f"a SparseProcessor is set on {type(model).__name__}, which dit-sparse has no adapter for (supported "
+                f"transformers: {', '.join(supported_transformers())}); call dit_sparse.remove(model) to restore its "
+                "stock attention processors")
         raise RuntimeError(
             f"SparseProcessor was called by a {type(attn).__name__} outside any supported transformer's forward. "
             f"Use dit_sparse.apply(transformer, plan) to bind it eagerly; supported transformers: "

@@ -86,19 +86,25 @@ def test_the_processor_sees_each_denoising_step_of_the_coordinate_model():
     assert sorted(set(steps)) == [0, 1]
 
 
-def test_a_plan_with_dense_steps_refuses_a_forward_that_hides_the_timestep():
-    """Without a readable timestep a dense warm-up cannot be honoured: a clear error, not an all-sparse video."""
+def test_a_plan_with_dense_steps_refuses_a_forward_that_hides_the_timestep(monkeypatch):
+    """Without a readable timestep a dense warm-up cannot be honoured: a clear error, not an all-sparse video. A
+    subclass that passes its arguments on as *args/**kwargs does not hide it: they are read by Wan's signature."""
     import pytest
 
+    from dit_sparse.adapters.wan import WanAdapter
     from dit_sparse.plan import Schedule
     from dit_sparse.processor import UnknownStepError
 
-    class HidesTimestep(TinyShapesTransformer):
+    class PassesOn(TinyShapesTransformer):
         def forward(self, hidden_states, *args, **kwargs):
             return super().forward(hidden_states, *args, **kwargs)
 
     pipe = build_pipeline(COORD, seed=0)
-    pipe.transformer = HidesTimestep.from_config(pipe.transformer.config)
+    pipe.transformer = PassesOn.from_config(pipe.transformer.config)
+    dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, "skip", schedule=Schedule(dense_above=0.5)))
+    _gen(pipe)
+    dit_sparse.remove(pipe)
+    monkeypatch.setattr(WanAdapter, "timestep", lambda self, inputs: None)  # a forward whose timestep none can read
     for schedule in (Schedule(dense_above=0.5), Schedule()):
         strategy = "skip" if schedule.uses_noise_levels else "reuse"  # reuse must tell steps apart too
         dit_sparse.apply(pipe, SparsePlan.uniform(pipe.transformer, strategy, schedule=schedule))
