@@ -5,8 +5,9 @@ in three forms: `apply(pipe, plan)`, `apply(pipe.transformer, plan)` and the one
 (`transformer.set_attn_processor(SparseProcessor(plan))`, or `module.processor = ...` on every attention module for
 Mochi, which has no set_attn_processor). The outputs must be equal bit for bit (fp32, CPU). A plan whose dense steps
 are counted in steps needs the step count: `apply(pipe)` reads it from the scheduler, and pipelines that pass it to
-the transformer (Wan, tiny-shapes) give it to every form; elsewhere the other forms must refuse with
-UnknownStepError before the first step, never run another schedule. A plan in noise levels runs alike everywhere.
+the transformer (Wan, tiny-shapes) give it to `apply(transformer)`; elsewhere, and in the one-line form (which binds
+during its first call and cannot see that call's step count), the forms must refuse with UnknownStepError before the
+first step, never run another schedule. A plan in noise levels runs alike everywhere.
 
 Each generation is a few steps on a 3x5x7 (video) or 5x7 (image) token grid; a pipeline is built once per family.
 """
@@ -139,8 +140,10 @@ def case(request) -> Case:
     return _case(request.param)
 
 
-def _counts_steps_elsewhere(case: Case, plan_name: str) -> bool:
-    return case.plans[plan_name].schedule.counts_steps and case.name not in tp.PASSES_STEP_COUNT
+def _cannot_see_the_step_count(case: Case, plan_name: str, form: str) -> bool:
+    """Whether this form must refuse this plan: it counts steps, and nothing gives the form the step count."""
+    return case.plans[plan_name].schedule.counts_steps and (form == "one_line"
+                                                            or case.name not in tp.PASSES_STEP_COUNT)
 
 
 # -- the scheduler and the transformer agree on every step's noise level ----------------------------------------------
@@ -191,7 +194,7 @@ def test_apply_pipe_with_plans_that_keep_state(case, plan_name):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("plan_name", PLANS)
 def test_every_form_equals_apply_pipe(case, plan_name, form):
-    if _counts_steps_elsewhere(case, plan_name):
+    if _cannot_see_the_step_count(case, plan_name, form):
         with pytest.raises(UnknownStepError) as err:
             case.run(form, plan_name)
         message = str(err.value)
@@ -219,9 +222,7 @@ def test_a_second_generation_starts_afresh(case, form):
 
 def test_refusal_comes_before_the_first_step(case):
     """A form that cannot follow a plan counted in steps refuses before any attention runs."""
-    if case.name in tp.PASSES_STEP_COUNT:
-        pytest.skip("this pipeline passes the step count: every form runs a plan counted in steps")
-    for form in FORMS:
+    for form in [form for form in FORMS if _cannot_see_the_step_count(case, "steps", form)]:
         processor = install(form, case.pipe, case.plans["steps"])
         try:
             with pytest.raises(UnknownStepError):
@@ -289,12 +290,13 @@ def by_hand(case: Case) -> torch.Tensor:
 
 def test_by_hand_apply_transformer_equals_one_line_form(case):
     """The transformer driven by hand as its pipeline drives it: apply(transformer) and the one-line form agree bit
-    for bit (a plan in noise levels, one that keeps state across steps, and one counted in steps where the cache
-    context carries the step count), and the plan's dense steps are dense."""
+    for bit (a plan in noise levels, one that keeps state across steps), and the plan's dense steps are dense; a plan
+    counted in steps runs under apply(transformer) where the cache context carries the step count, and the one-line
+    form refuses it."""
     transformer = case.pipe.transformer
     stock = by_hand(case)
     results = {}
-    plan_names = ("all_sparse", "noise", "reuse", *(("steps",) if case.name in tp.PASSES_STEP_COUNT else ()))
+    plan_names = ("all_sparse", "noise", "reuse")
     for plan_name in plan_names:
         for form in FORMS:
             processor = install(form, case.pipe, case.plans[plan_name])
@@ -307,8 +309,16 @@ def test_by_hand_apply_transformer_equals_one_line_form(case):
         assert torch.equal(a, b) and da == db
     noise, sparse = results["noise", "transformer"][0], results["all_sparse", "transformer"][0]
     assert not torch.equal(noise, sparse) and not torch.equal(noise, stock)
-    if "steps" in plan_names:  # the step count from the cache context: the same steps dense as in noise levels
-        assert torch.equal(results["steps", "transformer"][0], noise)
+    for form in FORMS:
+        install(form, case.pipe, case.plans["steps"])
+        try:
+            if _cannot_see_the_step_count(case, "steps", form):
+                with pytest.raises(UnknownStepError):
+                    by_hand(case)
+            else:  # the step count from the cache context: the same steps dense as in noise levels
+                assert torch.equal(by_hand(case), noise)
+        finally:
+            dit_sparse.remove(transformer)
     assert torch.equal(by_hand(case), stock)
 
 
