@@ -2,6 +2,7 @@
 
     dit-sparse distill --teacher tiny-shapes --plan default --student-steps 4 --max-steps 300 --out runs/ts4
     dit-sparse distill --resume runs/ts4                  # continues exactly where it stopped
+    dit-sparse distill --out runs/ts4 --overwrite ...     # a new run in a folder that holds one: removes it first
     dit-sparse distill --config run.yaml --set lr=2e-5 --set betas=[0,0.99]
     accelerate launch -m dit_sparse.distill --config wan13b.yaml   # several processes, same code
 """
@@ -30,7 +31,8 @@ _HELP = {
     "student_steps": "K, the student's number of sampling steps (default 4)",
     "max_steps": "student updates to run (default 300); small values for smoke runs",
     "max_minutes": "stop earlier after this wall time: checkpoint, validate and export (resume continues)",
-    "out": "run folder: config, checkpoints, metrics.jsonl, validation videos, export/",
+    "out": "run folder: config, checkpoints, metrics.jsonl, validation videos, export/; a folder that already "
+           "holds a run is refused (--resume DIR continues it, --overwrite replaces it)",
     "fake_updates": "fake-score updates per student update (default 5)",
     "lr": "student learning rate (default 1e-5)",
     "fake_lr": "fake-score learning rate (default 5e-5)",
@@ -67,7 +69,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, value parsed as YAML (repeatable)")
     p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR from its newest checkpoint (its config.yaml, then these overrides)")
+                   help="continue the run in DIR from its newest complete checkpoint (its config.yaml, then these "
+                        "overrides); partial files a crash left are removed, a damaged newest checkpoint is skipped "
+                        "(warning) and a torn last line of metrics.jsonl dropped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one: first REMOVES that run's config.yaml, "
+                        "metrics.jsonl, checkpoints/, validation/, export/, tensorboard/ and prompt_embeds.pt "
+                        "(other files stay; with --dry-run nothing is removed)")
     p.add_argument("--dry-run", action="store_true",
                    help="build everything, time two updates, print memory and time estimates; writes only the "
                         "prompt-embedding cache (no checkpoints, logs or export)")
@@ -83,9 +91,8 @@ def build_config(args):
     from .config import DistillConfig, parse_set
 
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        cfg = DistillConfig.load(saved) if saved.is_file() else (
-            DistillConfig.load(args.config) if args.config else DistillConfig())
+        saved = Path(args.resume) / "config.yaml"  # without it the folder is not a run: check_arguments refuses
+        cfg = DistillConfig.load(saved) if saved.is_file() else DistillConfig()
         cfg = cfg.updated(out=str(args.resume))
     else:
         cfg = DistillConfig.load(args.config) if args.config else DistillConfig()
@@ -102,12 +109,14 @@ def build_config(args):
 
 def check_arguments(args, cfg) -> None:
     """Before anything loads: refuse what would fail late or do something other than asked (a missing extra
-    raises MissingExtra)."""
+    raises MissingExtra; a folder that cannot be written, RunFolderError). With --resume, first removes the partial
+    files a crash left in the run (on a full disk, the space the checks and the resume need)."""
     from dit_sparse.executors import require_executor_extra
     from dit_sparse.generate import check_out_folder
 
     from .config import ConfigError
-    from .trainer import list_checkpoints
+    from .runfolder import CONFIG, check_writable, clean_partials, run_entries
+    from .trainer import complete_checkpoints, list_checkpoints
 
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: no such run folder")
@@ -116,6 +125,27 @@ def check_arguments(args, cfg) -> None:
         raise ConfigError("--export-only exports a run's newest checkpoint: give the run folder with --resume DIR")
     if args.export_only and not list_checkpoints(args.resume):
         raise ConfigError(f"--export-only: no checkpoint in {args.resume} to export (train the run first)")
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts a new run, --resume continues one: give one of them")
+    if args.resume and args.out and Path(args.out) != Path(args.resume):
+        raise ConfigError(f"--resume {args.resume} continues the run in that folder; --out {args.out} would write "
+                          "it elsewhere: leave --out out")
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / CONFIG).is_file():
+            raise ConfigError(f"--resume {run}: not a run folder (no {CONFIG}); start a run there with --out {run}")
+        if not complete_checkpoints(run):
+            found = ", ".join(p.name for p in list_checkpoints(run))
+            raise ConfigError(f"--resume {run}: no complete checkpoint in {run / 'checkpoints'} to continue from"
+                              f"{f' ({found}: partial)' if found else ''}; start it again with --out {run} "
+                              "--overwrite")
+        if _first_process():
+            clean_partials(run)
+    elif not args.dry_run and not args.overwrite and run_entries(cfg.out):
+        raise ConfigError(f"--out {cfg.out} already holds a run ({', '.join(run_entries(cfg.out))}): continue it with "
+                          f"--resume {cfg.out}, or replace it with --overwrite (removes that run's files)")
+    if not (Path(cfg.out).exists() and not Path(cfg.out).is_dir()):  # an existing file: check_out_folder says so
+        check_writable(cfg.out, "--resume" if args.resume else "--out")
     check_out_folder(cfg.out)
     if cfg.lora_rank > 0:
         require("distill", "peft", what="dit-sparse distill with lora_rank > 0")
@@ -140,11 +170,14 @@ def run_distill(args) -> int:
     from dit_sparse.generate import GenerateError
 
     from .config import ConfigError
+    from .runfolder import RunFolderError
 
     try:
         cfg = build_config(args)
         check_arguments(args, cfg)
-    except (ConfigError, GenerateError) as e:
+        if args.overwrite and not args.dry_run:
+            _start_over(cfg.out)
+    except (ConfigError, GenerateError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from dit_sparse.plan import PlanError
@@ -157,9 +190,37 @@ def run_distill(args) -> int:
     try:
         distiller = Distiller(cfg, resume=bool(args.resume), progress=not args.quiet)
     except (GenerateError, PlanError, PlanMismatchError, PipelineKindError, RoleError, ConfigError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError, ValueError, RunFolderError) as e:
         print(f"error: {in_distill_terms(str(e))}", file=sys.stderr)
         return 2
+    try:
+        return _work(args, cfg, distiller)
+    except RunFolderError as e:  # a failed write (a full disk): one line naming the file, nothing partial left
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _first_process() -> bool:
+    """Before accelerate starts: whether this is the first of the processes a launcher started (or the only one)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _start_over(out: str) -> None:
+    """--overwrite: remove the previous run's files (by the first process only; the others find them gone)."""
+    import logging
+
+    from .runfolder import start_over
+
+    if _first_process():
+        removed = start_over(out)
+        if removed:
+            logging.getLogger(__name__).warning("--overwrite: removed the previous run's %s from %s",
+                                                ", ".join(removed), out)
+
+
+def _work(args, cfg, distiller) -> int:
     if args.dry_run:
         report = distiller.dry_run()
         if distiller.accelerator.is_main_process:

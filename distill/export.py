@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from dit_sparse.atomic import write_json
 from dit_sparse.plan import SparsePlan
 
 from .config import DistillConfig
+from .runfolder import writing
 from .sigmas import check_scheduler, make_scheduler, sigma_grid
 
 EXPORT_INFO = "distill.json"
@@ -34,7 +36,8 @@ PLAN_FILE = "plan.json"
 
 def export_student(cfg: DistillConfig, weights: dict[str, torch.Tensor], plan: SparsePlan, out_dir: str | Path, *,
                    shift: float, terminal: float | None, steps_done: int) -> Path:
-    """Write the pipeline directory atomically (temporary folder, then rename) and verify its scheduler."""
+    """Write the pipeline directory atomically (temporary folder, then rename) and verify its scheduler. A failed
+    write (a full disk) raises runfolder.WriteFailed and leaves no partial folder."""
     from dit_sparse.generate import load_model
 
     out_dir = Path(out_dir)
@@ -44,8 +47,9 @@ def export_student(cfg: DistillConfig, weights: dict[str, torch.Tensor], plan: S
     pipe.register_modules(scheduler=make_scheduler(K, shift, terminal, stochastic=cfg.eta == 0.0))
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    plan.save(tmp / PLAN_FILE)
+    with writing(out_dir, partial=tmp):  # a full disk: one line, no partial folder
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        plan.save(tmp / PLAN_FILE)
     grid = sigma_grid(K, shift, terminal)
     info = {
         "student_steps": K,
@@ -65,7 +69,8 @@ def export_student(cfg: DistillConfig, weights: dict[str, torch.Tensor], plan: S
         "block_size": list(cfg.block_size) if cfg.block_size else None,
         "usage": f"dit-sparse generate --model {out_dir} --steps {K} --guidance 1 --plan {out_dir / PLAN_FILE}",
     }
-    (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    with writing(out_dir, partial=tmp):
+        write_json(tmp / EXPORT_INFO, info)
     verify_export(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".old-{out_dir.name}")

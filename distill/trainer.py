@@ -9,8 +9,11 @@ One student update (``train_step``) is ``fake_updates`` fake-score updates follo
 
 Everything random about step s (prompts, noise, k, t) is drawn from generators seeded by (seed, s, phase, rank),
 and checkpoints hold the parameters, optimizers, schedulers, EMA, counters and RNG states, so a resumed run
-repeats the uninterrupted one exactly. Checkpoints are written to a temporary folder and renamed into place;
-the newest ``keep_checkpoints`` are kept.
+repeats the uninterrupted one exactly. Checkpoints are written to a temporary folder, finished by a marker file
+(complete.json: the size of every file) and renamed into place; the newest ``keep_checkpoints`` are kept. A resume
+cleans the partial files a crash left, falls back from a damaged newest checkpoint to the newest complete one, and
+trims metrics.jsonl (later steps, a torn last line). A failed write (a full disk) ends with one line naming the file
+and leaves nothing partial (runfolder.py).
 
 Multi-process (DDP): only the differentiated forwards go through the prepared (DDP) modules; the rollout and the
 targets use the plain modules, so ranks may draw different k (different numbers of forwards) without mismatched
@@ -34,10 +37,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_sparse.atomic import atomic_path, write_json
+
 from .config import DistillConfig
 from .losses import default_huber_c, fake_score_loss, student_loss
 from .pipelines import kind_of
 from .roles import Roles
+from .runfolder import (
+    CHECKPOINTS,
+    METRICS,
+    RunFolderError,
+    checkpoint_folders,
+    clean_partials,
+    read_metrics,
+    trim_metrics,
+    writing,
+)
 from .sigmas import (
     default_terminal,
     diffuse,
@@ -51,9 +66,8 @@ from .sigmas import (
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
 EMBEDS = "prompt_embeds.pt"
+COMPLETE = "complete.json"  # written last into a checkpoint: the relative path and size of each of its files
 
 
 # -- small stateful pieces saved with every checkpoint -----------------------------------------------------------
@@ -125,12 +139,35 @@ def _seed(*parts: int) -> int:
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a checkpoint folder only exists once fully written)."""
-    root = Path(out) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    """The checkpoint-<step> folders of a run, oldest first (a folder only gets its name once fully written; it may
+    have been damaged since: ``checkpoint_problem``, ``complete_checkpoints``)."""
+    return checkpoint_folders(out)
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """None when checkpoint folder `path` is complete as far as the files show (its complete.json lists each file
+    with its size; folders written before complete.json existed count when their trainer_state.json, the last file
+    written then, is there); otherwise what is wrong, in a few words. Loading can still fail (damaged contents)."""
+    path = Path(path)
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return None if (path / "trainer_state.json").is_file() else f"no {COMPLETE} (written last): partial"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{COMPLETE} is not readable"
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def complete_checkpoints(out: str | Path) -> list[Path]:
+    """The checkpoints of a run that ``checkpoint_problem`` finds complete, oldest first."""
+    return [p for p in list_checkpoints(out) if checkpoint_problem(p) is None]
 
 
 def lr_lambda(warmup: int):
@@ -391,7 +428,8 @@ class Distiller:
         cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "config.yaml")
+            with writing(self.out / "config.yaml"):
+                cfg.save(self.out / "config.yaml")
             self._clean_partial_checkpoints()
         acc.wait_for_everyone()
         if cfg.validation:
@@ -458,8 +496,15 @@ class Distiller:
     def log(self, rec: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.out / METRICS, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        path = self.out / METRICS
+        size = path.stat().st_size if path.is_file() else 0
+        try:
+            with writing(path), open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except RunFolderError:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)  # no torn last line (a resume would drop one: trim_metrics)
+            raise
         tb = self._tensorboard()
         if tb is not None:
             for k, v in rec.items():
@@ -478,50 +523,96 @@ class Distiller:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _clean_partial_checkpoints(self) -> None:
-        root = self.out / CHECKPOINTS
-        if root.is_dir():
-            for p in root.iterdir():
-                if p.name.startswith(".tmp-"):
-                    shutil.rmtree(p, ignore_errors=True)
+        clean_partials(self.out)
 
     def save_checkpoint(self) -> Path:
-        """Write OUT/checkpoints/checkpoint-<step> atomically (temporary folder, then rename); prune old ones."""
+        """Write OUT/checkpoints/checkpoint-<step> atomically (temporary folder, complete.json last, then rename);
+        prune old ones. A failed write (a full disk) removes the temporary folder and raises WriteFailed."""
         acc = self.accelerator
         root = self.out / CHECKPOINTS
         final = root / f"checkpoint-{self.state.step}"
         tmp = root / f".tmp-checkpoint-{self.state.step}"
+        intact = complete_checkpoints(self.out)
+        hint = (f" (removed the partial checkpoint; {intact[-1].name} is intact: dit-sparse distill --resume "
+                f"{self.out} continues from it)" if intact else " (removed the partial checkpoint)")
         if acc.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        with writing(final, partial=tmp, hint=hint):
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                write_json(tmp / "trainer_state.json", self.state.state_dict())
+                files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+                write_json(tmp / COMPLETE, {"step": self.state.step, "files": files})
+                _fsync_tree(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(root)
         if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(self.state.state_dict()) + "\n")
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
             for old in list_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
-        """Load the newest complete checkpoint (or `checkpoint`); returns the step it continues from."""
-        if checkpoint is None:
+        """Load `checkpoint`, or the newest complete checkpoint of the run; returns the step it continues from.
+
+        First the partial files a crash left are removed (space on a full disk). A newest checkpoint that is
+        partial or does not load is skipped with a warning, for the next older one; once one loads, the skipped
+        ones are renamed damaged-checkpoint-<step>. metrics.jsonl loses the lines after the loaded step and a torn
+        last line (warning naming the file); a line torn in its middle is a RunFolderError naming file and line."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            clean_partials(self.out)
+        acc.wait_for_everyone()
+        read_metrics(self.out / METRICS)  # every process: a damaged log stops all of them before anything loads
+        if checkpoint is not None:
+            acc.load_state(str(checkpoint))
+        else:
             found = list_checkpoints(self.out)
             if not found:
                 logger.info("no checkpoint in %s: starting from step 0", self.out)
                 return 0
-            checkpoint = found[-1]
-        self.accelerator.load_state(str(checkpoint))
-        if self.accelerator.is_main_process:
-            _truncate_metrics(self.out / METRICS, self.state.step)
-        self.accelerator.wait_for_everyone()
+            checkpoint = self._load_newest_loadable(found)
+        if acc.is_main_process:
+            trim_metrics(self.out / METRICS, self.state.step)
+        acc.wait_for_everyone()
         logger.info("resumed from %s at step %d", checkpoint, self.state.step)
         return self.state.step
+
+    def _load_newest_loadable(self, found: list[Path]) -> Path:
+        acc = self.accelerator
+        skipped: list[tuple[Path, str]] = []
+        for ckpt in reversed(found):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                try:
+                    acc.load_state(str(ckpt))
+                except Exception as e:  # damaged contents (SafetensorError, unpickling, zip) or not of this run
+                    problem = f"does not load: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+            if acc.num_processes > 1:  # all processes take the same checkpoint
+                failed = acc.reduce(torch.tensor([float(problem is not None)], device=acc.device), reduction="sum")
+                if problem is None and failed.item() > 0:
+                    problem = "does not load on another process"
+            if problem is None:
+                break
+            logger.warning("resume: %s is damaged (%s); trying the previous checkpoint", ckpt, problem)
+            skipped.append((ckpt, problem))
+        else:
+            reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            raise RunFolderError(f"--resume {self.out}: no checkpoint in {self.out / CHECKPOINTS} loads ({reasons})")
+        if skipped and acc.is_main_process:
+            for bad, _ in skipped:
+                aside = bad.with_name(f"damaged-{bad.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(bad, aside)
+            logger.warning("resume: continuing from %s (step %d) instead of the damaged %s (kept as %s)", ckpt.name,
+                           self.state.step, ", ".join(p.name for p, _ in skipped),
+                           ", ".join(f"damaged-{p.name}" for p, _ in skipped))
+        return ckpt
 
     # -- validation --------------------------------------------------------------------------------------------
     def _pipeline(self, transformer, scheduler):
@@ -550,7 +641,9 @@ class Distiller:
         seeds = self.cfg.validation_seeds
         for i, video in enumerate(videos):
             prompt = self.validation_prompts[i // len(seeds)]
-            write_video(folder / f"{name}_p{i // len(seeds)}_s{seeds[i % len(seeds)]}.mp4", video)
+            path = folder / f"{name}_p{i // len(seeds)}_s{seeds[i % len(seeds)]}.mp4"
+            with writing(path, partial=path):
+                write_video(path, video)
             checks.append(self.kind.check(video, prompt) if self.kind.check else None)
         return checks
 
@@ -564,7 +657,8 @@ class Distiller:
             with self.roles.dense_teacher() as teacher:
                 videos = self._generate(self._pipeline(teacher, scheduler), self.cfg.teacher_steps, self.cfg.guidance)
             checks = self._write_videos(folder, "teacher", videos)
-            (folder / "teacher.json").write_text(json.dumps({"steps": self.cfg.teacher_steps, "checks": checks}) + "\n")
+            with writing(folder / "teacher.json"):
+                write_json(folder / "teacher.json", {"steps": self.cfg.teacher_steps, "checks": checks})
         acc.wait_for_everyone()
 
     @torch.no_grad()
@@ -580,11 +674,13 @@ class Distiller:
             with ctx:
                 videos = self._generate(self._pipeline(self.roles.student, scheduler), self.cfg.student_steps, 1.0)
             self.roles.new_rollout()
-            checks = self._write_videos(self.out / "validation" / f"step-{self.state.step}", "student", videos)
+            folder = self.out / "validation" / f"step-{self.state.step}"
+            checks = self._write_videos(folder, "student", videos)
             result = {"step": self.state.step, "validation_checks": checks}
             if checks and checks[0] is not None:
                 result["validation_caption_accuracy"] = float(np.mean(checks))
-            with open(self.out / "validation" / "student.jsonl", "a") as f:
+            with writing(self.out / "validation" / "student.jsonl"), \
+                    open(self.out / "validation" / "student.jsonl", "a") as f:
                 f.write(json.dumps(result) + "\n")
         acc.wait_for_everyone()
         return result
@@ -659,10 +755,9 @@ def _init_params(cls) -> set[str]:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    # a file object, not a path: torch.save's RuntimeError then carries the OSError (errno) of the failed write
+    with atomic_path(path) as tmp, writing(path), open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -684,13 +779,3 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines of steps after `step` (written by the run that stopped after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
