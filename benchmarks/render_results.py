@@ -367,8 +367,12 @@ def _seconds(value: float) -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
-def _fidelity(psnr: float, ssim: float) -> str:
-    return f"{psnr:.1f} / {ssim:.3f}"
+def _fidelity(row: dict) -> str:
+    """PSNR / SSIM: "exact" for identical videos (Infinity in older files, null with an "exact" note in newer
+    ones), "n/a" for a value not measured."""
+    from dit_sparse.metrics import format_metric
+
+    return f"{format_metric(row['psnr'], '.1f', row.get('psnr_note'))} / {format_metric(row['ssim'], '.3f')}"
 
 
 def _plan_name(plan: str, model: str) -> str:
@@ -407,7 +411,7 @@ def _e2e_row(result: dict, row: dict) -> list[str]:
     steps, tokens = _tiny_shapes_clip(result["steps"])
     prompts = f"{result['prompts']} prompts" + (f" x {seeds} seeds" if seeds > 1 else "")
     return [f"{result['model']}, {steps} steps, {prompts}", tokens, _plan_name(row["plan"], result["model"]),
-            f"{row['executed_density']:.1%}", f"{row['speedup']:.2f}x", _fidelity(row["psnr"], row["ssim"])]
+            f"{row['executed_density']:.1%}", f"{row['speedup']:.2f}x", _fidelity(row)]
 
 
 def headline_generate(result: dict) -> list[list[str]]:
@@ -416,7 +420,7 @@ def headline_generate(result: dict) -> list[list[str]]:
     return [[f"{result['model']}, {steps} steps, quick start", tokens, _plan_name(result["plan"], result["model"]),
              f"{result['executed_attention_density']:.1%}",
              f"{result['speedup']:.2f}x ({_seconds(result['dense_seconds'])} -> "
-             f"{_seconds(result['sparse_seconds'])} s)", _fidelity(result["psnr"], result["ssim"])]]
+             f"{_seconds(result['sparse_seconds'])} s)", _fidelity(result)]]
 
 
 def headline_e2e_default(result: dict) -> list[list[str]]:

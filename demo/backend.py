@@ -265,7 +265,8 @@ def metrics_table(metrics: dict[str, Any], tiny_shapes: bool = True) -> list[lis
         ["attention speedup", _fmt_ratio(metrics.get("attention_speedup"))],
         ["executed attention density", f"{100 * metrics['executed_attention_density']:.1f}%"],
         ["PSNR sparse vs dense (dB)", "inf (identical)" if not math.isfinite(psnr) else f"{psnr:.2f}"],
-        ["SSIM sparse vs dense", f"{metrics['ssim']:.4f}"],
+        ["SSIM sparse vs dense", f"{metrics['ssim']:.4f}" if metrics.get("ssim") is not None
+         else f"n/a ({metrics.get('ssim_note') or 'not measured'})"],
     ]
     if tiny_shapes:
         rows.append(["caption check, dense", _fmt_caption(metrics.get("dense_caption_ok"), metrics)])

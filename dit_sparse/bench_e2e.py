@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from .api import apply, remove, transformers_of
-from .atomic import write_json
+from .atomic import atomic_path, write_json, write_text
 from .generate import (
     DTYPES,
     GenerateError,
     check_device_and_dtype,
     check_positive,
+    check_workload,
     default_plan_id,
     load_model,
     resolve_plan,
@@ -36,7 +37,7 @@ from .generate import (
     tiny_shapes_weights_id,
     warm_up,
 )
-from .metrics import format_metric, psnr, ssim
+from .metrics import PSNR_EXACT, format_metric, psnr, ssim, ssim_unavailable
 from .plan import SparsePlan
 from .strategies import STRATEGIES
 
@@ -99,7 +100,11 @@ def _caption_ok(pipe, frames, prompt) -> bool | None:
 
 def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_prompts: int, seeds: list[int],
             steps: int | None, device: str = "cpu", dtype: str = "float32", progress: bool = True,
-            ceiling: bool = False) -> dict[str, Any]:
+            ceiling: bool = False, out: Path | None = None, force: bool = False) -> dict[str, Any]:
+    """Dense and each plan on every prompt and seed. out: results.json there is rewritten (atomically) after every
+    prompt and seed, marked "partial" until the last, so that a fault late in a long run keeps what was measured.
+    force: run even when the model's default size is estimated too large for the device (generate.check_workload).
+    """
     check_positive(num_prompts=num_prompts, steps=steps)
     check_device_and_dtype(device, dtype)
     pipe = load_model(model, device, DTYPES[dtype])
@@ -117,10 +122,32 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
         kwargs["num_inference_steps"] = steps
     samples: dict[str, list[dict[str, Any]]] = {r.label: [] for r in runs}
     jobs = [(p, s) for p in prompts for s in seeds]
+    check_workload(pipe, transformers[0], device, force=force, steps=steps,
+                   generations=len(jobs) * len(runs) + 2 / (steps or 20))
     from tqdm.auto import tqdm
 
+    meta = {
+        "benchmark": "bench e2e",
+        "model": model,
+        "weights_id": tiny_shapes_weights_id(model),
+        "default_plan_id": default_plan_id(type(pipe).__name__) if "default" in plan_specs else None,
+        "device": device,
+        "dtype": dtype,
+        "steps": steps,
+        "prompts": len(prompts),
+        "seeds": seeds,
+        "command": invoked_command(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(device),
+        "versions": versions(),
+    }
+
+    def result_so_far() -> dict[str, Any]:
+        dense = samples["dense"]
+        return {**meta, "results": [_summarise(r.label, samples[r.label], dense, r.speed_only) for r in runs]}
+
     warm_up(pipe, {**kwargs, "prompt": jobs[0][0]})
-    for prompt, seed in tqdm(jobs, desc="bench e2e", disable=not progress):
+    for done, (prompt, seed) in enumerate(tqdm(jobs, desc="bench e2e", disable=not progress), 1):
         call = {**kwargs, "prompt": prompt}
         dense_frames = None
         for run in runs:
@@ -136,26 +163,12 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
                 "density": processor.stats.executed_density if processor else 1.0,
                 "psnr": psnr(dense_frames, frames) if processor else float("inf"),
                 "ssim": ssim(dense_frames, frames) if processor else 1.0,
+                "ssim_note": ssim_unavailable(np.shape(frames)),
                 "caption_ok": _caption_ok(pipe, frames, prompt),
             })
-    dense = samples["dense"]
-    records = [_summarise(r.label, samples[r.label], dense, r.speed_only) for r in runs]
-    return {
-        "benchmark": "bench e2e",
-        "model": model,
-        "weights_id": tiny_shapes_weights_id(model),
-        "default_plan_id": default_plan_id(type(pipe).__name__) if "default" in plan_specs else None,
-        "device": device,
-        "dtype": dtype,
-        "steps": steps,
-        "prompts": len(prompts),
-        "seeds": seeds,
-        "command": invoked_command(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(device),
-        "versions": versions(),
-        "results": records,
-    }
+        if out is not None and done < len(jobs):
+            write_results_json({**result_so_far(), "partial": f"{done} of {len(jobs)} prompt x seed runs"}, out)
+    return result_so_far()
 
 
 def _unique_labels(runs: list[PlanRun]) -> list[PlanRun]:
@@ -173,6 +186,7 @@ def _summarise(label: str, rows: list[dict], dense: list[dict], speed_only: bool
     mean = lambda key, src=rows: float(np.mean([r[key] for r in src]))  # noqa: E731
     captions = [r["caption_ok"] for r in rows if r["caption_ok"] is not None]
     finite_psnr = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
+    ssims = [r["ssim"] for r in rows if r["ssim"] is not None]
     speed = {
         "plan": label,
         "seconds": mean("seconds"),
@@ -183,12 +197,18 @@ def _summarise(label: str, rows: list[dict], dense: list[dict], speed_only: bool
     }
     if speed_only:
         return {**speed, "psnr": None, "ssim": None, "caption_accuracy": None}
-    return {
+    record = {
         **speed,
-        "psnr": float(np.mean(finite_psnr)) if finite_psnr else float("inf"),
-        "ssim": mean("ssim"),
+        # identical videos have an infinite PSNR: strict JSON has no Infinity, so null with a note ("exact")
+        "psnr": float(np.mean(finite_psnr)) if finite_psnr else None,
+        "ssim": float(np.mean(ssims)) if ssims else None,
         "caption_accuracy": float(np.mean(captions)) if captions else None,
     }
+    if not finite_psnr:
+        record["psnr_note"] = PSNR_EXACT
+    if not ssims:
+        record["ssim_note"] = next((r["ssim_note"] for r in rows if r.get("ssim_note")), "no SSIM measured")
+    return record
 
 
 def invoked_command() -> str | None:
@@ -223,7 +243,7 @@ def versions() -> dict[str, str]:
 
 
 PLAN_KEYS = ("plan", "seconds", "attention_seconds", "speedup", "attention_speedup", "executed_density", "psnr", "ssim",
-             "caption_accuracy")
+             "caption_accuracy", "psnr_note", "ssim_note")
 
 
 def records_of(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,11 +260,16 @@ def grouped(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {**meta, "results": [{k: r[k] for k in PLAN_KEYS if k in r} for r in records]}
 
 
+def write_results_json(result: dict[str, Any], out: Path) -> Path:
+    """results.json, a list with one record per plan, each with the run's metadata; strict JSON (no Infinity)."""
+    return write_json(out / "results.json", records_of(result), finite=True)
+
+
 def write_results(result: dict[str, Any], out: Path) -> None:
-    """results.json (a list with one record per plan, each with the run's metadata), results.md and
-    speedup_vs_psnr.png."""
-    write_json(out / "results.json", records_of(result))
-    (out / "results.md").write_text(markdown_table(result) + "\n")
+    """results.json, results.md and speedup_vs_psnr.png, each written atomically (a failed write raises WriteError
+    naming the file and keeps those written before it)."""
+    write_results_json(result, out)
+    write_text(out / "results.md", markdown_table(result) + "\n")
     plot(result, out / "speedup_vs_psnr.png")
 
 
@@ -266,7 +291,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {r['plan']} | {fmt(r['seconds'], '.2f')} | {fmt(r['attention_seconds'], '.2f')} | "
             f"{fmt(r['speedup'], '.2f')}x | {fmt(r['attention_speedup'], '.2f')}x | "
             f"{fmt(r['executed_density'], '.1%')} | "
-            f"{fmt(r['psnr'], '.1f')} | {fmt(r['ssim'], '.3f')} | {fmt(r['caption_accuracy'], '.0%')} |"
+            f"{fmt(r['psnr'], '.1f', r.get('psnr_note'))} | {fmt(r['ssim'], '.3f')} | "
+            f"{fmt(r['caption_accuracy'], '.0%')} |"
         )
     return "\n".join(lines)
 
@@ -279,7 +305,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [r for r in result["results"] if r["plan"] != "dense" and r["psnr"] is not None]
+    rows = [r for r in result["results"]
+            if r["plan"] != "dense" and r["psnr"] is not None and np.isfinite(r["psnr"])]
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter(r["psnr"], r["speedup"])
@@ -289,5 +316,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("end-to-end speedup over dense")
     ax.set_title(f"{result['model']} on {result['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)

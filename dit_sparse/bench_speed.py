@@ -10,11 +10,13 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .api import apply, remove
+from .atomic import write_json
 from .bench_e2e import hardware, invoked_command, versions
 from .timing import AttentionTimer
 
@@ -110,11 +112,14 @@ def _time_forward(model, inputs, repeats: int, device: str) -> tuple[float, floa
 
 def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, height: int | None = None,
               width: int | None = None, layers: int | None = None, repeats: int = 3, device: str = "cpu",
-              dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+              dtype: torch.dtype = torch.float32, out: Path | None = None) -> dict[str, Any]:
+    """Dense and each plan timed on one architecture. out: results.json there is rewritten (atomically) after each
+    plan, marked "partial" until the last, so that a late fault keeps what was measured."""
     from .bench_e2e import parse_plan_spec
-    from .generate import GenerateError, check_positive
+    from .generate import GenerateError, check_positive, check_sizes
 
-    check_positive(frames=frames, height=height, width=width, layers=layers, repeats=repeats)
+    check_positive(layers=layers, repeats=repeats)
+    check_sizes(frames=frames, height=height, width=width)
     arch = ARCHITECTURES[arch_name]
     f, h, w = (arch.default_size[i] if given is None else given for i, given in enumerate((frames, height, width)))
     model = build(arch, layers, dtype, device)
@@ -123,7 +128,24 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
     dense_s, dense_attn = _time_forward(model, inputs, repeats, device)
     records.append({"plan": "dense", "seconds": dense_s, "attention_seconds": dense_attn, "speedup": 1.0,
                     "attention_speedup": 1.0, "executed_density": 1.0})
-    for spec in plan_specs:
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def result_so_far() -> dict[str, Any]:
+        return {
+            "benchmark": "bench speed (random weights; fidelity not measured)",
+            "architecture": arch_name,
+            "layers": arch.config["num_layers"] if layers is None else layers,
+            "size": {"frames": f, "height": h, "width": w, "video_tokens": grid.num_tokens if grid else None},
+            "device": device,
+            "dtype": str(dtype).replace("torch.", ""),
+            "command": invoked_command(),
+            "date": started,
+            "hardware": hardware(device),
+            "versions": versions(),
+            "results": records,
+        }
+
+    for i, spec in enumerate(plan_specs, 1):
         run = parse_plan_spec(spec, None, model)
         if any(h.strategy in ("block_adaptive", "pyramid") for heads in run.plan.modules.values() for h in heads):
             raise GenerateError(f"{spec}: dynamic strategies (block_adaptive, pyramid) have a weight-dependent "
@@ -140,17 +162,8 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
                         "speedup": dense_s / seconds,
                         "attention_speedup": dense_attn / attention if attention else None,
                         "executed_density": density})
-    return {
-        "benchmark": "bench speed (random weights; fidelity not measured)",
-        "architecture": arch_name,
-        "layers": arch.config["num_layers"] if layers is None else layers,
-        "size": {"frames": f, "height": h, "width": w, "video_tokens": grid.num_tokens if grid else None},
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
-        "command": invoked_command(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(device),
-        "versions": versions(),
-        "results": records,
-    }
+        if out is not None and i < len(plan_specs):
+            write_json(out / "results.json", {**result_so_far(), "partial": f"{i} of {len(plan_specs)} plans"},
+                       finite=True)
+    return result_so_far()
 

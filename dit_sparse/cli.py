@@ -30,7 +30,12 @@ def _add_generate(sub):
     p.add_argument("--executor", default=None, help="reference, cpu or triton (default: best for the device)")
     p.add_argument("--repeats", type=int, default=2,
                    help="timed generations each way, interleaved; the report keeps the fastest of each (default 2)")
-    p.add_argument("--out", default="out/generate", help="folder for the videos and report.json")
+    p.add_argument("--out", default="out/generate",
+                   help="folder for the videos and report.json (checked for writing before any work; each file is "
+                        "written as soon as it exists)")
+    p.add_argument("--force", action="store_true",
+                   help="run a size the estimate says is too large for the device (on CPU: more than 65,536 video "
+                        "tokens, or dense attention larger than the free memory); refused by default")
     p.set_defaults(func=_generate)
 
 
@@ -40,7 +45,7 @@ def _generate(args) -> int:
     cfg = GenerateConfig(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, plan=args.plan,
                          model=args.model, device=args.device, dtype=args.dtype, height=args.height,
                          width=args.width, frames=args.frames, out=args.out, executor=args.executor,
-                         repeats=args.repeats)
+                         repeats=args.repeats, force=args.force)
     report = run_generate(cfg)
     print(format_report(report))
     if args.out:
@@ -70,7 +75,12 @@ def _add_bench(sub):
     e.add_argument("--ceiling", action="store_true",
                    help="also time a run with every covered attention head skipped: the speedup no plan can beat on "
                         "this model and machine (its video is meaningless; fidelity not reported)")
-    e.add_argument("--out", default="out/bench-e2e")
+    e.add_argument("--force", action="store_true",
+                   help="run a model whose default size the estimate says is too large for the device (on CPU: "
+                        "more than 65,536 video tokens, or dense attention larger than the free memory)")
+    e.add_argument("--out", default="out/bench-e2e",
+                   help="folder for results.json (rewritten after every prompt and seed, so that a late fault keeps "
+                        "what was measured), results.md and speedup_vs_psnr.png")
     e.set_defaults(func=_bench_e2e)
     sp = bench.add_parser("speed", help="transformer forwards of a real architecture with random weights")
     sp.add_argument("--arch", default="wan2.1-1.3b", help="wan2.1-1.3b, cogvideox-5b or hunyuanvideo")
@@ -91,18 +101,20 @@ def _bench_e2e(args) -> int:
 
     from .bench_e2e import markdown_table, run_e2e, write_results
     from .generate import GenerateError, check_out_folder
+    from .inputs import read_text_file
 
     check_out_folder(args.out)
     prompts = None
     if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        text = read_text_file(args.prompts, "--prompts", "a text file with one prompt per line")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise GenerateError(f"--prompts {args.prompts}: the file has no prompts")
         if len(prompts) < args.num_prompts and args.num_prompts != NUM_PROMPTS_DEFAULT:
             logging.getLogger(__name__).warning("--prompts %s has %d prompts, fewer than --num-prompts %d: using "
                                                 "them all", args.prompts, len(prompts), args.num_prompts)
     result = run_e2e(args.model, args.plans, prompts, args.num_prompts, args.seeds, args.steps, args.device, args.dtype,
-                     ceiling=args.ceiling)
+                     ceiling=args.ceiling, out=Path(args.out), force=args.force)
     write_results(result, Path(args.out))
     print(markdown_table(result))
     print(f"wrote {args.out}/results.json, results.md, speedup_vs_psnr.png")
@@ -114,15 +126,16 @@ def _bench_speed(args) -> int:
 
     from .atomic import write_json
     from .bench_speed import ARCHITECTURES, run_speed
-    from .generate import DTYPES, GenerateError, check_device_and_dtype, check_out_folder
+    from .generate import DTYPES, GenerateError, check_device_and_dtype, check_out_folder, check_sizes
 
     if args.arch not in ARCHITECTURES:
         raise GenerateError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {args.arch!r}")
     check_device_and_dtype(args.device, args.dtype)
+    check_sizes(height=args.height, width=args.width, frames=args.frames)
     check_out_folder(args.out)
     result = run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
-                       args.device, DTYPES[args.dtype])
-    write_json(Path(args.out) / "results.json", result)
+                       args.device, DTYPES[args.dtype], out=Path(args.out))
+    write_json(Path(args.out) / "results.json", result, finite=True)
     for row in result["results"]:
         print(f"{row['plan']:<40} {row['seconds']:.3f}s  speedup {row['speedup']:.2f}x  "
               f"density {row['executed_density']:.1%}")
@@ -149,19 +162,22 @@ def _bench_kernels(args) -> int:
 
 
 class _Errors:
-    """Bad input, or a missing extra (MissingExtra: names its pip install command), ends with one clear line and
-    exit status 2, never a traceback."""
+    """Bad input, a missing extra (MissingExtra: names its pip install command) or a result file that cannot be
+    written (WriteError) ends with one clear line and exit status 2, never a traceback."""
 
     @staticmethod
     def known():
         from .adapters import UnsupportedModelError
         from .api import AlreadyAppliedError
+        from .atomic import WriteError
         from .executors import ExecutorError
         from .generate import GenerateError
+        from .inputs import InputFileError
         from .processor import PlanMismatchError
 
+        # WriteError: a result file could not be written (a full or read-only disk), named with the reason
         return (PlanError, GenerateError, UnsupportedModelError, PlanMismatchError, AlreadyAppliedError,
-                ExecutorError, MissingExtra, FileNotFoundError)
+                ExecutorError, MissingExtra, FileNotFoundError, WriteError, InputFileError)
 
 
 def main(argv: list[str] | None = None) -> int:

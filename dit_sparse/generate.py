@@ -11,14 +11,15 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .api import apply, remove
+from .atomic import WriteError, atomic_path, check_writable_folder, write_json
 from .executors import get_executor
-from .metrics import psnr, ssim, to_uint8_video
+from .metrics import for_json, is_exact, psnr, ssim, ssim_unavailable, to_uint8_video
 from .plan import SparsePlan
 from .strategies import STRATEGIES
 from .timing import AttentionTimer
@@ -54,6 +55,7 @@ class GenerateConfig:
     executor: str | None = None
     progress: bool = True
     repeats: int = 2
+    force: bool = False  # run even when the size estimate says the run is too large for the device
 
 
 def load_model(model: str, device: str, dtype: torch.dtype):
@@ -62,10 +64,10 @@ def load_model(model: str, device: str, dtype: torch.dtype):
         from .zoo import load_tiny_shapes
 
         return load_tiny_shapes(device=device, dtype=dtype)
+    model = check_model_name(model)
     from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import HFValidationError
 
-    if not Path(model).exists() and model.count("/") != 1:
-        raise GenerateError(f"--model: {model!r} is neither a local directory nor a hub id (owner/name)")
     pipeline_cls = DiffusionPipeline
     if _is_saved_tiny_shapes(model):
         from .zoo import TinyShapesPipeline
@@ -73,9 +75,50 @@ def load_model(model: str, device: str, dtype: torch.dtype):
         pipeline_cls = TinyShapesPipeline  # diffusers cannot resolve the project's own pipeline class by name
     try:
         pipe = pipeline_cls.from_pretrained(model, dtype=dtype)
-    except OSError as e:
-        raise GenerateError(f"--model: could not load {model!r}: {e}") from None
+    except (OSError, HFValidationError) as e:
+        raise GenerateError(f"--model: could not load {model!r}: {str(e).splitlines()[0]}") from None
     return pipe.to(device)
+
+
+HUB_ID_RULE = "a hub id is owner/name, of letters, digits, '-', '_' and '.'"
+
+
+def check_model_name(model: str, option: str = "--model") -> str:
+    """Before anything loads: `model` must be tiny-shapes, an existing path or a hub id (owner/name). A path-like
+    name that does not exist (./mymodel, ../models/x, /abs/path, ~/x, a/b/c) is a mistyped folder: one line says
+    so, instead of the hub's error about repository ids. Returns the name to load (~ expanded)."""
+    if model == TINY_SHAPES:
+        return model
+    if not model.strip():
+        raise GenerateError(f"{option}: empty model name; give tiny-shapes, a pipeline folder or a hub id")
+    expanded = os.path.expanduser(model)
+    if Path(expanded).exists():
+        return expanded
+    problem = _hub_id_problem(model)
+    if problem is None:
+        return model
+    if _looks_like_path(model):
+        raise GenerateError(f"{option}: no such model folder {model} (and it is not a hub id: {problem})")
+    raise GenerateError(f"{option}: {model!r} is neither a local directory nor a hub id (owner/name)")
+
+
+def _looks_like_path(name: str) -> bool:
+    separators = {os.sep} | ({os.altsep} if os.altsep else set())
+    return name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or any(sep in name for sep in separators)
+
+
+def _hub_id_problem(name: str) -> str | None:
+    """None for a well-formed hub id (owner/name), else what is wrong with it."""
+    if name.count("/") != 1:
+        return f"{HUB_ID_RULE}, with exactly one '/'"
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return f"{HUB_ID_RULE}, not starting or ending with '-' or '.'"
+    return None
 
 
 def tiny_shapes_weights_id(model: str) -> str | None:
@@ -149,18 +192,24 @@ def _validate(cfg: GenerateConfig) -> None:
         raise GenerateError(f"--repeats must be at least 1 (timed generations each way), got {cfg.repeats}")
     if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
         raise GenerateError(f"--guidance must be a number >= 0 (1 or less turns guidance off), got {cfg.guidance}")
-    check_positive(height=cfg.height, width=cfg.width, frames=cfg.frames)
+    check_sizes(height=cfg.height, width=cfg.width, frames=cfg.frames)
     check_device_and_dtype(cfg.device, cfg.dtype)
     if cfg.executor is not None:
         get_executor(cfg.executor, cfg.device)  # known, and able to run on that device
+    check_model_name(cfg.model)
     if cfg.out:
         check_out_folder(cfg.out)
 
 
 def check_out_folder(out: str | os.PathLike) -> None:
-    """Before any work: an --out folder must not be an existing file (else the results fail to write at the end)."""
+    """Before any work: an --out folder must be a folder we can write in (created here, then a probe file written
+    and removed), else the results would fail to write at the end, after the work."""
     if Path(out).exists() and not Path(out).is_dir():
         raise GenerateError(f"--out {out} is an existing file; --out takes a folder")
+    try:
+        check_writable_folder(out)
+    except WriteError as e:
+        raise GenerateError(f"{e} (checked before any work; give a writable --out)") from None
 
 
 def check_positive(**options) -> None:
@@ -168,6 +217,153 @@ def check_positive(**options) -> None:
     for name, value in options.items():
         if value is not None and value <= 0:
             raise GenerateError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+MAX_SIDE = 16384  # pixels: no video DiT generates more; beyond it a size is a typo, not a request
+MAX_FRAMES = 4096
+
+
+def check_sizes(height: int | None = None, width: int | None = None, frames: int | None = None) -> None:
+    """Each given size is positive and plausible (an absurd one, e.g. --height 100000, is a typo)."""
+    check_positive(height=height, width=width, frames=frames)
+    for name, value, limit, unit in (("height", height, MAX_SIDE, "pixels"), ("width", width, MAX_SIDE, "pixels"),
+                                     ("frames", frames, MAX_FRAMES, "frames")):
+        if value is not None and value > limit:
+            raise GenerateError(f"--{name} {value} is not a plausible size (at most {limit:,} {unit}); "
+                                "is it a typo?")
+
+
+# Above this many video tokens a CPU run takes hours (attention grows with the square of the tokens); --force runs it.
+CPU_MAX_TOKENS = 65536
+# Rough attention throughput for the time estimate printed with a refusal (FLOP/s).
+ATTENTION_FLOPS = {"cpu": 2e10, "cuda": 2e14}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run at a size asks of the machine, estimated before it starts."""
+
+    tokens: int  # video tokens per sequence (latent frames x rows x columns after patching)
+    grid: tuple[int, int, int]
+    scores_bytes: int  # dense attention scores of one layer if materialized: batch x heads x tokens^2 x 4 bytes
+    seconds: float  # dense attention work of the whole run at ATTENTION_FLOPS
+    size: tuple[int, int, int]  # frames, height, width in pixels
+
+    def describe(self) -> str:
+        f, h, w = self.size
+        return (f"{f} frame{'s' * (f != 1)} of {h}x{w} px is {self.tokens:,} video tokens (grid "
+                f"{'x'.join(map(str, self.grid))}): dense attention scores take about {_bytes(self.scores_bytes)} "
+                f"per layer (batch x heads x tokens^2 x 4 bytes) and the run about {_duration(self.seconds)} of "
+                "attention work")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PiB"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.1f} seconds"
+
+
+def call_defaults(pipe) -> dict[str, Any]:
+    import inspect
+
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def _patch_size(transformer) -> tuple[int, int, int]:
+    config = getattr(transformer, "config", {})
+    patch = config.get("patch_size", 1) if hasattr(config, "get") else 1
+    if isinstance(patch, (list, tuple)):
+        return tuple(int(p) for p in patch[-3:]) if len(patch) >= 3 else (1, int(patch[-2]), int(patch[-1]))
+    pt = config.get("patch_size_t", 1) if hasattr(config, "get") else 1
+    return int(pt or 1), int(patch or 1), int(patch or 1)
+
+
+def estimate_workload(pipe, transformer, height: int | None = None, width: int | None = None,
+                      frames: int | None = None, steps: int | None = None, guidance: float | None = None,
+                      generations: float = 1.0) -> Workload | None:
+    """Tokens, dense attention memory and time of a run at this size (None for a size the pipeline's defaults do
+    not tell). generations: full generations the run makes (warm-ups and repeats)."""
+    d = call_defaults(pipe)
+    h, w = height or d.get("height"), width or d.get("width")
+    f = frames or d.get("num_frames") or 1
+    steps = steps or d.get("num_inference_steps") or 50
+    guidance = guidance if guidance is not None else d.get("guidance_scale")
+    if not all(isinstance(v, int) and v > 0 for v in (h, w, f, steps)):
+        return None
+    if getattr(pipe, "vae", None) is None:
+        spatial = 1
+    else:
+        spatial = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None) or 8)
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", None) or 1)
+    pt, ph, pw = _patch_size(transformer)
+    latent_frames = (f - 1) // temporal + 1 if temporal > 1 else f
+    grid = (max(1, -(-latent_frames // pt)), max(1, h // spatial // ph), max(1, w // spatial // pw))
+    tokens = grid[0] * grid[1] * grid[2]
+    config = getattr(transformer, "config", {})
+    get = config.get if hasattr(config, "get") else (lambda key, default=None: default)
+    heads = int(get("num_attention_heads", None) or 1)
+    head_dim = int(get("attention_head_dim", None) or 64)
+    layers = int(get("num_layers", None) or 1) + int(get("num_single_layers", None) or 0)
+    batch = 2 if isinstance(guidance, (int, float)) and guidance > 1 else 1
+    device = getattr(transformer, "device", torch.device("cpu"))
+    flops = 4.0 * batch * heads * head_dim * tokens**2 * layers * steps * generations
+    seconds = flops / ATTENTION_FLOPS["cuda" if device.type == "cuda" else "cpu"]
+    return Workload(tokens, grid, batch * heads * tokens**2 * 4, seconds, (f, h, w))
+
+
+def available_memory(device: str) -> int | None:
+    """Free memory in bytes on `device` (CPU: MemAvailable), None when unknown."""
+    if torch.device(device).type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_workload(pipe, transformer, device: str, force: bool = False, **sizes) -> Workload | None:
+    """Before generating: refuse a size that is too large for the device (on CPU: more than CPU_MAX_TOKENS video
+    tokens, or dense attention scores larger than the free memory), naming the token count and the estimates,
+    unless `force`. `sizes`: estimate_workload's keywords."""
+    work = estimate_workload(pipe, transformer, **sizes)
+    if work is None or torch.device(device).type != "cpu":
+        return work
+    free = available_memory(device)
+    why = None
+    if work.tokens > CPU_MAX_TOKENS:
+        why = f"more than {CPU_MAX_TOKENS:,} video tokens on CPU"
+    elif free is not None and work.scores_bytes > free:
+        why = f"more than the {_bytes(free)} of free memory"
+    if why is None:
+        return work
+    if force:
+        logger.warning("%s (%s); running anyway (--force)", work.describe(), why)
+        return work
+    raise GenerateError(f"{work.describe()}: {why}. Use a smaller --height/--width/--frames, or pass --force to "
+                        "run it anyway")
 
 
 def check_device_and_dtype(device: str, dtype: str) -> None:
@@ -227,12 +423,18 @@ LABELLED_MIN_WIDTH = 96  # each half of a side-by-side clip is at least this wid
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
+    """An mp4, written atomically: a failed write (a full disk, ffmpeg failing) leaves no file, not a 0-byte one,
+    and raises WriteError naming `path`."""
     import imageio.v2 as imageio
 
     video = to_uint8_video(frames)
     scale = max(1, SHOWN_HEIGHT // video.shape[1])
     video = video.repeat(scale, axis=1).repeat(scale, axis=2)
-    imageio.mimwrite(str(path), list(video), fps=fps, macro_block_size=1)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        try:
+            imageio.mimwrite(str(tmp), list(video), fps=fps, macro_block_size=1)
+        except (RuntimeError, ValueError) as e:  # imageio-ffmpeg reports a failed encode this way
+            raise WriteError(path, e) from e
 
 
 def side_by_side(left, right, labels: tuple[str, str] = ("dense", "sparse")) -> np.ndarray:
@@ -286,11 +488,14 @@ class Comparison:
 
 
 def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], seed: int, device: str = "cpu",
-                         executor: str | None = None, repeats: int = 1) -> Comparison:
+                         executor: str | None = None, repeats: int = 1,
+                         on_frames: Callable[[str, np.ndarray], None] | None = None) -> Comparison:
     """Run `pipe` dense, then with `plan` applied, same seed; time both (total and attention) and compare.
 
     repeats: timed generations each way, interleaved (dense, sparse, dense, ...); each timing is the fastest, so
-    that a burst of other load on the machine does not decide the ratio."""
+    that a burst of other load on the machine does not decide the ratio. on_frames("dense" or "sparse", frames):
+    called as soon as each way's first generation exists (generate writes its video then, so that a later fault
+    keeps it)."""
     from .api import transformers_of
 
     transformers = transformers_of(pipe)
@@ -301,13 +506,17 @@ def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], se
     finally:
         remove(pipe)
     dense_runs, sparse_runs = [], []
-    for _ in range(repeats):
+    for i in range(repeats):
         dense_runs.append(timed_generation(pipe, call_kwargs, seed, device, transformers))
+        if i == 0 and on_frames is not None:
+            on_frames("dense", dense_runs[0][0])
         processor = apply(pipe, plan, executor=executor)
         try:
             sparse_runs.append(timed_generation(pipe, call_kwargs, seed, device, transformers))
         finally:
             remove(pipe)
+        if i == 0 and on_frames is not None:
+            on_frames("sparse", sparse_runs[0][0])
     dense, sparse = dense_runs[0][0], sparse_runs[0][0]
     dense_s, dense_attn = min(r[1] for r in dense_runs), min(r[2] for r in dense_runs)
     sparse_s, sparse_attn = min(r[1] for r in sparse_runs), min(r[2] for r in sparse_runs)
@@ -320,11 +529,13 @@ def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], se
         "sparse_attention_seconds": sparse_attn,
         "attention_speedup": dense_attn / sparse_attn if sparse_attn else None,
         "executed_attention_density": processor.stats.executed_density,
-        "psnr": psnr(dense, sparse),
-        "ssim": ssim(dense, sparse),
+        "psnr": psnr(dense, sparse),  # inf when identical (a result file writes null with a note: metrics.for_json)
+        "ssim": ssim(dense, sparse),  # None when the frames are too small for SSIM
         "dense_caption_ok": None,
         "sparse_caption_ok": None,
     }
+    if metrics["ssim"] is None:
+        metrics["ssim_note"] = ssim_unavailable(dense.shape)
     if type(pipe).__name__ == "TinyShapesPipeline":
         from .zoo.checker import check_clip
 
@@ -337,15 +548,29 @@ def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], se
 
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
-    """Generate dense and sparse with the same seed; return (and write, with --out) the report."""
+    """Generate dense and sparse with the same seed; return (and write, with --out) the report.
+
+    With --out, each file is written atomically as soon as it exists: dense.mp4 after the dense run, sparse.mp4
+    after the sparse run, report.json once the metrics are known, then side_by_side.mp4; a late fault (a full disk)
+    keeps what was written before it and raises WriteError naming the file."""
     _validate(cfg)
     pipe = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype])
     pipe.set_progress_bar_config(disable=not cfg.progress, desc="denoising")
     from .api import transformers_of
 
-    plan = resolve_plan(cfg.plan, pipe, transformers_of(pipe)[0])
+    transformer = transformers_of(pipe)[0]
+    check_workload(pipe, transformer, cfg.device, force=cfg.force, height=cfg.height, width=cfg.width,
+                   frames=cfg.frames, steps=cfg.steps, guidance=cfg.guidance, generations=2 * cfg.repeats + 0.2)
+    plan = resolve_plan(cfg.plan, pipe, transformer)
     kwargs = _call_kwargs(cfg, pipe)
-    result = compare_dense_sparse(pipe, plan, kwargs, cfg.seed, cfg.device, cfg.executor, cfg.repeats)
+    out = Path(cfg.out) if cfg.out else None
+
+    def write_as_you_go(name: str, frames: np.ndarray) -> None:
+        if out is not None:
+            write_video(out / f"{name}.mp4", frames)
+
+    result = compare_dense_sparse(pipe, plan, kwargs, cfg.seed, cfg.device, cfg.executor, cfg.repeats,
+                                  on_frames=write_as_you_go)
     report: dict[str, Any] = {
         "model": cfg.model,
         "plan": cfg.plan or "default",
@@ -361,19 +586,15 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
                      "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None},
         "versions": _versions(),
     }
-    if cfg.out:
-        _write_outputs(Path(cfg.out), report, result.dense, result.sparse)
+    if out is not None:
+        write_report(out / "report.json", report)
+        write_video(out / "side_by_side.mp4", side_by_side(result.dense, result.sparse))
     return report
 
 
-def _write_outputs(out: Path, report: dict, dense: np.ndarray, sparse: np.ndarray) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_video(out / "dense.mp4", dense)
-    write_video(out / "sparse.mp4", sparse)
-    write_video(out / "side_by_side.mp4", side_by_side(dense, sparse))
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, out / "report.json")
+def write_report(path: Path, report: dict[str, Any]) -> Path:
+    """report.json in strict JSON: an exact PSNR is null with "psnr_note", never Infinity."""
+    return write_json(path, for_json(report), finite=True)
 
 
 def _versions() -> dict[str, str]:
@@ -385,9 +606,14 @@ def _versions() -> dict[str, str]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    def fmt(v):
+    def fmt(key, v):
+        note = report.get(f"{key}_note")
+        if is_exact(v, note):
+            return "exact (the videos are identical)"
+        if v is None and note:
+            return f"n/a ({note})"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     keys = ["dense_seconds", "sparse_seconds", "speedup", "dense_attention_seconds", "sparse_attention_seconds",
             "attention_speedup", "executed_attention_density", "psnr", "ssim", "dense_caption_ok", "sparse_caption_ok"]
-    return "\n".join(f"{k:>28}: {fmt(report[k])}" for k in keys)
+    return "\n".join(f"{k:>28}: {fmt(k, report[k])}" for k in keys)

@@ -68,10 +68,14 @@ class SearchResult:
 # -- inputs ----------------------------------------------------------------------------------------------------------
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are ignored."""
+    from dit_sparse.inputs import InputFileError, read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise SearchError(f"--prompts: no such file {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
+    try:  # a binary file, a device or a FIFO is one line naming it, not a UnicodeDecodeError or a hang
+        text = read_text_file(path, "--prompts", "a text file with one prompt per line")
+    except InputFileError as e:
+        raise SearchError(str(e)) from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise SearchError(f"--prompts: {path} has no prompt (give one prompt per line)")
@@ -99,10 +103,24 @@ def output_paths(out: str | Path | None, model: str) -> dict[str, Path]:
             "stats": out.with_name(f"{stem}.stats.json")}
 
 
+def check_out_folder(plan_path: Path) -> None:
+    """Before any work: the plan's folder (where the report and statistics go too) can be created and written in."""
+    from dit_sparse.atomic import WriteError, check_writable_folder
+
+    try:
+        check_writable_folder(Path(plan_path).parent, option="the folder of --out")
+    except WriteError as e:
+        raise SearchError(f"{e} (checked before any work; give a writable --out)") from None
+
+
 def model_fingerprint(model: str) -> tuple[ModelFingerprint, list[tuple[str, int]]]:
     """Fingerprint and covered modules of a model from its configuration only (built on the meta device)."""
-    from dit_sparse.generate import TINY_SHAPES
+    from dit_sparse.generate import TINY_SHAPES, GenerateError, check_model_name
 
+    try:  # a mistyped folder (./mymodel) is one line saying so, not the hub's error about repository ids
+        model = check_model_name(model)
+    except GenerateError as e:
+        raise SearchError(str(e)) from None
     if model == TINY_SHAPES:
         from dit_sparse.zoo import WEIGHTS_DIR
 
@@ -510,6 +528,7 @@ def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | P
     model = model or TINY_SHAPES
     paths = output_paths(out, model)
     paths.pop("stats"), paths.pop("png")
+    check_out_folder(paths["plan"])
     if pipe is None and model != TINY_SHAPES:
         model_fingerprint(model)  # an unsupported transformer fails here, before any weight is loaded
     with _cpu_threads(device, threads):
@@ -563,13 +582,15 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
                 raise SearchError(f"--{name} {value} differs from the statistics ({known}); calibrate again at "
                                   f"this setting or leave --{name} out")
         model = source
-        cost_model = procs.broadcast(_cost_for_stats(st, cost, device, dtype, cache_dir, progress)
-                                     if procs.is_main else None)
         paths = output_paths(out, model)
         paths.pop("stats")
+        check_out_folder(paths["plan"])
+        cost_model = procs.broadcast(_cost_for_stats(st, cost, device, dtype, cache_dir, progress)
+                                     if procs.is_main else None)
     else:
         model = model or TINY_SHAPES
         paths = output_paths(out, model)
+        check_out_folder(paths["plan"])  # a read-only or full folder is found now, not after the calibration
         if pipe is None and model != TINY_SHAPES:
             model_fingerprint(model)  # an unsupported transformer fails here, before any weight is loaded
         try:

@@ -68,7 +68,8 @@ def add_search_parser(subparsers) -> None:
     p.add_argument("--stats", default=None,
                    help="statistics file of an earlier search: solve again without calibrating")
     p.add_argument("--out", default=None,
-                   help="plan path (default out/search/<model>.plan.json); report and statistics go beside it")
+                   help="plan path (default out/search/<model>.plan.json); report and statistics go beside it (its "
+                        "folder is checked for writing before any work; the statistics are written before solving)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--cost", choices=("measured", "flop"), default="measured",
@@ -92,6 +93,7 @@ def add_search_parser(subparsers) -> None:
 
 def run_search(args) -> int:
     from dit_sparse.adapters import UnsupportedModelError
+    from dit_sparse.atomic import WriteError
     from dit_sparse.plan import PlanError
     from dit_sparse.processor import PlanMismatchError
 
@@ -123,7 +125,7 @@ def run_search(args) -> int:
             refresh_interval=args.refresh_interval, seed=args.seed, threads=args.threads,
             layer_weights=args.layer_weights, min_psnr=args.min_psnr, pick_by_psnr=args.pick_by_psnr,
             step_weights=args.step_weights, progress=not args.quiet, echo=echo)
-    except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError) as e:
+    except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not result.paths:  # another process of a multi-process search: the first one reports
@@ -157,6 +159,7 @@ def _whole_numbers(text: str) -> tuple[int, ...]:
 
 def _run_reuse_schedule(args, echo) -> int:
     from dit_sparse.adapters import UnsupportedModelError
+    from dit_sparse.atomic import WriteError
     from dit_sparse.plan import PlanError
 
     from .api import search_reuse_schedule
@@ -176,7 +179,7 @@ def _run_reuse_schedule(args, echo) -> int:
             frames=args.frames, steps=args.steps, guidance=args.guidance, out=args.out, device=args.device,
             dtype=args.dtype, allow_closest=args.allow_closest, seed=args.seed, progress=not args.quiet,
             threads=args.threads, echo=echo)
-    except (SearchError, PlanError, UnsupportedModelError, FileNotFoundError) as e:
+    except (SearchError, PlanError, UnsupportedModelError, FileNotFoundError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = result.solution.metrics

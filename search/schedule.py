@@ -25,6 +25,7 @@ import numpy as np
 
 from dit_sparse.plan import Schedule, SparsePlan
 
+from ._io import write_text
 from .errors import SearchError
 from .solver import Solution
 from .validation import Trial, Validation, highest_psnr, validate
@@ -200,8 +201,7 @@ def write_schedule_report(solution: Solution, validation: Validation, path: Path
         m = trial.solution.metrics
         lines.append(f"| {trial.variant} | {m['executed_density']:.1%} | {m['attention_speedup']:.2f}x | "
                      f"{trial.mean_psnr:.1f} | {min(trial.psnr):.1f} |")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 __all__ = ["ReuseSchedule", "ScheduleGrid", "schedule_grid", "schedule_trials", "search_reuse_schedule",

@@ -124,11 +124,15 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        from dit_sparse.inputs import InputFileError, read_text_file
+
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise StatsError(f"--stats: no statistics file at {path}")
-        try:
-            data = json.loads(path.read_text())
+        try:  # a binary file, a device or a FIFO: one line naming it, not a UnicodeDecodeError or a hang
+            data = json.loads(read_text_file(path, "--stats", "a statistics file (.stats.json) of an earlier search"))
+        except InputFileError as e:
+            raise StatsError(str(e)) from None
         except json.JSONDecodeError as e:
             raise StatsError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, dict) or data.get("format") != STATS_FORMAT:

@@ -35,17 +35,20 @@ def test_bench_e2e_writes_one_record_per_plan_table_and_plot(tiny_dir, tmp_path,
         assert r["seconds"] > 0 and r["attention_seconds"] > 0
         assert r["caption_accuracy"] is not None and 0.0 <= r["caption_accuracy"] <= 1.0
     dense, sparse, dense_again = records
-    assert dense["speedup"] == 1.0 and dense["executed_density"] == 1.0 and not np.isfinite(dense["psnr"])
+    assert dense["speedup"] == 1.0 and dense["executed_density"] == 1.0
+    assert dense["psnr"] is None and dense["psnr_note"].startswith("exact")  # identical: no Infinity in the file
     assert 0.0 < sparse["executed_density"] < 1.0  # frame-local: the other frames' key blocks are skipped
     assert np.isfinite(sparse["psnr"])
     # A dense plan runs every attention, except that at the second step the first block's uncond call takes the
     # cond call's output (the same input in both branches): 1 of 2 steps x 2 branches x 2 layers. Same seeds, same
     # video.
     assert dense_again["plan"] == "dense #2" and dense_again["executed_density"] == pytest.approx(7 / 8)
-    assert dense_again["psnr"] == float("inf") and dense_again["ssim"] == pytest.approx(1.0)
+    assert dense_again["psnr"] is None and dense_again["psnr_note"].startswith("exact")
+    assert dense_again["ssim"] == pytest.approx(1.0) and "partial" not in dense_again
     assert (out / "speedup_vs_psnr.png").stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "| diagonal" in table and table in capsys.readouterr().out + "\n"
+    assert "| dense | " in table and "| exact |" in table  # an exact PSNR is still shown as "exact"
     assert records_of(grouped(records)) == records
 
 
@@ -92,9 +95,130 @@ def test_bench_e2e_bad_plan_is_one_clear_error(tiny_dir, tmp_path, capsys):
 
 
 def test_table_cells_say_exact_for_identical_videos_and_na_for_missing_values():
-    from dit_sparse.metrics import format_metric
+    from dit_sparse.metrics import PSNR_EXACT, format_metric
 
-    assert format_metric(float("inf"), ".1f") == "exact"
+    assert format_metric(float("inf"), ".1f") == "exact"  # result files written before strict JSON
+    assert format_metric(None, ".1f", PSNR_EXACT) == "exact"
+    assert format_metric(None, ".1f", "frames too small for SSIM (2x2)") == "n/a"
     assert format_metric(None, ".1f") == "n/a"
     assert format_metric(29.94, ".1f") == "29.9"
     assert format_metric(0.5, ".0%") == "50%"
+
+
+def _strict_json(path):
+    def refuse(constant):
+        pytest.fail(f"{path} holds {constant}, which strict JSON parsers reject")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_results_json_is_strict_and_rewritten_after_every_prompt(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A fault late in a long run keeps what was measured: results.json is rewritten (atomically) after each
+    prompt and seed, marked partial; no Infinity in it (an exact PSNR is null with a note)."""
+    import dit_sparse.bench_e2e as bench_e2e
+
+    real, calls = bench_e2e.timed_generation, []
+
+    def timing(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the first run of the second prompt
+            raise bench_e2e.GenerateError("a late fault")
+        return real(*args)
+
+    monkeypatch.setattr(bench_e2e, "timed_generation", timing)
+    out = tmp_path / "bench"
+    assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "diagonal:window=[0,1,1]", "--num-prompts",
+                 "2", "--steps", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: a late fault"
+    records = _strict_json(out / "results.json")
+    assert [r["plan"] for r in records] == ["dense", "diagonal:window=[0,1,1]"]
+    assert all(r["partial"] == "1 of 2 prompt x seed runs" for r in records)
+    assert records[0]["psnr"] is None and records[0]["psnr_note"].startswith("exact")
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+def test_a_late_write_failure_names_the_file_and_keeps_the_others(tiny_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    out = tmp_path / "bench"
+    assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "diagonal:window=[0,1,1]", "--num-prompts",
+                 "1", "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: could not write {out / 'speedup_vs_psnr.png'}: no space left on device"
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # no temporary file left
+    assert "partial" not in _strict_json(out / "results.json")[0]
+
+
+@pytest.mark.parametrize("command", [["e2e"], ["speed"], ["kernels", "--quick"]])
+def test_read_only_out_is_found_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch, command):
+    import errno
+
+    import dit_sparse.atomic as atomic
+    import dit_sparse.bench_e2e as bench_e2e
+    import dit_sparse.bench_speed as bench_speed
+
+    def read_only(folder):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def no_work(*args, **kwargs):
+        pytest.fail("work started before the output folder was checked")
+
+    monkeypatch.setattr(atomic, "_probe", read_only)
+    monkeypatch.setattr(bench_e2e, "load_model", no_work)
+    monkeypatch.setattr(bench_speed, "build", no_work)
+    out = tmp_path / "ro"
+    model = ["--model", str(tiny_dir)] if command == ["e2e"] else []
+    assert main(["bench", *command, *model, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: could not write to --out {out}: read-only file system (checked before any work; give a " \
+                  "writable --out)\n"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["binary", "fifo", "device", "folder"])
+def test_prompts_that_are_not_a_text_file_are_one_line(tiny_dir, tmp_path, capsys, monkeypatch, kind):
+    """A binary --prompts file was a UnicodeDecodeError; a FIFO hung; /dev/zero filled the memory."""
+    import os
+
+    import dit_sparse.bench_e2e as bench_e2e
+
+    monkeypatch.setattr(bench_e2e, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    path = tmp_path / "prompts"
+    if kind == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = "/dev/zero"
+    else:
+        path.mkdir()
+    assert main(["bench", "e2e", "--model", str(tiny_dir), "--prompts", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --prompts: {path} is ") and err.count("\n") == 1
+    assert {"binary": "not a text file (not UTF-8 at byte 0)", "fifo": "not a regular file", "device":
+            "not a regular file", "folder": "is a folder"}[kind] in err
+
+
+def test_a_model_too_large_for_the_cpu_is_refused_before_generating(tiny_dir, tmp_path, capsys, monkeypatch):
+    import dit_sparse.bench_e2e as bench_e2e
+    import dit_sparse.generate as generate
+
+    monkeypatch.setattr(generate, "CPU_MAX_TOKENS", 1000)
+    monkeypatch.setattr(bench_e2e, "warm_up", lambda *a, **k: pytest.fail("generation started"))
+    assert main(["bench", "e2e", "--model", str(tiny_dir), "--steps", "2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: 8 frames of 32x32 px is 2,048 video tokens (grid 8x16x16)")
+    assert "more than 1,000 video tokens on CPU" in err and "--force" in err
+
+
+def test_mistyped_model_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "e2e", "--model", "./mymodel", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: --model: no such model folder ./mymodel (and it is not a hub id")

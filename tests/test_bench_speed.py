@@ -41,3 +41,35 @@ def test_bench_speed_bad_input_ends_with_one_clear_line(tmp_path, capsys):
     assert main(["bench", "speed", *SMALL, "--dtype", "fp64", "--out", str(tmp_path)]) == 2
     assert "--dtype must be one of" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_bench_speed_absurd_size_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    import dit_sparse.bench_speed as bench_speed
+
+    monkeypatch.setattr(bench_speed, "build", lambda *a, **k: pytest.fail("the model was built"))
+    assert main(["bench", "speed", *SMALL, "--height", "100000", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: --height 100000 is not a plausible size (at most 16,384 pixels); is it "
+                                       "a typo?\n")
+
+
+def test_bench_speed_keeps_the_plans_timed_before_a_late_fault(tmp_path, capsys, monkeypatch):
+    """results.json is rewritten (atomically, strict JSON) after each plan, marked partial until the last."""
+    import dit_sparse.bench_speed as bench_speed
+    from dit_sparse.generate import GenerateError
+
+    real, calls = bench_speed._time_forward, []
+
+    def timing(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the second plan
+            raise GenerateError("a late fault")
+        return real(*args)
+
+    monkeypatch.setattr(bench_speed, "_time_forward", timing)
+    out = tmp_path / "speed"
+    assert main(["bench", "speed", *SMALL, "--plans", "diagonal:window=[0,1,1]", "diagonal:window=[1,1,1]",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: a late fault"
+    result = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert [r["plan"] for r in result["results"]] == ["dense", "diagonal:window=[0,1,1]"]
+    assert result["partial"] == "1 of 2 plans"

@@ -80,9 +80,177 @@ def test_plan_for_another_model_is_refused(saved_pipeline, tmp_path, capsys):
     assert "num_layers: plan has 30, model has 4" in err
 
 
+def _no_model_load(monkeypatch):
+    import dit_sparse.generate as generate
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(generate, "load_model", refuse)
+
+
+@pytest.mark.parametrize("name", ["./mymodel", "../mymodel", "~/no-such-dit-sparse-model", "models/x/y", "NOPE"])
+def test_mistyped_local_model_folder_is_one_line_before_loading(tmp_path, capsys, monkeypatch, name):
+    """A path-like --model that does not exist is a mistyped folder, not a hub id (the hub's HFValidationError
+    about repository ids was a traceback)."""
+    name = str(tmp_path / "nope") + "/x/y" if name == "NOPE" else name
+    monkeypatch.chdir(tmp_path)
+    _no_model_load(monkeypatch)
+    assert main(["generate", "--model", name, *SMALL, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model: no such model folder {name} (and it is not a hub id: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
-    assert main(["generate", "--model", str(tmp_path / "nope") + "/x/y", *SMALL]) == 2
+    assert main(["generate", "--model", "mymodel", *SMALL, "--out", str(tmp_path / "out")]) == 2
     assert "neither a local directory nor a hub id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--height", "100000"], "--height 100000 is not a plausible size (at most 16,384 pixels)"),
+    (["--width", "-4"], "--width must be positive, got -4"),
+    (["--frames", "1000000"], "--frames 1000000 is not a plausible size"),
+])
+def test_absurd_sizes_are_refused_before_the_model_loads(saved_pipeline, tmp_path, capsys, monkeypatch, extra,
+                                                         message):
+    _no_model_load(monkeypatch)
+    assert main(["generate", "--model", saved_pipeline, *SMALL, *extra, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_too_many_tokens_for_the_cpu_is_refused_before_generating_unless_forced(saved_pipeline, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """--height 512 --width 512 on tiny-shapes ran silently for minutes: now the token count and the estimates
+    are named before any generation, and --force runs it."""
+    import dit_sparse.generate as generate
+
+    def no_generation(*args, **kwargs):
+        raise generate.GenerateError("generation reached")
+
+    monkeypatch.setattr(generate, "warm_up", no_generation)
+    args = ["generate", "--model", saved_pipeline, *SMALL, "--height", "512", "--width", "512",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 frames of 512x512 px is 131,072 video tokens (grid 2x256x256)" in err
+    assert "more than 65,536 video tokens on CPU" in err and "GiB per layer" in err and "--force" in err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: 2 frames of 512x512 px")
+    assert main(args + ["--force"]) == 2
+    assert "generation reached" in capsys.readouterr().err
+    monkeypatch.setattr(generate, "available_memory", lambda device: 1024)  # the scores (512 KiB) do not fit
+    assert main(["generate", "--model", saved_pipeline, *SMALL, "--out", str(tmp_path / "out")]) == 2
+    assert "512.0 KiB per layer" in (err := capsys.readouterr().err) and "more than the 1.0 KiB of free memory" in err
+
+
+def test_force_is_documented_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--force" in capsys.readouterr().out
+
+
+def test_tiny_frames_give_ssim_null_with_a_reason(saved_pipeline, tmp_path, capsys):
+    """--height 2 --width 2 ran both generations and then died in SSIM (ZeroDivisionError)."""
+    out = tmp_path / "gen"
+    args = ["generate", "--model", saved_pipeline, "--plan", "diagonal", "--steps", "2", "--frames", "2",
+            "--height", "2", "--width", "2", "--repeats", "1", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ssim"] is None and report["ssim_note"].startswith("frames too small for SSIM (2x2")
+    assert "n/a (frames too small for SSIM" in capsys.readouterr().out
+
+
+def _strict_json(path):
+    def refuse(constant):
+        pytest.fail(f"{path} holds {constant}, which strict JSON parsers reject")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_exact_psnr_is_null_with_a_reason_not_infinity(saved_pipeline, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", saved_pipeline, "--plan", "dense", *SMALL, "--repeats", "1",
+                 "--out", str(out)]) == 0
+    report = _strict_json(out / "report.json")
+    assert report["psnr"] is None and report["psnr_note"].startswith("exact")
+    assert "exact (the videos are identical)" in capsys.readouterr().out
+
+
+def test_out_folder_is_checked_for_writing_before_the_model_loads(saved_pipeline, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import dit_sparse.atomic as atomic
+
+    _no_model_load(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    assert main(["generate", "--model", saved_pipeline, *SMALL, "--out", str(tmp_path / "a-file" / "sub")]) == 2
+    assert f"could not write to --out {tmp_path / 'a-file' / 'sub'}: not a directory" in capsys.readouterr().err
+
+    def read_only(folder):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(atomic, "_probe", read_only)
+    assert main(["generate", "--model", saved_pipeline, *SMALL, "--out", str(tmp_path / "ro")]) == 2
+    err = capsys.readouterr().err
+    assert f"could not write to --out {tmp_path / 'ro'}: read-only file system" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("failing", ["sparse.mp4", "report.json", "side_by_side.mp4"])
+def test_a_late_write_failure_is_one_line_and_keeps_what_was_written(saved_pipeline, tmp_path, capsys, monkeypatch,
+                                                                     failing):
+    """Each file is written as soon as it exists (dense.mp4 after the dense run, ...); a full disk late names the
+    file and keeps the earlier ones (before: a traceback, the results lost, a 0-byte side_by_side.mp4)."""
+    import errno
+    from pathlib import Path
+
+    import imageio.v2 as imageio
+
+    def full_disk(path):
+        if failing in Path(path).name or Path(path).name.startswith(f".{Path(failing).stem}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_mimwrite, real_write_text = imageio.mimwrite, Path.write_text
+
+    def mimwrite(path, *args, **kwargs):
+        full_disk(path)
+        return real_mimwrite(path, *args, **kwargs)
+
+    def write_text(self, *args, **kwargs):
+        full_disk(self)
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(imageio, "mimwrite", mimwrite)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", saved_pipeline, "--plan", "diagonal", *SMALL, "--repeats", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"\nerror: could not write {out / failing}: no space left on device\n")
+    assert "Traceback" not in err and err.count("error:") == 1
+    order = ["dense.mp4", "sparse.mp4", "report.json", "side_by_side.mp4"]
+    kept = order[:order.index(failing)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(kept)  # no 0-byte file, no temporary file
+    assert all((out / name).stat().st_size > 0 for name in kept)
+
+
+def test_the_dense_video_is_written_before_the_sparse_run(saved_pipeline, tmp_path, monkeypatch):
+    import dit_sparse.generate as generate
+
+    out = tmp_path / "gen"
+    real = generate.timed_generation
+    calls = []
+
+    def timing(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the sparse run fails (out of memory, interrupted...)
+            assert (out / "dense.mp4").stat().st_size > 0
+            raise generate.GenerateError("the sparse run failed")
+        return real(*args)
+
+    monkeypatch.setattr(generate, "timed_generation", timing)
+    assert main(["generate", "--model", saved_pipeline, "--plan", "diagonal", *SMALL, "--repeats", "1",
+                 "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["dense.mp4"]
 
 
 def test_repeated_timings_keep_the_fastest_and_the_same_frames(monkeypatch):

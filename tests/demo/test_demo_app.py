@@ -96,8 +96,10 @@ def test_bad_model_arguments_are_clear_errors():
 
     with pytest.raises(DemoError, match="--dtype must be one of"):
         load_demo_model("tiny-shapes", "cpu", "float8")
-    with pytest.raises(DemoError, match="neither a local directory nor a hub id"):
+    with pytest.raises(DemoError, match="no such model folder /no/such/model/dir"):
         load_demo_model("/no/such/model/dir", "cpu", "float32")
+    with pytest.raises(DemoError, match="neither a local directory nor a hub id"):
+        load_demo_model("mymodel", "cpu", "float32")
 
 
 def test_importing_the_package_does_not_import_gradio():
@@ -148,7 +150,8 @@ def test_demo_command_builds_and_launches(monkeypatch, capsys):
     (["demo", "--plan", "diagnal"], "'diagnal' is neither a plan file nor a strategy (known strategies: "),
     (["demo", "--port", "99999"], "--port must be a TCP port in 1..65535, got 99999"),
     (["demo", "--port", "0"], "--port must be a TCP port in 1..65535, got 0"),
-    (["demo", "--model", "/no/such/model/dir"], "neither a local directory nor a hub id"),
+    (["demo", "--model", "/no/such/model/dir"], "no such model folder /no/such/model/dir (and it is not a hub id"),
+    (["demo", "--model", "./mymodel"], "error: --model: no such model folder ./mymodel (and it is not a hub id: "),
 ])
 def test_demo_command_bad_arguments(monkeypatch, capsys, argv, message):
     import dit_sparse.demo.app as app_module
@@ -156,7 +159,35 @@ def test_demo_command_bad_arguments(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(app_module, "launch_app", lambda *a, **k: pytest.fail("must not launch"))
     args = _parse(argv)
     assert args.func(args) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("host,message", [
+    ("256.1.1.1", "--host 256.1.1.1 is not a valid IP address"),
+    ("1.2.3", "--host 1.2.3 is not a valid IP address"),
+    ("192.0.2.1", "--host 192.0.2.1 is not an address of this machine"),  # TEST-NET-1: no machine has it
+    ("no-such-host.invalid", "--host no-such-host.invalid is neither an IP address nor a name this machine can "
+                             "resolve"),
+    ("", "--host is empty"),
+])
+def test_a_bad_host_is_blamed_before_the_model_loads(monkeypatch, capsys, host, message):
+    """--host 256.1.1.1 loaded the model, then blamed the port."""
+    import dit_sparse.demo.app as app_module
+
+    monkeypatch.setattr(app_module, "build_app", lambda **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(app_module, "launch_app", lambda *a, **k: pytest.fail("must not launch"))
+    args = _parse(["demo", "--host", host])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "--port" not in err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "0.0.0.0"])
+def test_good_hosts_pass_the_check(host):
+    from dit_sparse.demo.cli import check_host
+
+    assert check_host(host) is None
 
 
 def test_plan_file_for_another_model_is_refused_at_start(tmp_path, capsys):

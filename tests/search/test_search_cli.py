@@ -136,3 +136,101 @@ def test_measured_cost_table_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(cost._Bench, "run", lambda *a, **k: pytest.fail("timed again despite the cache"))
     again = measure_cost(cands, grid, 16, 16, 1, 2, 8, cache_dir=tmp_path)
     assert again.per_head == first.per_head
+
+
+def _no_model_load(monkeypatch):
+    import dit_sparse.generate as generate
+
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+
+
+def test_mistyped_model_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """--model ./mymodel was the hub's error about repository ids."""
+    monkeypatch.chdir(tmp_path)
+    _no_model_load(monkeypatch)
+    assert main(["search", "--model", "./mymodel", "--quiet", "--out", str(tmp_path / "p.plan.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model: no such model folder ./mymodel (and it is not a hub id: ")
+    assert err.count("\n") == 1 and sorted(os.listdir(tmp_path)) == []
+
+
+def test_read_only_out_is_found_before_calibrating(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import dit_sparse.atomic as atomic
+    import dit_sparse.search.api as api
+
+    _no_model_load(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "p.plan.json"
+    assert main(["search", "--quiet", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: could not write to the folder of --out {out.parent}: not a directory "
+                                       "(checked before any work; give a writable --out)\n")
+
+    def read_only(folder):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(atomic, "_probe", read_only)
+    monkeypatch.setattr(api, "_cost_for_stats", lambda *a, **k: pytest.fail("the candidates were timed"))
+    stats = synthetic_stats().save(tmp_path / "s.stats.json")
+    out = tmp_path / "ro" / "p.plan.json"
+    for extra in ([], ["--stats", str(stats)], ["--reuse-schedule", "--min-psnr", "20"]):
+        assert main(["search", "--quiet", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: could not write to the folder of --out {out.parent}: read-only file system (checked " \
+                      "before any work; give a writable --out)\n"
+
+
+def test_a_late_write_failure_is_one_line_and_keeps_the_plan(tmp_path, capsys, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name.startswith(".p.report.md."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    stats = synthetic_stats().save(tmp_path / "s.stats.json")
+    out = tmp_path / "p.plan.json"
+    assert main(["search", "--stats", str(stats), "--cost", "flop", "--max-error", "0.1", "--quiet",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: could not write {tmp_path / 'p.report.md'}: no space left on device\n"
+    assert SparsePlan.load(out).modules  # the plan written before the report is kept
+    assert sorted(os.listdir(tmp_path)) == ["p.plan.json", "p.report.png", "s.stats.json"]
+
+
+def test_statistics_are_written_before_solving(tiny_pipe, tmp_path, monkeypatch):
+    """A fault in the solver (or later) keeps the calibration: re-solve with --stats."""
+    import dit_sparse.search.api as api
+
+    def broken_solver(*args, **kwargs):
+        raise ValueError("a solver fault")
+
+    monkeypatch.setattr(api, "solve", broken_solver)
+    with pytest.raises(api.SearchError, match="a solver fault"):
+        search("tiny-test", ["a red circle moving right on a dark background"], pipe=tiny_pipe, steps=2, frames=2,
+               height=16, width=16, dense_first=0.0, calib_steps=1, cost="flop", out=tmp_path / "t.plan.json",
+               progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["t.stats.json"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("option", ["--prompts", "--stats"])
+@pytest.mark.parametrize("kind", ["binary", "fifo", "device"])
+def test_input_files_that_are_not_text_are_one_line(tmp_path, capsys, monkeypatch, option, kind):
+    """A binary file was a UnicodeDecodeError; a FIFO or /dev/zero was "no such file"."""
+    _no_model_load(monkeypatch)
+    path = tmp_path / "input"
+    if kind == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = "/dev/zero"
+    assert main(["search", option, str(path), "--cost", "flop", "--quiet", "--out", str(tmp_path / "p.plan.json")]) == 2
+    err = capsys.readouterr().err
+    reason = "is not a text file (not UTF-8 at byte 0)" if kind == "binary" else "is not a regular file"
+    assert err.startswith(f"error: {option}: {path} {reason}") and err.count("\n") == 1
