@@ -24,11 +24,11 @@ def read_text_file(path: str | os.PathLike, option: str, what: str = "a text fil
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise InputFileError(f"{option}: no such file {path}") from None
+        raise InputFileError(f"{option}: {path} not found") from None
     except OSError as e:
         raise InputFileError(f"{option}: cannot read {path} ({os.strerror(e.errno) if e.errno else e})") from None
     if stat.S_ISDIR(info.st_mode):
-        raise InputFileError(f"{option}: {path} is a folder; give {what}")
+        raise InputFileError(f"{option}: {path} is a directory, not {what}")
     if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero would fill the memory
         raise InputFileError(f"{option}: {path} is not a regular file (a device, pipe or socket); give {what}")
     if info.st_size > max_bytes:

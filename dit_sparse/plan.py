@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -412,26 +411,12 @@ class SparsePlan:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"SparsePlan.load takes a file path, got {type(path).__name__} (for a parsed JSON object "
                             "use SparsePlan.from_json)")
-        path = Path(path)
+        from .inputs import InputFileError, read_text_file
+
         try:
-            info = path.stat()
-        except FileNotFoundError:
-            raise PlanError(f"plan file not found: {path}") from None
-        except OSError as e:
-            raise PlanError(f"{path}: cannot read the plan file ({e.strerror or e})") from None
-        if stat.S_ISDIR(info.st_mode):
-            raise PlanError(f"{path} is a directory, not a plan file (a .plan.json file)")
-        if not stat.S_ISREG(info.st_mode):  # a FIFO would hang, /dev/zero would fill the memory
-            raise PlanError(f"{path} is not a regular file (a device, pipe or socket); give a .plan.json file")
-        if info.st_size > MAX_PLAN_BYTES:
-            raise PlanError(f"{path}: {info.st_size:,} bytes is too large for a plan file "
-                            f"(at most {MAX_PLAN_BYTES:,}); is it the right file?")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PlanError(f"{path}: not a plan file (not UTF-8 text; plan files are JSON)") from None
-        except OSError as e:
-            raise PlanError(f"{path}: cannot read the plan file ({e.strerror or e})") from None
+            text = read_text_file(path, "plan file", "a plan file (.plan.json)", max_bytes=MAX_PLAN_BYTES)
+        except InputFileError as e:
+            raise PlanError(str(e)) from None
         return cls.from_json(parse_json_text(text, str(path)), source=str(path))
 
     @classmethod

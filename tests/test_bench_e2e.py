@@ -203,7 +203,7 @@ def test_prompts_that_are_not_a_text_file_are_one_line(tiny_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"error: --prompts: {path} is ") and err.count("\n") == 1
     assert {"binary": "not a text file (not UTF-8 at byte 0)", "fifo": "not a regular file", "device":
-            "not a regular file", "folder": "is a folder"}[kind] in err
+            "not a regular file", "folder": "is a directory"}[kind] in err
 
 
 def test_a_model_too_large_for_the_cpu_is_refused_before_generating(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -78,11 +78,14 @@ def test_readme_is_a_front_door():
 
 def test_hand_written_markdown_stays_within_120_columns():
     docs = ROOT / "docs"
-    written = [ROOT / "README.md", *(docs / name for name in ("usage.md", "tiny-shapes.md", "gpu.md", "results.md"))]
+    written = [ROOT / "README.md",
+               *(docs / name for name in ("usage.md", "tiny-shapes.md", "gpu.md", "results.md", "reliability.md"))]
     for path in written:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if path.name == "results.md" and line.startswith("|"):
                 continue  # rendered table rows cannot wrap
+            if re.fullmatch(r"\s*(\d+\. )?`tests/[^` ]+`,?", line):
+                continue  # one test's name, which cannot wrap
             assert len(line) <= 120, f"{path.relative_to(ROOT)}:{number} has {len(line)} characters"
 
 
@@ -157,3 +160,15 @@ def test_word_choice_is_rendered_against_chance():
     assert "shape 70% at sigma 0.9, 50% at sigma 0.7 (chance 33%)" in sentence
     assert "motion 0% at sigma 0.9, 10% at sigma 0.7 (chance 14%)" in sentence
     assert render_results._word_choice_sentence(None) == ""
+
+
+def test_every_test_the_reliability_page_names_exists():
+    """docs/reliability.md backs each case with a test; a renamed or deleted test must not leave it pointing nowhere."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)
+    assert len(named) >= 44
+    for path, test in named:
+        assert re.search(rf"^def {test}\(", (ROOT / path).read_text(), re.M), f"{path}::{test}"
+    rows = re.findall(r"^\| (\d+) \|", text, re.M)
+    listed = re.findall(r"^(\d+)\. ", text, re.M)
+    assert rows == listed == [str(i) for i in range(1, len(rows) + 1)]
