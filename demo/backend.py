@@ -30,8 +30,10 @@ from ..generate import (
     PLANS_DIR,
     TINY_SHAPES,
     GenerateError,
+    call_defaults,
     compare_dense_sparse,
     load_model,
+    patch_size,
     side_by_side,
     write_video,
 )
@@ -133,23 +135,6 @@ def _is_tiny_shapes(pipe) -> bool:
     return type(pipe).__name__ == "TinyShapesPipeline"
 
 
-def _call_defaults(pipe) -> dict[str, Any]:
-    try:
-        params = inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
-
-
-def _patch_size(transformer) -> tuple[int, int, int]:
-    config = getattr(transformer, "config", {})
-    patch = config.get("patch_size", 1) if hasattr(config, "get") else 1
-    if isinstance(patch, (list, tuple)):
-        return tuple(int(p) for p in patch[-3:]) if len(patch) >= 3 else (1, int(patch[-2]), int(patch[-1]))
-    pt = config.get("patch_size_t", 1) if hasattr(config, "get") else 1
-    return int(pt or 1), int(patch or 1), int(patch or 1)
-
-
 @dataclass(frozen=True)
 class Limits:
     """What the page lets a visitor ask of the model (a CPU-sized range for tiny-shapes)."""
@@ -171,8 +156,8 @@ class Limits:
 
     @classmethod
     def for_pipeline(cls, pipe, transformer, device: str = "cpu") -> "Limits":
-        d = _call_defaults(pipe)
-        _, ph, pw = _patch_size(transformer)
+        d = call_defaults(pipe)
+        _, ph, pw = patch_size(transformer)
         if _is_tiny_shapes(pipe):
             return cls(default_steps=int(d.get("num_inference_steps") or 20), max_steps=50,
                        default_guidance=float(d.get("guidance_scale") or 4.5), max_guidance=20.0,
@@ -608,7 +593,7 @@ class DemoBackend:
         from ..layout import Grid
 
         try:
-            pt, ph, pw = _patch_size(self.transformer)
+            pt, ph, pw = patch_size(self.transformer)
             lim = self.limits
             latent_frames = (frames - 1) // lim.temporal_factor + 1 if lim.temporal_factor > 1 else frames
             return Grid(max(1, -(-latent_frames // pt)), max(1, height // lim.spatial_factor // ph),

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -104,34 +103,14 @@ def check_writable(folder: str | Path, option: str = "--out") -> None:
     """Before any work: a small file (4 KiB) can be written in `folder`, so that a read-only or full disk is found
     before a model loads. Folders this creates are removed again. Raises RunFolderError naming the option and the
     folder: ``could not write to --out FOLDER: read-only file system (checked before any work; ...)``."""
-    import tempfile
+    from dit_sparse.atomic import WriteError, check_writable_folder
 
-    folder = Path(folder)
-    made = []
-    p = folder
-    while not p.exists() and p != p.parent:
-        made.append(p)
-        p = p.parent
     try:
-        for d in reversed(made):
-            d.mkdir()
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"\0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            Path(probe).unlink(missing_ok=True)
-    except OSError as e:
-        reason = os.strerror(e.errno).lower() if e.errno else str(e)
+        check_writable_folder(folder, option)
+    except WriteError as e:
         need = "a resumed run writes into its folder" if option == "--resume" else f"give a writable {option}"
-        raise RunFolderError(f"could not write to {option} {folder}: {reason} (checked before any work; {need})") \
+        raise RunFolderError(f"could not write to {option} {folder}: {e.strerror} (checked before any work; {need})") \
             from None
-    finally:
-        for d in made:
-            with contextlib.suppress(OSError):
-                d.rmdir()
 
 
 def _no_space(exc: BaseException, path: Path) -> bool:

@@ -282,7 +282,8 @@ def call_defaults(pipe) -> dict[str, Any]:
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
-def _patch_size(transformer) -> tuple[int, int, int]:
+def patch_size(transformer) -> tuple[int, int, int]:
+    """(frames, rows, cols) the transformer patches together into one token."""
     config = getattr(transformer, "config", {})
     patch = config.get("patch_size", 1) if hasattr(config, "get") else 1
     if isinstance(patch, (list, tuple)):
@@ -308,7 +309,7 @@ def estimate_workload(pipe, transformer, height: int | None = None, width: int |
     else:
         spatial = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None) or 8)
     temporal = int(getattr(pipe, "vae_scale_factor_temporal", None) or 1)
-    pt, ph, pw = _patch_size(transformer)
+    pt, ph, pw = patch_size(transformer)
     latent_frames = (f - 1) // temporal + 1 if temporal > 1 else f
     grid = (max(1, -(-latent_frames // pt)), max(1, h // spatial // ph), max(1, w // spatial // pw))
     tokens = grid[0] * grid[1] * grid[2]
