@@ -150,13 +150,12 @@ class StepTracker:
         levels = adapter.scheduler_noise_levels(scheduler) if scheduler is not None else None
         if not levels:
             return None, None
-        gaps = torch.tensor(levels, dtype=torch.float64)
-        distance = (gaps - noise).abs()
-        nearest = int(distance.argmin())
-        # The nearest step, if the noise level is nearer to it than to any other (a bf16 timestep is off by up to
-        # 0.4%; neighbouring steps are further apart than that).
-        others = torch.cat([distance[:nearest], distance[nearest + 1:]])
-        if len(others) and float(distance[nearest]) * 2 >= float(others.min()):
+        distance = [abs(level - noise) for level in levels]
+        nearest = min(range(len(levels)), key=distance.__getitem__)
+        # The nearest step, when the noise level is less than half as far from it as from any other step (a bf16
+        # timestep is off by up to 0.4%; neighbouring steps are further apart than that).
+        others = distance[:nearest] + distance[nearest + 1:]
+        if others and distance[nearest] * 2 >= min(others):
             return None, None
         return nearest, len(levels)
 
