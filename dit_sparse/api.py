@@ -8,7 +8,7 @@ import torch
 
 from .adapters import UnsupportedModelError, adapter_for_transformer, has_adapter
 from .adapters.base import ModelAdapter
-from .executors import get_executor
+from .executors import ExecutorError, get_executor
 from .plan import SparsePlan
 from .processor import (
     AlreadyAppliedError,
@@ -178,9 +178,10 @@ def _describe(processor: SparseProcessor, transformer) -> list[str]:
     device = next(transformer.parameters()).device
     blocks = (processor.block_size
               or get_executor(processor.executor_name, device).block_sizes(device, plan.model.head_dim))
-    densities = []
+    densities, fp8 = [], False
     for name, _layer in adapter.covered_modules(transformer):
         heads = plan.heads_for(name)
+        fp8 = fp8 or any(spec.fp8 for spec in heads)
         groups: dict[str, int] = {}
         for spec in heads:
             groups[spec.describe()] = groups.get(spec.describe(), 0) + 1
@@ -194,10 +195,22 @@ def _describe(processor: SparseProcessor, transformer) -> list[str]:
         lines.append(f"  expected attention density over covered layers: {sum(densities) / len(densities):.1%}"
                      f" (grid {grid.frames}x{grid.height}x{grid.width}; dynamic heads counted as dense, the dense "
                      f"refreshes of re-scaled and reuse heads not counted)")
+    note = _fp8_note(processor, device) if fp8 else None
+    if note:
+        lines.append(f"  note: {note}")
     if processor.stats.calls:
         lines.append(f"  executed so far: {processor.stats.executed_density:.1%} of dense attention "
                      f"over {processor.stats.calls} calls")
     return lines
+
+
+def _fp8_note(processor: SparseProcessor, device) -> str | None:
+    """The executor's word on how the plan's fp8 heads run on ``device`` (e.g. in 16 bits where FP8 is slower)."""
+    try:
+        executor = get_executor(processor.executor_name, device)
+    except ExecutorError:
+        return None
+    return executor.fp8_note(device) if executor.fp8_note is not None else None
 
 
 def _expected_density(heads, grid, blocks: tuple[int, int]) -> float:

@@ -75,6 +75,35 @@ def _block_sparse_bwd_dkdv(
              dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
 
 
+
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, first, offs_n, offs_d, S, sks, svs, qk_scale,
+             MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile (rows first .. first + BLOCK_N) into dq; only the tile straddling S is MASKED."""
+    rows = first + offs_n
+    n_ok = rows < S
+    if MASKED:
+        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+    else:
+        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None])
+        vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None])
+    if IEEE:
+        p = tl.exp2(tl.dot(q, kt, input_precision="ieee") * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where(n_ok[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+    else:
+        p = tl.exp2(tl.dot(q, kt) * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where(n_ok[None, :], p, 0.0)
+        dp = tl.dot(do, vt)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    return dq
+
+
 def _block_sparse_bwd_dq(
     Q, K, V, DO, LSE2, DELTA, DQ,
     KV_INDEX, KV_COUNT,
@@ -103,29 +132,27 @@ def _block_sparse_bwd_dq(
 
     TILES: tl.constexpr = BLOCK_K // BLOCK_N
     lut = KV_INDEX + b * sib + h * sih + q_block * sin
-    n_tiles = tl.load(KV_COUNT + b * scb + h * sch + q_block * scn) * TILES
+    count = tl.load(KV_COUNT + b * scb + h * sch + q_block * scn)
+    n_tiles = count * TILES
+    if not EVEN_N:
+        # As in the forward: entries ascend, so only the last can be the ragged key block; its tile straddling S
+        # runs masked after the loop and those wholly past S are skipped.
+        last = tl.load(lut + (count - 1) * sik, mask=count > 0, other=0)
+        ragged = (count > 0) & (last == (S - 1) // BLOCK_K)
+        n_tiles -= tl.where(ragged, TILES - (S % BLOCK_K) // BLOCK_N, 0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    # The block id is read one tile ahead, so no K/V load waits behind a dependent table load.
+    block_next = tl.load(lut, mask=n_tiles > 0, other=0)
     for t in range(0, n_tiles):
-        block = tl.load(lut + (t // TILES) * sik).to(tl.int64)
-        rows = block * BLOCK_K + (t % TILES) * BLOCK_N + offs_n
-        n_ok = rows < S
-        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-        vt = tl.load(v_base + rows[None, :] * svs + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-        if IEEE:
-            p = tl.exp2(tl.dot(q, kt, input_precision="ieee") * qk_scale - lse2[:, None])
-            if not EVEN_N:
-                p = tl.where(n_ok[None, :], p, 0.0)
-            dp = tl.dot(do, vt, input_precision="ieee")
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
-        else:
-            p = tl.exp2(tl.dot(q, kt) * qk_scale - lse2[:, None])
-            if not EVEN_N:
-                p = tl.where(n_ok[None, :], p, 0.0)
-            dp = tl.dot(do, vt)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        block = block_next.to(tl.int64)
+        block_next = tl.load(lut + ((t + 1) // TILES) * sik, mask=t + 1 < n_tiles, other=0)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, block * BLOCK_K + (t % TILES) * BLOCK_N, offs_n,
+                      offs_d, S, sks, svs, qk_scale, False, IEEE)
+    if not EVEN_N:
+        if ragged & (S % BLOCK_N != 0):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, (S // BLOCK_N) * BLOCK_N, offs_n, offs_d, S, sks,
+                          svs, qk_scale, True, IEEE)
 
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
@@ -142,4 +169,5 @@ def _configs():
 
 _KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N"]
 block_sparse_bwd_dkdv_kernel = LazyKernel(_block_sparse_bwd_dkdv, configs=_configs, key=_KEY)
-block_sparse_bwd_dq_kernel = LazyKernel(_block_sparse_bwd_dq, configs=_configs, key=_KEY)
+block_sparse_bwd_dq_kernel = LazyKernel(_block_sparse_bwd_dq, configs=_configs, key=_KEY + ["EVEN_N"],
+                                        helpers=(_dq_tile,))

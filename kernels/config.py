@@ -58,14 +58,44 @@ def forward_tiles(device, head_dim: int) -> Tiles:
     if major == 0:
         return Tiles(64, 64, ((4, 1),))
     if major >= 9:
-        # Hopper: 128x64 at head dim 128 fits registers with 8 warps; 128x128 pays off at small head dims.
-        return Tiles(128, 64 if head_dim > 64 else 128, ((8, 3), (4, 3), (8, 4), (8, 2)))
+        # Hopper: 128x128 at every head dim, as FlashAttention-3 does at 128. Two warpgroups hold the 128x128 fp32
+        # scores and output; at head dim 128 three stages of k and v (64 KB each) plus q just fit shared memory.
+        return Tiles(128, 128, ((8, 2), (8, 3), (4, 2)))
     if major == 8 and minor == 0:
         return Tiles(128, 64, ((4, 3), (8, 3), (4, 4), (8, 2)))
     if major == 8:
         # sm_86/sm_89 have ~100 KB of shared memory per SM: smaller query tiles at head dim 128.
         return Tiles(128 if head_dim <= 64 else 64, 64, ((4, 2), (4, 3), (8, 2)))
     return Tiles(64, 32, ((4, 2), (4, 1)))
+
+
+def tensor_descriptors(device) -> bool:
+    """Whether the forward reads full-resolution k and v through tensor descriptors (TMA): on Hopper only, the
+    generation whose copies they were designed for and where Triton pipelines them."""
+    return capability(device)[0] == 9
+
+
+# Generations where the FP8 forward is measured slower than 16 bits, with the measurement; the executor runs plans'
+# FP8 heads in 16 bits there (different numerics from the FP8 emulation plans are calibrated with).
+FP8_SLOWER = {
+    (9, 0): "on an H200 the FP8 kernel ran at 0.77-0.89x of bf16 (32,760 tokens, 24 heads, head dim 128; "
+            "benchmarks/results/gpu-2026-12-04): only q.k runs in e4m3 and quantizing q, k, v adds a pass over each",
+}
+
+
+def fp8_pays(device) -> bool:
+    """Whether the executor should run a plan's FP8 heads in FP8 on ``device`` (else in 16 bits)."""
+    return capability(device) not in FP8_SLOWER
+
+
+def fp8_note(device) -> str | None:
+    """For a plan summary: why FP8 heads run in 16 bits on ``device``, or None where they run in FP8."""
+    why = FP8_SLOWER.get(capability(device))
+    if why is None:
+        return None
+    major, minor = capability(device)
+    return (f"FP8 heads run in bf16/fp16 on sm_{major}{minor}, not in FP8 (plans are calibrated with FP8 numerics, "
+            f"so the output differs slightly): {why}")
 
 
 def backward_tiles(device, head_dim: int) -> Tiles:
@@ -109,5 +139,5 @@ def autotune_configs(tiles: Tiles) -> list:
 
 __all__ = [
     "Tiles", "capability", "has_fp8_tensor_cores", "layout_block_sizes", "forward_tiles", "backward_tiles",
-    "fit_tile", "check_head_dim", "autotune_configs", "interpreting",
+    "tensor_descriptors", "fp8_pays", "fp8_note", "fit_tile", "check_head_dim", "autotune_configs", "interpreting",
 ]

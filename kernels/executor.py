@@ -21,7 +21,7 @@ from . import (
     block_stats,  # noqa: F401  (registers the fused mask-estimation statistics for CUDA)
 )
 from .attention import block_sparse_attention
-from .config import layout_block_sizes
+from .config import fp8_note, fp8_pays, layout_block_sizes
 
 
 def _available(device) -> bool:
@@ -29,8 +29,11 @@ def _available(device) -> bool:
 
 
 def triton_attention(q, k, v, layout, *, scale: float | None = None, fp8: bool = False):
-    """q, k, v: (B, S, H, D). Returns out (B, S, H, D) in q's dtype and lse (B, H, S) fp32."""
-    return block_sparse_attention(q, k, v, layout, scale=scale, fp8=fp8)
+    """q, k, v: (B, S, H, D). Returns out (B, S, H, D) in q's dtype and lse (B, H, S) fp32.
+
+    ``fp8`` heads run in 16 bits where FP8 is measured slower (``config.fp8_pays``; the plan summary says so).
+    """
+    return block_sparse_attention(q, k, v, layout, scale=scale, fp8=fp8 and fp8_pays(q.device))
 
 
 TRITON_EXECUTOR = register_executor(
@@ -40,5 +43,6 @@ TRITON_EXECUTOR = register_executor(
         block_sizes=layout_block_sizes,
         available=_available,
         priority=10,
+        fp8_note=fp8_note,
     )
 )

@@ -1,8 +1,11 @@
 """Triton forward kernel: block-sparse flash attention over a BlockLayout, with pooled levels and optional FP8.
 
 One program computes BLOCK_M query rows of one (batch, head). It runs one online softmax (base 2, fp32) over
-  1. the full-resolution key tiles of its query block: a flat loop over ``count * BLOCK_K / BLOCK_N`` tiles,
-     the key-block id read from the look-up table per tile;
+  1. the full-resolution key tiles of its query block: a flat loop over ``count * BLOCK_K / BLOCK_N`` tiles
+     without masks, each tile's key-block id read from the look-up table one tile ahead; when S is not a whole
+     number of key blocks (EVEN_N off) the tile straddling S is peeled off the loop and runs masked after it,
+     and tiles wholly past S are skipped (this relies on the layout's ascending key blocks). With DESC (on for
+     sm_90) k and v are read through tensor descriptors (TMA), whose bounds zero-fill rows past S;
   2. the pooled key segments (HAS_POOL): row ranges of the pooled tensor, each pooled key carrying +ln(n).
 It writes the normalised output and the natural-log LSE of every row.
 
@@ -25,6 +28,49 @@ from ._triton import LazyKernel, tl
 LOG2E = 1.4426950408889634
 
 
+def _key_tile(acc, l_i, m_i, q, s_scale, k_base, v_base, k_desc, v_desc, first, offs_n, offs_d, S,
+              sks, svs, svd, MASKED: tl.constexpr, FP8_PV: tl.constexpr, IEEE: tl.constexpr, DESC: tl.constexpr):
+    """One full-resolution key tile (rows first .. first + BLOCK_N) into the online softmax; only the tile
+    straddling S is MASKED. s_scale: the softmax scale in log2 units, a scalar or (BLOCK_M, 1) under FP8."""
+    rows = first + offs_n
+    n_ok = rows < S
+    if DESC:
+        kt = tl.trans(k_desc.load([first.to(tl.int32), 0]))
+    elif MASKED:
+        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+    else:
+        # k is read transposed, (D, N), so the first dot needs no tl.trans.
+        kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None])
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee") * s_scale
+    else:
+        s = tl.dot(q, kt) * s_scale
+    if MASKED:
+        # An additive -inf per padded column fuses with the scale multiply into one FMA.
+        s += tl.where(n_ok, 0.0, float("-inf"))[None, :]
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DESC:
+        v = v_desc.load([first.to(tl.int32), 0])
+    elif MASKED and not FP8_PV:
+        v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
+    else:
+        # FP8 v is sequence-contiguous and padded past its last row (fp8_quant), so it is read unmasked: a
+        # mask along the contiguous axis would keep the load out of the asynchronous copy pipeline.
+        v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd)
+    if FP8_PV:
+        # Accumulating inside the dot keeps the FP8 MMA asynchronous; `acc += dot` waits for it every tile.
+        acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
+    elif IEEE:
+        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc += tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
 def _block_sparse_fwd(
     Q, K, V, KP, VP, BIAS, QS, KS, VS,
     KV_INDEX, KV_COUNT, P_START, P_LEN, P_COUNT,
@@ -38,6 +84,7 @@ def _block_sparse_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_POOL: tl.constexpr, FP8: tl.constexpr, FP8_PV: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr,
+    DESC: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -60,52 +107,46 @@ def _block_sparse_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # 1. Full-resolution key blocks: one flat loop over tiles.
+    # 1. Full-resolution key blocks: one flat loop over tiles, then the ragged tile peeled off.
     TILES: tl.constexpr = BLOCK_K // BLOCK_N
     lut = KV_INDEX + b * sib + h * sih + q_block * sin
-    n_tiles = tl.load(KV_COUNT + b * scb + h * sch + q_block * scn) * TILES
+    count = tl.load(KV_COUNT + b * scb + h * sch + q_block * scn)
+    n_tiles = count * TILES
+    if not EVEN_N:
+        # Entries ascend, so only the last one can be the ragged key block: its tiles wholly inside S join the
+        # unmasked loop, the one straddling S runs masked after it, and those wholly past S are skipped.
+        last = tl.load(lut + (count - 1) * sik, mask=count > 0, other=0)
+        ragged = (count > 0) & (last == (S - 1) // BLOCK_K)
+        n_tiles -= tl.where(ragged, TILES - (S % BLOCK_K) // BLOCK_N, 0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    k_desc = k_base
+    v_desc = v_base
+    if DESC:
+        # Rows past S read as zeros (the descriptor's bounds), so the ragged tile needs no load mask either.
+        k_desc = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [sks, 1], [BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, [S, HEAD_DIM], [svs, 1], [BLOCK_N, HEAD_DIM])
+    # The block id is read one tile ahead, so no K/V load waits behind a dependent table load.
+    block_next = tl.load(lut, mask=n_tiles > 0, other=0)
     for t in range(0, n_tiles):
-        block = tl.load(lut + (t // TILES) * sik).to(tl.int64)
-        rows = block * BLOCK_K + (t % TILES) * BLOCK_N + offs_n
-        n_ok = rows < S
-        # k is read transposed, (D, N), so the first dot needs no tl.trans.
-        if EVEN_N:
-            kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None])
-        else:
-            kt = tl.load(k_base + rows[None, :] * sks + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        block = block_next.to(tl.int64)
+        block_next = tl.load(lut + ((t + 1) // TILES) * sik, mask=t + 1 < n_tiles, other=0)
+        first = block * BLOCK_K + (t % TILES) * BLOCK_N
+        s_scale = qk_scale
         if FP8:
             # Keys are quantized per key block, so the tile's rows share one scale: a scalar, where a vector of
             # per-row scales would need a layout conversion (and a barrier) in this loop.
-            k_scale = tl.load(ks_base + block * BLOCK_K)
-            s = tl.dot(q, kt) * (row_scale * k_scale)[:, None]
-        elif IEEE:
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, kt) * qk_scale
-        if not EVEN_N:
-            # An additive -inf per padded column fuses with the scale multiply into one FMA.
-            s += tl.where(n_ok, 0.0, float("-inf"))[None, :]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if EVEN_N or FP8_PV:
-            # FP8 v is sequence-contiguous and padded past its last row (fp8_quant), so it is read unmasked: a
-            # mask along the contiguous axis would keep the load out of the asynchronous copy pipeline.
-            v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd)
-        else:
-            v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
-        if FP8_PV:
-            # Accumulating inside the dot keeps the FP8 MMA asynchronous; `acc += dot` waits for it every tile.
-            acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
-        elif IEEE:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            s_scale = (row_scale * tl.load(ks_base + block * BLOCK_K))[:, None]
+        acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, s_scale, k_base, v_base, k_desc, v_desc, first, offs_n, offs_d,
+                                  S, sks, svs, svd, False, FP8_PV, IEEE, DESC)
+    if not EVEN_N:
+        if ragged & (S % BLOCK_N != 0):
+            s_scale = qk_scale
+            if FP8:
+                s_scale = (row_scale * tl.load(ks_base + last.to(tl.int64) * BLOCK_K))[:, None]
+            acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, s_scale, k_base, v_base, k_desc, v_desc,
+                                      (S // BLOCK_N) * BLOCK_N, offs_n, offs_d, S, sks, svs, svd, True, FP8_PV, IEEE,
+                                      DESC)
 
     # 2. Pooled segments: row ranges of the pooled tensors, +ln(n) (in log2 units) per pooled key.
     if HAS_POOL:
@@ -165,5 +206,6 @@ def _configs():
 
 
 block_sparse_fwd_kernel = LazyKernel(
-    _block_sparse_fwd, configs=_configs, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_POOL", "FP8", "FP8_PV", "EVEN_N"]
+    _block_sparse_fwd, configs=_configs, helpers=(_key_tile,),
+    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_POOL", "FP8", "FP8_PV", "EVEN_N", "DESC"],
 )

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ._triton import interpreting, triton
 from .bwd_kernel import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel
-from .config import backward_tiles, fit_tile, forward_tiles
+from .config import backward_tiles, fit_tile, forward_tiles, tensor_descriptors
 from .fwd_kernel import LOG2E, block_sparse_fwd_kernel
 
 
@@ -80,6 +81,7 @@ def _tile_sizes(block_q: int, block_k: int, preferred, override_m, override_n):
 def launch_forward(
     q, k, v, kv_index, kv_count, out, lse, *, block_q: int, block_k: int, scale: float,
     pooled: Pooled | None = None, fp8: Fp8Scales | None = None, block_m: int = 0, block_n: int = 0,
+    descriptors: bool | None = None,
 ) -> None:
     """Block-sparse attention forward into ``out`` (B, S, H, D) and ``lse`` (B, H, S) fp32 contiguous.
 
@@ -88,6 +90,8 @@ def launch_forward(
     float8 tensors of ``fp8_quant.quantize_inputs`` (k and v then include the pooled rows after row S, and
     ``pooled.k``/``pooled.v`` are views of them); P.V runs in fp8 when v is fp8 (whose memory must then extend
     to the end of the key block holding row S, as ``quantize_inputs`` pads it), else in v's dtype.
+    ``descriptors``: read k and v through tensor descriptors (default: ``config.tensor_descriptors``); ignored
+    where they cannot serve (FP8 v, misaligned k or v).
     """
     _check_qkv(q, k, v)
     b, s, h, d = q.shape
@@ -109,6 +113,11 @@ def launch_forward(
         # Unused when HAS_POOL is off; any valid tensors keep the signature fixed.
         p_start, p_len, p_count = kv_index, kv_index, kv_count
         kp, vp, bias, s_pool = k, v, lse, 0
+    if descriptors is None:
+        descriptors = tensor_descriptors(q.device)
+    desc = descriptors and not fp8_pv and _descriptor_ready(k) and _descriptor_ready(v)
+    if desc and not interpreting():
+        _ensure_allocator()
     dummy = lse
     qs, ks, vs = (fp8.q, fp8.k, fp8.v) if fp8 is not None else (dummy, dummy, dummy)
     grid = (math.ceil(s / block_m), b * h)
@@ -125,8 +134,31 @@ def launch_forward(
         s, s_pool, h, scale * LOG2E,
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_POOL=has_pool, FP8=fp8 is not None, FP8_PV=fp8_pv, EVEN_N=s % block_k == 0,
-        IEEE=v.dtype == torch.float32,
+        IEEE=v.dtype == torch.float32, DESC=desc,
     )
+
+
+def _descriptor_ready(x: torch.Tensor) -> bool:
+    """A tensor descriptor over one (batch, head)'s (S, D) rows needs a 16-byte aligned start and row stride."""
+    size = x.element_size()
+    return x.stride(3) == 1 and x.data_ptr() % 16 == 0 and all(x.stride(i) * size % 16 == 0 for i in range(3))
+
+
+def _scratch(size: int, alignment: int, stream):
+    # Triton launches on the current device; torch's caching allocator makes this per-launch buffer cheap.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """In-kernel descriptors live in global scratch that Triton asks an allocator for; set a torch one unless the
+    caller set their own (Triton keeps it in a context variable, unset by default)."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        user_set = not isinstance(_allocator.get(), NullAllocator)
+    except (ImportError, AttributeError):  # a Triton whose private layout moved: ours is at least valid
+        user_set = False
+    if not user_set:
+        triton.set_allocator(_scratch)
 
 
 def _check_padded(v: torch.Tensor, rows: int) -> None:

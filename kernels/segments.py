@@ -2,8 +2,9 @@
 
 Three look-up tables, each computed once per layout object (``cached``):
 
-- ``level0_lut``: the full-resolution key blocks per query block. The forward and dq kernels walk it as one
-  flat loop over key tiles (block id = one scalar load per tile), which Triton pipelines well.
+- ``level0_lut``: the full-resolution key blocks per query block, ascending. The forward and dq kernels walk it
+  as one flat loop over key tiles (each block id loaded one tile ahead), which Triton pipelines well; the
+  ascending order puts the ragged last key block, if visited, at the end, where the kernels peel it off.
 - ``pooled_segments``: the pooled entries as row ranges of the pooled key tensor (levels 1..L concatenated,
   the order of ``reference.extended_keys`` without the first S rows). A key block j at level l covers pooled
   rows [j * bk / 2**l, min((j + 1) * bk / 2**l, ceil(S / 2**l))) of its level; runs of adjacent blocks at

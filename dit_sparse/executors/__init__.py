@@ -20,6 +20,8 @@ class Executor:
     block_sizes: Callable[[torch.device, int], tuple[int, int]]  # (device, head_dim) -> (block_q, block_k)
     available: Callable[[torch.device], bool]
     priority: int  # higher wins when choosing the best executor for a device
+    # (device) -> why a plan's fp8 heads do not run in FP8 on this device, or None; shown in dit_sparse.summary
+    fp8_note: Callable[[torch.device], str | None] | None = None
 
 
 EXECUTORS: dict[str, Executor] = {}

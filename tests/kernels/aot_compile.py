@@ -70,7 +70,7 @@ def specialise(fn: JITFunction, args, kwargs):
 
 
 def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backward=False, stats=False,
-           quantize=False, tile=(0, 0)):
+           quantize=False, tile=(0, 0), descriptors=None):
     """Record the launches of one forward (or backward, mask statistics, FP8 quantization) as issued on sm_<cap>."""
     config.capability = lambda device: divmod(cap, 10)
     recorders = {name: Recorder(getattr(mod, name)) for mod, name in (
@@ -100,14 +100,14 @@ def record(cap, head_dim, dtype, *, levels=False, fp8=False, pv_fp8=False, backw
         f = quantize_inputs(q, k, v, block_q, block_k, 0, 0.1, pv_fp8=pv_fp8)
         launch.launch_forward(f.q8, f.k8, f.v, idx, cnt, q.clone(), lse, block_q=block_q, block_k=block_k,
                               scale=0.1, fp8=launch.Fp8Scales(f.q_scale, f.k_scale, f.v_scale),
-                              block_m=tile[0], block_n=tile[1])
+                              block_m=tile[0], block_n=tile[1], descriptors=descriptors)
     else:
         pooled = None
         if levels:
             seg = segments.pooled_segments(layout)
             pooled = launch.Pooled(k, v, lse.flatten(), seg.start, seg.length, seg.count)
         launch.launch_forward(q, k, v, idx, cnt, q.clone(), lse, block_q=block_q, block_k=block_k, scale=0.1,
-                              pooled=pooled, block_m=tile[0], block_n=tile[1])
+                              pooled=pooled, block_m=tile[0], block_n=tile[1], descriptors=descriptors)
     tiles = (config.backward_tiles if backward else config.forward_tiles)(None, head_dim)
     return [(rec.fn, call) for rec in recorders.values() for call in rec.calls], tiles
 
@@ -142,9 +142,12 @@ CASES = {
     "sm90-d128-bf16-block-stats": (90, 128, torch.bfloat16, {"stats": True}),
     "sm80-d64-fp16-block-stats": (80, 64, torch.float16, {"stats": True}),
     "sm90-d128-bf16-fp8-quantize": (90, 128, torch.bfloat16, {"quantize": True, "levels": True}),
-    # The other tiles benchmarks/bench_tiles.py times on GPUs (the default is 128x64 at head dim 128).
-    "sm90-d128-bf16-tile128x128": (90, 128, torch.bfloat16, {"tile": (128, 128)}),
-    "sm90-d128-fp8-pv8-tile128x128": (90, 128, torch.bfloat16, {"fp8": True, "pv_fp8": True, "tile": (128, 128)}),
+    # sm_90 reads k and v through tensor descriptors by default; the pointer loads remain for misaligned inputs.
+    "sm90-d128-bf16-pointers": (90, 128, torch.bfloat16, {"descriptors": False}),
+    "sm90-d128-fp8-pointers": (90, 128, torch.bfloat16, {"fp8": True, "descriptors": False}),
+    # The other tiles benchmarks/bench_tiles.py times on GPUs (the default is 128x128 on sm_90).
+    "sm90-d128-bf16-tile128x64": (90, 128, torch.bfloat16, {"tile": (128, 64)}),
+    "sm90-d128-fp8-pv8-tile128x64": (90, 128, torch.bfloat16, {"fp8": True, "pv_fp8": True, "tile": (128, 64)}),
     "sm90-d128-bf16-tile64x64": (90, 128, torch.bfloat16, {"tile": (64, 64)}),
     "sm90-d128-fp8-tile64x64": (90, 128, torch.bfloat16, {"fp8": True, "tile": (64, 64)}),
     "sm89-d64-fp16-fp8-quantize": (89, 64, torch.float16, {"quantize": True}),

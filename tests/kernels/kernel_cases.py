@@ -38,3 +38,12 @@ def to_device(layout: BlockLayout, device) -> BlockLayout:
 def nan_like(x, shape=None, dtype=None):
     """An output buffer filled with NaN, so any element a kernel leaves unwritten fails the comparison."""
     return torch.full(shape or x.shape, float("nan"), dtype=dtype or x.dtype, device=x.device)
+
+
+def nan_past_end(x):
+    """x (B, S, H, D) as a view of a longer buffer whose rows past S are NaN: a kernel that reads a tile past S
+    without a mask poisons its output (descriptor loads stop at S by their bounds)."""
+    b, s, h, d = x.shape
+    buf = torch.full((b, s + 160, h, d), float("nan"), dtype=x.dtype, device=x.device)
+    buf[:, :s] = x
+    return buf[:, :s]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from kernel_cases import nan_like, qkv, random_layout, to_device
+from kernel_cases import nan_like, nan_past_end, qkv, random_layout, to_device
 
 from dit_sparse.executors.reference import reference_attention
 from dit_sparse.kernels import segments
@@ -55,6 +55,15 @@ def check(q, k, v, layout, with_dlse=False, **tiles):
 def test_random_layouts(seq, device):
     q, k, v = qkv(2, seq, 2, 16, device=device, seed=seq)
     check(q, k, v, random_layout(seq, 64, 64, batch=2, heads=2, density=0.4, seed=seq, device=device))
+
+
+@pytest.mark.parametrize("seq, block_k, block_n", [(200, 64, 64), (300, 128, 32), (192, 128, 64)])
+def test_dq_reads_only_the_ragged_tile_masked(seq, block_k, block_n, device):
+    # k and v rows past S are NaN: the dq kernel's unmasked loop must stop before the tile straddling S (peeled,
+    # masked) and skip the tiles wholly past it; count-1 rows (only the ragged block) included.
+    q, k, v = qkv(1, seq, 2, 16, device=device, seed=seq)
+    layout = random_layout(seq, 64, block_k, heads=2, density=0.3, seed=seq, device=device)
+    check(q, nan_past_end(k), nan_past_end(v), layout, block_m=64, block_n=block_n)
 
 
 def test_gradient_through_the_lse(device):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from kernel_cases import nan_like, qkv, random_layout, to_device
+from kernel_cases import nan_like, nan_past_end, qkv, random_layout, to_device
 
 from dit_sparse.executors.reference import reference_attention
 from dit_sparse.kernels import segments
@@ -33,6 +33,7 @@ def run_kernel(q, k, v, layout, scale, **tiles):
 
 
 def check(q, k, v, layout, scale=None, **tiles):
+    """Kernel against the reference; ``tiles`` passes block_m, block_n or descriptors to the launcher."""
     scale = scale or 1 / math.sqrt(q.shape[-1])
     out, lse = run_kernel(q, k, v, layout, scale, **tiles)
     ref_out, ref_lse = reference_attention(q, k, v, layout, scale=scale)
@@ -42,9 +43,36 @@ def check(q, k, v, layout, scale=None, **tiles):
 
 @pytest.mark.parametrize("seq", [63, 200, 317])
 @pytest.mark.parametrize("levels", [False, True])
-def test_random_layouts(seq, levels, device):
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_random_layouts(seq, levels, descriptors, device):
     q, k, v = qkv(2, seq, 2, 16, device=device, seed=seq)
-    check(q, k, v, random_layout(seq, 64, 64, batch=2, heads=2, levels=levels, seed=seq, device=device))
+    check(q, k, v, random_layout(seq, 64, 64, batch=2, heads=2, levels=levels, seed=seq, device=device),
+          descriptors=descriptors)
+
+
+@pytest.mark.parametrize("seq, block_k, block_n", [
+    (200, 64, 64),    # one ragged tile of 8 rows
+    (200, 128, 32),   # last block: two full tiles, one of 8 rows, one wholly past S
+    (317, 128, 64),   # last block: one 61-row tile and one wholly past S
+    (192, 128, 64),   # S a whole number of tiles, not of blocks: no masked tile, one skipped
+    (255, 64, 16),    # the ragged tile holds 15 of 16 rows
+])
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_only_the_ragged_tile_is_masked(seq, block_k, block_n, descriptors, device):
+    q, k, v = qkv(1, seq, 2, 32, device=device, seed=seq + block_n)
+    layout = random_layout(seq, 64, block_k, heads=2, density=0.5, seed=seq, device=device)
+    check(q, nan_past_end(k), nan_past_end(v), layout, block_n=block_n, descriptors=descriptors)
+
+
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_single_entry_rows_with_and_without_the_ragged_block(descriptors, device):
+    # Query block 0 visits only the ragged last key block (44 rows), 1 only block 0, 2 the ragged one after another: the
+    # prefetch of the next block id must stop at count, and the peeled tail may follow an empty loop.
+    mask = torch.tensor([[[[0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 1, 0]]]], dtype=torch.bool)
+    layout = to_device(BlockLayout.from_block_mask(mask, 300, 64, 128), device)
+    q, k, v = qkv(1, 300, 1, 32, device=device, seed=9)
+    for block_n in (32, 64, 128):
+        check(q, nan_past_end(k), nan_past_end(v), layout, block_n=block_n, descriptors=descriptors)
 
 
 def test_query_blocks_of_two_tiles_and_narrow_key_tiles(device):
@@ -68,10 +96,11 @@ def test_sequence_a_whole_number_of_key_tiles_but_not_of_key_blocks(levels, devi
           block_n=64)
 
 
-def test_small_tiles_override(device):
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_small_tiles_override(descriptors, device):
     q, k, v = qkv(1, 130, 1, 16, device=device, seed=3)
     check(q, k, v, random_layout(130, 64, 64, density=0.6, levels=True, seed=3, device=device),
-          block_m=32, block_n=16)
+          block_m=32, block_n=16, descriptors=descriptors)
 
 
 def test_broadcast_layout_over_batch_and_heads(device):
@@ -95,13 +124,22 @@ def test_query_block_with_only_pooled_keys(device):
     check(q, k, v, layout)
 
 
-def test_strided_inputs_from_a_packed_projection(device):
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_strided_inputs_from_a_packed_projection(descriptors, device):
     # diffusers-style views: q, k, v slices of one (B, S, 3, H, D) tensor, no copies.
     g = torch.Generator().manual_seed(7)
     packed = torch.randn(2, 200, 3, 2, 32, generator=g).to(device)
     q, k, v = packed.unbind(2)
     assert not q.is_contiguous()
-    check(q, k, v, random_layout(200, 64, 64, batch=2, heads=2, seed=7, device=device))
+    check(q, k, v, random_layout(200, 64, 64, batch=2, heads=2, seed=7, device=device), descriptors=descriptors)
+
+
+def test_descriptors_fall_back_on_misaligned_rows(device):
+    # Rows of 3 heads x 16 fp32 channels with an odd element offset: not 16-byte aligned, so the launcher reads
+    # k and v through pointers even when asked for descriptors.
+    buf = torch.randn(1, 100, 3 * 16 * 3 + 1, device=device)
+    q, k, v = (buf[..., 1 + i * 48:1 + (i + 1) * 48].unflatten(-1, (3, 16)) for i in range(3))
+    check(q, k, v, random_layout(100, 64, 64, heads=3, seed=8, device=device), descriptors=True)
 
 
 def test_public_function_pads_head_dim_48(device):

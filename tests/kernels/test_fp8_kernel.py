@@ -19,7 +19,7 @@ from dit_sparse.kernels.launch import Fp8Scales, Pooled, launch_forward
 from dit_sparse.kernels.pool import pooled_bias
 
 
-def run_fp8(q, k, v, layout, scale, pv_fp8=False):
+def run_fp8(q, k, v, layout, scale, pv_fp8=False, descriptors=False):
     f = quantize_inputs(q, k, v, layout.block_q, layout.block_k, layout.max_level, scale, pv_fp8=pv_fp8)
     idx, cnt = segments.level0_lut(layout)
     s = q.shape[1]
@@ -30,15 +30,16 @@ def run_fp8(q, k, v, layout, scale, pv_fp8=False):
                         seg.length, seg.count)
     out, lse = nan_like(q), nan_like(q, (q.shape[0], q.shape[2], s), torch.float32)
     launch_forward(f.q8, f.k8, f.v, idx, cnt, out, lse, block_q=layout.block_q, block_k=layout.block_k,
-                   scale=scale, pooled=pooled, fp8=Fp8Scales(f.q_scale, f.k_scale, f.v_scale))
+                   scale=scale, pooled=pooled, fp8=Fp8Scales(f.q_scale, f.k_scale, f.v_scale), descriptors=descriptors)
     return out, lse + f.lse_shift, f.lse_shift
 
 
-def test_fp8_kernel_reproduces_the_emulation(device):
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_fp8_kernel_reproduces_the_emulation(descriptors, device):
     q, k, v = qkv(2, 200, 2, 32, device=device, k_offset=1.0, seed=1)
     layout = random_layout(200, 64, 64, batch=2, heads=2, seed=1, device=device)
     scale = 1 / math.sqrt(32)
-    out, lse, shift = run_fp8(q, k, v, layout, scale)
+    out, lse, shift = run_fp8(q, k, v, layout, scale, descriptors=descriptors)
     emu_out, emu_lse = reference_attention(q, k, v, layout, scale=scale, fp8=True)
     # Compiled on a GPU the fp32 P.V dot runs in tf32 and FP8 MMAs accumulate in reduced precision (measured on an
     # H200: 1.0e-4), where the interpreter sums exactly in fp32.
@@ -82,14 +83,16 @@ def test_fp8_pv_path_on_a_ragged_sequence(levels, device):
     assert (lse - ref_lse).abs().max() <= 0.1
 
 
-@pytest.mark.parametrize("pv_fp8", [False, True])
-def test_fp8_key_blocks_of_two_tiles(pv_fp8, device):
+@pytest.mark.parametrize("seq", [192, 230])
+@pytest.mark.parametrize("pv_fp8, descriptors", [(False, False), (True, False), (False, True)])
+def test_fp8_key_blocks_of_two_tiles(seq, pv_fp8, descriptors, device):
     # block_k 128 with 64-wide key tiles: each key block's scale is read once per tile, for both of its tiles;
-    # S = 192 leaves the last block's second tile wholly past the keys.
-    q, k, v = qkv(1, 192, 2, 32, device=device, k_offset=1.0, seed=7)
-    layout = random_layout(192, 64, 128, heads=2, density=0.7, seed=7, device=device)
+    # S = 192 leaves the last block's second tile wholly past the keys, S = 230 its second tile straddling S: the
+    # peeled, masked one (its scale read from the last table entry).
+    q, k, v = qkv(1, seq, 2, 32, device=device, k_offset=1.0, seed=7)
+    layout = random_layout(seq, 64, 128, heads=2, density=0.7, seed=7, device=device)
     scale = 1 / math.sqrt(32)
-    out, lse, _ = run_fp8(q, k, v, layout, scale, pv_fp8=pv_fp8)
+    out, lse, _ = run_fp8(q, k, v, layout, scale, pv_fp8=pv_fp8, descriptors=descriptors)
     emu_out, emu_lse = reference_attention(q, k, v, layout, scale=scale, fp8=True)
     if pv_fp8:
         assert sqnr_db(emu_out, out) >= 18.0
