@@ -1,10 +1,14 @@
-"""The `cpu` executor against dense SDPA measured in the same run (issue: >= 3.5x at 12.5%, >= 6x at 6.25%).
+"""The `cpu` executor against dense SDPA measured in the same run: speedup and linearity (speedup x density).
 
     python benchmarks/cpu_executor.py [--seq 16384] [--heads 4] [--dim 64] [--repeats 5]
+    python benchmarks/cpu_executor.py --seq 32760 --heads 12 --dim 128 --densities 0.05 0.1 0.25 --repeats 2
+
+The second is Wan 2.1-1.3B's size at 480p; its target (issue 41) is linearity >= 0.75 at every density.
 
 Layouts are block bands (each query block visits a contiguous run of key blocks around its own, the shape a
 local window takes) and random block sets (the shape a dynamic strategy takes), built at the executor's own
-block sizes. Writes benchmarks/results/cpu_executor-<date>.json and prints a table.
+block sizes. Writes benchmarks/results/cpu_executor-<date>.json and prints a table; the load average before and
+after is recorded, since other processes on the machine distort the timings.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +70,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, args.seq, args.heads, args.dim) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -81,17 +87,20 @@ def main(argv=None):
                          "linearity": speedup * layout.density()})
     result = {
         "benchmark": "cpu executor vs dense SDPA (fp32, one sequence)",
-        "command": "python benchmarks/cpu_executor.py " + " ".join(argv or []),
+        "command": " ".join(["python benchmarks/cpu_executor.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                      "processor": platform.processor()},
         "versions": {"torch": torch.__version__},
         "shape": {"seq": args.seq, "heads": args.heads, "head_dim": args.dim, "block_q": bq, "block_k": bk},
+        "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
         "dense_sdpa_seconds": dense_s,
         "rows": rows,
     }
     print(f"dense SDPA: {dense_s * 1e3:.1f} ms  (S={args.seq}, H={args.heads}, D={args.dim}, fp32, "
           f"{torch.get_num_threads()} threads, blocks {bq}x{bk})")
+    print("load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}, after: {:.2f} {:.2f} {:.2f}".format(
+        *result["load_average"]["before"], *result["load_average"]["after"]))
     print(f"{'layout':>7} {'density':>8} {'ms':>9} {'speedup':>8} {'linearity':>9}")
     for r in rows:
         print(f"{r['layout']:>7} {r['density']:>8.2%} {r['seconds'] * 1e3:>9.1f} {r['speedup']:>7.2f}x "
