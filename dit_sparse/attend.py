@@ -16,28 +16,56 @@ from .dense import dense_attention, dense_attention_lse, merge_partials
 from .executors import Executor
 from .layout import BlockLayout, Grid
 from .plan import HeadStrategy
+from .step_state import (
+    DynamicLayout,
+    KeptOutputs,
+    RescaleState,
+    ReuseDecision,
+    decide_reuse,
+    keep_outputs,
+    taylor_forecast,
+    weighted_sum,
+)
 from .strategies import BuildContext, get_strategy
 from .strategies.dense import full_layout
+from .timing import kernel_call
+
+__all__ = ["AttentionSite", "AttentionStats", "TextTokens", "attend", "decide_module", "taylor_forecast"]
 
 
-@dataclass
 class AttentionStats:
-    """Counts query-key pairs: what dense attention would compute and what was computed (pooled keys once)."""
+    """Counts attention calls and query-key pairs: what dense attention would compute and what was computed (pooled
+    keys once). The counters are CPU tensors, added to in place: a compiled graph updates them without reading
+    them (a Python number would be read, and guarded on, at every call); reading them here needs no device."""
 
-    calls: int = 0
-    dense_pairs: float = 0.0
-    computed_pairs: float = 0.0
+    def __init__(self):
+        self._counts = torch.zeros(3, dtype=torch.float64)  # calls, dense pairs, computed pairs
+
+    def called(self) -> None:
+        self._counts[0] += 1
 
     def add(self, dense: float, computed: float) -> None:
-        self.dense_pairs += dense
-        self.computed_pairs += computed
+        self._counts[1] += dense
+        self._counts[2] += computed
+
+    @property
+    def calls(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def dense_pairs(self) -> float:
+        return float(self._counts[1])
+
+    @property
+    def computed_pairs(self) -> float:
+        return float(self._counts[2])
 
     @property
     def executed_density(self) -> float:
         return self.computed_pairs / self.dense_pairs if self.dense_pairs else 1.0
 
     def reset(self) -> None:
-        self.calls, self.dense_pairs, self.computed_pairs = 0, 0.0, 0.0
+        self._counts.zero_()
 
 
 @dataclass(frozen=True)
@@ -55,12 +83,102 @@ class TextTokens:
         return slice(0, seq_len - self.length), slice(seq_len - self.length, seq_len)
 
     def key_mask(self, batch: int, seq_len: int, device) -> torch.Tensor | None:
-        """(B, S) key mask over the joint sequence, or None when no text token is padded."""
-        if self.mask is None or bool(self.mask.all()):
+        """(B, S) key mask over the joint sequence, or None when no text token is padded. Whether any is, is read
+        only from a mask on the CPU: on a GPU that read would wait for the device, and inside a compiled graph it
+        would break it, so there a given mask is always applied (the same output)."""
+        if self.mask is None:
+            return None
+        if self.mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(self.mask.all()):
             return None
         full = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
         full[:, self.slices(seq_len)[1]] = self.mask.bool()
         return full
+
+
+@dataclass(frozen=True, eq=False)
+class HeadSet:
+    """Some heads of a module, ascending: a slice where they are contiguous (a view, no copy), else an index
+    tensor kept per device (made once, so that no call copies indices from the host)."""
+
+    heads: tuple[int, ...]
+    _index: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def contiguous(self) -> bool:
+        return self.heads == tuple(range(self.heads[0], self.heads[-1] + 1))
+
+    def prepare(self, device) -> None:
+        if not self.contiguous and device not in self._index:
+            self._index[device] = torch.tensor(self.heads, device=device)
+
+    def take(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        if self.contiguous:
+            return x.narrow(dim, self.heads[0], len(self.heads))
+        self.prepare(x.device)
+        return x.index_select(dim, self._index[x.device])
+
+    def put(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        """out[:, :, heads] = values, in place."""
+        if self.contiguous:
+            out.narrow(2, self.heads[0], len(self.heads)).copy_(values)
+        else:
+            self.prepare(out.device)
+            out.index_copy_(2, self._index[out.device], values.to(out.dtype))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Heads whose layouts run through the executor in one call (one FP8 setting), each with its own look-up table
+    rows: `members` are the (strategy, heads) groups it holds."""
+
+    fp8: bool
+    heads: HeadSet
+    members: tuple[tuple[HeadStrategy, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class HeadProgram:
+    """How a module's heads run at a sparse step, by what each strategy needs."""
+
+    launches: tuple[Launch, ...]  # layouts without re-scaling: one executor call per FP8 setting
+    rescaled: tuple[tuple[HeadStrategy, HeadSet], ...]  # one executor call and statistics per group
+    dense: tuple[HeadSet, ...]  # the best dense kernel
+    reused: tuple[tuple[HeadStrategy, HeadSet], ...]  # dense at refreshes, kept outputs between
+    skipped: HeadSet | None
+
+    @classmethod
+    def of(cls, heads: tuple[HeadStrategy, ...]) -> "HeadProgram":
+        grouped: dict[HeadStrategy, list[int]] = {}
+        for head, spec in enumerate(heads):
+            grouped.setdefault(spec, []).append(head)
+        launches: dict[bool, list] = {}
+        rescaled, dense, reused, skipped = [], [], [], []
+        for spec, members in grouped.items():
+            strategy = get_strategy(spec.strategy)
+            if strategy.reuses:
+                reused.append((spec, HeadSet(tuple(members))))
+            elif not strategy.computes:
+                skipped.extend(members)
+            elif spec.strategy == "dense" and not spec.fp8:
+                dense.append(members)
+            elif spec.rescale:
+                rescaled.append((spec, HeadSet(tuple(members))))
+            else:
+                launches.setdefault(spec.fp8, []).append((spec, tuple(members)))
+        dense_heads = sorted(h for members in dense for h in members)
+        return cls(
+            tuple(Launch(fp8, HeadSet(tuple(sorted(h for _, m in groups for h in m))), tuple(groups))
+                  for fp8, groups in launches.items()),
+            tuple(rescaled), (HeadSet(tuple(dense_heads)),) if dense_heads else (), tuple(reused),
+            HeadSet(tuple(sorted(skipped))) if skipped else None)
+
+    def head_sets(self):
+        yield from (launch.heads for launch in self.launches)
+        yield from (heads for _, heads in self.rescaled)
+        yield from self.dense
+        yield from (heads for _, heads in self.reused)
+        if self.skipped is not None:
+            yield self.skipped
 
 
 @dataclass
@@ -77,13 +195,17 @@ class AttentionSite:
     executor: Executor
     block_q: int
     block_k: int
-    cache: dict[Any, Any]  # per transformer: dynamic layouts and rescale statistics across steps
+    cache: dict[Any, Any]  # per transformer: kept outputs, dynamic layouts and rescale statistics across steps
     static_layouts: dict[Any, BlockLayout]
     stats: AttentionStats = field(default_factory=AttentionStats)
     # Set by the processor to the one `reuse` strategy of a module whose heads all reuse alike: then, if attend sees
     # no text tokens, the processor keeps the module's whole output and attend keeps nothing per head.
     module_reuse: HeadStrategy | None = None
     saw_text: bool | None = None  # set by attend
+    # This step's decisions on the stateful heads (`decide_module`, on the host before the forward runs); attend
+    # makes them itself when it is called without them.
+    decisions: dict[Any, Any] | None = None
+    program: HeadProgram | None = None
 
     def groups(self) -> list[tuple[HeadStrategy, list[int]]]:
         """Heads grouped by identical strategy, in order of first appearance."""
@@ -92,12 +214,62 @@ class AttentionSite:
             grouped.setdefault(spec, []).append(head)
         return list(grouped.items())
 
-    def is_fresh(self, entry) -> bool:
-        """A cached entry is reusable at the `refresh_interval - 1` steps after the step it was computed at. A
-        second call at that same step is another generation (each step calls a module once per branch)."""
-        if entry is None or self.step is None or entry["step"] is None:
-            return False
-        return 0 < self.step - entry["step"] < self.refresh_interval
+
+def decide_module(site: AttentionSite, batch: int, saw_text: bool | None = None, device=None, dtype=None) -> None:
+    """Make this step's decisions for every stateful head of the module (host only: step numbers are compared here
+    and nowhere in attend), build its static layouts and head indices on `device`, and move the bookkeeping on.
+    saw_text: whether the module's attention sees text tokens (None: not known yet, decide for both cases)."""
+    site.program = site.program or HeadProgram.of(site.heads)
+    decisions, step, grid = {}, site.step, site.grid
+    # Decisions are keyed without the module's name, and hold the cache entry they are about: a compiled graph looks
+    # them up with the same keys in every layer, so repeated blocks share it.
+    per_head = site.module_reuse is None or saw_text is not False
+    _forget_the_kind_not_kept(site, saw_text)
+    keys = [(spec, heads.heads) for spec, heads in site.program.reused] if per_head else []
+    if site.module_reuse is not None and saw_text is not True:
+        keys.append((site.module_reuse, "module"))
+    for spec, heads in keys:
+        params, key = spec.param_dict, _cache_key(site, "reuse", heads)
+        decision, kept = decide_reuse(site.cache.get(key), step=step, batch=batch, grid=grid, dense_now=site.dense_now,
+                                      refresh_interval=site.refresh_interval, extrapolate=params["extrapolate"],
+                                      order=params["order"])
+        if kept is not None:
+            site.cache[key] = kept
+        decisions[("reuse", heads)] = (decision, kept)
+    if not site.dense_now:
+        for _, heads in site.program.rescaled:
+            key = _cache_key(site, "rescale", heads.heads)
+            entry = site.cache.get(key)
+            fresh = entry is not None and entry.ratio is not None \
+                and entry.fresh_at(step, batch, grid, site.refresh_interval)
+            if not fresh:
+                entry = site.cache[key] = RescaleState(step, batch, grid)
+            decisions[("rescale", heads.heads)] = (fresh, entry)
+        members = [m for launch in site.program.launches for m in launch.members]
+        for spec, heads in members + [(spec, heads.heads) for spec, heads in site.program.rescaled]:
+            if get_strategy(spec.strategy).dynamic:
+                key = _cache_key(site, "layout", heads)
+                entry = site.cache.get(key)
+                fresh = entry is not None and entry.fresh_at(step, batch, grid, site.refresh_interval)
+                if not fresh:
+                    entry = site.cache[key] = DynamicLayout(step, batch, grid)
+                decisions[("layout", heads)] = (fresh, entry)
+        if device is not None:
+            prepare = site.executor.prepare or (lambda *args: None)
+            for launch in site.program.launches:
+                if all(not get_strategy(spec.strategy).dynamic for spec, _ in launch.members):
+                    layout = _launch_layout(launch, site, None, None, device)
+                    layout.density(), layout.max_level  # memoised now: read at every call
+                    prepare(layout, batch, len(launch.heads.heads), dtype, device)
+            for spec, heads in site.program.rescaled:
+                if not get_strategy(spec.strategy).dynamic:
+                    layout = _static_layout(spec, site, device)
+                    layout.density(), layout.max_level
+                    prepare(layout, batch, len(heads.heads), dtype, device)
+    if device is not None:
+        for heads in site.program.head_sets():
+            heads.prepare(device)
+    site.decisions = decisions
 
 
 def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torch.Tensor:
@@ -109,58 +281,78 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
             f"{site.module_name}: the grid {site.grid} has {site.grid.num_tokens} video tokens but attention received "
             f"{n_video}; the model's input shape and its attention disagree (is the adapter right for this model?)"
         )
-    site.stats.calls += 1
+    if site.decisions is None:
+        decide_module(site, b, text is not None)
+    site.stats.called()
     site.saw_text = text is not None
     keep_per_head = text is not None or site.module_reuse is None
     key_mask = text.key_mask(b, s, q.device) if text else None
     video, text_part = text.slices(s) if text else (slice(0, s), None)
+    program = site.program
     if site.dense_now or all(spec == HeadStrategy("dense") for spec in site.heads):
         site.stats.add(b * h * s * s, b * h * s * s)
-        out = dense_attention(q, k, v, key_mask)
-        for spec, heads in site.groups() if keep_per_head else ():
-            if get_strategy(spec.strategy).reuses and spec.param_dict["extrapolate"]:
-                kept = out[:, video, heads]
-                _keep_output(site, _reuse_key(site, heads), kept, True, kept.shape)  # the first refresh extends it
+        out = kernel_call(dense_attention, q, k, v, key_mask)
+        for _, heads in program.reused if keep_per_head else ():
+            decision, kept = site.decisions.get(("reuse", heads.heads), (None, None))
+            if decision is not None and decision.keep:  # a point to extrapolate from; the first refresh extends it
+                keep_outputs(kept, decision, heads.take(out[:, video]))
         return out
 
     out = torch.empty_like(q)
+    out_vt = lse_vt = None
     if text:
-        out[:, text_part] = dense_attention(q[:, text_part], k, v, key_mask)
+        out[:, text_part] = kernel_call(dense_attention, q[:, text_part], k, v, key_mask)
         text_mask = None if key_mask is None else key_mask[:, text_part]
-        out_vt, lse_vt = dense_attention_lse(q[:, video], k[:, text_part], v[:, text_part], text_mask)
+        out_vt, lse_vt = kernel_call(dense_attention_lse, q[:, video], k[:, text_part], v[:, text_part], text_mask)
         site.stats.add(b * h * text.length * s + b * h * n_video * text.length,
                        b * h * text.length * s + b * h * n_video * text.length)
     qv, kv, vv = q[:, video], k[:, video], v[:, video]
     out_v = out[:, video]
-    for spec, heads in site.groups():
-        g = len(heads)
-        site.stats.add(b * g * n_video * n_video, 0)
-        strategy = get_strategy(spec.strategy)
-        # A contiguous run of heads is a view; only scattered heads need a gather.
-        sel = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else \
-            torch.tensor(heads, device=q.device)
-        if strategy.reuses:
-            reused = _reused_output(site, _reuse_key(site, heads), spec, out_v[:, :, sel].shape)
-            if reused is not None:
-                out_v[:, :, sel] = reused
-                continue
-        elif not strategy.computes:
-            out_v[:, :, heads] = 0
-            continue
-        qg, kg, vg = qv[:, :, sel], kv[:, :, sel], vv[:, :, sel]
-        o, lse = _run_group(spec, heads, qg, kg, vg, site)
-        if text:
-            o, lse = merge_partials(o, lse, out_vt[:, :, sel], lse_vt[:, sel])
-        out_v[:, :, sel] = o.to(out.dtype)
-        if strategy.reuses and keep_per_head:
-            _keep_output(site, _reuse_key(site, heads), out_v[:, :, sel], spec.param_dict["extrapolate"],
-                         out_v[:, :, sel].shape)
+    site.stats.add(b * h * n_video * n_video, 0)
+
+    for launch in program.launches:
+        qg = launch.heads.take(qv)
+        kg, vg = launch.heads.take(kv), launch.heads.take(vv)
+        layout = _launch_layout(launch, site, qg, kg, q.device)
+        site.stats.add(0, b * len(launch.heads.heads) * n_video * n_video * layout.density())
+        o, lse = kernel_call(site.executor.run, qg, kg, vg, layout, fp8=launch.fp8)
+        _put_video(out_v, launch.heads, o, lse, out_vt, lse_vt)
+    for spec, heads in program.rescaled:
+        o, lse = _rescaled(spec, heads, heads.take(qv), heads.take(kv), heads.take(vv), site)
+        _put_video(out_v, heads, o, lse, out_vt, lse_vt)
+    dense_sets = list(program.dense)
+    for _, heads in program.reused:
+        decision, kept = site.decisions.get(("reuse", heads.heads), (None, None)) if keep_per_head else (None, None)
+        if decision is not None and decision.reuse:
+            heads.put(out_v, _reused_output(kept, decision))
+        else:
+            dense_sets.append(heads)
+    for heads in dense_sets:
+        # Dense heads see every key, text included, in one call of the best dense kernel: nothing to merge.
+        g = len(heads.heads)
+        site.stats.add(0, b * g * n_video * n_video)  # their video-to-text part is counted with the text above
+        o = kernel_call(dense_attention, heads.take(qv), heads.take(k), heads.take(v), key_mask)
+        heads.put(out_v, o)
+    for _, heads in program.reused if keep_per_head else ():
+        decision, kept = site.decisions.get(("reuse", heads.heads), (None, None))
+        if decision is not None and not decision.reuse and decision.keep:
+            keep_outputs(kept, decision, heads.take(out_v))
+    if program.skipped is not None:
+        program.skipped.put(out_v, torch.zeros_like(program.skipped.take(out_v)))
     return out
 
 
-def _reuse_key(site: AttentionSite, heads: list[int] | None) -> tuple:
-    """Cache key of a `reuse` group's outputs; heads None: the whole module's output."""
-    return ("reuse", site.module_name, "module" if heads is None else tuple(heads), site.branch)
+def _put_video(out_v, heads: HeadSet, o, lse, out_vt, lse_vt) -> None:
+    """Write a sparse video part into the output, merged first with the video-to-text part where there is text."""
+    if out_vt is not None:
+        o, lse = merge_partials(o, lse, heads.take(out_vt), heads.take(lse_vt, 1))
+    heads.put(out_v, o.to(out_v.dtype))
+
+
+def _cache_key(site: AttentionSite, kind: str, heads: tuple[int, ...] | str) -> tuple:
+    """Key of a cache entry kept across steps: kind ("reuse", "rescale", "layout"), the module, its heads ("module":
+    the whole module's output), the CFG branch."""
+    return (kind, site.module_name, heads, site.branch)
 
 
 def whole_module_reuse(heads: tuple[HeadStrategy, ...]) -> HeadStrategy | None:
@@ -174,123 +366,124 @@ def whole_module_reuse(heads: tuple[HeadStrategy, ...]) -> HeadStrategy | None:
     return None
 
 
-def reused_module_output(site: AttentionSite, hidden_states: torch.Tensor) -> torch.Tensor | None:
+def reused_module_output(site: AttentionSite) -> torch.Tensor | None:
     """The kept output of a wholly reused module between refreshes (None: run the module). Counts the attention
     it stands for as not computed, as `attend` does for a reused head."""
     if site.module_reuse is None or site.dense_now:
         return None
-    key = _reuse_key(site, None)
-    out = _reused_output(site, key, site.module_reuse, tuple(hidden_states.shape))
-    if out is None:
+    decision, kept = site.decisions.get(("reuse", "module"), (None, None))
+    if decision is None or not decision.reuse:
         return None
-    b, n = hidden_states.shape[0], site.grid.num_tokens
-    site.stats.calls += 1
+    out = _reused_output(kept, decision)
+    b, n = kept.batch, site.grid.num_tokens
+    site.stats.called()
     site.stats.add(b * len(site.heads) * n * n, 0)
     # The model may write into what a module returns; the kept output must stay as it was.
-    return out.clone() if out is site.cache[key]["out"] else out
+    return out.clone() if out is kept.outputs[-1] else out
 
 
-def keep_module_output(site: AttentionSite, hidden_states: torch.Tensor, out: torch.Tensor) -> None:
+def keep_module_output(site: AttentionSite, out: torch.Tensor) -> None:
     """After a wholly reused module ran (a refresh, or a dense step to extrapolate from): keep its output when its
     attention saw video tokens alone (`attend` then kept nothing per head)."""
     if site.module_reuse is None or site.saw_text is not False:
         return
-    extrapolate = site.module_reuse.param_dict["extrapolate"]
-    if not site.dense_now or extrapolate:
-        _keep_output(site, _reuse_key(site, None), out, extrapolate, tuple(hidden_states.shape))
+    decision, kept = site.decisions.get(("reuse", "module"), (None, None))
+    if decision is not None and not decision.reuse and decision.keep:
+        keep_outputs(kept, decision, out)
 
 
-def _keep_output(site: AttentionSite, key: tuple, out: torch.Tensor, extrapolate: bool, shape) -> None:
-    """Keep a `reuse` output and, to extrapolate, the one before it (from this generation): two outputs per key
-    (group or module, and CFG branch). `shape` identifies what the output was computed from."""
-    last = site.cache.get(key)
-    earlier = extrapolate and last is not None and last["step"] is not None and site.step is not None \
-        and last["step"] < site.step and last["shape"] == tuple(shape)
-    # A dense warm-up step's output is only a point to extrapolate from; the first sparse step still refreshes.
-    site.cache[key] = {"step": site.step, "out": out.detach().clone(), "shape": tuple(shape),
-                       "refresh": not site.dense_now, "previous": (last["step"], last["out"]) if earlier else None,
-                       "older": last["previous"] if earlier else None}
+def _forget_the_kind_not_kept(site: AttentionSite, saw_text: bool | None) -> None:
+    """Before the first call of a module whose heads all reuse, decisions were made both per head and for the whole
+    module, not knowing whether its attention sees text; once it is known, drop the bookkeeping of the other kind."""
+    if saw_text is None or site.module_reuse is None:
+        return
+    if saw_text:
+        site.cache.pop(_cache_key(site, "reuse", "module"), None)
+    else:
+        for _, heads in site.program.reused:
+            site.cache.pop(_cache_key(site, "reuse", heads.heads), None)
 
 
-def _reused_output(site: AttentionSite, key: tuple, spec: HeadStrategy, shape) -> torch.Tensor | None:
-    """A `reuse` output between refreshes (None at a refresh): the last computed output, or with `extrapolate`
-    its Taylor forecast from the ones before, by step index."""
-    kept = site.cache.get(key)
-    if not site.is_fresh(kept) or not kept["refresh"] or kept["shape"] != tuple(shape):
-        return None
-    params = spec.param_dict
-    if not params["extrapolate"] or kept["previous"] is None:
-        return kept["out"]
-    points = [kept["older"], kept["previous"], (kept["step"], kept["out"])]
-    points = points[1:] if params["order"] == 1 or points[0] is None else points
-    return taylor_forecast(points, site.step).to(kept["out"].dtype)
+def _reused_output(kept: KeptOutputs, decision: ReuseDecision) -> torch.Tensor:
+    """A `reuse` output between refreshes: the newest computed output, or its forecast from the kept ones."""
+    if decision.weights is None:
+        return kept.outputs[-1]
+    points = len(decision.weights)
+    return weighted_sum(kept.outputs[-points:], decision.weights).to(kept.outputs[-1].dtype)
 
 
-def taylor_forecast(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tensor:
-    """Forecast at `step` from computed outputs [(step, out), ...], oldest first (two or three points): the
-    Taylor expansion at the last point with derivatives from backward divided differences, as TaylorSeer does.
-    The second-order term is f[s0, s1, s2] (step - s2)^2; Newton's polynomial would use (step - s2)(step - s1),
-    which overshoots when the curvature estimate is noisy. The expansion is linear in the outputs, so it is summed
-    as one weighted sum (one pass per point, in float32, no temporaries): it runs at every reused step."""
-    (s1, y1), (s2, y2) = points[-2], points[-1]
-    h, d = step - s2, s2 - s1
-    weights = [(y2, 1 + h / d), (y1, -h / d)]  # y2 + h (y2 - y1) / d
-    if len(points) == 3:  # + h^2 ((y2 - y1) / d - (y1 - y0) / e) / g
-        s0, y0 = points[0]
-        e, g = s1 - s0, s2 - s0
-        weights = [(y2, 1 + h / d + h * h / (d * g)), (y1, -h / d - h * h / g * (1 / d + 1 / e)), (y0, h * h / (e * g))]
-    forecast = weights[0][0].to(torch.float32, copy=True).mul_(weights[0][1])  # a copy: never the kept output
-    for y, w in weights[1:]:
-        forecast.add_(y, alpha=w)
-    return forecast
+def _static_layout(spec: HeadStrategy, site: AttentionSite, device) -> BlockLayout:
+    key = (spec, site.grid, site.block_q, site.block_k, torch.device(device))
+    if key not in site.static_layouts:
+        ctx = BuildContext(site.grid, site.block_q, site.block_k)
+        layout = full_layout(ctx.seq_len, site.block_q, site.block_k) if spec.strategy == "dense" else \
+            get_strategy(spec.strategy).layout(spec.param_dict, ctx)
+        site.static_layouts[key] = _to_device(layout, device)
+    return site.static_layouts[key]
 
 
-def _run_group(spec: HeadStrategy, heads: list[int], q, k, v, site: AttentionSite):
-    """One head group's video-video attention -> (out (B, S, G, D), lse (B, G, S))."""
-    b, s, g, _ = q.shape
-    if (spec.strategy == "dense" or get_strategy(spec.strategy).reuses) and not spec.fp8:
-        site.stats.add(0, b * g * s * s)
-        return dense_attention_lse(q, k, v)
-    layout = _layout(spec, heads, q, k, site)
-    if not spec.rescale:
-        site.stats.add(0, b * g * s * s * layout.density())
-        return site.executor.run(q, k, v, layout, fp8=spec.fp8)
-    return _rescaled(spec, heads, q, k, v, layout, site)
+def _dynamic_layout(spec: HeadStrategy, heads: tuple[int, ...], q, k, site: AttentionSite) -> BlockLayout:
+    """A dynamic group's layout: estimated from its q and k where this step decided so, else the kept one."""
+    fresh, entry = site.decisions[("layout", heads)]
+    if not fresh or entry.layout is None:
+        ctx = BuildContext(site.grid, site.block_q, site.block_k, q, k)
+        entry.layout = get_strategy(spec.strategy).layout(spec.param_dict, ctx)
+    return entry.layout
 
 
-def _layout(spec: HeadStrategy, heads: list[int], q, k, site: AttentionSite) -> BlockLayout:
-    strategy = get_strategy(spec.strategy)
-    ctx = BuildContext(site.grid, site.block_q, site.block_k, q, k)
-    if not strategy.dynamic:
-        key = (spec, site.grid, site.block_q, site.block_k, q.device)
-        if key not in site.static_layouts:
-            layout = full_layout(ctx.seq_len, site.block_q, site.block_k) if spec.strategy == "dense" else \
-                strategy.layout(spec.param_dict, ctx)
-            site.static_layouts[key] = _to_device(layout, q.device)
-        return site.static_layouts[key]
-    key = ("layout", site.module_name, tuple(heads), site.branch)
-    entry = site.cache.get(key)
-    if not site.is_fresh(entry) or entry["grid"] != site.grid or entry["batch"] != q.shape[0]:
-        entry = {"step": site.step, "grid": site.grid, "batch": q.shape[0],
-                 "layout": strategy.layout(spec.param_dict, ctx)}
-        site.cache[key] = entry
-    return entry["layout"]
+def _launch_layout(launch: Launch, site: AttentionSite, q, k, device) -> BlockLayout:
+    """One look-up table for every head of a launch, in head order: each member's layout on its own heads' rows.
+    Static ones are built once; one with dynamic members is rebuilt when a member's layout changes."""
+    layouts = []
+    for spec, heads in launch.members:
+        if get_strategy(spec.strategy).dynamic:
+            index = [launch.heads.heads.index(h) for h in heads]
+            layouts.append(_dynamic_layout(spec, heads, q[:, :, index], k[:, :, index], site))
+        else:
+            layouts.append(_static_layout(spec, site, device))
+    if len(layouts) == 1:
+        return layouts[0]
+    dynamic = any(get_strategy(spec.strategy).dynamic for spec, _ in launch.members)
+    key = ("launch", site.module_name, launch.fp8, site.branch) if dynamic else \
+        ("launch", launch.members, site.grid, site.block_q, site.block_k, torch.device(device))
+    store = site.cache if dynamic else site.static_layouts
+    kept = store.get(key)
+    if kept is None or any(a is not b for a, b in zip(kept[0], layouts)):
+        kept = (tuple(layouts), _merge_heads(launch, layouts))
+        store[key] = kept
+    return kept[1]
 
 
-def _rescaled(spec, heads, q, k, v, layout: BlockLayout, site: AttentionSite):
+def _merge_heads(launch: Launch, layouts: list[BlockLayout]) -> BlockLayout:
+    """The members' layouts stacked along heads in the launch's head order (runs of one member's heads at a time)."""
+    owner = {h: (m, i) for m, (_, heads) in enumerate(launch.members) for i, h in enumerate(heads)}
+    runs: list[tuple[int, list[int]]] = []
+    for head in launch.heads.heads:
+        member, index = owner[head]
+        if runs and runs[-1][0] == member and runs[-1][1][-1] == index - 1:
+            runs[-1][1].append(index)
+        else:
+            runs.append((member, [index]))
+    parts = [layouts[m].select_heads(indices) for m, indices in runs]
+    return BlockLayout.concat_heads(parts, [len(indices) for _, indices in runs])
+
+
+def _rescaled(spec, heads: HeadSet, q, k, v, site: AttentionSite):
     """Re-scaled softmax: keep each row's in-layout share of mass from the last dense refresh, add its residual."""
     b, s, g, _ = q.shape
-    key = ("rescale", site.module_name, tuple(heads), site.branch)
-    entry = site.cache.get(key)
-    out_s, lse_s = site.executor.run(q, k, v, layout, fp8=spec.fp8)
+    fresh, entry = site.decisions[("rescale", heads.heads)]
+    if get_strategy(spec.strategy).dynamic:
+        layout = _dynamic_layout(spec, heads.heads, q, k, site)
+    else:
+        layout = _static_layout(spec, site, q.device)
+    out_s, lse_s = kernel_call(site.executor.run, q, k, v, layout, fp8=spec.fp8)
     site.stats.add(0, b * g * s * s * layout.density())
-    if site.is_fresh(entry) and entry["shape"] == tuple(q.shape):
-        out, lse = rescaled_output(out_s, lse_s, entry["ratio"], entry["residual"])
+    if fresh:
+        out, lse = rescaled_output(out_s, lse_s, entry.ratio, entry.residual)
         return out.to(q.dtype), lse
-    out_d, lse_d = dense_attention_lse(q, k, v)
+    out_d, lse_d = kernel_call(dense_attention_lse, q, k, v)
     site.stats.add(0, b * g * s * s)
-    ratio, residual = rescale_statistics(out_s, lse_s, out_d, lse_d)
-    site.cache[key] = {"step": site.step, "shape": tuple(q.shape), "ratio": ratio, "residual": residual}
+    entry.ratio, entry.residual = rescale_statistics(out_s, lse_s, out_d, lse_d)
     return out_d, lse_d
 
 

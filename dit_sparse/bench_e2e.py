@@ -153,7 +153,7 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
         for run in runs:
             processor = apply(pipe, run.plan) if run.plan is not None else None
             try:
-                frames, total, attention = timed_generation(pipe, call, seed, device, transformers)
+                frames, total, attention, _ = timed_generation(pipe, call, seed, device, transformers)
             finally:
                 if processor is not None:
                     remove(pipe)

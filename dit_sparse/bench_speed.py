@@ -18,7 +18,8 @@ import torch
 from .api import apply, remove
 from .atomic import write_json
 from .bench_e2e import hardware, invoked_command, versions
-from .timing import AttentionTimer
+from .plan import SparsePlan
+from .timing import AttentionTimer, KernelTimer
 
 
 @dataclass(frozen=True)
@@ -90,31 +91,38 @@ def build(arch: Architecture, layers: int | None, dtype: torch.dtype, device: st
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _time_forward(model, inputs, repeats: int, device: str) -> tuple[float, float]:
-    timer = AttentionTimer()
-    best, best_attention = float("inf"), 0.0
+def _time_forward(model, inputs, repeats: int, device: str, runner=None) -> tuple[float, float, float]:
+    """Best of `repeats` forwards: (forward seconds, attention-module seconds, attention-kernel seconds). Modules
+    and kernels are timed in a separate pass from the forward (their timers synchronise or wrap calls)."""
+    runner = runner or model
+
+    def forward() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        runner(**inputs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
     with torch.no_grad():
-        model(**inputs)  # warm-up: kernels, layouts, caches
-        for _ in range(repeats):
-            timer.seconds = 0.0
-            with timer.measure(model):
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(**inputs)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-            if elapsed < best:
-                best, best_attention = elapsed, timer.seconds
-    return best, best_attention
+        runner(**inputs)  # warm-up: kernels, layouts, caches (and the compiled graphs)
+        best = min(forward() for _ in range(repeats))
+        modules, kernels = AttentionTimer(), KernelTimer()
+        with modules.measure(model):
+            forward()
+        with kernels.measure():
+            forward()
+    return best, modules.seconds, kernels.seconds
 
 
 def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, height: int | None = None,
               width: int | None = None, layers: int | None = None, repeats: int = 3, device: str = "cpu",
-              dtype: torch.dtype = torch.float32, out: Path | None = None) -> dict[str, Any]:
+              dtype: torch.dtype = torch.float32, out: Path | None = None, compile: bool = False) -> dict[str, Any]:
     """Dense and each plan timed on one architecture. out: results.json there is rewritten (atomically) after each
-    plan, marked "partial" until the last, so that a late fault keeps what was measured."""
+    plan, marked "partial" until the last, so that a late fault keeps what was measured. compile: time the model
+    under torch.compile (dense and every plan alike; kernel seconds are then not measured: a timer would break the
+    graph, so they come from an eager pass)."""
     from .bench_e2e import parse_plan_spec
     from .generate import GenerateError, check_positive, check_sizes
 
@@ -125,9 +133,21 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
     model = build(arch, layers, dtype, device)
     inputs = arch.inputs(arch.config, f, h, w, dtype, device)
     records, grid = [], None
-    dense_s, dense_attn = _time_forward(model, inputs, repeats, device)
-    records.append({"plan": "dense", "seconds": dense_s, "attention_seconds": dense_attn, "speedup": 1.0,
-                    "attention_speedup": 1.0, "executed_density": 1.0})
+
+    def timed() -> tuple[float, float, float]:
+        torch._dynamo.reset()
+        return _time_forward(model, inputs, repeats, device, torch.compile(model) if compile else None)
+
+    dense_s, dense_attn, _ = timed()
+    # The stock model's attention kernels are inside diffusers' processors: time them through a dense plan.
+    apply(model, SparsePlan.uniform(model, "dense"))
+    try:
+        dense_kernel = _time_forward(model, inputs, 1, device)[2]
+    finally:
+        remove(model)
+    records.append({"plan": "dense", "seconds": dense_s, "attention_seconds": dense_attn,
+                    "kernel_seconds": dense_kernel, "speedup": 1.0, "attention_speedup": 1.0, "kernel_speedup": 1.0,
+                    "executed_density": 1.0})
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     def result_so_far() -> dict[str, Any]:
@@ -138,6 +158,9 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
             "size": {"frames": f, "height": h, "width": w, "video_tokens": grid.num_tokens if grid else None},
             "device": device,
             "dtype": str(dtype).replace("torch.", ""),
+            "compiled": compile,
+            "timers": "seconds: the forward; attention_seconds: whole attention modules (projections, norms, RoPE and "
+                      "cross-attention included); kernel_seconds: the attention kernels of covered self-attention",
             "command": invoked_command(),
             "date": started,
             "hardware": hardware(device),
@@ -153,14 +176,15 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
                                 "(time them with `dit-sparse bench e2e` on a trained model)")
         processor = apply(model, run.plan)
         try:
-            seconds, attention = _time_forward(model, inputs, repeats, device)
+            seconds, attention, kernel = timed()
             density = processor.stats.executed_density
             grid = processor.grid_of(model)
         finally:
             remove(model)
-        records.append({"plan": spec, "seconds": seconds, "attention_seconds": attention,
+        records.append({"plan": spec, "seconds": seconds, "attention_seconds": attention, "kernel_seconds": kernel,
                         "speedup": dense_s / seconds,
                         "attention_speedup": dense_attn / attention if attention else None,
+                        "kernel_speedup": dense_kernel / kernel if kernel else None,
                         "executed_density": density})
         if out is not None and i < len(plan_specs):
             write_json(out / "results.json", {**result_so_far(), "partial": f"{i} of {len(plan_specs)} plans"},

@@ -48,7 +48,7 @@ def shared_output(site: AttentionSite, hidden_states: torch.Tensor, extra) -> to
         return None
     if first["input"] is not None and _same(first["input"], hidden_states) and _same(first["extra"], extra):
         b, n = hidden_states.shape[0], site.grid.num_tokens
-        site.stats.calls += 1
+        site.stats.called()
         site.stats.add(b * len(site.heads) * n * n, 0)
         return first["output"].clone()  # the model may write into what a module returns
     if first["fingerprint"] != _fingerprint(hidden_states):

@@ -92,6 +92,8 @@ def _add_bench(sub):
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--dtype", default="float32")
+    sp.add_argument("--compile", action="store_true",
+                    help="time dense and every plan under torch.compile (the same for both)")
     sp.add_argument("--out", default="out/bench-speed")
     sp.set_defaults(func=_bench_speed)
 
@@ -134,11 +136,12 @@ def _bench_speed(args) -> int:
     check_sizes(height=args.height, width=args.width, frames=args.frames)
     check_out_folder(args.out)
     result = run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
-                       args.device, DTYPES[args.dtype], out=Path(args.out))
+                       args.device, DTYPES[args.dtype], out=Path(args.out), compile=args.compile)
     write_json(Path(args.out) / "results.json", result, finite=True)
     for row in result["results"]:
-        print(f"{row['plan']:<40} {row['seconds']:.3f}s  speedup {row['speedup']:.2f}x  "
-              f"density {row['executed_density']:.1%}")
+        kernel = f"{row['kernel_seconds']:.3f}s" if row.get("kernel_seconds") is not None else "n/a"
+        print(f"{row['plan']:<40} forward {row['seconds']:.3f}s ({row['speedup']:.2f}x)  attention modules "
+              f"{row['attention_seconds']:.3f}s  attention kernels {kernel}  density {row['executed_density']:.1%}")
     print("fidelity is not measured in speed-only mode (random weights)")
     return 0
 

@@ -22,7 +22,7 @@ from .executors import get_executor
 from .metrics import for_json, is_exact, psnr, ssim, ssim_unavailable, to_uint8_video
 from .plan import SparsePlan
 from .strategies import STRATEGIES
-from .timing import AttentionTimer
+from .timing import AttentionTimer, KernelTimer
 
 logger = logging.getLogger(__name__)
 
@@ -399,11 +399,12 @@ def warm_up(pipe, kwargs) -> None:
             del pipe._progress_bar_config
 
 
-def timed_generation(pipe, kwargs, seed, device, timer_target) -> tuple[np.ndarray, float, float]:
-    """One generation: (frames (T, H, W, 3) in [0, 1], total seconds, seconds inside attention modules)."""
-    timer = AttentionTimer()
+def timed_generation(pipe, kwargs, seed, device, timer_target) -> tuple[np.ndarray, float, float, float]:
+    """One generation: (frames (T, H, W, 3) in [0, 1], total seconds, seconds inside attention modules, seconds
+    inside the attention kernels dit-sparse runs (0 when none runs: the stock model))."""
+    timer, kernels = AttentionTimer(), KernelTimer()
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with timer.measure(*timer_target):
+    with timer.measure(*timer_target), kernels.measure():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -416,7 +417,7 @@ def timed_generation(pipe, kwargs, seed, device, timer_target) -> tuple[np.ndarr
         total = time.perf_counter() - start
     frames = result.frames[0]
     frames = frames.float().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    return frames, total, timer.seconds
+    return frames, total, timer.seconds, kernels.seconds
 
 
 SHOWN_HEIGHT = 256  # write_video upscales tiny clips (nearest, an integer factor) to about this height, to be visible
@@ -529,6 +530,7 @@ def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], se
         "dense_attention_seconds": dense_attn,
         "sparse_attention_seconds": sparse_attn,
         "attention_speedup": dense_attn / sparse_attn if sparse_attn else None,
+        "sparse_kernel_seconds": min(r[3] for r in sparse_runs),
         "executed_attention_density": processor.stats.executed_density,
         "psnr": psnr(dense, sparse),  # inf when identical (a result file writes null with a note: metrics.for_json)
         "ssim": ssim(dense, sparse),  # None when the frames are too small for SSIM
@@ -606,6 +608,10 @@ def _versions() -> dict[str, str]:
     return {"dit_sparse": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
+TIMERS_NOTE = ("(attention seconds time whole attention modules, projections, norms, RoPE and cross-attention "
+               "included; kernel seconds time the sparse plan's attention kernels alone)")
+
+
 def format_report(report: dict[str, Any]) -> str:
     def fmt(key, v):
         note = report.get(f"{key}_note")
@@ -616,5 +622,7 @@ def format_report(report: dict[str, Any]) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     keys = ["dense_seconds", "sparse_seconds", "speedup", "dense_attention_seconds", "sparse_attention_seconds",
-            "attention_speedup", "executed_attention_density", "psnr", "ssim", "dense_caption_ok", "sparse_caption_ok"]
-    return "\n".join(f"{k:>28}: {fmt(k, report[k])}" for k in keys)
+            "attention_speedup", "sparse_kernel_seconds", "executed_attention_density", "psnr", "ssim",
+            "dense_caption_ok", "sparse_caption_ok"]
+    lines = [f"{k:>28}: {fmt(k, report[k])}" for k in keys if k in report]
+    return "\n".join(lines + [TIMERS_NOTE])

@@ -9,7 +9,7 @@ added to its score, ``n`` being the number of tokens it stands for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +59,9 @@ class BlockLayout:
     kv_index: torch.Tensor
     kv_count: torch.Tensor
     kv_level: torch.Tensor | None = None
+    # True for a layout derived from a checked one (expanded, some heads selected, heads stacked): its values need no
+    # second check, which would read them back from the device (and cannot run inside a compiled graph).
+    derived: bool = field(default=False, kw_only=True, compare=False, repr=False)
 
     def __post_init__(self):
         # Derived tables executors compute once per layout (static layouts are reused across steps and calls);
@@ -74,7 +77,7 @@ class BlockLayout:
             raise ValueError("kv_level must have the shape of kv_index")
         if self.block_k % (2**MAX_LEVEL) and self.kv_level is not None:
             raise ValueError(f"block_k must be a multiple of {2**MAX_LEVEL} for pooled levels")
-        if int(self.kv_count.min()) < 1 or int(self.kv_count.max()) > nk:
+        if not self.derived and (int(self.kv_count.min()) < 1 or int(self.kv_count.max()) > nk):
             raise ValueError("every query block must visit between 1 and all key blocks")
 
     @property
@@ -91,7 +94,10 @@ class BlockLayout:
 
     @property
     def max_level(self) -> int:
-        return 0 if self.kv_level is None else int(self.kv_level.max())
+        # Memoised: executors ask on every call, and reading it from the table is a device sync.
+        if "max_level" not in self._memo:
+            self._memo["max_level"] = 0 if self.kv_level is None else int(self.kv_level.max())
+        return self._memo["max_level"]
 
     @classmethod
     def from_block_mask(
@@ -153,7 +159,7 @@ class BlockLayout:
         level = None if self.kv_level is None else self.kv_level.expand(shape)
         return BlockLayout(
             self.seq_len, self.block_q, self.block_k, self.kv_index.expand(shape),
-            self.kv_count.expand(shape[:3]), level,
+            self.kv_count.expand(shape[:3]), level, derived=True,
         )
 
     def select_heads(self, heads: torch.Tensor | list[int]) -> "BlockLayout":
@@ -163,7 +169,7 @@ class BlockLayout:
         level = None if self.kv_level is None else self.kv_level.index_select(1, idx)
         return BlockLayout(
             self.seq_len, self.block_q, self.block_k, self.kv_index.index_select(1, idx),
-            self.kv_count.index_select(1, idx), level,
+            self.kv_count.index_select(1, idx), level, derived=True,
         )
 
     @staticmethod
@@ -184,7 +190,7 @@ class BlockLayout:
                 lev.append(torch.nn.functional.pad(lv, (0, pad)))
         return BlockLayout(
             first.seq_len, first.block_q, first.block_k, torch.cat(idx, 1), torch.cat(cnt, 1),
-            torch.cat(lev, 1) if any_level else None,
+            torch.cat(lev, 1) if any_level else None, derived=True,
         )
 
 

@@ -28,7 +28,15 @@ from .adapters import (
     nearest_class_name,
     supported_transformers,
 )
-from .attend import AttentionSite, AttentionStats, attend, keep_module_output, reused_module_output, whole_module_reuse
+from .attend import (
+    AttentionSite,
+    AttentionStats,
+    attend,
+    decide_module,
+    keep_module_output,
+    reused_module_output,
+    whole_module_reuse,
+)
 from .branch_share import keep_for_other_branch, shared_output
 from .executors import get_executor, known_executor
 from .layout import Grid
@@ -37,6 +45,9 @@ from .plan import SparsePlan
 logger = logging.getLogger(__name__)
 
 _CONTEXT_HOOK = "dit_sparse_context"
+# The attribute of a bound attention module that holds its _Binding: the processor finds it there rather than by
+# the module's id, so that torch.compile's guards on repeated blocks do not tell one block from another.
+_BINDING = "_dit_sparse_binding"
 UNNAMED_BRANCH = "unknown"  # a call outside any cache context, or the one-line form's first call
 
 
@@ -166,6 +177,12 @@ class _Binding:
     layer: int
     covered: bool
     stock: Any
+    stock_arguments: frozenset = frozenset()  # the keyword arguments the stock processor takes
+    output_follows_attention: bool = True
+    saw_text: bool | None = None  # whether its attention saw text tokens (None: not called yet)
+    owner: Any = None  # the SparseProcessor that bound it
+    state: Any = None  # its transformer's _TransformerState
+    site: Any = None  # this forward's AttentionSite (covered modules; set by the forward pre-hook)
 
 
 @dataclass
@@ -182,6 +199,7 @@ class _TransformerState:
     branch: str = UNNAMED_BRANCH
     unnamed_step: float | None = None  # the noise level of a first call whose branch name nobody received
     cache: dict = field(default_factory=dict)
+    sites: dict[str, AttentionSite] = field(default_factory=dict)  # this forward's, by module name
     handles: list = field(default_factory=list)
     context_hook: Any = None
 
@@ -239,8 +257,14 @@ class SparseProcessor:
         bindings = {}
         for name, module in attention_modules(transformer).items():
             stock = originals[name] if originals else adapter.stock_processor(module)
-            bindings[id(module)] = _Binding(name, covered.get(name, -1), name in covered, stock)
+            bindings[id(module)] = _Binding(name, covered.get(name, -1), name in covered, stock,
+                                            frozenset(inspect.signature(stock.__call__).parameters),
+                                            adapter.output_follows_attention(module))
         state = _TransformerState(weakref.ref(transformer), adapter, bindings, originals)
+        for module in attention_modules(transformer).values():
+            binding = bindings[id(module)]
+            binding.owner, binding.state = self, state
+            setattr(module, _BINDING, binding)
         state.handles.append(transformer.register_forward_pre_hook(self._make_pre_hook(state), with_kwargs=True))
         hook = _context_hook(self)
         _hook_registry(transformer).register_hook(hook, _CONTEXT_HOOK)
@@ -296,12 +320,18 @@ class SparseProcessor:
         _hook_registry(transformer).remove_hook(_CONTEXT_HOOK, recurse=False)
         for module_id in state.bindings:
             self._module_state.pop(module_id, None)
+        for module in attention_modules(transformer).values():
+            if getattr(module, _BINDING, None) is not None and module.__dict__[_BINDING].owner is self:
+                del module.__dict__[_BINDING]
         if state.originals is not None:
             return state.originals
         modules = attention_modules(transformer)
         return {b.name: b.stock for module_id, b in state.bindings.items() if b.name in modules}
 
     def _make_pre_hook(self, state: _TransformerState):
+        # The host's part of a forward: what step and branch this is, what runs dense, which kept state is used.
+        # Kept out of torch.compile's graphs, so that they hold tensor work only (no guard on a step number).
+        @torch.compiler.disable
         def pre_hook(module, args, kwargs):
             self._capture(state, module, args, kwargs)
 
@@ -309,7 +339,8 @@ class SparseProcessor:
 
     def _capture(self, state: _TransformerState, transformer, args, kwargs) -> None:
         bound = self._bind_arguments(state.adapter, transformer, args, kwargs)
-        state.grid = state.adapter.grid(transformer, bound)
+        grid = state.adapter.grid(transformer, bound)
+        state.grid = state.grid if grid == state.grid else grid  # the same object: compiled graphs guard on it
         context = state.context_hook.state._context if state.context_hook else None
         noise = state.adapter.noise_level(state.adapter.timestep(bound))
         state.position = state.steps.update(noise, context, state.adapter)
@@ -318,6 +349,18 @@ class SparseProcessor:
         if state.position.new_generation:
             state.cache.clear()  # a new generation: layouts and re-scale statistics must not carry over
         self._check_steps_known(state, transformer)
+        self._decide(state, bound.arguments["hidden_states"])
+
+    def _decide(self, state: _TransformerState, hidden_states: torch.Tensor) -> None:
+        """This forward's site of every covered module, with its decisions made and its layouts built."""
+        device, batch = hidden_states.device, hidden_states.shape[0]
+        executor = get_executor(self.executor_name, device)
+        state.sites = {}
+        for binding in state.bindings.values():
+            if binding.covered:
+                binding.site = self._site(state, binding, executor, device)
+                decide_module(binding.site, batch, binding.saw_text, device, hidden_states.dtype)
+                state.sites[binding.name] = binding.site
 
     @staticmethod
     def _bind_arguments(adapter: ModelAdapter, transformer, args, kwargs) -> inspect.BoundArguments:
@@ -424,22 +467,30 @@ class SparseProcessor:
     # -- the processor call ----------------------------------------------------------------------------------
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, *,
                  image_rotary_emb=None, **kwargs):
-        state = self._module_state.get(id(attn)) or self._bind_lazily(attn)
-        binding = state.bindings[id(attn)]
+        binding = getattr(attn, _BINDING, None)
+        if binding is None or binding.owner is not self:
+            state = self._module_state.get(id(attn)) or self._bind_lazily(attn)
+            binding = state.bindings[id(attn)]
+        state = binding.state
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         if not binding.covered:
-            return self._pass_through(binding.stock, attn, hidden_states, encoder_hidden_states, attention_mask,
-                                      rotary, kwargs)
-        site = self._site(state, binding, attn, hidden_states)
+            return self._pass_through(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary,
+                                      kwargs)
+        site = binding.site
+        if site is None:
+            raise RuntimeError("no grid captured: the transformer's forward pre-hook did not run")
         # Sharing between CFG branches needs an output that depends on nothing but these; calibration observes every
-        # call, and training needs each branch's own graph (a shared output is a detached copy).
+        # call, and training needs each branch's own graph (a shared output is a detached copy). It compares inputs
+        # on the host, so it is left out of compiled graphs, and out of calls outside any cache context (no second
+        # branch to share with; the one-line form's first call has one, unseen).
         shares = encoder_hidden_states is None and attention_mask is None and not kwargs and not self.observers \
-            and not torch.is_grad_enabled()
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+            and (state.branch != UNNAMED_BRANCH or state.originals is None)
         if shares:
             shared = shared_output(site, hidden_states, rotary)
             if shared is not None:
                 return shared  # the other branch of this step had the same input
-        reused = reused_module_output(site, hidden_states)
+        reused = reused_module_output(site)
         if reused is not None:
             if shares:
                 keep_for_other_branch(site, hidden_states, rotary, reused)
@@ -454,15 +505,16 @@ class SparseProcessor:
         bound_attend.grid = site.grid
         out = state.adapter.attention(bound_attend, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       rotary, **kwargs)
+        binding.saw_text = site.saw_text
         if isinstance(out, torch.Tensor):
-            keep_module_output(site, hidden_states, out)
+            keep_module_output(site, out)
             if shares:
                 keep_for_other_branch(site, hidden_states, rotary, out)
         return out
 
     @staticmethod
-    def _pass_through(stock, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, kwargs):
-        params = inspect.signature(stock.__call__).parameters
+    def _pass_through(binding: _Binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, kwargs):
+        params, stock = binding.stock_arguments, binding.stock
         extra = {k: v for k, v in kwargs.items() if k in params}
         for name in ("rotary_emb", "image_rotary_emb"):
             if name in params and rotary is not None:
@@ -471,9 +523,7 @@ class SparseProcessor:
         return stock(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
                      **extra)
 
-    def _site(self, state: _TransformerState, binding: _Binding, attn, hidden_states) -> AttentionSite:
-        device = hidden_states.device
-        executor = get_executor(self.executor_name, device)
+    def _site(self, state: _TransformerState, binding: _Binding, executor, device) -> AttentionSite:
         if state.grid is None:
             raise RuntimeError("no grid captured: the transformer's forward pre-hook did not run")
         head_dim = self.plan.model.head_dim
@@ -493,7 +543,7 @@ class SparseProcessor:
             cache=state.cache,
             static_layouts=self._static_layouts,
             stats=self.stats,
-            module_reuse=whole_module_reuse(heads) if state.adapter.output_follows_attention(attn) else None,
+            module_reuse=whole_module_reuse(heads) if binding.output_follows_attention else None,
         )
 
     def _dense_now(self, state: _TransformerState, layer: int) -> bool:

@@ -270,10 +270,10 @@ def test_repeated_timings_keep_the_fastest_and_the_same_frames(monkeypatch):
     real = generate.timed_generation
 
     def fake_timing(*args):
-        frames, _, _ = real(*args)
+        frames, _, _, _ = real(*args)
         runs.append(frames)
         value = next(seconds)
-        return frames, value, value / 2
+        return frames, value, value / 2, value / 4
 
     monkeypatch.setattr(generate, "timed_generation", fake_timing)
     kwargs = {"prompt": "a red circle moving right on a dark background", "num_inference_steps": 4,
@@ -282,6 +282,7 @@ def test_repeated_timings_keep_the_fastest_and_the_same_frames(monkeypatch):
     m = result.metrics
     assert (m["dense_seconds"], m["sparse_seconds"], m["repeats"]) == (3.0, 4.0, 2)
     assert m["speedup"] == pytest.approx(0.75) and m["sparse_attention_seconds"] == 2.0
+    assert m["sparse_kernel_seconds"] == 1.0
     assert np.array_equal(runs[0], runs[2]) and np.array_equal(runs[1], runs[3])
     assert not np.array_equal(runs[0], runs[1]) and 0 < m["executed_attention_density"] < 1
 

@@ -365,7 +365,7 @@ def test_dynamic_layout_cache_is_keyed_by_branch_and_refreshed():
     assert alike == {"blocks.0.attn1"}
     layouts = [entry for key, entry in state.cache.items()
                if key[0] == "layout" and not (key[1] in alike and key[3] == "uncond")]
-    assert {entry["step"] for entry in layouts} == {2}
+    assert {entry.step for entry in layouts} == {2}
 
 
 @pytest.mark.parametrize("build,size", [(tiny_wan_pipeline, dict(height=64, width=80, num_frames=5)),

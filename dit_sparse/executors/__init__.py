@@ -22,6 +22,9 @@ class Executor:
     priority: int  # higher wins when choosing the best executor for a device
     # (device) -> why a plan's fp8 heads do not run in FP8 on this device, or None; shown in dit_sparse.summary
     fp8_note: Callable[[torch.device], str | None] | None = None
+    # (layout, batch, heads, dtype, device) -> None: build the tables `run` derives from a layout, on the host before
+    # a forward (so that no compiled graph traces their construction and no sparse step waits for it), or None
+    prepare: Callable | None = None
 
 
 EXECUTORS: dict[str, Executor] = {}

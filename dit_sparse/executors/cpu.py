@@ -201,5 +201,6 @@ register_executor(
         block_sizes=lambda device, head_dim: (256, 128),
         available=lambda device: True,
         priority=1,
+        prepare=prepare_layout,
     )
 )
