@@ -30,7 +30,8 @@ from .strategies import BuildContext, get_strategy
 from .strategies.dense import full_layout
 from .timing import kernel_call
 
-__all__ = ["AttentionSite", "AttentionStats", "TextTokens", "attend", "decide_module", "taylor_forecast"]
+__all__ = ["AttentionSite", "AttentionStats", "HeadProgram", "TextTokens", "attend", "decide_module",
+           "taylor_forecast"]
 
 
 class AttentionStats:
@@ -206,13 +207,6 @@ class AttentionSite:
     # makes them itself when it is called without them.
     decisions: dict[Any, Any] | None = None
     program: HeadProgram | None = None
-
-    def groups(self) -> list[tuple[HeadStrategy, list[int]]]:
-        """Heads grouped by identical strategy, in order of first appearance."""
-        grouped: dict[HeadStrategy, list[int]] = {}
-        for head, spec in enumerate(self.heads):
-            grouped.setdefault(spec, []).append(head)
-        return list(grouped.items())
 
 
 def decide_module(site: AttentionSite, batch: int, saw_text: bool | None = None, device=None, dtype=None) -> None:

@@ -31,6 +31,7 @@ from .adapters import (
 from .attend import (
     AttentionSite,
     AttentionStats,
+    HeadProgram,
     attend,
     decide_module,
     keep_module_output,
@@ -240,6 +241,8 @@ class SparseProcessor:
         self._states: dict[int, _TransformerState] = {}
         self._module_state: dict[int, _TransformerState] = {}
         self._static_layouts: dict = {}
+        # How each distinct head mix runs, made once: its head indices live on the device from the first forward on.
+        self._programs: dict[tuple, HeadProgram] = {}
         # Called as observer(site, q, k, v, text) before every covered attention; calibration records through it.
         self.observers: list = []
         if executor is not None:
@@ -544,6 +547,7 @@ class SparseProcessor:
             static_layouts=self._static_layouts,
             stats=self.stats,
             module_reuse=whole_module_reuse(heads) if binding.output_follows_attention else None,
+            program=self._programs.setdefault(heads, HeadProgram.of(heads)),
         )
 
     def _dense_now(self, state: _TransformerState, layer: int) -> bool:
