@@ -98,15 +98,20 @@ def render_speed(path: Path, result: dict) -> list[str]:
         f"**Speed only, {result['architecture']} architecture with random weights** "
         f"(`{result.get('command') or 'dit-sparse bench speed'}`; {result['date'][:10]}; "
         f"{layers} layer{'' if layers == 1 else 's'}, {size['frames']}x{size['height']}x{size['width']} px = "
-        f"{size['video_tokens']} video tokens, {result['dtype']}; "
-        f"{_hardware(result)}; fidelity not measured; file `{path.relative_to(ROOT)}`)",
+        f"{size['video_tokens']} video tokens, {result['dtype']}"
+        f"{', under torch.compile' if result.get('compiled') else ''}; "
+        f"{_hardware(result)}; fidelity not measured; file `{path.relative_to(ROOT)}`). Attention s: whole attention "
+        "modules (projections, norms, RoPE, cross-attention included); kernel s: the attention kernels of covered "
+        "self-attention alone (not recorded before 2026-12-07).",
         "",
-        "| plan | forward s | attention s | speedup | attention speedup | executed density |",
-        "|---|---|---|---|---|---|",
+        "| plan | forward s | attention s | kernel s | speedup | attention speedup | kernel speedup | executed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
-        lines.append(f"| {r['plan']} | {r['seconds']:.3f} | {r['attention_seconds']:.3f} | {r['speedup']:.2f}x | "
-                     f"{format_metric(r.get('attention_speedup'), '.2f')}x | {r['executed_density']:.1%} |")
+        lines.append(f"| {r['plan']} | {r['seconds']:.3f} | {r['attention_seconds']:.3f} | "
+                     f"{_optional(r.get('kernel_seconds'), '.3f')} | {r['speedup']:.2f}x | "
+                     f"{format_metric(r.get('attention_speedup'), '.2f')}x | "
+                     f"{_optional(r.get('kernel_speedup'), '.2f', 'x')} | {r['executed_density']:.1%} |")
     return lines
 
 
@@ -435,9 +440,10 @@ def headline_e2e_fastest(result: dict) -> list[list[str]]:
 
 def _speed_row(result: dict, row: dict) -> list[str]:
     size, layers = result["size"], result["layers"]
-    return [f"{result['architecture']}, {layers} layer{'' if layers == 1 else 's'}",
+    compiled = ", compiled" if result.get("compiled") else ""
+    return [f"{result['architecture']}, {layers} layer{'' if layers == 1 else 's'}{compiled}",
             f"{size['video_tokens']:,}", row["plan"], f"{row['executed_density']:.1%}", f"{row['speedup']:.2f}x",
-            "speed only, random weights"]
+            "speed only, random weights" if not compiled else "speed only"]
 
 
 def headline_speed_fastest(result: dict) -> list[list[str]]:
@@ -470,6 +476,7 @@ HEADLINES = {  # hardware -> {result file: its rows}
         "benchmarks/results/search-tiny-shapes/reuse-schedule/results.json": headline_e2e_fastest,
         "benchmarks/results/search-tiny-shapes/reuse-schedule-50steps-default-grid/results.json": headline_e2e_fastest,
         "benchmarks/results/speed-wan2.1-1.3b-cpu/results.json": headline_speed_fastest,
+        "benchmarks/results/speed-wan2.1-1.3b-cpu-compiled/results.json": headline_speed_fastest,
     },
     "GPU": {
         "benchmarks/results/gpu-2026-12-04/speed-wan2.1-1.3b/results.json": headline_speed,

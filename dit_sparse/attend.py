@@ -212,58 +212,73 @@ class AttentionSite:
 def decide_module(site: AttentionSite, batch: int, saw_text: bool | None = None, device=None, dtype=None) -> None:
     """Make this step's decisions for every stateful head of the module (host only: step numbers are compared here
     and nowhere in attend), build its static layouts and head indices on `device`, and move the bookkeeping on.
-    saw_text: whether the module's attention sees text tokens (None: not known yet, decide for both cases)."""
+    saw_text: whether the module's attention sees text tokens (None: not known yet, decide for both cases).
+
+    Decisions are keyed without the module's name and hold the cache entry they are about: a compiled graph looks
+    them up with the same keys in every layer, so repeated blocks share it."""
     site.program = site.program or HeadProgram.of(site.heads)
-    decisions, step, grid = {}, site.step, site.grid
-    # Decisions are keyed without the module's name, and hold the cache entry they are about: a compiled graph looks
-    # them up with the same keys in every layer, so repeated blocks share it.
-    per_head = site.module_reuse is None or saw_text is not False
+    site.decisions = {}
     _forget_the_kind_not_kept(site, saw_text)
-    keys = [(spec, heads.heads) for spec, heads in site.program.reused] if per_head else []
+    _decide_reuse(site, batch, saw_text)
+    if not site.dense_now:
+        _decide_refreshes(site, batch)
+        if device is not None:
+            _prepare_static_layouts(site, batch, device, dtype)
+    if device is not None:
+        for heads in site.program.head_sets():
+            heads.prepare(device)
+
+
+def _decide_reuse(site: AttentionSite, batch: int, saw_text: bool | None) -> None:
+    """Per `reuse` group (or for the whole module): reuse the kept outputs, or run and keep."""
+    keys = [(spec, heads.heads) for spec, heads in site.program.reused] \
+        if site.module_reuse is None or saw_text is not False else []
     if site.module_reuse is not None and saw_text is not True:
         keys.append((site.module_reuse, "module"))
     for spec, heads in keys:
         params, key = spec.param_dict, _cache_key(site, "reuse", heads)
-        decision, kept = decide_reuse(site.cache.get(key), step=step, batch=batch, grid=grid, dense_now=site.dense_now,
-                                      refresh_interval=site.refresh_interval, extrapolate=params["extrapolate"],
-                                      order=params["order"])
+        decision, kept = decide_reuse(site.cache.get(key), step=site.step, batch=batch, grid=site.grid,
+                                      dense_now=site.dense_now, refresh_interval=site.refresh_interval,
+                                      extrapolate=params["extrapolate"], order=params["order"])
         if kept is not None:
             site.cache[key] = kept
-        decisions[("reuse", heads)] = (decision, kept)
-    if not site.dense_now:
-        for _, heads in site.program.rescaled:
-            key = _cache_key(site, "rescale", heads.heads)
+        site.decisions[("reuse", heads)] = (decision, kept)
+
+
+def _decide_refreshes(site: AttentionSite, batch: int) -> None:
+    """Re-scaled groups: use the last refresh's statistics or refresh them; dynamic groups: keep or estimate."""
+    def fresh(entry) -> bool:
+        return entry is not None and entry.fresh_at(site.step, batch, site.grid, site.refresh_interval)
+
+    for _, heads in site.program.rescaled:
+        key = _cache_key(site, "rescale", heads.heads)
+        entry = site.cache.get(key)
+        use = fresh(entry) and entry.ratio is not None
+        if not use:
+            entry = site.cache[key] = RescaleState(site.step, batch, site.grid)
+        site.decisions[("rescale", heads.heads)] = (use, entry)
+    members = [m for launch in site.program.launches for m in launch.members]
+    for spec, heads in members + [(spec, heads.heads) for spec, heads in site.program.rescaled]:
+        if get_strategy(spec.strategy).dynamic:
+            key = _cache_key(site, "layout", heads)
             entry = site.cache.get(key)
-            fresh = entry is not None and entry.ratio is not None \
-                and entry.fresh_at(step, batch, grid, site.refresh_interval)
-            if not fresh:
-                entry = site.cache[key] = RescaleState(step, batch, grid)
-            decisions[("rescale", heads.heads)] = (fresh, entry)
-        members = [m for launch in site.program.launches for m in launch.members]
-        for spec, heads in members + [(spec, heads.heads) for spec, heads in site.program.rescaled]:
-            if get_strategy(spec.strategy).dynamic:
-                key = _cache_key(site, "layout", heads)
-                entry = site.cache.get(key)
-                fresh = entry is not None and entry.fresh_at(step, batch, grid, site.refresh_interval)
-                if not fresh:
-                    entry = site.cache[key] = DynamicLayout(step, batch, grid)
-                decisions[("layout", heads)] = (fresh, entry)
-        if device is not None:
-            prepare = site.executor.prepare or (lambda *args: None)
-            for launch in site.program.launches:
-                if all(not get_strategy(spec.strategy).dynamic for spec, _ in launch.members):
-                    layout = _launch_layout(launch, site, None, None, device)
-                    layout.density(), layout.max_level  # memoised now: read at every call
-                    prepare(layout, batch, len(launch.heads.heads), dtype, device)
-            for spec, heads in site.program.rescaled:
-                if not get_strategy(spec.strategy).dynamic:
-                    layout = _static_layout(spec, site, device)
-                    layout.density(), layout.max_level
-                    prepare(layout, batch, len(heads.heads), dtype, device)
-    if device is not None:
-        for heads in site.program.head_sets():
-            heads.prepare(device)
-    site.decisions = decisions
+            keep = fresh(entry)
+            if not keep:
+                entry = site.cache[key] = DynamicLayout(site.step, batch, site.grid)
+            site.decisions[("layout", heads)] = (keep, entry)
+
+
+def _prepare_static_layouts(site: AttentionSite, batch: int, device, dtype) -> None:
+    """Static layouts, their density and the executor's tables, built before the forward (and any compiled graph)."""
+    prepare = site.executor.prepare or (lambda *args: None)
+    static = [(_launch_layout(launch, site, None, None, device), len(launch.heads.heads))
+              for launch in site.program.launches
+              if not any(get_strategy(spec.strategy).dynamic for spec, _ in launch.members)]
+    static += [(_static_layout(spec, site, device), len(heads.heads)) for spec, heads in site.program.rescaled
+               if not get_strategy(spec.strategy).dynamic]
+    for layout, heads in static:
+        layout.density(), layout.max_level  # memoised now: read at every call
+        prepare(layout, batch, heads, dtype, device)
 
 
 def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torch.Tensor:

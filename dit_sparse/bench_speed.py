@@ -92,27 +92,28 @@ def build(arch: Architecture, layers: int | None, dtype: torch.dtype, device: st
 
 
 def _time_forward(model, inputs, repeats: int, device: str, runner=None) -> tuple[float, float, float]:
-    """Best of `repeats` forwards: (forward seconds, attention-module seconds, attention-kernel seconds). Modules
-    and kernels are timed in a separate pass from the forward (their timers synchronise or wrap calls)."""
-    runner = runner or model
+    """Best of `repeats` forwards of `runner` (the model, or its compiled form): (forward seconds, attention-module
+    seconds, attention-kernel seconds). Modules and kernels are timed in separate eager forwards (their timers
+    synchronise around modules or wrap kernel calls, which a compiled graph would not keep)."""
+    runner = model if runner is None else runner
 
-    def forward() -> float:
+    def forward(run) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        runner(**inputs)
+        run(**inputs)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     with torch.no_grad():
         runner(**inputs)  # warm-up: kernels, layouts, caches (and the compiled graphs)
-        best = min(forward() for _ in range(repeats))
+        best = min(forward(runner) for _ in range(repeats))
         modules, kernels = AttentionTimer(), KernelTimer()
         with modules.measure(model):
-            forward()
+            forward(model)
         with kernels.measure():
-            forward()
+            forward(model)
     return best, modules.seconds, kernels.seconds
 
 
@@ -120,9 +121,8 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
               width: int | None = None, layers: int | None = None, repeats: int = 3, device: str = "cpu",
               dtype: torch.dtype = torch.float32, out: Path | None = None, compile: bool = False) -> dict[str, Any]:
     """Dense and each plan timed on one architecture. out: results.json there is rewritten (atomically) after each
-    plan, marked "partial" until the last, so that a late fault keeps what was measured. compile: time the model
-    under torch.compile (dense and every plan alike; kernel seconds are then not measured: a timer would break the
-    graph, so they come from an eager pass)."""
+    plan, marked "partial" until the last, so that a late fault keeps what was measured. compile: time the forward
+    under torch.compile (dense and every plan alike); module and kernel seconds come from eager forwards."""
     from .bench_e2e import parse_plan_spec
     from .generate import GenerateError, check_positive, check_sizes
 
@@ -139,10 +139,13 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
         return _time_forward(model, inputs, repeats, device, torch.compile(model) if compile else None)
 
     dense_s, dense_attn, _ = timed()
-    # The stock model's attention kernels are inside diffusers' processors: time them through a dense plan.
+    # The stock model's attention kernels are inside diffusers' processors: time them through a dense plan (the
+    # same SDPA calls), in one eager forward.
     apply(model, SparsePlan.uniform(model, "dense"))
     try:
-        dense_kernel = _time_forward(model, inputs, 1, device)[2]
+        with torch.no_grad(), KernelTimer().measure() as kernels:
+            model(**inputs)
+        dense_kernel = kernels.seconds
     finally:
         remove(model)
     records.append({"plan": "dense", "seconds": dense_s, "attention_seconds": dense_attn,
@@ -159,8 +162,9 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
             "device": device,
             "dtype": str(dtype).replace("torch.", ""),
             "compiled": compile,
-            "timers": "seconds: the forward; attention_seconds: whole attention modules (projections, norms, RoPE and "
-                      "cross-attention included); kernel_seconds: the attention kernels of covered self-attention",
+            "timers": "seconds: the forward (compiled if compiled); attention_seconds: whole attention modules "
+                      "(projections, norms, RoPE and cross-attention included) and kernel_seconds: the attention "
+                      "kernels of covered self-attention, both in eager forwards",
             "command": invoked_command(),
             "date": started,
             "hardware": hardware(device),

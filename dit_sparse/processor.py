@@ -200,7 +200,6 @@ class _TransformerState:
     branch: str = UNNAMED_BRANCH
     unnamed_step: float | None = None  # the noise level of a first call whose branch name nobody received
     cache: dict = field(default_factory=dict)
-    sites: dict[str, AttentionSite] = field(default_factory=dict)  # this forward's, by module name
     handles: list = field(default_factory=list)
     context_hook: Any = None
 
@@ -358,12 +357,10 @@ class SparseProcessor:
         """This forward's site of every covered module, with its decisions made and its layouts built."""
         device, batch = hidden_states.device, hidden_states.shape[0]
         executor = get_executor(self.executor_name, device)
-        state.sites = {}
         for binding in state.bindings.values():
             if binding.covered:
                 binding.site = self._site(state, binding, executor, device)
                 decide_module(binding.site, batch, binding.saw_text, device, hidden_states.dtype)
-                state.sites[binding.name] = binding.site
 
     @staticmethod
     def _bind_arguments(adapter: ModelAdapter, transformer, args, kwargs) -> inspect.BoundArguments:
@@ -532,6 +529,8 @@ class SparseProcessor:
         head_dim = self.plan.model.head_dim
         block_q, block_k = self.block_size or executor.block_sizes(device, head_dim)
         heads = self.plan.heads_for(binding.name)
+        if heads not in self._programs:
+            self._programs[heads] = HeadProgram.of(heads)
         return AttentionSite(
             module_name=binding.name,
             heads=heads,
@@ -547,7 +546,7 @@ class SparseProcessor:
             static_layouts=self._static_layouts,
             stats=self.stats,
             module_reuse=whole_module_reuse(heads) if binding.output_follows_attention else None,
-            program=self._programs.setdefault(heads, HeadProgram.of(heads)),
+            program=self._programs[heads],
         )
 
     def _dense_now(self, state: _TransformerState, layer: int) -> bool:
