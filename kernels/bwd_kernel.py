@@ -14,6 +14,7 @@ overflow when every score of a row is very negative, and inf * 0 is NaN).
 from __future__ import annotations
 
 from ._triton import LazyKernel, tl
+from .fwd_kernel import _peel_ragged_block
 
 
 def _block_sparse_bwd_dkdv(
@@ -134,12 +135,8 @@ def _block_sparse_bwd_dq(
     lut = KV_INDEX + b * sib + h * sih + q_block * sin
     count = tl.load(KV_COUNT + b * scb + h * sch + q_block * scn)
     n_tiles = count * TILES
-    if not EVEN_N:
-        # As in the forward: entries ascend, so only the last can be the ragged key block; its tile straddling S
-        # runs masked after the loop and those wholly past S are skipped.
-        last = tl.load(lut + (count - 1) * sik, mask=count > 0, other=0)
-        ragged = (count > 0) & (last == (S - 1) // BLOCK_K)
-        n_tiles -= tl.where(ragged, TILES - (S % BLOCK_K) // BLOCK_N, 0)
+    if not EVEN_N:  # as in the forward: the ragged key block's tile straddling S runs masked after the loop
+        n_tiles, ragged, last = _peel_ragged_block(lut, count, sik, S, BLOCK_K, BLOCK_N)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     # The block id is read one tile ahead, so no K/V load waits behind a dependent table load.
@@ -170,4 +167,4 @@ def _configs():
 _KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N"]
 block_sparse_bwd_dkdv_kernel = LazyKernel(_block_sparse_bwd_dkdv, configs=_configs, key=_KEY)
 block_sparse_bwd_dq_kernel = LazyKernel(_block_sparse_bwd_dq, configs=_configs, key=_KEY + ["EVEN_N"],
-                                        helpers=(_dq_tile,))
+                                        helpers=(_dq_tile, _peel_ragged_block))

@@ -28,6 +28,16 @@ from ._triton import LazyKernel, tl
 LOG2E = 1.4426950408889634
 
 
+def _peel_ragged_block(lut, count, sik, S, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(tiles of the unmasked loop, whether the row's last entry is the ragged key block, that entry). Entries
+    ascend, so only the last one can be the ragged block: its tiles wholly inside S join the unmasked loop, the one
+    straddling S runs masked after it, and those wholly past S are skipped. Shared by the forward and dq kernels."""
+    TILES: tl.constexpr = BLOCK_K // BLOCK_N
+    last = tl.load(lut + (count - 1) * sik, mask=count > 0, other=0)
+    ragged = (count > 0) & (last == (S - 1) // BLOCK_K)
+    return count * TILES - tl.where(ragged, TILES - (S % BLOCK_K) // BLOCK_N, 0), ragged, last
+
+
 def _key_tile(acc, l_i, m_i, q, s_scale, k_base, v_base, k_desc, v_desc, first, offs_n, offs_d, S,
               sks, svs, svd, MASKED: tl.constexpr, FP8_PV: tl.constexpr, IEEE: tl.constexpr, DESC: tl.constexpr):
     """One full-resolution key tile (rows first .. first + BLOCK_N) into the online softmax; only the tile
@@ -113,11 +123,7 @@ def _block_sparse_fwd(
     count = tl.load(KV_COUNT + b * scb + h * sch + q_block * scn)
     n_tiles = count * TILES
     if not EVEN_N:
-        # Entries ascend, so only the last one can be the ragged key block: its tiles wholly inside S join the
-        # unmasked loop, the one straddling S runs masked after it, and those wholly past S are skipped.
-        last = tl.load(lut + (count - 1) * sik, mask=count > 0, other=0)
-        ragged = (count > 0) & (last == (S - 1) // BLOCK_K)
-        n_tiles -= tl.where(ragged, TILES - (S % BLOCK_K) // BLOCK_N, 0)
+        n_tiles, ragged, last = _peel_ragged_block(lut, count, sik, S, BLOCK_K, BLOCK_N)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     k_desc = k_base
@@ -206,6 +212,6 @@ def _configs():
 
 
 block_sparse_fwd_kernel = LazyKernel(
-    _block_sparse_fwd, configs=_configs, helpers=(_key_tile,),
+    _block_sparse_fwd, configs=_configs, helpers=(_key_tile, _peel_ragged_block),
     key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_POOL", "FP8", "FP8_PV", "EVEN_N", "DESC"],
 )
