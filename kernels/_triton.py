@@ -33,8 +33,8 @@ class LazyKernel:
 
     ``configs`` is a callable returning the autotune configs; under the interpreter only the first is kept
     because ``triton.autotune`` with several configs fails there. ``helpers`` are plain functions the kernel
-    calls; they are jitted in the kernel's own mode and seen only by a copy of the kernel function made for that
-    mode, so the module that defines them keeps its plain functions.
+    calls (and that call one another); they are jitted in the kernel's own mode and seen only by copies of the
+    kernel and helper functions made for that mode, so the module that defines them keeps its plain functions.
     """
 
     def __init__(self, fn, configs=None, key=(), helpers=()):
@@ -50,9 +50,11 @@ class LazyKernel:
         if not self.helpers:
             return self.fn
         if mode not in self._functions:
-            scope = {**self.fn.__globals__, **{helper.__name__: triton.jit(helper) for helper in self.helpers}}
-            self._functions[mode] = types.FunctionType(self.fn.__code__, scope, self.fn.__name__,
-                                                       self.fn.__defaults__, self.fn.__closure__)
+            # One scope for the kernel and its helpers, filled after the copies exist: Triton resolves a called
+            # name in it when it compiles, so a helper calling a helper finds the jitted one.
+            scope = dict(self.fn.__globals__)
+            scope.update({helper.__name__: triton.jit(_in_scope(helper, scope)) for helper in self.helpers})
+            self._functions[mode] = _in_scope(self.fn, scope)
         return self._functions[mode]
 
     def build(self):
@@ -69,3 +71,8 @@ class LazyKernel:
 
     def __getitem__(self, grid):
         return self.build()[grid]
+
+
+def _in_scope(fn: types.FunctionType, scope: dict) -> types.FunctionType:
+    """A copy of `fn` whose global names resolve in `scope`."""
+    return types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)

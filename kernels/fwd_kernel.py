@@ -71,14 +71,17 @@ def _key_tile(acc, l_i, m_i, q, s_scale, k_base, v_base, k_desc, v_desc, first, 
         # FP8 v is sequence-contiguous and padded past its last row (fp8_quant), so it is read unmasked: a
         # mask along the contiguous axis would keep the load out of the asynchronous copy pipeline.
         v = tl.load(v_base + rows[:, None] * svs + offs_d[None, :] * svd)
+    return _accumulate_pv(acc, p, v, FP8_PV, IEEE), l_i, m_new
+
+
+def _accumulate_pv(acc, p, v, FP8_PV: tl.constexpr, IEEE: tl.constexpr):
+    """acc + P.V in the variant's precision (full-resolution tiles and pooled segments alike)."""
     if FP8_PV:
         # Accumulating inside the dot keeps the FP8 MMA asynchronous; `acc += dot` waits for it every tile.
-        acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
-    elif IEEE:
-        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc += tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+        return tl.dot((p * 448.0).to(v.dtype), v, acc)
+    if IEEE:
+        return acc + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return acc + tl.dot(p.to(v.dtype), v)
 
 
 def _block_sparse_fwd(
@@ -184,12 +187,7 @@ def _block_sparse_fwd(
                 l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None]
                 v = tl.load(vp_base + rows[:, None] * spvs + offs_d[None, :] * spvd, mask=n_ok[:, None], other=0.0)
-                if FP8_PV:
-                    acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
-                elif IEEE:
-                    acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc += tl.dot(p.to(v.dtype), v)
+                acc = _accumulate_pv(acc, p, v, FP8_PV, IEEE)
                 m_i = m_new
 
     out = acc / l_i[:, None]
@@ -212,6 +210,6 @@ def _configs():
 
 
 block_sparse_fwd_kernel = LazyKernel(
-    _block_sparse_fwd, configs=_configs, helpers=(_key_tile, _peel_ragged_block),
+    _block_sparse_fwd, configs=_configs, helpers=(_key_tile, _peel_ragged_block, _accumulate_pv),
     key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_POOL", "FP8", "FP8_PV", "EVEN_N", "DESC"],
 )
