@@ -238,7 +238,6 @@ class SparseProcessor:
         self.block_size = block_size
         self.stats = AttentionStats()
         self._states: dict[int, _TransformerState] = {}
-        self._module_state: dict[int, _TransformerState] = {}
         self._static_layouts: dict = {}
         # How each distinct head mix runs, made once: its head indices live on the device from the first forward on.
         self._programs: dict[tuple, HeadProgram] = {}
@@ -272,8 +271,6 @@ class SparseProcessor:
         _hook_registry(transformer).register_hook(hook, _CONTEXT_HOOK)
         state.context_hook = hook
         self._states[id(transformer)] = state
-        for module_id in bindings:
-            self._module_state[module_id] = state
 
     def _take_over(self, transformer: torch.nn.Module) -> None:
         """Refuse to bind over another processor's hooks, except a one-line form's that no module runs any more (a
@@ -320,8 +317,6 @@ class SparseProcessor:
         for handle in state.handles:
             handle.remove()
         _hook_registry(transformer).remove_hook(_CONTEXT_HOOK, recurse=False)
-        for module_id in state.bindings:
-            self._module_state.pop(module_id, None)
         for module in attention_modules(transformer).values():
             if getattr(module, _BINDING, None) is not None and module.__dict__[_BINDING].owner is self:
                 del module.__dict__[_BINDING]
@@ -469,8 +464,7 @@ class SparseProcessor:
                  image_rotary_emb=None, **kwargs):
         binding = getattr(attn, _BINDING, None)
         if binding is None or binding.owner is not self:
-            state = self._module_state.get(id(attn)) or self._bind_lazily(attn)
-            binding = state.bindings[id(attn)]
+            binding = self._bind_lazily(attn).bindings[id(attn)]
         state = binding.state
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         if not binding.covered:
