@@ -7,6 +7,8 @@
 from .adapters import UnsupportedModelError, supported_transformers
 from .api import AlreadyAppliedError, apply, in_noise_units, noise_levels, remove, summary
 from .layout import BlockLayout, Grid
+from .parallel.plans import context_parallel_plan
+from .parallel.topology import UnsupportedParallelismError
 from .plan import HeadStrategy, PlanError, Schedule, SparsePlan
 from .processor import PlanMismatchError, SparseProcessor, UnknownStepError
 
@@ -14,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyAppliedError", "BlockLayout", "Grid", "HeadStrategy", "PlanError", "PlanMismatchError", "Schedule",
-    "SparsePlan", "SparseProcessor", "UnknownStepError", "UnsupportedModelError", "apply", "in_noise_units",
-    "noise_levels", "remove", "summary", "supported_transformers",
+    "SparsePlan", "SparseProcessor", "UnknownStepError", "UnsupportedModelError", "UnsupportedParallelismError",
+    "apply", "context_parallel_plan", "in_noise_units", "noise_levels", "remove", "summary", "supported_transformers",
 ]

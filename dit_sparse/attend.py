@@ -15,6 +15,7 @@ import torch
 from .dense import dense_attention, dense_attention_lse, merge_partials
 from .executors import Executor
 from .layout import BlockLayout, Grid
+from .parallel.ring import QueryRows, rows_only
 from .plan import HeadStrategy
 from .step_state import (
     DynamicLayout,
@@ -67,6 +68,22 @@ class AttentionStats:
 
     def reset(self) -> None:
         self._counts.zero_()
+
+    def summed_over_ranks(self) -> "AttentionStats":
+        """Under context parallelism each rank counts its own heads and query rows: the whole model's counts are
+        their sum over every rank (a collective: every rank must call it). Itself without a process group."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        counts = self._counts.clone()
+        if "nccl" in str(dist.get_backend()):
+            counts = counts.to(torch.device("cuda", torch.cuda.current_device()))  # NCCL reduces device tensors only
+        dist.all_reduce(counts)
+        total = AttentionStats()
+        total._counts = counts.cpu()
+        total._counts[0] = self._counts[0]  # calls: this rank's, which every rank makes alike
+        return total
 
 
 @dataclass(frozen=True)
@@ -207,6 +224,9 @@ class AttentionSite:
     # makes them itself when it is called without them.
     decisions: dict[Any, Any] | None = None
     program: HeadProgram | None = None
+    # Under ring parallelism, the rows of q whose outputs this rank keeps (the rest is filler): attend computes
+    # only those. None: every row.
+    query_rows: QueryRows | None = None
 
 
 def decide_module(site: AttentionSite, batch: int, saw_text: bool | None = None, device=None, dtype=None) -> None:
@@ -274,7 +294,7 @@ def _prepare_static_layouts(site: AttentionSite, batch: int, device, dtype) -> N
     static = [(_launch_layout(launch, site, None, None, device), len(launch.heads.heads))
               for launch in site.program.launches
               if not any(get_strategy(spec.strategy).dynamic for spec, _ in launch.members)]
-    static += [(_static_layout(spec, site, device), len(heads.heads)) for spec, heads in site.program.rescaled
+    static += [(static_layout(spec, site, device), len(heads.heads)) for spec, heads in site.program.rescaled
                if not get_strategy(spec.strategy).dynamic]
     for layout, heads in static:
         layout.density(), layout.max_level  # memoised now: read at every call
@@ -297,10 +317,15 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
     keep_per_head = text is not None or site.module_reuse is None
     key_mask = text.key_mask(b, s, q.device) if text else None
     video, text_part = text.slices(s) if text else (slice(0, s), None)
+    rows = site.query_rows
+    video_rows = None if rows is None else [rows.video]
+    share = 1.0 if rows is None else (rows.video.stop - rows.video.start) / n_video  # of the rows, computed here
     program = site.program
     if site.dense_now or all(spec == HeadStrategy("dense") for spec in site.heads):
-        site.stats.add(b * h * s * s, b * h * s * s)
-        out = kernel_call(dense_attention, q, k, v, key_mask)
+        site.stats.add(b * h * s * s * share, b * h * s * s * share)
+        joint_rows = None if rows is None else [_shifted(rows.video, video)] + (
+            [_shifted(rows.text, text_part)] if text else [])
+        out = _on_rows(joint_rows, _dense, q, k, v, key_mask)
         for _, heads in program.reused if keep_per_head else ():
             decision, kept = site.decisions.get(("reuse", heads.heads), (None, None))
             if decision is not None and decision.keep:  # a point to extrapolate from; the first refresh extends it
@@ -310,19 +335,20 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
     out = torch.empty_like(q)
     out_vt = lse_vt = None
     if text:
-        out[:, text_part] = kernel_call(dense_attention, q[:, text_part], k, v, key_mask)
+        out[:, text_part] = _on_rows(None if rows is None else [rows.text], _dense, q[:, text_part], k, v, key_mask)
         text_mask = None if key_mask is None else key_mask[:, text_part]
-        out_vt, lse_vt = kernel_call(dense_attention_lse, q[:, video], k[:, text_part], v[:, text_part], text_mask)
-        site.stats.add(b * h * text.length * s + b * h * n_video * text.length,
-                       b * h * text.length * s + b * h * n_video * text.length)
+        out_vt, lse_vt = _on_rows(video_rows, _dense_lse, q[:, video], k[:, text_part], v[:, text_part], text_mask)
+        site.stats.add((b * h * text.length * s + b * h * n_video * text.length) * share,
+                       (b * h * text.length * s + b * h * n_video * text.length) * share)
     qv, kv, vv = q[:, video], k[:, video], v[:, video]
     out_v = out[:, video]
-    site.stats.add(b * h * n_video * n_video, 0)
+    site.stats.add(b * h * n_video * n_video * share, 0)
 
     for launch in program.launches:
         qg = launch.heads.take(qv)
         kg, vg = launch.heads.take(kv), launch.heads.take(vv)
         layout = _launch_layout(launch, site, qg, kg, q.device)
+        layout = layout if rows is None else rows_only(layout, rows.video)
         site.stats.add(0, b * len(launch.heads.heads) * n_video * n_video * layout.density())
         o, lse = kernel_call(site.executor.run, qg, kg, vg, layout, fp8=launch.fp8)
         _put_video(out_v, launch.heads, o, lse, out_vt, lse_vt)
@@ -339,8 +365,8 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
     for heads in dense_sets:
         # Dense heads see every key, text included, in one call of the best dense kernel: nothing to merge.
         g = len(heads.heads)
-        site.stats.add(0, b * g * n_video * n_video)  # their video-to-text part is counted with the text above
-        o = kernel_call(dense_attention, heads.take(qv), heads.take(k), heads.take(v), key_mask)
+        site.stats.add(0, b * g * n_video * n_video * share)  # their video-to-text part is counted with the text
+        o = _on_rows(video_rows, _dense, heads.take(qv), heads.take(k), heads.take(v), key_mask)
         heads.put(out_v, o)
     for _, heads in program.reused if keep_per_head else ():
         decision, kept = site.decisions.get(("reuse", heads.heads), (None, None))
@@ -349,6 +375,39 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
     if program.skipped is not None:
         program.skipped.put(out_v, torch.zeros_like(program.skipped.take(out_v)))
     return out
+
+
+def _shifted(rows: slice, part: slice) -> slice:
+    """Rows of a part of the sequence (video or text) as rows of the whole sequence."""
+    return slice(part.start + rows.start, part.start + rows.stop)
+
+
+def _dense(q, k, v, key_mask=None):
+    return kernel_call(dense_attention, q, k, v, key_mask)
+
+
+def _dense_lse(q, k, v, key_mask=None):
+    return kernel_call(dense_attention_lse, q, k, v, key_mask)
+
+
+def _on_rows(rows: list[slice] | None, fn, q: torch.Tensor, *args):
+    """fn(q, *args): (B, S, H, D) -> out (B, S, H, Dv), or (out, lse (B, H, S)). With `rows` (ring parallelism), fn
+    runs on those rows of q only and the other rows are zeros: they hold filler queries whose outputs are discarded."""
+    if rows is None:
+        return fn(q, *args)
+    parts = [(r, fn(q[:, r], *args)) for r in rows if r.stop > r.start]
+    if not parts:  # nothing to compute here (ring: text rows merged from the ranks' partial results instead)
+        return torch.zeros_like(q)
+    first = parts[0][1]
+    with_lse = isinstance(first, tuple)
+    sample = first[0] if with_lse else first
+    out = sample.new_zeros(q.shape[:3] + sample.shape[3:])
+    lse = first[1].new_zeros(q.shape[0], q.shape[2], q.shape[1]) if with_lse else None
+    for r, part in parts:
+        out[:, r] = part[0] if with_lse else part
+        if with_lse:
+            lse[:, :, r] = part[1]
+    return (out, lse) if with_lse else out
 
 
 def _put_video(out_v, heads: HeadSet, o, lse, out_vt, lse_vt) -> None:
@@ -421,14 +480,19 @@ def _reused_output(kept: KeptOutputs, decision: ReuseDecision) -> torch.Tensor:
     return weighted_sum(kept.outputs[-points:], decision.weights).to(kept.outputs[-1].dtype)
 
 
-def _static_layout(spec: HeadStrategy, site: AttentionSite, device) -> BlockLayout:
-    key = (spec, site.grid, site.block_q, site.block_k, torch.device(device))
-    if key not in site.static_layouts:
-        ctx = BuildContext(site.grid, site.block_q, site.block_k)
-        layout = full_layout(ctx.seq_len, site.block_q, site.block_k) if spec.strategy == "dense" else \
+def static_layout(spec: HeadStrategy, site: AttentionSite, device) -> BlockLayout:
+    return static_layout_at(spec, site.grid, site.block_q, site.block_k, site.static_layouts, device)
+
+
+def static_layout_at(spec: HeadStrategy, grid: Grid, block_q: int, block_k: int, store: dict, device) -> BlockLayout:
+    """A static strategy's layout at this grid and block size, built once and kept in `store`."""
+    key = (spec, grid, block_q, block_k, torch.device(device))
+    if key not in store:
+        ctx = BuildContext(grid, block_q, block_k)
+        layout = full_layout(ctx.seq_len, block_q, block_k) if spec.strategy == "dense" else \
             get_strategy(spec.strategy).layout(spec.param_dict, ctx)
-        site.static_layouts[key] = _to_device(layout, device)
-    return site.static_layouts[key]
+        store[key] = _to_device(layout, device)
+    return store[key]
 
 
 def _dynamic_layout(spec: HeadStrategy, heads: tuple[int, ...], q, k, site: AttentionSite) -> BlockLayout:
@@ -449,7 +513,7 @@ def _launch_layout(launch: Launch, site: AttentionSite, q, k, device) -> BlockLa
             index = [launch.heads.heads.index(h) for h in heads]
             layouts.append(_dynamic_layout(spec, heads, q[:, :, index], k[:, :, index], site))
         else:
-            layouts.append(_static_layout(spec, site, device))
+            layouts.append(static_layout(spec, site, device))
     if len(layouts) == 1:
         return layouts[0]
     dynamic = any(get_strategy(spec.strategy).dynamic for spec, _ in launch.members)
@@ -484,14 +548,16 @@ def _rescaled(spec, heads: HeadSet, q, k, v, site: AttentionSite):
     if get_strategy(spec.strategy).dynamic:
         layout = _dynamic_layout(spec, heads.heads, q, k, site)
     else:
-        layout = _static_layout(spec, site, q.device)
+        layout = static_layout(spec, site, q.device)
+    rows = site.query_rows
+    layout = layout if rows is None else rows_only(layout, rows.video)
     out_s, lse_s = kernel_call(site.executor.run, q, k, v, layout, fp8=spec.fp8)
     site.stats.add(0, b * g * s * s * layout.density())
     if fresh:
         out, lse = rescaled_output(out_s, lse_s, entry.ratio, entry.residual)
         return out.to(q.dtype), lse
-    out_d, lse_d = kernel_call(dense_attention_lse, q, k, v)
-    site.stats.add(0, b * g * s * s)
+    out_d, lse_d = _on_rows(None if rows is None else [rows.video], _dense_lse, q, k, v)
+    site.stats.add(0, b * g * s * s * (1.0 if rows is None else (rows.video.stop - rows.video.start) / s))
     entry.ratio, entry.residual = rescale_statistics(out_s, lse_s, out_d, lse_d)
     return out_d, lse_d
 

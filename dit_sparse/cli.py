@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .extras import MissingExtra, require
@@ -33,6 +34,10 @@ def _add_generate(sub):
     p.add_argument("--out", default="out/generate",
                    help="folder for the videos and report.json (checked for writing before any work; each file is "
                         "written as soon as it exists)")
+    p.add_argument("--ulysses", type=int, default=1,
+                   help="context parallelism: Ulysses degree (run under torchrun, one process per device)")
+    p.add_argument("--ring", type=int, default=1,
+                   help="context parallelism: ring degree (processes = ulysses x ring)")
     p.add_argument("--force", action="store_true",
                    help="run a size the estimate says is too large for the device (on CPU: more than 65,536 video "
                         "tokens, or dense attention larger than the free memory); refused by default")
@@ -45,8 +50,10 @@ def _generate(args) -> int:
     cfg = GenerateConfig(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, plan=args.plan,
                          model=args.model, device=args.device, dtype=args.dtype, height=args.height,
                          width=args.width, frames=args.frames, out=args.out, executor=args.executor,
-                         repeats=args.repeats, force=args.force)
+                         repeats=args.repeats, force=args.force, ulysses=args.ulysses, ring=args.ring)
     report = run_generate(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0  # under torchrun every rank computes the same generation; rank 0 reports it
     print(format_report(report))
     if args.out:
         print(f"wrote {args.out}/dense.mp4, sparse.mp4, side_by_side.mp4 and report.json")

@@ -20,6 +20,7 @@ from .api import apply, remove
 from .atomic import WriteError, atomic_path, check_writable_folder, write_json
 from .executors import get_executor
 from .metrics import for_json, is_exact, psnr, ssim, ssim_unavailable, to_uint8_video
+from .parallel import launch as parallel_launch
 from .plan import SparsePlan
 from .strategies import STRATEGIES
 from .timing import AttentionTimer, KernelTimer
@@ -56,6 +57,8 @@ class GenerateConfig:
     progress: bool = True
     repeats: int = 2
     force: bool = False  # run even when the size estimate says the run is too large for the device
+    ulysses: int = 1  # context parallelism (under torchrun): Ulysses degree
+    ring: int = 1  # and ring degree; their product is the number of processes
 
 
 def load_model(model: str, device: str, dtype: torch.dtype):
@@ -190,6 +193,7 @@ def _validate(cfg: GenerateConfig) -> None:
         raise GenerateError(f"--steps must be a positive number of denoising steps, got {cfg.steps}")
     if cfg.repeats < 1:
         raise GenerateError(f"--repeats must be at least 1 (timed generations each way), got {cfg.repeats}")
+    check_positive(ulysses=cfg.ulysses, ring=cfg.ring)
     if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
         raise GenerateError(f"--guidance must be a number >= 0 (1 or less turns guidance off), got {cfg.guidance}")
     check_sizes(height=cfg.height, width=cfg.width, frames=cfg.frames)
@@ -491,17 +495,29 @@ class Comparison:
 
 def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], seed: int, device: str = "cpu",
                          executor: str | None = None, repeats: int = 1,
-                         on_frames: Callable[[str, np.ndarray], None] | None = None) -> Comparison:
+                         on_frames: Callable[[str, np.ndarray], None] | None = None,
+                         dense_plan: SparsePlan | None = None) -> Comparison:
     """Run `pipe` dense, then with `plan` applied, same seed; time both (total and attention) and compare.
 
     repeats: timed generations each way, interleaved (dense, sparse, dense, ...); each timing is the fastest, so
     that a burst of other load on the machine does not decide the ratio. on_frames("dense" or "sparse", frames):
     called as soon as each way's first generation exists (generate writes its video then, so that a later fault
-    keeps it)."""
+    keeps it). dense_plan: run the dense generations through this (dense) plan rather than the model's own
+    processors (under context parallelism, where those cannot run every parallel mode)."""
     from .api import transformers_of
 
     transformers = transformers_of(pipe)
-    warm_up(pipe, call_kwargs)
+
+    def run_dense(run):
+        if dense_plan is None:
+            return run()
+        apply(pipe, dense_plan, executor=executor)
+        try:
+            return run()
+        finally:
+            remove(pipe)
+
+    run_dense(lambda: warm_up(pipe, call_kwargs))
     apply(pipe, plan, executor=executor)
     try:
         warm_up(pipe, call_kwargs)  # the sparse path's own one-time costs (layouts, executor buffers)
@@ -509,7 +525,7 @@ def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], se
         remove(pipe)
     dense_runs, sparse_runs = [], []
     for i in range(repeats):
-        dense_runs.append(timed_generation(pipe, call_kwargs, seed, device, transformers))
+        dense_runs.append(run_dense(lambda: timed_generation(pipe, call_kwargs, seed, device, transformers)))
         if i == 0 and on_frames is not None:
             on_frames("dense", dense_runs[0][0])
         processor = apply(pipe, plan, executor=executor)
@@ -531,7 +547,7 @@ def compare_dense_sparse(pipe, plan: SparsePlan, call_kwargs: dict[str, Any], se
         "sparse_attention_seconds": sparse_attn,
         "attention_speedup": dense_attn / sparse_attn if sparse_attn else None,
         "sparse_kernel_seconds": min(r[3] for r in sparse_runs),
-        "executed_attention_density": processor.stats.executed_density,
+        "executed_attention_density": processor.stats.summed_over_ranks().executed_density,
         "psnr": psnr(dense, sparse),  # inf when identical (a result file writes null with a note: metrics.for_json)
         "ssim": ssim(dense, sparse),  # None when the frames are too small for SSIM
         "dense_caption_ok": None,
@@ -557,23 +573,32 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     after the sparse run, report.json once the metrics are known, then side_by_side.mp4; a late fault (a full disk)
     keeps what was written before it and raises WriteError naming the file."""
     _validate(cfg)
-    pipe = load_model(cfg.model, cfg.device, DTYPES[cfg.dtype])
-    pipe.set_progress_bar_config(disable=not cfg.progress, desc="denoising")
+    launch = parallel_launch.start(cfg.device, cfg.ulysses, cfg.ring) if cfg.ulysses * cfg.ring > 1 else None
+    device = launch.device if launch else cfg.device
+    leads = launch is None or launch.leads
+    pipe = load_model(cfg.model, device, DTYPES[cfg.dtype])
+    pipe.set_progress_bar_config(disable=not (cfg.progress and leads), desc="denoising")
     from .api import transformers_of
 
     transformer = transformers_of(pipe)[0]
+    if launch is not None:
+        for each in transformers_of(pipe):
+            parallel_launch.enable(each, cfg.ulysses, cfg.ring)
     check_workload(pipe, transformer, cfg.device, force=cfg.force, height=cfg.height, width=cfg.width,
                    frames=cfg.frames, steps=cfg.steps, guidance=cfg.guidance, generations=2 * cfg.repeats + 0.2)
     plan = resolve_plan(cfg.plan, pipe, transformer)
     kwargs = _call_kwargs(cfg, pipe)
-    out = Path(cfg.out) if cfg.out else None
+    out = Path(cfg.out) if cfg.out and leads else None  # under torchrun, rank 0 writes
 
     def write_as_you_go(name: str, frames: np.ndarray) -> None:
         if out is not None:
             write_video(out / f"{name}.mp4", frames)
 
-    result = compare_dense_sparse(pipe, plan, kwargs, cfg.seed, cfg.device, cfg.executor, cfg.repeats,
-                                  on_frames=write_as_you_go)
+    # Under context parallelism the dense run goes through dit-sparse's dense plan too: diffusers' own attention
+    # has no ring on CPU, and some families' stock processors (CogVideoX's) do not run in parallel at all.
+    dense_plan = SparsePlan.uniform(transformer, "dense") if launch is not None else None
+    result = compare_dense_sparse(pipe, plan, kwargs, cfg.seed, device, cfg.executor, cfg.repeats,
+                                  on_frames=write_as_you_go, dense_plan=dense_plan)
     report: dict[str, Any] = {
         "model": cfg.model,
         "plan": cfg.plan or "default",
@@ -582,11 +607,13 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         "steps": kwargs.get("num_inference_steps"),
         "device": cfg.device,
         "dtype": cfg.dtype,
+        "context_parallel": {"ulysses": cfg.ulysses, "ring": cfg.ring} if launch else None,
         "frames_shape": list(result.dense.shape),
         **result.metrics,
         "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
                      "torch_threads": torch.get_num_threads(),
-                     "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None},
+                     "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                     "processes": launch.world if launch else 1},
         "versions": _versions(),
     }
     if out is not None:

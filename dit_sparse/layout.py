@@ -143,8 +143,12 @@ class BlockLayout:
             self._memo["density"] = self._density()
         return self._memo["density"]
 
-    def _density(self) -> float:
+    def _density(self, rows: slice | None = None) -> float:
         q_sizes = block_sizes(self.seq_len, self.block_q, self.kv_index.device).double()
+        if rows is not None:  # only these query rows: each block counts the rows it holds of them
+            first = torch.arange(len(q_sizes), device=q_sizes.device, dtype=torch.float64) * self.block_q
+            q_sizes = (torch.minimum(first + q_sizes, torch.tensor(float(rows.stop)))
+                       - torch.maximum(first, torch.tensor(float(rows.start)))).clamp(min=0)
         k_sizes = block_sizes(self.seq_len, self.block_k, self.kv_index.device).double()
         levels = self.level_map()
         work = torch.zeros(levels.shape, dtype=torch.float64, device=levels.device)
@@ -152,6 +156,10 @@ class BlockLayout:
             work += (levels == level) * torch.ceil(k_sizes / 2**level)
         per_row = (work.sum(-1) * q_sizes).sum(-1)
         return float(per_row.mean() / (self.seq_len * self.seq_len))
+
+    def density_of_rows(self, rows: slice) -> float:
+        """The work of the query rows in `rows` alone, as a fraction of dense attention over all rows."""
+        return self._density(rows)
 
     def expand(self, batch: int, heads: int) -> "BlockLayout":
         """The same layout with explicit batch and head dimensions."""

@@ -36,11 +36,16 @@ from .attend import (
     decide_module,
     keep_module_output,
     reused_module_output,
+    static_layout_at,
     whole_module_reuse,
 )
 from .branch_share import keep_for_other_branch, shared_output
 from .executors import get_executor, known_executor
 from .layout import Grid
+from .parallel.attention import parallel_attend
+from .parallel.balance import balanced_order, head_cost
+from .parallel.plans import context_parallel_plan
+from .parallel.topology import SequenceParallel, context_parallel_config, sequence_parallel
 from .plan import SparsePlan
 
 logger = logging.getLogger(__name__)
@@ -184,6 +189,7 @@ class _Binding:
     owner: Any = None  # the SparseProcessor that bound it
     state: Any = None  # its transformer's _TransformerState
     site: Any = None  # this forward's AttentionSite (covered modules; set by the forward pre-hook)
+    head_order: tuple[int, ...] | None = None  # under Ulysses, the order that evens the ranks' work (None: as is)
 
 
 @dataclass
@@ -202,6 +208,10 @@ class _TransformerState:
     cache: dict = field(default_factory=dict)
     handles: list = field(default_factory=list)
     context_hook: Any = None
+    # Under diffusers' context parallelism (enable_parallelism, before or after the plan): the ParallelConfig the
+    # stock processors take, and this rank's place in its mesh; None on one device.
+    parallel_config: Any = None
+    parallel: SequenceParallel | None = None
 
 
 def attention_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -221,12 +231,15 @@ class SparseProcessor:
 
     executor: "reference", "cpu", "triton" or None (the best available for the device).
     block_size: (block_q, block_k) to override the executor's choice.
+    balance_heads: under Ulysses parallelism, reorder each module's heads so that every rank gets about the same
+    work (an exact permutation of q, k, v and the output; docs/parallel.md).
     """
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, plan: SparsePlan, executor: str | None = None, block_size: tuple[int, int] | None = None):
+    def __init__(self, plan: SparsePlan, executor: str | None = None, block_size: tuple[int, int] | None = None,
+                 balance_heads: bool = True):
         if not isinstance(plan, SparsePlan):
             raise TypeError(f"SparseProcessor needs a SparsePlan, got {type(plan).__name__}")
         if block_size is not None and not (
@@ -234,6 +247,7 @@ class SparseProcessor:
                 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_size)):
             raise ValueError(f"block_size must be (block_q, block_k), two positive integers, got {block_size!r}")
         self.plan = plan
+        self.balance_heads = balance_heads
         self.executor_name = executor
         self.block_size = block_size
         self.stats = AttentionStats()
@@ -241,6 +255,7 @@ class SparseProcessor:
         self._static_layouts: dict = {}
         # How each distinct head mix runs, made once: its head indices live on the device from the first forward on.
         self._programs: dict[tuple, HeadProgram] = {}
+        self._head_orders: dict[tuple, tuple[int, ...] | None] = {}  # Ulysses head orders, per heads and grid
         # Called as observer(site, q, k, v, text) before every covered attention; calibration records through it.
         self.observers: list = []
         if executor is not None:
@@ -254,6 +269,10 @@ class SparseProcessor:
         self._take_over(transformer)
         adapter = adapter_for_transformer(transformer)
         self.check_plan(transformer, adapter)
+        cp = context_parallel_config(transformer)
+        if cp is not None:  # enable_parallelism came first: refuse what cannot run now, before any hook is installed
+            context_parallel_plan(transformer)
+            sequence_parallel(cp, self.plan.model.num_heads, type(transformer).__name__)
         covered = dict(adapter.covered_modules(transformer))
         bindings = {}
         for name, module in attention_modules(transformer).items():
@@ -346,7 +365,23 @@ class SparseProcessor:
         if state.position.new_generation:
             state.cache.clear()  # a new generation: layouts and re-scale statistics must not carry over
         self._check_steps_known(state, transformer)
+        self._find_parallelism(state, transformer)
         self._decide(state, bound.arguments["hidden_states"])
+
+    def _find_parallelism(self, state: _TransformerState, transformer) -> None:
+        """This rank's place in the context-parallel mesh, if enable_parallelism was called (either before the plan
+        was applied, when the model holds the config, or after, when diffusers gave it to this processor). Refused
+        here, before any attention runs, when dit-sparse cannot run the plan under it."""
+        cp = context_parallel_config(transformer, self)
+        if cp is None:
+            state.parallel_config = state.parallel = None
+            return
+        config = transformer._parallel_config if getattr(transformer, "_parallel_config", None) is not None \
+            else self._parallel_config
+        if state.parallel_config is not config:
+            context_parallel_plan(transformer)  # refuses the families dit-sparse cannot run in parallel, by name
+            state.parallel = sequence_parallel(cp, self.plan.model.num_heads, type(transformer).__name__)
+            state.parallel_config = config
 
     def _decide(self, state: _TransformerState, hidden_states: torch.Tensor) -> None:
         """This forward's site of every covered module, with its decisions made and its layouts built."""
@@ -429,8 +464,11 @@ class SparseProcessor:
                 "subclass must keep its parent's forward signature)")
 
     def _bind_lazily(self, attn: torch.nn.Module) -> _TransformerState:
-        """One-line form: find the transformer whose forward is running this module, bind, capture its inputs."""
-        frame, model = sys._getframe(1), None
+        """One-line form: find the transformer whose forward is running this module, bind, capture its inputs.
+
+        The inputs are those of the outermost call of that transformer on the stack (torch's Module.__call__): wrappers
+        below it (diffusers' hooks, PEFT's scale wrapper) may hold them already split for context parallelism."""
+        frame, model, found = sys._getframe(1), None, None
         while frame is not None:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module) and any(m is attn for m in owner.modules()):
@@ -440,14 +478,18 @@ class SparseProcessor:
             if (
                 owner is not None
                 and has_adapter(owner)
+                and (found is None or owner is found[0])
                 and "args" in frame.f_locals
                 and "kwargs" in frame.f_locals
             ):
-                self.bind(owner)
-                state = self._states[id(owner)]
-                self._capture(state, owner, frame.f_locals["args"], frame.f_locals["kwargs"])
-                return state
+                found = (owner, frame.f_locals["args"], frame.f_locals["kwargs"])
             frame = frame.f_back
+        if found is not None:
+            owner, args, kwargs = found
+            self.bind(owner)
+            state = self._states[id(owner)]
+            self._capture(state, owner, args, kwargs)
+            return state
         if model is not None:
             raise UnsupportedModelError(
                 f"a SparseProcessor is set on {type(model).__name__}, which dit-sparse has no adapter for (supported "
@@ -468,6 +510,8 @@ class SparseProcessor:
         state = binding.state
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         if not binding.covered:
+            if state.parallel_config is not None and hasattr(binding.stock, "_parallel_config"):
+                binding.stock._parallel_config = state.parallel_config  # its own context-parallel attention
             return self._pass_through(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary,
                                       kwargs)
         site = binding.site
@@ -477,9 +521,11 @@ class SparseProcessor:
         # call, and training needs each branch's own graph (a shared output is a detached copy). It compares inputs
         # on the host, so it is left out of compiled graphs, and out of calls outside any cache context (no second
         # branch to share with; the one-line form's first call has one, unseen).
+        # Under context parallelism every rank must take the same branch (collectives follow), so it is off there.
+        parallel = state.parallel
         shares = encoder_hidden_states is None and attention_mask is None and not kwargs and not self.observers \
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-            and (state.branch != UNNAMED_BRANCH or state.originals is None)
+            and (state.branch != UNNAMED_BRANCH or state.originals is None) and parallel is None
         if shares:
             shared = shared_output(site, hidden_states, rotary)
             if shared is not None:
@@ -493,10 +539,14 @@ class SparseProcessor:
         def bound_attend(q, k, v, text=None):
             for observe in self.observers:
                 observe(site, q, k, v, text)
+            if parallel is not None:
+                return parallel_attend(q, k, v, site, text, parallel, binding.head_order)
             return attend(q, k, v, site, text)
 
-        # Where text and image arrive as one sequence (Flux single blocks), the adapter needs the image token count.
+        # Where text and image arrive as one sequence (Flux single blocks), the adapter needs the image token count
+        # of the sequence it holds (this rank's shard under context parallelism).
         bound_attend.grid = site.grid
+        bound_attend.video_tokens = site.grid.num_tokens // (parallel.world if parallel is not None else 1)
         out = state.adapter.attention(bound_attend, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       rotary, **kwargs)
         binding.saw_text = site.saw_text
@@ -522,7 +572,13 @@ class SparseProcessor:
             raise RuntimeError("no grid captured: the transformer's forward pre-hook did not run")
         head_dim = self.plan.model.head_dim
         block_q, block_k = self.block_size or executor.block_sizes(device, head_dim)
-        heads = self.plan.heads_for(binding.name)
+        module_heads = heads = self.plan.heads_for(binding.name)
+        binding.head_order = None
+        if state.parallel is not None and state.parallel.ulysses_size > 1:
+            # Ulysses: this rank attends over some heads only, those of its slice of the (balanced) head order.
+            binding.head_order = self._head_order(module_heads, state, block_q, block_k, device)
+            order = binding.head_order or range(len(heads))
+            heads = tuple(module_heads[i] for i in order)[state.parallel.heads(len(heads))]
         if heads not in self._programs:
             self._programs[heads] = HeadProgram.of(heads)
         return AttentionSite(
@@ -539,9 +595,26 @@ class SparseProcessor:
             cache=state.cache,
             static_layouts=self._static_layouts,
             stats=self.stats,
-            module_reuse=whole_module_reuse(heads) if binding.output_follows_attention else None,
+            # Whether the whole module is reused is decided on all of its heads: under Ulysses every rank must take
+            # the module's all-to-alls, or none.
+            module_reuse=whole_module_reuse(module_heads) if binding.output_follows_attention else None,
             program=self._programs[heads],
         )
+
+    def _head_order(self, heads, state: _TransformerState, block_q: int, block_k: int, device):
+        """The head order that evens the Ulysses ranks' work for this module's heads at this grid (None: the
+        model's own order is as even, or balancing is off). Memoised."""
+        if not self.balance_heads:
+            return None
+        key = (heads, state.grid, block_q, block_k, state.parallel.ulysses_size)
+        if key not in self._head_orders:
+            def density(spec):
+                return static_layout_at(spec, state.grid, block_q, block_k, self._static_layouts, device).density()
+
+            costs = [head_cost(spec, density, self.plan.schedule.refresh_interval) for spec in heads]
+            order = balanced_order(costs, state.parallel.ulysses_size)
+            self._head_orders[key] = None if order == tuple(range(len(heads))) else order
+        return self._head_orders[key]
 
     def _dense_now(self, state: _TransformerState, layer: int) -> bool:
         """Whether this layer runs dense at this step (`_check_steps_known` made sure the schedule can say)."""

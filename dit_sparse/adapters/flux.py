@@ -83,7 +83,7 @@ class FluxAdapter(ModelAdapter):
             text_len = text_q.shape[1]
         else:
             # Single block: [text, image] in one sequence; everything before the image tokens is text.
-            text_len = query.shape[1] - attend.grid.num_tokens
+            text_len = query.shape[1] - attend.video_tokens
         if rotary is not None:
             query = apply_rotary_emb(query, rotary, sequence_dim=1)
             key = apply_rotary_emb(key, rotary, sequence_dim=1)

@@ -108,6 +108,8 @@ def _build_groups(layout: BlockLayout, b: int, h: int, s_ext: int, dtype, device
     bias = _ln_bias(layout, device) if layout.max_level > 0 else None
     groups = []
     for width in torch.unique(count).tolist():
+        if width == 0:
+            continue  # query blocks that visit nothing (outside a ring rank's rows): not computed, their rows unused
         items = torch.nonzero(count == width).flatten()
         rows = k_rows[items, :width]
         pooled = bias is not None and bool((row_levels[items, :width] > 0).any())

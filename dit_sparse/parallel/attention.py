@@ -1,0 +1,170 @@
+"""One covered attention under context parallelism: what `attend` does on one GPU, with the sequence split.
+
+Ulysses first (within the Ulysses group: the whole of the ring shard, some heads), then ring (within the ring
+group: this rank's query rows against the key/value shards its layouts visit). Each rank's site already holds the
+plan of its own heads (the processor cut it at the Ulysses head offset), so static layouts, dynamic estimates and
+kept state are per rank and need no exchange beyond q, k and v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attend import AttentionSite, TextTokens, attend, static_layout
+from ..dense import dense_attention_lse
+from ..strategies import get_strategy
+from . import ring, ulysses
+from .topology import SequenceParallel, UnsupportedParallelismError
+
+
+def parallel_attend(q, k, v, site: AttentionSite, text: TextTokens | None, topology: SequenceParallel,
+                    head_order: tuple[int, ...] | None = None):
+    """q, k, v: (B, s, H, D), this rank's sequence shard ([text, video] pieces as the model orders them) of every
+    head. Returns this rank's shard of the output, (B, s, H, D). head_order: the heads' order for the Ulysses
+    all-to-all (balance.py); the output comes back in the model's order."""
+    if text is not None and text.mask is not None:
+        raise UnsupportedParallelismError(
+            f"{site.module_name}: padded text tokens (an attention mask) under context parallelism are not supported")
+    local_text = text
+    if head_order is not None:
+        order = _order_index(head_order, q.device)
+        q, k, v = (x.index_select(2, order) for x in (q, k, v))
+    if topology.ulysses_size > 1:
+        group, size = topology.ulysses_group, topology.ulysses_size
+        q, k, v = (ulysses.gather_sequence(x, group, size) for x in (q, k, v))
+        (q, text), (k, _), (v, _) = (ulysses.in_model_order(x, local_text) for x in (q, k, v))
+    out = _ring_attend(q, k, v, site, text, topology) if topology.ring_size > 1 else attend(q, k, v, site, text)
+    if topology.ulysses_size > 1:
+        out = ulysses.scatter_sequence(ulysses.in_rank_order(out, local_text, topology.ulysses_size),
+                                       topology.ulysses_group, topology.ulysses_size)
+    if head_order is not None:
+        out = out.index_select(2, _order_index(tuple(sorted(range(len(head_order)), key=head_order.__getitem__)),
+                                               out.device))
+    return out
+
+
+_ORDER_INDICES: dict = {}
+
+
+def _order_index(order: tuple[int, ...], device) -> torch.Tensor:
+    """A head order as an index tensor on the device, made once."""
+    key = (order, str(device))
+    if key not in _ORDER_INDICES:
+        _ORDER_INDICES[key] = torch.tensor(order, device=device)
+    return _ORDER_INDICES[key]
+
+
+def _ring_attend(q, k, v, site: AttentionSite, text: TextTokens | None, topology: SequenceParallel):
+    size, rank, group = topology.ring_size, topology.ring_rank, topology.ring_group
+    b, s, h, d = q.shape
+    video, text_part = text.slices(s) if text else (slice(0, s), None)
+    n_video = (video.stop - video.start) * size
+    everything, whole_q = _what_ring_needs(site, text is not None)
+    shard = torch.stack([q[:, video], k[:, video], v[:, video]] if whole_q else [k[:, video], v[:, video]])
+    topology.traffic["dense"] += size * (size - 1)
+    if everything or whole_q:
+        pieces = ring.all_gather(shard, group, size)
+        topology.traffic["sent"] += size * (size - 1)
+    else:
+        need = torch.zeros(size, size, dtype=torch.bool)
+        for layout in _layouts_in_use(site, q.device):
+            need |= ring.need_matrix(layout, size)
+        received = ring.exchange(shard, need, group, rank)
+        received[rank] = shard
+        pieces = [received.get(i) for i in range(size)]
+        topology.traffic["sent"] += int(need.sum()) - int(need.diagonal().sum())
+    filler = torch.zeros_like(shard[0])
+    k_video = torch.cat([p[-2] if p is not None else filler for p in pieces], 1)
+    v_video = torch.cat([p[-1] if p is not None else filler for p in pieces], 1)
+    if whole_q:
+        q_video = torch.cat([p[0] for p in pieces], 1)
+    else:
+        q_video = q.new_zeros(b, n_video, h, d)
+        q_video[:, ring.shard_slice(n_video, size, rank)] = q[:, video]
+    rows = ring.QueryRows(ring.shard_slice(n_video, size, rank))
+    full_text = None
+    if text is not None:
+        n_text = text.length * size
+        text_kv = ring.all_gather(torch.stack([k[:, text_part], v[:, text_part]]), group, size)
+        k_text, v_text = (torch.cat([p[i] for p in text_kv], 1) for i in (0, 1))
+        q_text = q.new_zeros(b, n_text, h, d)
+        q_text[:, ring.shard_slice(n_text, size, rank)] = q[:, text_part]
+        rows = ring.QueryRows(rows.video, ring.shard_slice(n_text, size, rank))
+        full_text = TextTokens(n_text, text.first)
+        text_out = None
+        if not (everything or whole_q):
+            # Text queries attend to every key, and this rank holds only some video shards: their rows come from
+            # every rank's partial result instead, and attend computes none of them.
+            text_out = _text_rows_from_partials(q[:, text_part], k_text, v_text, k[:, video], v[:, video], topology)
+            rows = ring.QueryRows(rows.video, slice(0, 0))
+        order = (lambda t, vid: (t, vid)) if text.first else (lambda t, vid: (vid, t))
+        q_full, k_full, v_full = (torch.cat(order(t, vid), 1) for t, vid in
+                                  ((q_text, q_video), (k_text, k_video), (v_text, v_video)))
+    else:
+        q_full, k_full, v_full = q_video, k_video, v_video
+    site.query_rows = rows
+    try:
+        out = attend(q_full, k_full, v_full, site, full_text)
+    finally:
+        site.query_rows = None
+    if text is None:
+        return out[:, rows.video]
+    full_video, full_text_part = full_text.slices(out.shape[1])
+    mine_video = out[:, full_video][:, rows.video]
+    mine_text = out[:, full_text_part][:, rows.text] if text_out is None else text_out
+    return torch.cat((mine_text, mine_video) if text.first else (mine_video, mine_text), 1)
+
+
+def _text_rows_from_partials(q_text, k_text, v_text, k_video, v_video, topology: SequenceParallel):
+    """This rank's text rows of a joint attention, where ranks hold only some video shards: every rank attends all
+    text queries to the keys it owns (its video shard; all text keys on ring rank 0 alone, so that none counts twice),
+    and the partial results merge exactly by their log-sum-exp. Text is short: this moves little."""
+    size, rank, group = topology.ring_size, topology.ring_rank, topology.ring_group
+    queries = torch.cat(ring.all_gather(q_text, group, size), 1)
+    keys = torch.cat([k_text, k_video], 1) if rank == 0 else k_video
+    values = torch.cat([v_text, v_video], 1) if rank == 0 else v_video
+    out, lse = dense_attention_lse(queries, keys, values)
+    outs = torch.stack(ring.all_gather(out.float(), group, size))  # (R, B, T, h, D)
+    lses = torch.stack(ring.all_gather(lse, group, size))  # (R, B, h, T)
+    total = torch.logsumexp(lses, 0)
+    weights = torch.exp(lses - total).transpose(2, 3).unsqueeze(-1)  # (R, B, T, h, 1)
+    merged = (outs * weights).sum(0).to(q_text.dtype)
+    return merged[:, ring.shard_slice(merged.shape[1], size, rank)]
+
+
+def _what_ring_needs(site: AttentionSite, has_text: bool) -> tuple[bool, bool]:
+    """(every key/value shard, every q shard too) for this step of the module: any dense work (dense heads, dense
+    steps, `reuse` or re-scale refreshes) visits every key; a dynamic layout estimated now reads the whole q and k,
+    and so do FP8 heads (keys are centred on the mean of all keys, queries scaled per query block, and a block may
+    straddle two ranks' rows)."""
+    program = site.program
+    fp8 = any(launch.fp8 for launch in program.launches) or any(spec.fp8 for spec, _ in program.rescaled)
+    everything = site.dense_now or bool(program.dense)
+    keep_per_head = has_text or site.module_reuse is None
+    for _, heads in program.reused:
+        decision = site.decisions.get(("reuse", heads.heads), (None, None))[0] if keep_per_head else None
+        everything |= decision is None or not decision.reuse
+    for _, heads in program.rescaled:
+        everything |= not site.decisions[("rescale", heads.heads)][0]
+    estimate = fp8 and not site.dense_now
+    if not site.dense_now:
+        for spec, heads in _members(site):
+            if get_strategy(spec.strategy).dynamic:
+                keep, entry = site.decisions[("layout", heads)]
+                estimate |= not keep or entry.layout is None
+    return everything, estimate
+
+
+def _members(site: AttentionSite):
+    program = site.program
+    yield from (member for launch in program.launches for member in launch.members)
+    yield from ((spec, heads.heads) for spec, heads in program.rescaled)
+
+
+def _layouts_in_use(site: AttentionSite, device):
+    """The layouts of this step's sparse heads, known before attention when nothing is estimated now."""
+    for spec, heads in _members(site):
+        if get_strategy(spec.strategy).dynamic:
+            yield site.decisions[("layout", heads)][1].layout
+        else:
+            yield static_layout(spec, site, device)

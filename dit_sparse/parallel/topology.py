@@ -1,0 +1,93 @@
+"""Where this process sits in diffusers' context-parallel mesh: its Ulysses group and its ring group.
+
+diffusers (`transformer.enable_parallelism(config=ContextParallelConfig(...))`) builds a ("ring", "ulysses") device
+mesh and splits the sequence over the flattened mesh, ring-major: shard `ring_rank * ulysses_degree + ulysses_rank`.
+dit-sparse reads that mesh and nothing else, so every rank agrees with diffusers on which tokens it holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UnsupportedParallelismError(ValueError):
+    """A context-parallel setup dit-sparse cannot run a plan under; raised before any attention runs."""
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceParallel:
+    """This rank's place in the mesh. Groups are torch.distributed process groups (None when the degree is 1)."""
+
+    ulysses_size: int
+    ulysses_rank: int
+    ulysses_group: Any
+    ring_size: int
+    ring_rank: int
+    ring_group: Any
+    # Key/value shards this rank's ring group sent, summed over attentions, and what dense ring attention would have
+    # sent: every shard to every other rank (`ring.RingTraffic`).
+    traffic: dict = field(default_factory=lambda: {"sent": 0, "dense": 0})
+
+    @property
+    def world(self) -> int:
+        return self.ulysses_size * self.ring_size
+
+    @property
+    def shard(self) -> int:
+        """Which sequence shard diffusers gave this rank (flattened mesh, ring-major)."""
+        return self.ring_rank * self.ulysses_size + self.ulysses_rank
+
+    def heads(self, total: int) -> slice:
+        """The heads this rank attends over after the Ulysses all-to-all: a contiguous run."""
+        per_rank = total // self.ulysses_size
+        return slice(self.ulysses_rank * per_rank, (self.ulysses_rank + 1) * per_rank)
+
+    def describe(self) -> str:
+        parts = [f"ulysses {self.ulysses_size}"] if self.ulysses_size > 1 else []
+        parts += [f"ring {self.ring_size}"] if self.ring_size > 1 else []
+        return " x ".join(parts)
+
+
+def context_parallel_config(transformer, processor=None):
+    """The ContextParallelConfig in force on `transformer` (set by enable_parallelism, before or after a plan was
+    applied), or None."""
+    for holder in (transformer, processor):
+        config = getattr(holder, "_parallel_config", None)
+        cp = getattr(config, "context_parallel_config", None) if config is not None else None
+        if cp is not None:
+            return cp
+    return None
+
+
+def sequence_parallel(cp, heads: int, model_name: str) -> SequenceParallel:
+    """This rank's SequenceParallel for a set-up ContextParallelConfig, or a clear refusal of what dit-sparse cannot
+    run: diffusers' uneven ("anything") splits, and head counts that Ulysses cannot divide."""
+    for flag in ("ulysses_anything", "ring_anything"):
+        if getattr(cp, flag, False):
+            raise UnsupportedParallelismError(
+                f"{model_name}: ContextParallelConfig({flag}=True) splits the sequence unevenly, which dit-sparse "
+                "does not support yet; use an even split (the default) with a token count divisible by the degree")
+    if getattr(cp, "_ulysses_mesh", None) is None or getattr(cp, "_ring_mesh", None) is None:
+        raise UnsupportedParallelismError(
+            f"{model_name}: its ContextParallelConfig has no device mesh yet; enable it with "
+            "transformer.enable_parallelism(config=...), which sets the mesh up")
+    ulysses, ring = int(cp.ulysses_degree), int(cp.ring_degree)
+    if heads % ulysses:
+        raise UnsupportedParallelismError(
+            f"{model_name} has {heads} attention heads, which ulysses_degree={ulysses} does not divide; choose a "
+            f"Ulysses degree that divides {heads}, or use ring_degree for the rest")
+    topology = SequenceParallel(
+        ulysses, cp._ulysses_mesh.get_local_rank(), cp._ulysses_mesh.get_group() if ulysses > 1 else None,
+        ring, cp._ring_mesh.get_local_rank(), cp._ring_mesh.get_group() if ring > 1 else None)
+    flattened = getattr(cp, "_flattened_mesh", None)
+    if flattened is not None:
+        import torch.distributed as dist
+
+        diffusers_shard = dist.get_rank(flattened.get_group())
+        if diffusers_shard != topology.shard:
+            raise UnsupportedParallelismError(
+                f"{model_name}: this rank holds sequence shard {diffusers_shard}, but its mesh coordinates (ring "
+                f"{topology.ring_rank}, ulysses {topology.ulysses_rank}) say {topology.shard}; dit-sparse needs the "
+                "ring-major mesh that ContextParallelConfig builds")
+    return topology
