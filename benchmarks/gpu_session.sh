@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The protocol for a session lent a CUDA GPU (e.g. through the device tool): install, run the speed-only end-to-end
-# benchmark, the kernel benchmark, the tile sweep and the CUDA kernel tests, within about 10 minutes on an H100/H200
+# benchmark, the kernel benchmark, the tile sweep and the CUDA kernel tests (and, on a machine with several GPUs,
+# the context-parallel speed of Wan 2.1-14B at 720p), within about 10 minutes on an H100/H200
 # (each step has its own time limit, so a slow step cannot starve the others), and leave every result file in one
 # folder (default benchmarks/results/gpu-<date>), with hardware and versions inside each file.
 #
@@ -68,4 +69,17 @@ workers=()
 $python -c "import xdist" 2> /dev/null && workers=(-n "${TEST_WORKERS:-8}")  # parallel Triton compilation
 step kernel-tests "${TESTS_LIMIT:-180}" pytest -q -p no:cacheprovider tests/kernels "${workers[@]}" \
   --ignore=tests/kernels/test_gpu_compile.py --timeout=170 --junitxml="$out/kernel-tests.xml"
+# 6. Several GPUs (issue 42), only where the machine has them: Wan 2.1-14B's architecture at 720p, 81 frames (75,600
+#    tokens), bf16, random weights, speed only; dense and a frame-local plan at the same parallelism, Ulysses over all
+#    GPUs, ring over all GPUs, and both (Ulysses within pairs, ring across them).
+gpus=$($python -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -gt 1 ]; then
+  for mode in "ulysses $gpus" "ring $gpus" "ulysses 2 ring $((gpus / 2))"; do
+    set -- $mode
+    flags="--$1 $2${3:+ --$3 $4}"
+    step "parallel-${mode// /-}" "${PARALLEL_LIMIT:-300}" torchrun --standalone --nproc-per-node "$gpus" \
+      -m dit_sparse bench speed --arch wan2.1-14b --device cuda --dtype bfloat16 --repeats 2 $flags \
+      --plans "diagonal:window=[1,0.125,0.125]" --out "$out/speed-wan2.1-14b-720p-${mode// /-}"
+  done
+fi
 echo "results in $out"

@@ -63,6 +63,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
         text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6), _wan_inputs, (81, 480, 832)),
+    # Wan 2.1 T2V 14B (720p, 81 frames -> 21 x 45 x 80 = 75,600 tokens): the size that runs on several GPUs.
+    "wan2.1-14b": Architecture("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6), _wan_inputs, (81, 720, 1280)),
     # CogVideoX-5B (480x720, 49 frames -> 13 x 30 x 45 = 17,550 video tokens + 226 text).
     "cogvideox-5b": Architecture("CogVideoXTransformer3DModel", dict(
         num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=42,
@@ -87,7 +92,17 @@ def build(arch: Architecture, layers: int | None, dtype: torch.dtype, device: st
             config["num_single_layers"] = layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = getattr(diffusers, arch.transformer_class)(**config)
+        if device.startswith("cuda"):
+            # Built in place, in its dtype: a 14B model built on the host in fp32 would need 56 GB per process.
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                with torch.device(device):
+                    model = getattr(diffusers, arch.transformer_class)(**config)
+            finally:
+                torch.set_default_dtype(default)
+        else:
+            model = getattr(diffusers, arch.transformer_class)(**config)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -119,26 +134,47 @@ def _time_forward(model, inputs, repeats: int, device: str, runner=None) -> tupl
 
 def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, height: int | None = None,
               width: int | None = None, layers: int | None = None, repeats: int = 3, device: str = "cpu",
-              dtype: torch.dtype = torch.float32, out: Path | None = None, compile: bool = False) -> dict[str, Any]:
+              dtype: torch.dtype = torch.float32, out: Path | None = None, compile: bool = False,
+              ulysses: int = 1, ring: int = 1) -> dict[str, Any]:
     """Dense and each plan timed on one architecture. out: results.json there is rewritten (atomically) after each
-    plan, marked "partial" until the last, so that a late fault keeps what was measured. compile: time the forward
-    under torch.compile (dense and every plan alike); module and kernel seconds come from eager forwards."""
+    plan, marked "partial" until the last, so that a late fault keeps what was measured (by rank 0 alone under
+    context parallelism). compile: time the forward under torch.compile (dense and every plan alike); module and
+    kernel seconds come from eager forwards. ulysses, ring: context parallelism over that many processes (under
+    torchrun, one per device); dense is then timed at the same parallelism."""
     from .bench_e2e import parse_plan_spec
     from .generate import GenerateError, check_positive, check_sizes
+    from .parallel import launch as parallel_launch
 
-    check_positive(layers=layers, repeats=repeats)
+    check_positive(layers=layers, repeats=repeats, ulysses=ulysses, ring=ring)
     check_sizes(frames=frames, height=height, width=width)
     arch = ARCHITECTURES[arch_name]
     f, h, w = (arch.default_size[i] if given is None else given for i, given in enumerate((frames, height, width)))
+    launch = parallel_launch.start(device, ulysses, ring) if ulysses * ring > 1 else None
+    device = launch.device if launch else device
     model = build(arch, layers, dtype, device)
     inputs = arch.inputs(arch.config, f, h, w, dtype, device)
+    dense_plan = None
+    if launch is not None:
+        parallel_launch.enable(model, ulysses, ring)
+        # diffusers' own attention is the dense baseline where it runs this model and mode in parallel; where it
+        # cannot (no cp_plan of its own, or ring on CPU, which its attention lacks), dit-sparse's dense plan is.
+        if getattr(type(model), "_cp_plan", None) is None or (ring > 1 and not device.startswith("cuda")):
+            dense_plan = SparsePlan.uniform(model, "dense")
+    if out is not None and launch is not None and not launch.leads:
+        out = None
     records, grid = [], None
 
     def timed() -> tuple[float, float, float]:
         torch._dynamo.reset()
         return _time_forward(model, inputs, repeats, device, torch.compile(model) if compile else None)
 
-    dense_s, dense_attn, _ = timed()
+    if dense_plan is not None:
+        apply(model, dense_plan)
+    try:
+        dense_s, dense_attn, _ = timed()
+    finally:
+        if dense_plan is not None:
+            remove(model)
     # The stock model's attention kernels are inside diffusers' processors: time them through a dense plan (the
     # same SDPA calls), in one eager forward.
     apply(model, SparsePlan.uniform(model, "dense"))
@@ -162,6 +198,9 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
             "device": device,
             "dtype": str(dtype).replace("torch.", ""),
             "compiled": compile,
+            "context_parallel": {"ulysses": ulysses, "ring": ring, "processes": launch.world,
+                                 "dense": "dit-sparse's dense plan" if dense_plan is not None
+                                 else "diffusers' own attention"} if launch else None,
             "timers": "seconds: the forward (compiled if compiled); attention_seconds: whole attention modules "
                       "(projections, norms, RoPE and cross-attention included) and kernel_seconds: the attention "
                       "kernels of covered self-attention, both in eager forwards",
@@ -181,7 +220,7 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
         processor = apply(model, run.plan)
         try:
             seconds, attention, kernel = timed()
-            density = processor.stats.executed_density
+            density = processor.stats.summed_over_ranks().executed_density
             grid = processor.grid_of(model)
         finally:
             remove(model)

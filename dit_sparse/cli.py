@@ -90,7 +90,7 @@ def _add_bench(sub):
                         "what was measured), results.md and speedup_vs_psnr.png")
     e.set_defaults(func=_bench_e2e)
     sp = bench.add_parser("speed", help="transformer forwards of a real architecture with random weights")
-    sp.add_argument("--arch", default="wan2.1-1.3b", help="wan2.1-1.3b, cogvideox-5b or hunyuanvideo")
+    sp.add_argument("--arch", default="wan2.1-1.3b", help="wan2.1-1.3b, wan2.1-14b, cogvideox-5b or hunyuanvideo")
     sp.add_argument("--plans", nargs="+", default=["diagonal:window=[1,0.125,0.125]"])
     sp.add_argument("--frames", type=int, default=None)
     sp.add_argument("--height", type=int, default=None)
@@ -99,6 +99,9 @@ def _add_bench(sub):
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--dtype", default="float32")
+    sp.add_argument("--ulysses", type=int, default=1,
+                    help="context parallelism: Ulysses degree (run under torchrun, one process per device)")
+    sp.add_argument("--ring", type=int, default=1, help="context parallelism: ring degree")
     sp.add_argument("--compile", action="store_true",
                     help="time dense and every plan under torch.compile (the same for both)")
     sp.add_argument("--out", default="out/bench-speed")
@@ -143,7 +146,10 @@ def _bench_speed(args) -> int:
     check_sizes(height=args.height, width=args.width, frames=args.frames)
     check_out_folder(args.out)
     result = run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
-                       args.device, DTYPES[args.dtype], out=Path(args.out), compile=args.compile)
+                       args.device, DTYPES[args.dtype], out=Path(args.out), compile=args.compile,
+                       ulysses=args.ulysses, ring=args.ring)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0  # under torchrun, rank 0 writes and reports
     write_json(Path(args.out) / "results.json", result, finite=True)
     for row in result["results"]:
         kernel = f"{row['kernel_seconds']:.3f}s" if row.get("kernel_seconds") is not None else "n/a"

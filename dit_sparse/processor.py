@@ -212,6 +212,7 @@ class _TransformerState:
     # stock processors take, and this rank's place in its mesh; None on one device.
     parallel_config: Any = None
     parallel: SequenceParallel | None = None
+    text_length: int | None = None  # text tokens in this forward's input (encoder_hidden_states), before any split
 
 
 def attention_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -366,6 +367,8 @@ class SparseProcessor:
             state.cache.clear()  # a new generation: layouts and re-scale statistics must not carry over
         self._check_steps_known(state, transformer)
         self._find_parallelism(state, transformer)
+        text = bound.arguments.get("encoder_hidden_states")
+        state.text_length = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else None
         self._decide(state, bound.arguments["hidden_states"])
 
     def _find_parallelism(self, state: _TransformerState, transformer) -> None:
@@ -540,7 +543,9 @@ class SparseProcessor:
             for observe in self.observers:
                 observe(site, q, k, v, text)
             if parallel is not None:
-                return parallel_attend(q, k, v, site, text, parallel, binding.head_order)
+                # Text the cp_plan did not split has its whole length here, as in the transformer's input.
+                whole_text = text is not None and text.length == state.text_length
+                return parallel_attend(q, k, v, site, text, parallel, binding.head_order, whole_text)
             return attend(q, k, v, site, text)
 
         # Where text and image arrive as one sequence (Flux single blocks), the adapter needs the image token count

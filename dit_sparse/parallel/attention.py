@@ -18,25 +18,37 @@ from .topology import SequenceParallel, UnsupportedParallelismError
 
 
 def parallel_attend(q, k, v, site: AttentionSite, text: TextTokens | None, topology: SequenceParallel,
-                    head_order: tuple[int, ...] | None = None):
+                    head_order: tuple[int, ...] | None = None, text_replicated: bool = False):
     """q, k, v: (B, s, H, D), this rank's sequence shard ([text, video] pieces as the model orders them) of every
     head. Returns this rank's shard of the output, (B, s, H, D). head_order: the heads' order for the Ulysses
-    all-to-all (balance.py); the output comes back in the model's order."""
-    if text is not None and text.mask is not None:
+    all-to-all (balance.py); the output comes back in the model's order. text_replicated: every rank holds all of
+    the text (the model's cp_plan does not split it) rather than a shard."""
+    replicated = text is not None and text_replicated
+    if text is not None and text.mask is not None and not replicated:
         raise UnsupportedParallelismError(
-            f"{site.module_name}: padded text tokens (an attention mask) under context parallelism are not supported")
+            f"{site.module_name}: padded text tokens (an attention mask) split across ranks are not supported; a "
+            "cp_plan that keeps the text whole on every rank (as dit_sparse.context_parallel_plan's) is")
     local_text = text
     if head_order is not None:
         order = _order_index(head_order, q.device)
         q, k, v = (x.index_select(2, order) for x in (q, k, v))
     if topology.ulysses_size > 1:
         group, size = topology.ulysses_group, topology.ulysses_size
-        q, k, v = (ulysses.gather_sequence(x, group, size) for x in (q, k, v))
-        (q, text), (k, _), (v, _) = (ulysses.in_model_order(x, local_text) for x in (q, k, v))
-    out = _ring_attend(q, k, v, site, text, topology) if topology.ring_size > 1 else attend(q, k, v, site, text)
+        if replicated:
+            q, k, v = (ulysses.gather_video(x, text, group, size, topology.ulysses_rank) for x in (q, k, v))
+        else:
+            q, k, v = (ulysses.gather_sequence(x, group, size) for x in (q, k, v))
+            (q, text), (k, _), (v, _) = (ulysses.in_model_order(x, local_text) for x in (q, k, v))
+    if topology.ring_size > 1:
+        out = _ring_attend(q, k, v, site, text, topology, replicated)
+    else:
+        out = attend(q, k, v, site, text)
     if topology.ulysses_size > 1:
-        out = ulysses.scatter_sequence(ulysses.in_rank_order(out, local_text, topology.ulysses_size),
-                                       topology.ulysses_group, topology.ulysses_size)
+        group, size = topology.ulysses_group, topology.ulysses_size
+        if replicated:
+            out = ulysses.scatter_video(out, text, group, size)
+        else:
+            out = ulysses.scatter_sequence(ulysses.in_rank_order(out, local_text, size), group, size)
     if head_order is not None:
         out = out.index_select(2, _order_index(tuple(sorted(range(len(head_order)), key=head_order.__getitem__)),
                                                out.device))
@@ -54,7 +66,8 @@ def _order_index(order: tuple[int, ...], device) -> torch.Tensor:
     return _ORDER_INDICES[key]
 
 
-def _ring_attend(q, k, v, site: AttentionSite, text: TextTokens | None, topology: SequenceParallel):
+def _ring_attend(q, k, v, site: AttentionSite, text: TextTokens | None, topology: SequenceParallel,
+                 replicated: bool = False):
     size, rank, group = topology.ring_size, topology.ring_rank, topology.ring_group
     b, s, h, d = q.shape
     video, text_part = text.slices(s) if text else (slice(0, s), None)
@@ -82,54 +95,65 @@ def _ring_attend(q, k, v, site: AttentionSite, text: TextTokens | None, topology
         q_video = q.new_zeros(b, n_video, h, d)
         q_video[:, ring.shard_slice(n_video, size, rank)] = q[:, video]
     rows = ring.QueryRows(ring.shard_slice(n_video, size, rank))
-    full_text = None
-    if text is not None:
+    if text is None:
+        return _attend_rows(q_video, k_video, v_video, site, None, rows)[:, rows.video]
+    if replicated:  # every rank has all of the text, and computes all of its rows
+        n_text = text.length
+        q_text, k_text, v_text = q[:, text_part], k[:, text_part], v[:, text_part]
+        rows = ring.QueryRows(rows.video, slice(0, n_text))
+    else:
         n_text = text.length * size
         text_kv = ring.all_gather(torch.stack([k[:, text_part], v[:, text_part]]), group, size)
         k_text, v_text = (torch.cat([p[i] for p in text_kv], 1) for i in (0, 1))
         q_text = q.new_zeros(b, n_text, h, d)
         q_text[:, ring.shard_slice(n_text, size, rank)] = q[:, text_part]
         rows = ring.QueryRows(rows.video, ring.shard_slice(n_text, size, rank))
-        full_text = TextTokens(n_text, text.first)
-        text_out = None
-        if not (everything or whole_q):
-            # Text queries attend to every key, and this rank holds only some video shards: their rows come from
-            # every rank's partial result instead, and attend computes none of them.
-            text_out = _text_rows_from_partials(q[:, text_part], k_text, v_text, k[:, video], v[:, video], topology)
-            rows = ring.QueryRows(rows.video, slice(0, 0))
-        order = (lambda t, vid: (t, vid)) if text.first else (lambda t, vid: (vid, t))
-        q_full, k_full, v_full = (torch.cat(order(t, vid), 1) for t, vid in
-                                  ((q_text, q_video), (k_text, k_video), (v_text, v_video)))
-    else:
-        q_full, k_full, v_full = q_video, k_video, v_video
-    site.query_rows = rows
-    try:
-        out = attend(q_full, k_full, v_full, site, full_text)
-    finally:
-        site.query_rows = None
-    if text is None:
-        return out[:, rows.video]
+    full_text = TextTokens(n_text, text.first, text.mask if replicated else None)
+    text_out = None
+    if not (everything or whole_q):
+        # Text queries attend to every key, and this rank holds only some video shards: their rows come from
+        # every rank's partial result instead, and attend computes none of them.
+        text_out = _text_rows_from_partials(q[:, text_part], k_text, v_text, k[:, video], v[:, video], topology,
+                                            replicated, text.mask if replicated else None)
+        rows = ring.QueryRows(rows.video, slice(0, 0))
+    order = (lambda t, vid: (t, vid)) if text.first else (lambda t, vid: (vid, t))
+    q_full, k_full, v_full = (torch.cat(order(t, vid), 1) for t, vid in
+                              ((q_text, q_video), (k_text, k_video), (v_text, v_video)))
+    out = _attend_rows(q_full, k_full, v_full, site, full_text, rows)
     full_video, full_text_part = full_text.slices(out.shape[1])
     mine_video = out[:, full_video][:, rows.video]
     mine_text = out[:, full_text_part][:, rows.text] if text_out is None else text_out
     return torch.cat((mine_text, mine_video) if text.first else (mine_video, mine_text), 1)
 
 
-def _text_rows_from_partials(q_text, k_text, v_text, k_video, v_video, topology: SequenceParallel):
+def _attend_rows(q, k, v, site: AttentionSite, text: TextTokens | None, rows: ring.QueryRows):
+    site.query_rows = rows
+    try:
+        return attend(q, k, v, site, text)
+    finally:
+        site.query_rows = None
+
+
+def _text_rows_from_partials(q_text, k_text, v_text, k_video, v_video, topology: SequenceParallel,
+                             replicated: bool = False, text_mask=None):
     """This rank's text rows of a joint attention, where ranks hold only some video shards: every rank attends all
     text queries to the keys it owns (its video shard; all text keys on ring rank 0 alone, so that none counts twice),
-    and the partial results merge exactly by their log-sum-exp. Text is short: this moves little."""
+    and the partial results merge exactly by their log-sum-exp. Text is short: this moves little. With the text
+    whole on every rank (`replicated`, text_mask (B, T) its padding) every rank keeps every text row."""
     size, rank, group = topology.ring_size, topology.ring_rank, topology.ring_group
-    queries = torch.cat(ring.all_gather(q_text, group, size), 1)
+    queries = q_text if replicated else torch.cat(ring.all_gather(q_text, group, size), 1)
     keys = torch.cat([k_text, k_video], 1) if rank == 0 else k_video
     values = torch.cat([v_text, v_video], 1) if rank == 0 else v_video
-    out, lse = dense_attention_lse(queries, keys, values)
+    key_mask = None
+    if text_mask is not None and rank == 0:
+        key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(text_mask.shape[0], k_video.shape[1]).bool()], 1)
+    out, lse = dense_attention_lse(queries, keys, values, key_mask)
     outs = torch.stack(ring.all_gather(out.float(), group, size))  # (R, B, T, h, D)
     lses = torch.stack(ring.all_gather(lse, group, size))  # (R, B, h, T)
     total = torch.logsumexp(lses, 0)
     weights = torch.exp(lses - total).transpose(2, 3).unsqueeze(-1)  # (R, B, T, h, 1)
     merged = (outs * weights).sum(0).to(q_text.dtype)
-    return merged[:, ring.shard_slice(merged.shape[1], size, rank)]
+    return merged if replicated else merged[:, ring.shard_slice(merged.shape[1], size, rank)]
 
 
 def _what_ring_needs(site: AttentionSite, has_text: bool) -> tuple[bool, bool]:

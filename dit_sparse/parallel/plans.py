@@ -1,8 +1,9 @@
 """Context-parallel plans (`cp_plan`) for the families whose diffusers model has none.
 
 diffusers' `enable_parallelism` splits a model's inputs and gathers its output where the model's `_cp_plan` says.
-Wan, LTX-Video and Flux ship one; for CogVideoX dit-sparse supplies it here. HunyuanVideo is refused by name: its
-text is padded and masked, and no split of it that diffusers can express keeps the mask with the tokens.
+Wan, LTX-Video and Flux ship one; for CogVideoX and HunyuanVideo dit-sparse supplies it here. HunyuanVideo's text
+is padded, with a mask built from the whole text: its plan splits only the video and leaves the text whole on every
+rank (parallel/attention.py attends it so).
 
     transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2),
                                    cp_plan=dit_sparse.context_parallel_plan(transformer))
@@ -33,27 +34,36 @@ def _cogvideox_plan() -> dict:
     }
 
 
-SUPPLIED_PLANS: dict[str, Callable[[], dict]] = {"CogVideoXTransformer3DModel": _cogvideox_plan}
-REFUSED: dict[str, str] = {
-    "HunyuanVideoTransformer3DModel": "its text tokens are padded and masked, and a sequence split would have to carry "
-                                      "the mask with them",
+def _hunyuan_video_plan() -> dict:
+    """The video is split as it leaves the patch embedding (the attention mask the model builds after it then covers
+    [this rank's video, all text]), the rotary tables as the model makes them, and the video gathered after the
+    output projection. The text (through the token refiner and every block) stays whole on every rank."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return {
+        "x_embedder": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+                 1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+SUPPLIED_PLANS: dict[str, Callable[[], dict]] = {
+    "CogVideoXTransformer3DModel": _cogvideox_plan,
+    "HunyuanVideoTransformer3DModel": _hunyuan_video_plan,
 }
 
 
 def context_parallel_plan(transformer) -> dict:
     """The cp_plan to give `enable_parallelism` for this transformer: its own, or the one dit-sparse supplies.
-    Raises UnsupportedParallelismError, naming the model, for a family dit-sparse cannot run in parallel."""
+    Raises UnsupportedParallelismError, naming the model, where there is neither."""
     name = type(transformer).__name__
     for cls in type(transformer).__mro__:
-        if cls.__name__ in REFUSED:
-            raise UnsupportedParallelismError(
-                f"{name} cannot run a dit-sparse plan under context parallelism: {REFUSED[cls.__name__]}. Run it on "
-                "one GPU per generation")
         if cls.__name__ in SUPPLIED_PLANS:
             return SUPPLIED_PLANS[cls.__name__]()
     own = getattr(transformer, "_cp_plan", None)
     if own is None:
         raise UnsupportedParallelismError(
             f"{name} has no context-parallel plan, in diffusers or in dit-sparse; models that have one: Wan, "
-            f"LTX-Video, Flux (diffusers) and {', '.join(SUPPLIED_PLANS)} (dit-sparse)")
+            f"LTX-Video, Flux (diffusers), {', '.join(SUPPLIED_PLANS)} (dit-sparse)")
     return own

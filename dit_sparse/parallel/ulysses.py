@@ -3,7 +3,9 @@
 Each rank holds (B, S/N, H, D). One all-to-all gives it (B, S, H/N, D): the whole sequence of heads
 [rank * H/N, (rank + 1) * H/N). A joint sequence arrives as each rank's own [text, video] (or [video, text]) pieces
 one after another; they are put back in model order, all text then all video (or the reverse), because a plan's
-layouts index video tokens in grid order.
+layouts index video tokens in grid order. Where the model's cp_plan leaves the text whole on every rank
+(HunyuanVideo: its padded text keeps its mask), only the video is exchanged: each rank takes its heads of the
+text, and after attention gathers every rank's heads of the text's output.
 """
 
 from __future__ import annotations
@@ -57,3 +59,25 @@ def in_rank_order(joined: torch.Tensor, text: TextTokens | None, size: int) -> t
     pieces = [text_part.reshape(b, size, text.length, h, d), video.reshape(b, size, -1, h, d)]
     return torch.cat(pieces if text.first else pieces[::-1], 2)
 
+
+
+def gather_video(x: torch.Tensor, text: TextTokens, group, size: int, rank: int) -> torch.Tensor:
+    """Text whole on every rank: (B, s_v + T, H, D) this rank's [video shard, all text] (in model order) ->
+    (B, N * s_v + T, H/N, D), the whole video and the text, of this rank's heads."""
+    b, s, h, d = x.shape
+    video, text_part = text.slices(s)
+    per_rank = h // size
+    whole_video = gather_sequence(x[:, video], group, size).reshape(b, -1, per_rank, d)
+    own_text = x[:, text_part, rank * per_rank:(rank + 1) * per_rank]
+    return torch.cat([own_text, whole_video] if text.first else [whole_video, own_text], 1)
+
+
+def scatter_video(out: torch.Tensor, text: TextTokens, group, size: int) -> torch.Tensor:
+    """Inverse of gather_video for the output: this rank's video shard of every head, and all text of every head."""
+    b, total, per_rank, d = out.shape
+    video, text_part = text.slices(total)
+    own_video = scatter_sequence(out[:, video].reshape(b, size, -1, per_rank, d), group, size)
+    pieces = [torch.empty_like(out[:, text_part]) for _ in range(size)]
+    dist.all_gather(pieces, out[:, text_part].contiguous(), group=group)
+    whole_text = torch.cat(pieces, 2)
+    return torch.cat([whole_text, own_video] if text.first else [own_video, whole_text], 1)

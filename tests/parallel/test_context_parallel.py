@@ -15,12 +15,14 @@ TOLERANCE = 1e-5
 
 # (family, processes, ulysses_degree, ring_degree). Wan: video-only self-attention; Flux: joint attention, text first,
 # text split too; LTX-Video: video-only, its cross-attention left to diffusers (whose CPU attention has no ring);
-# CogVideoX: joint, text first, with the cp_plan dit-sparse supplies.
+# CogVideoX: joint, text first, and HunyuanVideo: joint, text last and padded (left whole on every rank), with the
+# cp_plans dit-sparse supplies.
 SETUPS = [
     ("wan", 2, 2, 1), ("wan", 2, 1, 2), ("wan", 4, 4, 1), ("wan", 4, 1, 4), ("wan", 4, 2, 2),
     ("flux", 2, 2, 1), ("flux", 2, 1, 2), ("flux", 4, 4, 1), ("flux", 4, 2, 2),
     ("ltx_video", 2, 2, 1), ("ltx_video", 4, 4, 1),
     ("cogvideox", 2, 1, 2), ("cogvideox", 4, 2, 2),
+    ("hunyuan_video", 2, 2, 1), ("hunyuan_video", 4, 2, 2),
 ]
 
 
@@ -57,11 +59,11 @@ def test_a_plan_under_context_parallelism_gives_the_single_process_output(tmp_pa
                 refusals["heads"] and "processors changed" not in refusals["heads"], refusals
 
 
-@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video"])
 def test_a_ring_sends_only_the_shards_a_layout_visits(tmp_path, family):
     """One frame either side over 8 frames on 4 ranks: each rank needs its neighbours' shards, not all three others;
-    dense heads and dense steps need every shard. With text (CogVideoX), text rows, which see every key, merge every
-    rank's partial result instead."""
+    dense heads and dense steps need every shard. With text (CogVideoX split, HunyuanVideo whole and padded), text
+    rows, which see every key, merge every rank's partial result instead."""
     results, _ = run_worker(tmp_path, family, 4, 1, 4, "--plans", "frame_local", "dense")
     local = results["frame_local (apply, then enable) traffic"]
     dense = results["dense (enable, then apply) traffic"]

@@ -43,3 +43,20 @@ def test_generate_with_a_degree_but_no_torchrun_says_how_to_start_it(tmp_path):
     done = _generate(tmp_path, "--ulysses", "2")
     assert done.returncode != 0
     assert "torchrun --nproc-per-node 2 -m dit_sparse" in done.stderr
+
+
+@pytest.mark.parametrize("mode", [["--ulysses", "2"], ["--ring", "2"]])
+def test_bench_speed_times_dense_and_the_plan_at_the_same_parallelism(tmp_path, mode):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "dit_sparse", "bench", "speed", "--layers", "1", "--frames", "9", "--height", "96", "--width", "128",
+               "--repeats", "1", *mode, "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    parallel = result["context_parallel"]
+    assert parallel["processes"] == 2 and parallel[mode[0][2:]] == 2
+    # CPU attention in diffusers has no ring: there the dense baseline runs through dit-sparse's dense plan
+    assert parallel["dense"] == ("dit-sparse's dense plan" if mode[0] == "--ring" else "diffusers' own attention")
+    assert [row["plan"] for row in result["results"]] == ["dense", "diagonal:window=[1,0.125,0.125]"]
+    assert all(row["seconds"] > 0 for row in result["results"])
+    assert done.stdout.count("fidelity is not measured") == 1, "rank 0 alone reports"

@@ -123,8 +123,29 @@ def cogvideox_call(g, batch, noise, frames=8, text=8):
                 return_dict=False)
 
 
+def tiny_hunyuan_video(seed=0):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=24,
+        pooled_projection_dim=8, guidance_embeds=False, rope_axes_dim=(4, 6, 6)).eval()
+
+
+def hunyuan_video_call(g, batch, noise, frames=8, text=6):
+    """Joint attention, text last and padded (the second sample's last 2 tokens); dit-sparse's cp_plan splits the
+    280 video tokens and keeps the text whole on every rank."""
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[1:, text - 2:] = 0
+    return dict(hidden_states=torch.randn(batch, 4, frames, 10, 14, generator=g),
+                timestep=torch.full((batch,), int(1000 * noise), dtype=torch.long),
+                encoder_hidden_states=torch.randn(batch, text, 24, generator=g), encoder_attention_mask=mask,
+                pooled_projections=torch.randn(batch, 8, generator=g), return_dict=False)
+
+
 FAMILIES = {"wan": (tiny_wan, wan_call), "flux": (tiny_flux, flux_call), "ltx_video": (tiny_ltx_video, ltx_call),
-            "cogvideox": (tiny_cogvideox, cogvideox_call)}
+            "cogvideox": (tiny_cogvideox, cogvideox_call), "hunyuan_video": (tiny_hunyuan_video, hunyuan_video_call)}
 
 
 def plan_of(model, name):
