@@ -42,7 +42,7 @@ from .attend import (
 from .branch_share import keep_for_other_branch, shared_output
 from .executors import get_executor, known_executor
 from .layout import Grid
-from .parallel.attention import parallel_attend
+from .parallel.attention import gather_split_text, parallel_attend
 from .parallel.balance import balanced_order, head_cost
 from .parallel.plans import context_parallel_plan
 from .parallel.topology import SequenceParallel, context_parallel_config, sequence_parallel
@@ -513,10 +513,8 @@ class SparseProcessor:
         state = binding.state
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         if not binding.covered:
-            if state.parallel_config is not None and hasattr(binding.stock, "_parallel_config"):
-                binding.stock._parallel_config = state.parallel_config  # its own context-parallel attention
-            return self._pass_through(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary,
-                                      kwargs)
+            return self._pass_through_in_parallel(binding, attn, hidden_states, encoder_hidden_states,
+                                                  attention_mask, rotary, kwargs)
         site = binding.site
         if site is None:
             raise RuntimeError("no grid captured: the transformer's forward pre-hook did not run")
@@ -560,6 +558,24 @@ class SparseProcessor:
             if shares:
                 keep_for_other_branch(site, hidden_states, rotary, out)
         return out
+
+    def _pass_through_in_parallel(self, binding: _Binding, attn, hidden_states, encoder_hidden_states,
+                                  attention_mask, rotary, kwargs):
+        """An uncovered module under context parallelism (or not): the family's processor, with diffusers' parallel
+        attention for self-attention. Cross-attention to a text the cp_plan split gets the whole text (and mask)
+        instead, and attends locally."""
+        state = binding.state
+        if state.parallel_config is None or not hasattr(binding.stock, "_parallel_config"):
+            return self._pass_through(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary,
+                                      kwargs)
+        split_text = encoder_hidden_states is not None and state.text_length is not None \
+            and encoder_hidden_states.shape[1] * state.parallel.world == state.text_length
+        binding.stock._parallel_config = None if split_text else state.parallel_config
+        if split_text:
+            encoder_hidden_states = gather_split_text(encoder_hidden_states, 1, state.parallel)
+            if attention_mask is not None:
+                attention_mask = gather_split_text(attention_mask, attention_mask.dim() - 1, state.parallel)
+        return self._pass_through(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, kwargs)
 
     @staticmethod
     def _pass_through(binding: _Binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, kwargs):

@@ -55,6 +55,17 @@ def parallel_attend(q, k, v, site: AttentionSite, text: TextTokens | None, topol
     return out
 
 
+def gather_split_text(x: torch.Tensor, dim: int, topology: SequenceParallel) -> torch.Tensor:
+    """A text the model's cp_plan split over every rank (LTX-Video's), whole again: for cross-attention that the
+    family's own processor runs, which then attends this rank's queries to all of it with no parallelism of its own
+    (exact; diffusers' own parallel cross-attention cannot mask, nor ring on CPU)."""
+    import torch.distributed as dist
+
+    pieces = [torch.empty_like(x) for _ in range(topology.world)]
+    dist.all_gather(pieces, x.contiguous(), group=topology.world_group)
+    return torch.cat(pieces, dim)
+
+
 _ORDER_INDICES: dict = {}
 
 

@@ -25,6 +25,8 @@ class SequenceParallel:
     ring_size: int
     ring_rank: int
     ring_group: Any
+    # All ranks of the mesh, in shard order (diffusers splits the sequence over this flattened group).
+    world_group: Any = None
     # Key/value shards this rank's ring group sent, summed over attentions, and what dense ring attention would have
     # sent: every shard to every other rank (`ring.RingTraffic`).
     traffic: dict = field(default_factory=lambda: {"sent": 0, "dense": 0})
@@ -77,10 +79,11 @@ def sequence_parallel(cp, heads: int, model_name: str) -> SequenceParallel:
         raise UnsupportedParallelismError(
             f"{model_name} has {heads} attention heads, which ulysses_degree={ulysses} does not divide; choose a "
             f"Ulysses degree that divides {heads}, or use ring_degree for the rest")
+    flattened = getattr(cp, "_flattened_mesh", None)
     topology = SequenceParallel(
         ulysses, cp._ulysses_mesh.get_local_rank(), cp._ulysses_mesh.get_group() if ulysses > 1 else None,
-        ring, cp._ring_mesh.get_local_rank(), cp._ring_mesh.get_group() if ring > 1 else None)
-    flattened = getattr(cp, "_flattened_mesh", None)
+        ring, cp._ring_mesh.get_local_rank(), cp._ring_mesh.get_group() if ring > 1 else None,
+        world_group=flattened.get_group() if flattened is not None else None)
     if flattened is not None:
         import torch.distributed as dist
 

@@ -88,7 +88,7 @@ def test_ring_traffic_counts_what_a_frame_local_layout_saves_at_wan_480p():
 
 
 def test_context_parallel_plans():
-    from tiny_models import tiny_cogvideox, tiny_hunyuan_video, tiny_wan
+    from tiny_models import tiny_cogvideox, tiny_hunyuan_video, tiny_mochi, tiny_wan
 
     wan = tiny_wan()
     assert dit_sparse.context_parallel_plan(wan) is type(wan)._cp_plan
@@ -96,6 +96,8 @@ def test_context_parallel_plans():
     assert set(cog) == {"transformer_blocks.0", "transformer_blocks.*", "proj_out"}
     hunyuan = dit_sparse.context_parallel_plan(tiny_hunyuan_video())
     assert set(hunyuan) == {"x_embedder", "rope", "proj_out"}, "the video split, the text left whole"
+    with pytest.raises(UnsupportedParallelismError, match="MochiTransformer3DModel has no context-parallel plan"):
+        dit_sparse.context_parallel_plan(tiny_mochi())
     with pytest.raises(UnsupportedParallelismError, match="Linear has no context-parallel plan"):
         dit_sparse.context_parallel_plan(torch.nn.Linear(2, 2))
 

@@ -94,11 +94,14 @@ def tiny_ltx_video(seed=0):
 
 
 def ltx_call(g, batch, noise, frames=4, height=5, width=7, text=8):
-    """Video-only self-attention (140 tokens); diffusers' plan splits the text of the cross-attention too."""
+    """Video-only self-attention (140 tokens); diffusers' plan splits the text of the cross-attention too, and its
+    mask (the second sample's last 2 tokens are padding)."""
+    mask = torch.ones(batch, text)
+    mask[1:, text - 2:] = 0
     return dict(hidden_states=torch.randn(batch, frames * height * width, 4, generator=g),
                 encoder_hidden_states=torch.randn(batch, text, 24, generator=g),
                 timestep=torch.full((batch,), int(1000 * noise), dtype=torch.long),
-                encoder_attention_mask=None, num_frames=frames, height=height, width=width,
+                encoder_attention_mask=mask, num_frames=frames, height=height, width=width,
                 rope_interpolation_scale=(0.4, 32.0, 32.0), return_dict=False)
 
 
