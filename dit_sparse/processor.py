@@ -513,8 +513,8 @@ class SparseProcessor:
         state = binding.state
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         if not binding.covered:
-            return self._pass_through_in_parallel(binding, attn, hidden_states, encoder_hidden_states,
-                                                  attention_mask, rotary, kwargs)
+            return self._run_uncovered(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary,
+                                       kwargs)
         site = binding.site
         if site is None:
             raise RuntimeError("no grid captured: the transformer's forward pre-hook did not run")
@@ -559,11 +559,11 @@ class SparseProcessor:
                 keep_for_other_branch(site, hidden_states, rotary, out)
         return out
 
-    def _pass_through_in_parallel(self, binding: _Binding, attn, hidden_states, encoder_hidden_states,
-                                  attention_mask, rotary, kwargs):
-        """An uncovered module under context parallelism (or not): the family's processor, with diffusers' parallel
-        attention for self-attention. Cross-attention to a text the cp_plan split gets the whole text (and mask)
-        instead, and attends locally."""
+    def _run_uncovered(self, binding: _Binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary,
+                       kwargs):
+        """A module the plan does not cover: the family's processor; under context parallelism with diffusers'
+        parallel attention for self-attention. Cross-attention to a text the cp_plan split gets the whole text (and
+        mask) instead, and attends locally."""
         state = binding.state
         if state.parallel_config is None or not hasattr(binding.stock, "_parallel_config"):
             return self._pass_through(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary,
