@@ -48,7 +48,7 @@ def test_bench_speed_compiled_times_dense_and_the_plan_under_torch_compile(tmp_p
 
 def test_bench_speed_bad_input_ends_with_one_clear_line(tmp_path, capsys):
     assert main(["bench", "speed", "--arch", "wan9", "--out", str(tmp_path)]) == 2
-    assert "--arch must be one of wan2.1-1.3b, cogvideox-5b, hunyuanvideo" in capsys.readouterr().err
+    assert "--arch must be one of wan2.1-1.3b, wan2.1-14b, cogvideox-5b, hunyuanvideo" in capsys.readouterr().err
     assert main(["bench", "speed", *SMALL, "--plans", "block_adaptive", "--out", str(tmp_path)]) == 2
     assert "weight-dependent density" in capsys.readouterr().err
     for option, value in (("--frames", "0"), ("--repeats", "0"), ("--layers", "-1")):
