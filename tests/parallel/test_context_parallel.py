@@ -42,12 +42,16 @@ def run_worker(tmp_path, family, procs, ulysses, ring, *extra):
 def test_a_plan_under_context_parallelism_gives_the_single_process_output(tmp_path, family, procs, ulysses, ring):
     results, done = run_worker(tmp_path, family, procs, ulysses, ring)
     diffs = {case: value for case, value in results.items()
-             if not case.endswith(("traffic", "head orders")) and case != "refusals"}
+             if not case.endswith(("traffic", "head orders", "density")) and case != "refusals"}
     assert len(diffs) >= 10, f"expected every plan and every order to run: {sorted(diffs)}"
     failures = {case: value for case, value in diffs.items()
                 if not isinstance(value, float) or value > TOLERANCE}
     assert not failures, "\n\n".join(f"{case}: {value}" for case, value in failures.items())
     assert done.returncode == 0, done.stderr[-4000:]
+    densities = {case: value for case, value in results.items() if case.endswith("density")}
+    assert len(densities) == len(diffs)
+    for case, (one_process, summed) in densities.items():
+        assert summed == pytest.approx(one_process, rel=1e-9), f"{case}: executed density {summed} vs {one_process}"
     mixed_orders = next(value for case, value in results.items() if case.startswith("mixed") and "orders" in case)
     if 1 < ulysses < 4:  # dense, diagonal, stripe, skip over 2 ranks: the dense head's rank would do the most
         assert "None" not in mixed_orders, mixed_orders

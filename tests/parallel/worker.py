@@ -246,6 +246,9 @@ def main():
                 raise AssertionError(f"the plan did not run in parallel: {state.parallel}")
             results[f"{name} ({order})"] = max_diff(expected, got)
             results[f"{name} ({order}) traffic"] = dict(state.parallel.traffic)
+            # each rank counts its own heads and rows; summed over ranks, the one-process count
+            results[f"{name} ({order}) density"] = [bound_processor(reference).stats.executed_density,
+                                                    bound_processor(model).stats.summed_over_ranks().executed_density]
             results[f"{name} ({order}) head orders"] = sorted({str(b.head_order) for b in state.bindings.values()
                                                                if b.covered})
         except Exception:  # noqa: BLE001 - reported per case; the test shows the traceback
