@@ -541,15 +541,14 @@ class SparseProcessor:
             for observe in self.observers:
                 observe(site, q, k, v, text)
             if parallel is not None:
-                # Text the cp_plan did not split has its whole length here, as in the transformer's input.
-                whole_text = text is not None and text.length == state.text_length
-                return parallel_attend(q, k, v, site, text, parallel, binding.head_order, whole_text)
+                return parallel_attend(q, k, v, site, text, parallel, binding.head_order, state.text_length)
             return attend(q, k, v, site, text)
 
         # Where text and image arrive as one sequence (Flux single blocks), the adapter needs the image token count
         # of the sequence it holds (this rank's shard under context parallelism).
         bound_attend.grid = site.grid
-        bound_attend.video_tokens = site.grid.num_tokens // (parallel.world if parallel is not None else 1)
+        bound_attend.video_tokens = site.grid.num_tokens if parallel is None else \
+            parallel.shard_lengths(site.grid.num_tokens)[parallel.shard]
         out = state.adapter.attention(bound_attend, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       rotary, **kwargs)
         binding.saw_text = site.saw_text
@@ -568,13 +567,14 @@ class SparseProcessor:
         if state.parallel_config is None or not hasattr(binding.stock, "_parallel_config"):
             return self._pass_through(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary,
                                       kwargs)
-        split_text = encoder_hidden_states is not None and state.text_length is not None \
-            and encoder_hidden_states.shape[1] * state.parallel.world == state.text_length
+        total = state.text_length
+        split_text = encoder_hidden_states is not None and total is not None \
+            and encoder_hidden_states.shape[1] == state.parallel.shard_lengths(total)[state.parallel.shard] < total
         binding.stock._parallel_config = None if split_text else state.parallel_config
         if split_text:
-            encoder_hidden_states = gather_split_text(encoder_hidden_states, 1, state.parallel)
+            encoder_hidden_states = gather_split_text(encoder_hidden_states, 1, state.parallel, total)
             if attention_mask is not None:
-                attention_mask = gather_split_text(attention_mask, attention_mask.dim() - 1, state.parallel)
+                attention_mask = gather_split_text(attention_mask, attention_mask.dim() - 1, state.parallel, total)
         return self._pass_through(binding, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, kwargs)
 
     @staticmethod

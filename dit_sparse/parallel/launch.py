@@ -56,13 +56,16 @@ def start(device: str, ulysses: int, ring: int) -> Launch:
     return Launch(dist.get_rank(), world, device)
 
 
-def enable(transformer, ulysses: int, ring: int) -> None:
-    """diffusers' enable_parallelism with dit-sparse's cp_plan where the model has none (or a refusal by name)."""
+def enable(transformer, ulysses: int, ring: int, uneven: bool = False) -> None:
+    """diffusers' enable_parallelism with dit-sparse's cp_plan where the model has none (or a refusal by name).
+    uneven: diffusers' `ulysses_anything` / `ring_anything` split (one of the two degrees must be 1), for token
+    counts the degree does not divide."""
     from diffusers import ContextParallelConfig
 
     plan = context_parallel_plan(transformer)
+    flags = {"ulysses_anything": ulysses > 1, "ring_anything": ring > 1} if uneven else {}
     with _one_device_without_accelerators():
-        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring),
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, **flags),
                                        cp_plan=plan)
 
 

@@ -17,6 +17,7 @@ from ..plan import SparsePlan
 from ..strategies import get_strategy
 from .balance import balanced_order, head_cost, rank_costs
 from .ring import need_matrix
+from .topology import split_lengths
 
 
 def parallel_report(plan: SparsePlan, grid: Grid, block_q: int, block_k: int, ulysses: int = 1,
@@ -67,6 +68,6 @@ def _module(heads, plan, grid, block_q, block_k, ulysses, ring, store) -> dict[s
         if spec.strategy == "dense" or strategy.reuses or strategy.dynamic or spec.fp8 or spec.rescale:
             need[:] = True
         else:
-            need |= need_matrix(layout(spec), ring)
+            need |= need_matrix(layout(spec), split_lengths(grid.num_tokens, ring))
     result.update(sent=int(need.sum()) - int(need.diagonal().sum()) if ring > 1 else 0, dense=dense_shards)
     return result

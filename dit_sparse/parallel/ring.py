@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..layout import BlockLayout, num_blocks
+from .topology import split_lengths
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,10 @@ class QueryRows:
     text: slice | None = None
 
 
-def shard_slice(length: int, size: int, rank: int) -> slice:
-    per_rank = length // size
-    return slice(rank * per_rank, (rank + 1) * per_rank)
+def shard_slice(lengths: list[int], rank: int) -> slice:
+    """The tokens of rank `rank` when ranks hold `lengths` tokens each, in order."""
+    start = sum(lengths[:rank])
+    return slice(start, start + lengths[rank])
 
 
 def rows_only(layout: BlockLayout, rows: slice) -> BlockLayout:
@@ -53,36 +55,40 @@ def rows_only(layout: BlockLayout, rows: slice) -> BlockLayout:
     return layout.memo[key]
 
 
-def need_matrix(layout: BlockLayout, size: int) -> torch.Tensor:
-    """(size, size) bool: need[dst, src] when a query block holding one of dst's rows visits a key of src's shard
-    (any batch element, any head; pooled blocks stand for the same tokens as full-resolution ones). Memoised."""
-    key = ("ring_need", size)
+def need_matrix(layout: BlockLayout, lengths: list[int]) -> torch.Tensor:
+    """(size, size) bool, for ranks holding `lengths` tokens each in order: need[dst, src] when a query block holding
+    one of dst's rows visits a key of src's shard (any batch element, any head; pooled blocks stand for the same
+    tokens as full-resolution ones). Memoised."""
+    key = ("ring_need", tuple(lengths))
     if key not in layout.memo:
         seq, bq, bk = layout.seq_len, layout.block_q, layout.block_k
         visited = layout.block_mask().flatten(0, 1).any(0).cpu()  # (NQ, NK)
-        per_rank = seq // size
-        # rank_blocks[r, b]: block b (of `block` tokens) overlaps rank r's shard
-        def overlaps(block):
-            n = num_blocks(seq, block)
-            first = torch.arange(n) * block
+        ends = torch.tensor(lengths).cumsum(0).unsqueeze(1)
+        starts = ends - torch.tensor(lengths).unsqueeze(1)
+
+        def overlaps(block):  # [r, b]: block b (of `block` tokens) overlaps rank r's shard
+            first = torch.arange(num_blocks(seq, block)) * block
             last = torch.clamp(first + block, max=seq) - 1
-            r = torch.arange(size).unsqueeze(1)
-            return (first.unsqueeze(0) < (r + 1) * per_rank) & (last.unsqueeze(0) >= r * per_rank)
+            return (first.unsqueeze(0) < ends) & (last.unsqueeze(0) >= starts)
 
         q_of_rank, k_of_rank = overlaps(bq).float(), overlaps(bk).float()
         layout.memo[key] = (q_of_rank @ visited.float() @ k_of_rank.T) > 0
     return layout.memo[key]
 
 
-def exchange(shard: torch.Tensor, need: torch.Tensor, group, rank: int) -> dict[int, torch.Tensor]:
-    """Send this rank's shard to every rank that needs it and receive every shard this rank needs (not its own):
-    {source rank: its shard}. Point to point, so a shard nobody needs never travels."""
+def exchange(shard: torch.Tensor, need: torch.Tensor, group, rank: int, lengths: list[int],
+             dim: int) -> dict[int, torch.Tensor]:
+    """Send this rank's shard to every rank that needs it and receive every shard this rank needs (not its own;
+    rank i's is lengths[i] long along `dim`): {source rank: its shard}. Point to point, so a shard nobody needs
+    never travels."""
     shard = shard.contiguous()
     size = need.shape[0]
     received, ops = {}, []
     for src in range(size):
         if src != rank and bool(need[rank, src]):
-            received[src] = torch.empty_like(shard)
+            shape = list(shard.shape)
+            shape[dim] = lengths[src]
+            received[src] = shard.new_empty(shape)
             ops.append(dist.P2POp(dist.irecv, received[src], dist.get_global_rank(group, src), group))
     for dst in range(size):
         if dst != rank and bool(need[dst, rank]):
@@ -93,10 +99,15 @@ def exchange(shard: torch.Tensor, need: torch.Tensor, group, rank: int) -> dict[
     return received
 
 
-def all_gather(shard: torch.Tensor, group, size: int) -> list[torch.Tensor]:
-    pieces = [torch.empty_like(shard) for _ in range(size)]
-    dist.all_gather(pieces, shard.contiguous(), group=group)
-    return pieces
+def all_gather(shard: torch.Tensor, group, lengths: list[int], dim: int) -> list[torch.Tensor]:
+    """Every rank's shard (lengths[i] long along `dim`; all_gather wants equal sizes, so shorter ones are padded
+    for the trip)."""
+    longest = max(lengths)
+    pad = [0, 0] * (shard.dim() - 1 - dim) + [0, longest - shard.shape[dim]]
+    padded = torch.nn.functional.pad(shard, pad) if longest > shard.shape[dim] else shard.contiguous()
+    pieces = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(pieces, padded, group=group)
+    return [piece.narrow(dim, 0, n) for piece, n in zip(pieces, lengths)]
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,6 @@ def ring_traffic(layouts: list[BlockLayout], size: int) -> RingTraffic:
     """What a module whose heads run `layouts` sends over a ring of `size` ranks (the union of their needs)."""
     need = torch.zeros(size, size, dtype=torch.bool)
     for layout in layouts:
-        need |= need_matrix(layout, size)
+        need |= need_matrix(layout, split_lengths(layout.seq_len, size))
     sent = int(need.sum()) - int(need.diagonal().sum())
     return RingTraffic(sent, size * (size - 1))

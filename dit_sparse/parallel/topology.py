@@ -31,6 +31,22 @@ class SequenceParallel:
     # sent: every shard to every other rank (`ring.RingTraffic`).
     traffic: dict = field(default_factory=lambda: {"sent": 0, "dense": 0})
 
+    def shard_lengths(self, total: int) -> list[int]:
+        """How diffusers splits `total` tokens over the mesh's ranks (shard order): `tensor_split`, so even splits
+        are equal and uneven ones (its `*_anything` modes) give the first ranks one token more."""
+        return split_lengths(total, self.world)
+
+    def ulysses_lengths(self, total: int) -> list[int]:
+        """The shards of this rank's Ulysses group, in its rank order."""
+        lengths = self.shard_lengths(total)
+        return lengths[self.ring_rank * self.ulysses_size:(self.ring_rank + 1) * self.ulysses_size]
+
+    def ring_lengths(self, total: int) -> list[int]:
+        """What each ring rank holds after the Ulysses exchange: its Ulysses group's shards together."""
+        lengths = self.shard_lengths(total)
+        u = self.ulysses_size
+        return [sum(lengths[r * u:(r + 1) * u]) for r in range(self.ring_size)]
+
     @property
     def world(self) -> int:
         return self.ulysses_size * self.ring_size
@@ -51,6 +67,11 @@ class SequenceParallel:
         return " x ".join(parts)
 
 
+def split_lengths(total: int, parts: int) -> list[int]:
+    """torch.tensor_split's piece lengths: the first total % parts pieces one longer."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
 def context_parallel_config(transformer, processor=None):
     """The ContextParallelConfig in force on `transformer` (set by enable_parallelism, before or after a plan was
     applied), or None."""
@@ -64,12 +85,8 @@ def context_parallel_config(transformer, processor=None):
 
 def sequence_parallel(cp, heads: int, model_name: str) -> SequenceParallel:
     """This rank's SequenceParallel for a set-up ContextParallelConfig, or a clear refusal of what dit-sparse cannot
-    run: diffusers' uneven ("anything") splits, and head counts that Ulysses cannot divide."""
-    for flag in ("ulysses_anything", "ring_anything"):
-        if getattr(cp, flag, False):
-            raise UnsupportedParallelismError(
-                f"{model_name}: ContextParallelConfig({flag}=True) splits the sequence unevenly, which dit-sparse "
-                "does not support yet; use an even split (the default) with a token count divisible by the degree")
+    run: head counts that Ulysses cannot divide (diffusers' `ulysses_anything` allows them; uneven sequence splits
+    are supported)."""
     if getattr(cp, "_ulysses_mesh", None) is None or getattr(cp, "_ring_mesh", None) is None:
         raise UnsupportedParallelismError(
             f"{model_name}: its ContextParallelConfig has no device mesh yet; enable it with "

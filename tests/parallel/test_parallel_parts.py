@@ -18,24 +18,25 @@ from dit_sparse.parallel.topology import UnsupportedParallelismError, sequence_p
 
 @pytest.mark.parametrize("first", [True, False, None])
 def test_ulysses_puts_every_ranks_pieces_in_model_order_and_back(first):
-    """Rank r holds [text_r, video_r] (or [video_r, text_r]); gathered, the sequence must read all text, then all
-    video, each in order; and back again."""
-    size, text_len, video_len = 3, 2, 5
-    text = None if first is None else TextTokens(text_len, first)
-    pieces = []
-    for r in range(size):
-        t = torch.arange(r * text_len, (r + 1) * text_len) + 1000
-        v = torch.arange(r * video_len, (r + 1) * video_len)
+    """Rank r holds [text_r, video_r] (or [video_r, text_r]), shards of uneven length as diffusers' *_anything modes
+    cut them; gathered, the sequence must read all text, then all video, each in order; and back again."""
+    text_lengths, video_lengths = [3, 2, 2], [5, 5, 4]
+    text = None if first is None else TextTokens(text_lengths[0], first)
+    pieces, t_start, v_start = [], 0, 0
+    for t_len, v_len in zip(text_lengths, video_lengths):
+        t = torch.arange(t_start, t_start + t_len) + 1000
+        v = torch.arange(v_start, v_start + v_len)
+        t_start, v_start = t_start + t_len, v_start + v_len
         local = v if text is None else torch.cat([t, v] if first else [v, t])
         pieces.append(local.float().view(1, -1, 1, 1))
-    gathered = torch.stack(pieces, 1)  # (B, N, s, h, D), as gather_sequence returns it
-    joined, full_text = ulysses.in_model_order(gathered, text)
-    t_all, v_all = torch.arange(size * text_len) + 1000, torch.arange(size * video_len)
+    joined, full_text = ulysses.in_model_order(pieces, text, None if text is None else text_lengths)
+    t_all, v_all = torch.arange(sum(text_lengths)) + 1000, torch.arange(sum(video_lengths))
     expected = v_all if text is None else torch.cat([t_all, v_all] if first else [v_all, t_all])
     assert torch.equal(joined.flatten(), expected.float())
     if text is not None:
-        assert full_text.length == size * text_len and full_text.first is first
-    assert torch.equal(ulysses.in_rank_order(joined, text, size), gathered)
+        assert full_text.length == sum(text_lengths) and full_text.first is first
+    back = ulysses.in_rank_order(joined, text, None if text is None else text_lengths, video_lengths)
+    assert all(torch.equal(a, b) for a, b in zip(back, pieces)) and len(back) == len(pieces)
 
 
 def _random_layout(seq, bq, bk, heads=2, seed=0):
@@ -60,19 +61,21 @@ def test_a_layout_cut_to_a_ranks_rows_gives_them_the_whole_layouts_output(execut
     torch.testing.assert_close(lse[:, :, rows], full_lse[:, :, rows], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("size", [2, 3, 4])
-def test_the_need_matrix_is_whether_any_row_of_a_rank_visits_a_key_of_another(size):
-    seq = 24 * size
+@pytest.mark.parametrize("size, seq", [(2, 48), (3, 72), (4, 96), (4, 101)])
+def test_the_need_matrix_is_whether_any_row_of_a_rank_visits_a_key_of_another(size, seq):
+    from dit_sparse.parallel.topology import split_lengths
+
     layout = _random_layout(seq, 16, 8, seed=size)
     visits = token_block_mask(layout).flatten(0, 1).any(0)  # (S, S) token pairs any head visits
-    per_rank = seq // size
+    lengths = split_lengths(seq, size)  # 101 tokens: uneven shards
+    shards = [ring.shard_slice(lengths, r) for r in range(size)]
     expected = torch.zeros(size, size, dtype=torch.bool)
     for dst in range(size):
         # every row of a query block holding one of dst's rows is computed by dst
-        first, last = dst * per_rank // 16 * 16, min(-(-(dst + 1) * per_rank // 16) * 16, seq)
+        first, last = shards[dst].start // 16 * 16, min(-(-shards[dst].stop // 16) * 16, seq)
         for src in range(size):
-            expected[dst, src] = bool(visits[first:last, src * per_rank:(src + 1) * per_rank].any())
-    assert torch.equal(ring.need_matrix(layout, size), expected)
+            expected[dst, src] = bool(visits[first:last, shards[src]].any())
+    assert torch.equal(ring.need_matrix(layout, lengths), expected)
 
 
 def test_ring_traffic_counts_what_a_frame_local_layout_saves_at_wan_480p():
@@ -109,8 +112,6 @@ def _cp(ulysses=1, ring_degree=1, **flags):
 
 
 def test_what_cannot_run_is_refused_by_name():
-    with pytest.raises(UnsupportedParallelismError, match="ulysses_anything=True"):
-        sequence_parallel(_cp(2, ulysses_anything=True), 4, "Model")
     with pytest.raises(UnsupportedParallelismError, match="Model has 6 attention heads, which ulysses_degree=4"):
         sequence_parallel(_cp(4), 6, "Model")
     unset = types.SimpleNamespace(ulysses_degree=2, ring_degree=1, _ulysses_mesh=None, _ring_mesh=None)
@@ -118,6 +119,16 @@ def test_what_cannot_run_is_refused_by_name():
         sequence_parallel(unset, 4, "Model")
     topology = sequence_parallel(_cp(2, 2), 4, "Model")
     assert topology.world == 4 and topology.heads(4) == slice(0, 2) and topology.describe() == "ulysses 2 x ring 2"
+
+
+def test_shard_lengths_follow_diffusers_split_even_or_not():
+    """tensor_split's lengths, as diffusers' *_anything sharder cuts them; ring ranks hold their Ulysses group's."""
+    from dit_sparse.parallel.topology import split_lengths
+
+    assert split_lengths(245, 4) == [62, 61, 61, 61] == [len(p) for p in torch.arange(245).tensor_split(4)]
+    assert split_lengths(280, 4) == [70] * 4
+    topology = sequence_parallel(_cp(2, 2), 4, "Model")  # this rank: ring 0, ulysses 0
+    assert topology.ulysses_lengths(245) == [62, 61] and topology.ring_lengths(245) == [123, 122]
 
 
 def test_balancing_evens_the_ranks_work_and_keeps_each_ranks_head_count():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import faulthandler
+import functools
 import json
 import sys
 import traceback
@@ -147,6 +148,8 @@ def hunyuan_video_call(g, batch, noise, frames=8, text=6):
                 pooled_projections=torch.randn(batch, 8, generator=g), return_dict=False)
 
 
+UNEVEN = {"wan": dict(frames=7), "flux": dict(height=7, text=7), "ltx_video": dict(frames=3, text=7),
+          "cogvideox": dict(frames=7, text=7), "hunyuan_video": dict(frames=7)}
 FAMILIES = {"wan": (tiny_wan, wan_call), "flux": (tiny_flux, flux_call), "ltx_video": (tiny_ltx_video, ltx_call),
             "cogvideox": (tiny_cogvideox, cogvideox_call), "hunyuan_video": (tiny_hunyuan_video, hunyuan_video_call)}
 
@@ -172,22 +175,37 @@ def generation(model, call, steps=4, batch=2):
     return outs
 
 
-def parallel_model(build, plan, order, ulysses, ring):
+def parallel_model(build, plan, order, ulysses, ring, uneven=False):
     model = build()
     if order == ORDERS[0]:
         dit_sparse.apply(model, plan, block_size=BLOCKS)
-        enable(model, ulysses, ring)
+        enable(model, ulysses, ring, uneven)
     elif order == ORDERS[1]:
-        enable(model, ulysses, ring)
+        enable(model, ulysses, ring, uneven)
         dit_sparse.apply(model, plan, block_size=BLOCKS)
     else:
-        enable(model, ulysses, ring)
+        enable(model, ulysses, ring, uneven)
         model.set_attn_processor(SparseProcessor(plan, block_size=BLOCKS))
     return model
 
 
 def max_diff(a_list, b_list):
     return max(float((a - b).abs().max()) for a, b in zip(a_list, b_list))
+
+
+def gather_unequal_on_gloo():
+    """diffusers gathers uneven shards (its *_anything modes) with one all_gather of unequal tensors, which NCCL
+    takes and gloo refuses: for these CPU processes only, the same gather padded to equal sizes and trimmed."""
+    import diffusers.hooks.context_parallel as context_parallel
+    from diffusers.models._modeling_parallel import gather_size_by_comm
+
+    from dit_sparse.parallel import ring
+
+    def all_gather_anything(tensor, dim, group):
+        lengths = gather_size_by_comm(tensor.shape[dim], group)
+        return torch.cat(ring.all_gather(tensor, group, lengths, dim), dim)
+
+    context_parallel._all_gather_anything = all_gather_anything
 
 
 def refusals(ulysses, ring):
@@ -225,10 +243,15 @@ def main():
     p.add_argument("--plans", nargs="*", default=sorted(PLANS))
     p.add_argument("--out", required=True)
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--uneven", action="store_true",
+                   help="diffusers' *_anything split, with token counts the degree does not divide")
     args = p.parse_args()
     # A rank that fails alone leaves the others waiting in a collective: fail them too, and soon.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     build, call = FAMILIES[args.family]
+    if args.uneven:  # token counts the degree does not divide: 7 frames of Wan (245), text of 7 (Flux)
+        call = functools.partial(call, **UNEVEN[args.family])
+        gather_unequal_on_gloo()
     results, failed = {}, False
     faulthandler.dump_traceback_later(args.timeout * 2, exit=True)  # a hang prints every rank's stack
     cases = [(name, ORDERS[i % len(ORDERS)]) for i, name in enumerate(args.plans)]
@@ -239,7 +262,7 @@ def main():
             plan = plan_of(reference, name)
             dit_sparse.apply(reference, plan, block_size=BLOCKS)
             expected = generation(reference, call)
-            model = parallel_model(build, plan, order, args.ulysses, args.ring)
+            model = parallel_model(build, plan, order, args.ulysses, args.ring, args.uneven)
             got = generation(model, call)
             state = next(iter(bound_processor(model)._states.values()))
             if state.parallel is None or state.parallel.world != args.ulysses * args.ring:
@@ -255,7 +278,7 @@ def main():
             results[f"{name} ({order})"] = traceback.format_exc()[-2000:]
             failed = True
         dist.barrier()
-    if args.family == "wan":
+    if args.family == "wan" and not args.uneven:
         try:
             results["refusals"] = refusals(args.ulysses, args.ring)
         except Exception:  # noqa: BLE001
