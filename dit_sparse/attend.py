@@ -227,6 +227,7 @@ class AttentionSite:
     # Under ring parallelism, the rows of q whose outputs this rank keeps (the rest is filler): attend computes
     # only those. None: every row.
     query_rows: QueryRows | None = None
+    row_share: float = 1.0  # the share of the query rows this rank computes (ring parallelism), for the counters
 
 
 def decide_module(site: AttentionSite, batch: int, saw_text: bool | None = None, device=None, dtype=None) -> None:
@@ -445,7 +446,7 @@ def reused_module_output(site: AttentionSite) -> torch.Tensor | None:
     out = _reused_output(kept, decision)
     b, n = kept.batch, site.grid.num_tokens
     site.stats.called()
-    site.stats.add(b * len(site.heads) * n * n, 0)
+    site.stats.add(b * len(site.heads) * n * n * site.row_share, 0)
     # The model may write into what a module returns; the kept output must stay as it was.
     return out.clone() if out is kept.outputs[-1] else out
 

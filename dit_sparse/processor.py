@@ -620,7 +620,16 @@ class SparseProcessor:
             # the module's all-to-alls, or none.
             module_reuse=whole_module_reuse(module_heads) if binding.output_follows_attention else None,
             program=self._programs[heads],
+            row_share=self._row_share(state),
         )
+
+    @staticmethod
+    def _row_share(state: _TransformerState) -> float:
+        """The share of the query rows this rank computes: all of them, but under ring parallelism its shard's."""
+        parallel, tokens = state.parallel, state.grid.num_tokens
+        if parallel is None or parallel.ring_size == 1:
+            return 1.0
+        return parallel.ring_lengths(tokens)[parallel.ring_rank] / tokens
 
     def _head_order(self, heads, state: _TransformerState, block_q: int, block_k: int, device):
         """The head order that evens the Ulysses ranks' work for this module's heads at this grid (None: the
