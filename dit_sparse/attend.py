@@ -320,7 +320,7 @@ def attend(q, k, v, site: AttentionSite, text: TextTokens | None = None) -> torc
     video, text_part = text.slices(s) if text else (slice(0, s), None)
     rows = site.query_rows
     video_rows = None if rows is None else [rows.video]
-    share = 1.0 if rows is None else (rows.video.stop - rows.video.start) / n_video  # of the rows, computed here
+    share = site.row_share  # of the query rows, those computed here
     program = site.program
     if site.dense_now or all(spec == HeadStrategy("dense") for spec in site.heads):
         site.stats.add(b * h * s * s * share, b * h * s * s * share)
@@ -558,7 +558,7 @@ def _rescaled(spec, heads: HeadSet, q, k, v, site: AttentionSite):
         out, lse = rescaled_output(out_s, lse_s, entry.ratio, entry.residual)
         return out.to(q.dtype), lse
     out_d, lse_d = _on_rows(None if rows is None else [rows.video], _dense_lse, q, k, v)
-    site.stats.add(0, b * g * s * s * (1.0 if rows is None else (rows.video.stop - rows.video.start) / s))
+    site.stats.add(0, b * g * s * s * site.row_share)
     entry.ratio, entry.residual = rescale_statistics(out_s, lse_s, out_d, lse_d)
     return out_d, lse_d
 

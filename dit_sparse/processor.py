@@ -270,10 +270,10 @@ class SparseProcessor:
         self._take_over(transformer)
         adapter = adapter_for_transformer(transformer)
         self.check_plan(transformer, adapter)
-        cp = context_parallel_config(transformer)
-        if cp is not None:  # enable_parallelism came first: refuse what cannot run now, before any hook is installed
+        config = context_parallel_config(transformer)
+        if config is not None:  # enable_parallelism came first: refuse what cannot run now, before any hook exists
             context_parallel_plan(transformer)
-            sequence_parallel(cp, self.plan.model.num_heads, type(transformer).__name__)
+            sequence_parallel(config.context_parallel_config, self.plan.model.num_heads, type(transformer).__name__)
         covered = dict(adapter.covered_modules(transformer))
         bindings = {}
         for name, module in attention_modules(transformer).items():
@@ -375,15 +375,14 @@ class SparseProcessor:
         """This rank's place in the context-parallel mesh, if enable_parallelism was called (either before the plan
         was applied, when the model holds the config, or after, when diffusers gave it to this processor). Refused
         here, before any attention runs, when dit-sparse cannot run the plan under it."""
-        cp = context_parallel_config(transformer, self)
-        if cp is None:
+        config = context_parallel_config(transformer, self)
+        if config is None:
             state.parallel_config = state.parallel = None
             return
-        config = transformer._parallel_config if getattr(transformer, "_parallel_config", None) is not None \
-            else self._parallel_config
         if state.parallel_config is not config:
             context_parallel_plan(transformer)  # refuses the families dit-sparse cannot run in parallel, by name
-            state.parallel = sequence_parallel(cp, self.plan.model.num_heads, type(transformer).__name__)
+            state.parallel = sequence_parallel(config.context_parallel_config, self.plan.model.num_heads,
+                                               type(transformer).__name__)
             state.parallel_config = config
 
     def _decide(self, state: _TransformerState, hidden_states: torch.Tensor) -> None:

@@ -115,7 +115,7 @@ def _ring_attend(q, k, v, site: AttentionSite, text: TextTokens | None, topology
         received = ring.exchange(shard, need, group, rank, video_lengths, 2)
         received[rank] = shard
         pieces = [received.get(i) for i in range(size)]
-        topology.traffic["sent"] += int(need.sum()) - int(need.diagonal().sum())
+        topology.traffic["sent"] += ring.RingTraffic.of(need).sent
     k_video, v_video = (torch.cat([p[i] if p is not None else shard.new_zeros(b, n, h, d)
                                    for p, n in zip(pieces, video_lengths)], 1) for i in (-2, -1))
     mine = ring.shard_slice(video_lengths, rank)

@@ -16,7 +16,7 @@ from ..layout import Grid
 from ..plan import SparsePlan
 from ..strategies import get_strategy
 from .balance import balanced_order, head_cost, rank_costs
-from .ring import need_matrix
+from .ring import RingTraffic, need_matrix
 from .topology import split_lengths
 
 
@@ -59,7 +59,6 @@ def _module(heads, plan, grid, block_q, block_k, ulysses, ring, store) -> dict[s
     identity = tuple(range(len(heads)))
     result = {"before": rank_costs(costs, identity, ulysses),
               "after": rank_costs(costs, balanced_order(costs, ulysses), ulysses)}
-    dense_shards = ring * (ring - 1)
     need = torch.zeros(ring, ring, dtype=torch.bool)
     for spec in set(heads):
         strategy = get_strategy(spec.strategy)
@@ -69,5 +68,6 @@ def _module(heads, plan, grid, block_q, block_k, ulysses, ring, store) -> dict[s
             need[:] = True
         else:
             need |= need_matrix(layout(spec), split_lengths(grid.num_tokens, ring))
-    result.update(sent=int(need.sum()) - int(need.diagonal().sum()) if ring > 1 else 0, dense=dense_shards)
+    traffic = RingTraffic.of(need)
+    result.update(sent=traffic.sent, dense=traffic.dense)
     return result

@@ -121,11 +121,16 @@ class RingTraffic:
     def saved(self) -> float:
         return 1.0 - self.sent / self.dense if self.dense else 0.0
 
+    @classmethod
+    def of(cls, need: torch.Tensor) -> "RingTraffic":
+        """What a need matrix sends: one shard per needed pair of distinct ranks."""
+        size = need.shape[0]
+        return cls(int(need.sum()) - int(need.diagonal().sum()), size * (size - 1))
+
 
 def ring_traffic(layouts: list[BlockLayout], size: int) -> RingTraffic:
     """What a module whose heads run `layouts` sends over a ring of `size` ranks (the union of their needs)."""
     need = torch.zeros(size, size, dtype=torch.bool)
     for layout in layouts:
         need |= need_matrix(layout, split_lengths(layout.seq_len, size))
-    sent = int(need.sum()) - int(need.diagonal().sum())
-    return RingTraffic(sent, size * (size - 1))
+    return RingTraffic.of(need)

@@ -73,13 +73,13 @@ def split_lengths(total: int, parts: int) -> list[int]:
 
 
 def context_parallel_config(transformer, processor=None):
-    """The ContextParallelConfig in force on `transformer` (set by enable_parallelism, before or after a plan was
-    applied), or None."""
+    """The ParallelConfig with a context-parallel part in force on `transformer` (set by enable_parallelism, on the
+    model when it came before the plan, on the processor when after), or None. Its `context_parallel_config` is
+    the ContextParallelConfig; the config itself is what diffusers' own processors take."""
     for holder in (transformer, processor):
         config = getattr(holder, "_parallel_config", None)
-        cp = getattr(config, "context_parallel_config", None) if config is not None else None
-        if cp is not None:
-            return cp
+        if getattr(config, "context_parallel_config", None) is not None:
+            return config
     return None
 
 
