@@ -63,7 +63,8 @@ def render_cpu_executor(path: Path, result: dict) -> list[str]:
 
 
 def render_e2e(path: Path, result: dict) -> list[str]:
-    from dit_sparse.bench_e2e import CEILING_LABEL, markdown_table
+    from dit_sparse.bench_e2e import markdown_table
+    from dit_sparse.evaluation import CEILING_LABEL
 
     lines = [f"**End to end: {result['model']}** (`{result.get('command') or 'dit-sparse bench e2e'}`; "
              f"{result['date'][:10]}; 1-minute load average {_load_average(result)}; "
@@ -77,7 +78,7 @@ def render_e2e(path: Path, result: dict) -> list[str]:
 
 def earlier_default_plan(result: dict) -> list[str]:
     """A note when the `default` row of a tiny-shapes result ran another default plan than the shipped one."""
-    from dit_sparse.generate import default_plan_id, equivalent_default_plan_id
+    from dit_sparse.plan_spec import default_plan_id, equivalent_default_plan_id
 
     if result.get("model") != "tiny-shapes" or not any(r["plan"] == "default" for r in result["results"]):
         return []
@@ -400,7 +401,7 @@ def _tiny_shapes_clip(steps: int | None, frames_shape: list[int] | None = None) 
 
 def _sparse_rows(result: dict) -> list[dict]:
     """A bench result's plan rows after its dense row (the ceiling of `bench e2e --ceiling` is no plan)."""
-    from dit_sparse.bench_e2e import CEILING_LABEL
+    from dit_sparse.evaluation import CEILING_LABEL
 
     dense, *rows = result["results"]
     assert dense["plan"] == "dense", "a bench result starts with its dense row"

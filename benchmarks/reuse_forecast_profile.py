@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import dit_sparse  # noqa: F401  (guards the `kernels` name before diffusers imports)
-from dit_sparse.bench_e2e import hardware, versions
+from dit_sparse.provenance import hardware, versions
 from dit_sparse.zoo.pipeline import load_tiny_shapes, weights_id
 from dit_sparse.zoo.shapes_data import heldout_prompts
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..generate import TINY_SHAPES
+from ..models import TINY_SHAPES
 from ..strategies import STRATEGIES
 from .backend import (
     DEFAULT_KNOB,

@@ -25,20 +25,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ..api import transformers_of
-from ..generate import (
-    DTYPES,
-    PLANS_DIR,
-    TINY_SHAPES,
-    GenerateError,
-    call_defaults,
-    compare_dense_sparse,
-    load_model,
-    patch_size,
-    side_by_side,
-    write_video,
-)
+from ..checks import ArgumentError
+from ..comparison import compare_dense_sparse
+from ..models import DTYPES, TINY_SHAPES, call_defaults, load_model, patch_size
 from ..plan import PlanError, SparsePlan
+from ..plan_spec import PLANS_DIR
 from ..strategies import STRATEGIES
+from ..video import side_by_side, write_video
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +113,7 @@ def load_demo_model(model: str, device: str, dtype: str):
         return _untrained(device, dtype), UNTRAINED_WARNING
     try:
         return load_model(model, device, DTYPES[dtype]), None
-    except GenerateError as e:
+    except ArgumentError as e:
         raise DemoError(str(e)) from None
 
 
@@ -562,7 +555,7 @@ class DemoBackend:
         try:
             comparison = compare_dense_sparse(self.pipe, plan, self._call_kwargs(request, report), request.seed,
                                               self.device, self.executor)
-        except GenerateError as e:
+        except ArgumentError as e:
             raise DemoError(str(e)) from None
         except (PlanError, PlanMismatchError, UnsupportedModelError, AlreadyAppliedError) as e:
             raise DemoError(f"the plan cannot run on this model: {e}") from None

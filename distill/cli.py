@@ -111,8 +111,8 @@ def check_arguments(args, cfg) -> None:
     """Before anything loads: refuse what would fail late or do something other than asked (a missing extra
     raises MissingExtra; a folder that cannot be written, RunFolderError). With --resume, first removes the partial
     files a crash left in the run (on a full disk, the space the checks and the resume need)."""
+    from dit_sparse.checks import check_out_folder
     from dit_sparse.executors import require_executor_extra
-    from dit_sparse.generate import check_out_folder
 
     from .config import ConfigError
     from .runfolder import CONFIG, check_writable, clean_partials, run_entries
@@ -167,7 +167,7 @@ def in_distill_terms(message: str) -> str:
 def run_distill(args) -> int:
     # configs and run folders are YAML; peft only for LoRA (check_arguments). MissingExtra reaches main.
     require("distill", "yaml", what="dit-sparse distill")
-    from dit_sparse.generate import GenerateError
+    from dit_sparse.checks import ArgumentError
 
     from .config import ConfigError
     from .runfolder import RunFolderError
@@ -177,7 +177,7 @@ def run_distill(args) -> int:
         check_arguments(args, cfg)
         if args.overwrite and not args.dry_run:
             _start_over(cfg.out)
-    except (ConfigError, GenerateError, RunFolderError) as e:
+    except (ConfigError, ArgumentError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from dit_sparse.plan import PlanError
@@ -189,7 +189,7 @@ def run_distill(args) -> int:
 
     try:
         distiller = Distiller(cfg, resume=bool(args.resume), progress=not args.quiet)
-    except (GenerateError, PlanError, PlanMismatchError, PipelineKindError, RoleError, ConfigError,
+    except (ArgumentError, PlanError, PlanMismatchError, PipelineKindError, RoleError, ConfigError,
             FileNotFoundError, ValueError, RunFolderError) as e:
         print(f"error: {in_distill_terms(str(e))}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dit_sparse.generate import load_model
+from dit_sparse.models import load_model
 from dit_sparse.zoo.evaluate import generate_and_check, summarize
 from dit_sparse.zoo.pipeline import DEFAULT_GUIDANCE, weights_id
 from dit_sparse.zoo.shapes_data import heldout_eval_set

@@ -38,7 +38,7 @@ def export_student(cfg: DistillConfig, weights: dict[str, torch.Tensor], plan: S
                    shift: float, terminal: float | None, steps_done: int) -> Path:
     """Write the pipeline directory atomically (temporary folder, then rename) and verify its scheduler. A failed
     write (a full disk) raises runfolder.WriteFailed and leaves no partial folder."""
-    from dit_sparse.generate import load_model
+    from dit_sparse.models import load_model
 
     out_dir = Path(out_dir)
     K = cfg.student_steps
@@ -98,7 +98,7 @@ def load_student(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     """The exported pipeline with its plan applied as in training (executor and block size from distill.json
     unless `executor` is given); returns (pipe, info)."""
     import dit_sparse
-    from dit_sparse.generate import load_model
+    from dit_sparse.models import load_model
 
     path = Path(path)
     info = json.loads((path / EXPORT_INFO).read_text())

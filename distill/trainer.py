@@ -197,8 +197,8 @@ class Distiller:
 
     # -- setup -------------------------------------------------------------------------------------------------
     def _setup(self, pipe) -> None:
-        from dit_sparse.bench_e2e import parse_plan_spec
-        from dit_sparse.generate import load_model
+        from dit_sparse.models import load_model
+        from dit_sparse.plan_spec import parse_plan_spec
 
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
@@ -634,7 +634,7 @@ class Distiller:
         return videos
 
     def _write_videos(self, folder: Path, name: str, videos: list[np.ndarray]) -> list[bool | None]:
-        from dit_sparse.generate import write_video
+        from dit_sparse.video import write_video
 
         folder.mkdir(parents=True, exist_ok=True)
         checks = []

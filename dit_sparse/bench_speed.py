@@ -17,8 +17,8 @@ import torch
 
 from .api import apply, remove
 from .atomic import write_json
-from .bench_e2e import hardware, invoked_command, versions
 from .plan import SparsePlan
+from .provenance import hardware, invoked_command, versions
 from .timing import AttentionTimer, KernelTimer
 
 
@@ -141,9 +141,9 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
     context parallelism). compile: time the forward under torch.compile (dense and every plan alike); module and
     kernel seconds come from eager forwards. ulysses, ring: context parallelism over that many processes (under
     torchrun, one per device); dense is then timed at the same parallelism."""
-    from .bench_e2e import parse_plan_spec
-    from .generate import GenerateError, check_positive, check_sizes
+    from .checks import ArgumentError, check_positive, check_sizes
     from .parallel import launch as parallel_launch
+    from .plan_spec import parse_plan_spec
 
     check_positive(layers=layers, repeats=repeats, ulysses=ulysses, ring=ring)
     check_sizes(frames=frames, height=height, width=width)
@@ -214,7 +214,7 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
     for i, spec in enumerate(plan_specs, 1):
         run = parse_plan_spec(spec, None, model)
         if any(h.strategy in ("block_adaptive", "pyramid") for heads in run.plan.modules.values() for h in heads):
-            raise GenerateError(f"{spec}: dynamic strategies (block_adaptive, pyramid) have a weight-dependent "
+            raise ArgumentError(f"{spec}: dynamic strategies (block_adaptive, pyramid) have a weight-dependent "
                                 "density, so random weights would time the wrong work; speed-only mode refuses them "
                                 "(time them with `dit-sparse bench e2e` on a trained model)")
         processor = apply(model, run.plan)

@@ -111,8 +111,9 @@ def _add_bench(sub):
 def _bench_e2e(args) -> int:
     from pathlib import Path
 
-    from .bench_e2e import markdown_table, run_e2e, write_results
-    from .generate import GenerateError, check_out_folder
+    from .bench_e2e import markdown_table, write_results, write_results_json
+    from .checks import ArgumentError, check_out_folder
+    from .evaluation import run_e2e
     from .inputs import read_text_file
 
     check_out_folder(args.out)
@@ -121,12 +122,13 @@ def _bench_e2e(args) -> int:
         text = read_text_file(args.prompts, "--prompts", "a text file with one prompt per line")
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise GenerateError(f"--prompts {args.prompts}: the file has no prompts")
+            raise ArgumentError(f"--prompts {args.prompts}: the file has no prompts")
         if len(prompts) < args.num_prompts and args.num_prompts != NUM_PROMPTS_DEFAULT:
             logging.getLogger(__name__).warning("--prompts %s has %d prompts, fewer than --num-prompts %d: using "
                                                 "them all", args.prompts, len(prompts), args.num_prompts)
     result = run_e2e(args.model, args.plans, prompts, args.num_prompts, args.seeds, args.steps, args.device, args.dtype,
-                     ceiling=args.ceiling, out=Path(args.out), force=args.force)
+                     ceiling=args.ceiling, on_partial=lambda partial: write_results_json(partial, Path(args.out)),
+                     force=args.force)
     write_results(result, Path(args.out))
     print(markdown_table(result))
     print(f"wrote {args.out}/results.json, results.md, speedup_vs_psnr.png")
@@ -138,10 +140,11 @@ def _bench_speed(args) -> int:
 
     from .atomic import write_json
     from .bench_speed import ARCHITECTURES, run_speed
-    from .generate import DTYPES, GenerateError, check_device_and_dtype, check_out_folder, check_sizes
+    from .checks import ArgumentError, check_out_folder, check_sizes
+    from .models import DTYPES, check_device_and_dtype
 
     if args.arch not in ARCHITECTURES:
-        raise GenerateError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {args.arch!r}")
+        raise ArgumentError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {args.arch!r}")
     check_device_and_dtype(args.device, args.dtype)
     check_sizes(height=args.height, width=args.width, frames=args.frames)
     check_out_folder(args.out)
@@ -162,7 +165,8 @@ def _bench_speed(args) -> int:
 def _bench_kernels(args) -> int:
     import torch
 
-    from .generate import check_device_and_dtype, check_out_folder
+    from .checks import check_out_folder
+    from .models import check_device_and_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device_and_dtype(device, "float32")
@@ -186,13 +190,13 @@ class _Errors:
         from .adapters import UnsupportedModelError
         from .api import AlreadyAppliedError
         from .atomic import WriteError
+        from .checks import ArgumentError
         from .executors import ExecutorError
-        from .generate import GenerateError
         from .inputs import InputFileError
         from .processor import PlanMismatchError
 
         # WriteError: a result file could not be written (a full or read-only disk), named with the reason
-        return (PlanError, GenerateError, UnsupportedModelError, PlanMismatchError, AlreadyAppliedError,
+        return (PlanError, ArgumentError, UnsupportedModelError, PlanMismatchError, AlreadyAppliedError,
                 ExecutorError, MissingExtra, FileNotFoundError, WriteError, InputFileError)
 
 

@@ -115,11 +115,12 @@ def check_out_folder(plan_path: Path) -> None:
 
 def model_fingerprint(model: str) -> tuple[ModelFingerprint, list[tuple[str, int]]]:
     """Fingerprint and covered modules of a model from its configuration only (built on the meta device)."""
-    from dit_sparse.generate import TINY_SHAPES, GenerateError, check_model_name
+    from dit_sparse.checks import ArgumentError
+    from dit_sparse.models import TINY_SHAPES, check_model_name
 
     try:  # a mistyped folder (./mymodel) is one line saying so, not the hub's error about repository ids
         model = check_model_name(model)
-    except GenerateError as e:
+    except ArgumentError as e:
         raise SearchError(str(e)) from None
     if model == TINY_SHAPES:
         from dit_sparse.zoo import WEIGHTS_DIR
@@ -477,7 +478,7 @@ def search(model: str | None = None, prompts: list[str] | str | Path | None = No
 
 def _checked_run_options(prompts, device: str, dtype: str, threads: int | None) -> list[str] | None:
     """The checks both searches make before any work; returns the prompts (read from a file when given one)."""
-    from dit_sparse.generate import DTYPES
+    from dit_sparse.models import DTYPES
 
     if dtype not in DTYPES:
         raise SearchError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -514,8 +515,9 @@ def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | P
     """`dit-sparse search --reuse-schedule`: the fastest schedule of a uniform `reuse` plan whose calibration
     prompts reach `min_psnr` end to end (see `search.schedule`; `grid`, a `ScheduleGrid`, narrows or widens the
     candidates). Writes the plan and a report beside it."""
-    from dit_sparse.bench_e2e import invoked_command
-    from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
+    from dit_sparse.checks import ArgumentError
+    from dit_sparse.models import DTYPES, TINY_SHAPES, load_model
+    from dit_sparse.provenance import invoked_command
 
     from .schedule import search_reuse_schedule as run_schedule_search
     from .schedule import write_schedule_report
@@ -534,7 +536,7 @@ def search_reuse_schedule(model: str | None = None, prompts: list[str] | str | P
     with _cpu_threads(device, threads):
         try:
             pipe = pipe if pipe is not None else load_model(model, device, DTYPES[dtype])
-        except (GenerateError, FileNotFoundError) as e:
+        except (ArgumentError, FileNotFoundError) as e:
             raise SearchError(str(e)) from None
         transformer = transformers_of(pipe)[0]
         adapter_for_transformer(transformer)  # unsupported models fail here, before any generation
@@ -563,7 +565,8 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
             pick_by_psnr: bool = False, step_weights: str = "none",
             refresh_interval: int | None = None) -> SearchResult:
     """The search proper; with several processes each calibrates its share, and only the first writes files."""
-    from dit_sparse.generate import DTYPES, TINY_SHAPES, GenerateError, load_model
+    from dit_sparse.checks import ArgumentError
+    from dit_sparse.models import DTYPES, TINY_SHAPES, load_model
 
     if stats is not None:
         st = CalibrationStats.load(stats)
@@ -571,7 +574,7 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
         if model is not None:
             try:
                 fingerprint, _ = model_fingerprint(model)
-            except GenerateError as e:
+            except ArgumentError as e:
                 raise SearchError(str(e)) from None
             st.check_model(fingerprint, repr(model))
         known_names = {"steps": "num_steps", "refresh-interval": "refresh_interval"}
@@ -595,7 +598,7 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
             model_fingerprint(model)  # an unsupported transformer fails here, before any weight is loaded
         try:
             pipe = pipe if pipe is not None else load_model(model, device, DTYPES[dtype])
-        except (GenerateError, FileNotFoundError) as e:
+        except (ArgumentError, FileNotFoundError) as e:
             raise SearchError(str(e)) from None
         st, cost_model = _calibrate_pipeline(pipe, model, prompts, height=height, width=width, frames=frames,
                                              steps=steps, guidance=guidance, dense_first=dense_first,
@@ -629,7 +632,7 @@ def _search(model, prompts, height, width, frames, steps, guidance, budget, dens
         flag = "--min-psnr" if min_psnr is not None else "--pick-by-psnr"
         try:
             pipe = load_model(model, device, DTYPES[dtype])
-        except (GenerateError, FileNotFoundError) as e:
+        except (ArgumentError, FileNotFoundError) as e:
             raise SearchError(f"{flag} generates with the model: {e}") from None
     if min_psnr is not None:
         max_error = budget.max_error if budget.max_error is not None else DEFAULT_MAX_ERROR
@@ -731,7 +734,7 @@ def _check_settings(pipe, st: CalibrationStats, flag: str) -> tuple[list[str], d
 
 
 def _cost_for_stats(st: CalibrationStats, cost: str, device, dtype, cache_dir, progress) -> CostModel:
-    from dit_sparse.generate import DTYPES
+    from dit_sparse.models import DTYPES
 
     if st.cost is not None and st.cost.get("kind") == cost:
         return CostModel.from_json(st.cost)
@@ -745,7 +748,7 @@ def _cost_for_stats(st: CalibrationStats, cost: str, device, dtype, cache_dir, p
 def _calibrate_pipeline(pipe, model: str, prompts, *, height, width, frames, steps, guidance, dense_first, device,
                         dtype, cost, cache_dir, calib_steps, seed, progress, echo, procs: Processes,
                         refresh_interval: int = 5):
-    from dit_sparse.generate import DTYPES
+    from dit_sparse.models import DTYPES
 
     transformer = transformers_of(pipe)[0]
     adapter = adapter_for_transformer(transformer)  # unsupported models fail here, before any work

@@ -83,7 +83,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
             out: str | Path = "benchmarks/results/search-compare", families: list[str] | None = None,
             cost: str = "measured", progress: bool = True, sweep: bool = True,
             pick_by_psnr: bool = False) -> dict[str, Any]:
-    from dit_sparse.bench_e2e import run_e2e
+    from dit_sparse.evaluation import run_e2e
 
     stats = CalibrationStats.load(stats_path)
     model = model or stats.info.get("model") or "tiny-shapes"
@@ -96,7 +96,7 @@ def compare(stats_path: str | Path, plan_path: str | Path | None = None, baselin
     pairs, specs = [], []
     pipe, dense_cache = None, {}
     if pick_by_psnr and sweep:
-        from dit_sparse.generate import load_model
+        from dit_sparse.models import load_model
 
         pipe = load_model(model, "cpu", torch.float32)
     from tqdm.auto import tqdm

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from dit_sparse.bench_e2e import CEILING_LABEL, grouped, records_of
+from dit_sparse.bench_e2e import grouped, records_of
 from dit_sparse.cli import main
+from dit_sparse.evaluation import CEILING_LABEL
 from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
 from dit_sparse.zoo.pipeline import weights_id
 
@@ -53,7 +54,7 @@ def test_bench_e2e_writes_one_record_per_plan_table_and_plot(tiny_dir, tmp_path,
 
 
 def test_bench_e2e_records_which_default_plan_ran(tmp_path):
-    from dit_sparse.generate import default_plan_id
+    from dit_sparse.plan_spec import default_plan_id
 
     out = tmp_path / "bench"  # the shipped tiny-shapes model: the default plan is made for it
     assert main(["bench", "e2e", "--plans", "default", "--num-prompts", "1", "--steps", "2", "--out", str(out)]) == 0
@@ -115,17 +116,17 @@ def _strict_json(path):
 def test_results_json_is_strict_and_rewritten_after_every_prompt(tiny_dir, tmp_path, capsys, monkeypatch):
     """A fault late in a long run keeps what was measured: results.json is rewritten (atomically) after each
     prompt and seed, marked partial; no Infinity in it (an exact PSNR is null with a note)."""
-    import dit_sparse.bench_e2e as bench_e2e
+    import dit_sparse.evaluation as evaluation
 
-    real, calls = bench_e2e.timed_generation, []
+    real, calls = evaluation.timed_generation, []
 
     def timing(*args):
         calls.append(1)
         if len(calls) == 3:  # the first run of the second prompt
-            raise bench_e2e.GenerateError("a late fault")
+            raise evaluation.ArgumentError("a late fault")
         return real(*args)
 
-    monkeypatch.setattr(bench_e2e, "timed_generation", timing)
+    monkeypatch.setattr(evaluation, "timed_generation", timing)
     out = tmp_path / "bench"
     assert main(["bench", "e2e", "--model", str(tiny_dir), "--plans", "diagonal:window=[0,1,1]", "--num-prompts",
                  "2", "--steps", "2", "--out", str(out)]) == 2
@@ -161,8 +162,8 @@ def test_read_only_out_is_found_before_any_work(tiny_dir, tmp_path, capsys, monk
     import errno
 
     import dit_sparse.atomic as atomic
-    import dit_sparse.bench_e2e as bench_e2e
     import dit_sparse.bench_speed as bench_speed
+    import dit_sparse.evaluation as evaluation
 
     def read_only(folder):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -171,7 +172,7 @@ def test_read_only_out_is_found_before_any_work(tiny_dir, tmp_path, capsys, monk
         pytest.fail("work started before the output folder was checked")
 
     monkeypatch.setattr(atomic, "_probe", read_only)
-    monkeypatch.setattr(bench_e2e, "load_model", no_work)
+    monkeypatch.setattr(evaluation, "load_model", no_work)
     monkeypatch.setattr(bench_speed, "build", no_work)
     out = tmp_path / "ro"
     model = ["--model", str(tiny_dir)] if command == ["e2e"] else []
@@ -187,9 +188,9 @@ def test_prompts_that_are_not_a_text_file_are_one_line(tiny_dir, tmp_path, capsy
     """A binary --prompts file was a UnicodeDecodeError; a FIFO hung; /dev/zero filled the memory."""
     import os
 
-    import dit_sparse.bench_e2e as bench_e2e
+    import dit_sparse.evaluation as evaluation
 
-    monkeypatch.setattr(bench_e2e, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(evaluation, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     path = tmp_path / "prompts"
     if kind == "binary":
         path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
@@ -207,11 +208,11 @@ def test_prompts_that_are_not_a_text_file_are_one_line(tiny_dir, tmp_path, capsy
 
 
 def test_a_model_too_large_for_the_cpu_is_refused_before_generating(tiny_dir, tmp_path, capsys, monkeypatch):
-    import dit_sparse.bench_e2e as bench_e2e
-    import dit_sparse.generate as generate
+    import dit_sparse.evaluation as evaluation
+    import dit_sparse.workload as workload
 
-    monkeypatch.setattr(generate, "CPU_MAX_TOKENS", 1000)
-    monkeypatch.setattr(bench_e2e, "warm_up", lambda *a, **k: pytest.fail("generation started"))
+    monkeypatch.setattr(workload, "CPU_MAX_TOKENS", 1000)
+    monkeypatch.setattr(evaluation, "warm_up", lambda *a, **k: pytest.fail("generation started"))
     assert main(["bench", "e2e", "--model", str(tiny_dir), "--steps", "2", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("error: 8 frames of 32x32 px is 2,048 video tokens (grid 8x16x16)")

@@ -71,14 +71,14 @@ def test_bench_speed_absurd_size_is_refused_before_the_model_is_built(tmp_path, 
 def test_bench_speed_keeps_the_plans_timed_before_a_late_fault(tmp_path, capsys, monkeypatch):
     """results.json is rewritten (atomically, strict JSON) after each plan, marked partial until the last."""
     import dit_sparse.bench_speed as bench_speed
-    from dit_sparse.generate import GenerateError
+    from dit_sparse.checks import ArgumentError
 
     real, calls = bench_speed._time_forward, []
 
     def timing(*args):
         calls.append(1)
         if len(calls) == 3:  # the second plan
-            raise GenerateError("a late fault")
+            raise ArgumentError("a late fault")
         return real(*args)
 
     monkeypatch.setattr(bench_speed, "_time_forward", timing)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from dit_sparse.cli import main
-from dit_sparse.generate import SHOWN_HEIGHT, side_by_side
 from dit_sparse.plan import ModelFingerprint, SparsePlan
+from dit_sparse.video import SHOWN_HEIGHT, side_by_side
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +123,13 @@ def test_too_many_tokens_for_the_cpu_is_refused_before_generating_unless_forced(
                                                                                  monkeypatch):
     """--height 512 --width 512 on tiny-shapes ran silently for minutes: now the token count and the estimates
     are named before any generation, and --force runs it."""
-    import dit_sparse.generate as generate
+    import dit_sparse.comparison as comparison
+    import dit_sparse.workload as workload
 
     def no_generation(*args, **kwargs):
-        raise generate.GenerateError("generation reached")
+        raise comparison.ArgumentError("generation reached")
 
-    monkeypatch.setattr(generate, "warm_up", no_generation)
+    monkeypatch.setattr(comparison, "warm_up", no_generation)
     args = ["generate", "--model", saved_pipeline, *SMALL, "--height", "512", "--width", "512",
             "--out", str(tmp_path / "out")]
     assert main(args) == 2
@@ -138,7 +139,7 @@ def test_too_many_tokens_for_the_cpu_is_refused_before_generating_unless_forced(
     assert "Traceback" not in err and err.splitlines()[-1].startswith("error: 2 frames of 512x512 px")
     assert main(args + ["--force"]) == 2
     assert "generation reached" in capsys.readouterr().err
-    monkeypatch.setattr(generate, "available_memory", lambda device: 1024)  # the scores (512 KiB) do not fit
+    monkeypatch.setattr(workload, "available_memory", lambda device: 1024)  # the scores (512 KiB) do not fit
     assert main(["generate", "--model", saved_pipeline, *SMALL, "--out", str(tmp_path / "out")]) == 2
     assert "512.0 KiB per layer" in (err := capsys.readouterr().err) and "more than the 1.0 KiB of free memory" in err
 
@@ -234,20 +235,20 @@ def test_a_late_write_failure_is_one_line_and_keeps_what_was_written(saved_pipel
 
 
 def test_the_dense_video_is_written_before_the_sparse_run(saved_pipeline, tmp_path, monkeypatch):
-    import dit_sparse.generate as generate
+    import dit_sparse.comparison as comparison
 
     out = tmp_path / "gen"
-    real = generate.timed_generation
+    real = comparison.timed_generation
     calls = []
 
     def timing(*args):
         calls.append(1)
         if len(calls) == 2:  # the sparse run fails (out of memory, interrupted...)
             assert (out / "dense.mp4").stat().st_size > 0
-            raise generate.GenerateError("the sparse run failed")
+            raise comparison.ArgumentError("the sparse run failed")
         return real(*args)
 
-    monkeypatch.setattr(generate, "timed_generation", timing)
+    monkeypatch.setattr(comparison, "timed_generation", timing)
     assert main(["generate", "--model", saved_pipeline, "--plan", "diagonal", *SMALL, "--repeats", "1",
                  "--out", str(out)]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["dense.mp4"]
@@ -258,7 +259,7 @@ def test_repeated_timings_keep_the_fastest_and_the_same_frames(monkeypatch):
     frames of every repeat are the same (no cache carries over from one sparse generation to the next)."""
     import numpy as np
 
-    import dit_sparse.generate as generate
+    import dit_sparse.comparison as comparison
     from dit_sparse.zoo import build_pipeline
 
     pipe = build_pipeline()
@@ -267,7 +268,7 @@ def test_repeated_timings_keep_the_fastest_and_the_same_frames(monkeypatch):
         dense_first=0.25, refresh_interval=5)
     seconds = iter([5.0, 4.0, 3.0, 6.0])  # dense, sparse, dense, sparse
     runs = []
-    real = generate.timed_generation
+    real = comparison.timed_generation
 
     def fake_timing(*args):
         frames, _, _, _ = real(*args)
@@ -275,10 +276,10 @@ def test_repeated_timings_keep_the_fastest_and_the_same_frames(monkeypatch):
         value = next(seconds)
         return frames, value, value / 2, value / 4
 
-    monkeypatch.setattr(generate, "timed_generation", fake_timing)
+    monkeypatch.setattr(comparison, "timed_generation", fake_timing)
     kwargs = {"prompt": "a red circle moving right on a dark background", "num_inference_steps": 4,
               "num_frames": 4, "height": 32, "width": 32, "output_type": "np"}  # 1024 tokens: 4 query blocks
-    result = generate.compare_dense_sparse(pipe, plan, kwargs, seed=0, repeats=2)
+    result = comparison.compare_dense_sparse(pipe, plan, kwargs, seed=0, repeats=2)
     m = result.metrics
     assert (m["dense_seconds"], m["sparse_seconds"], m["repeats"]) == (3.0, 4.0, 2)
     assert m["speedup"] == pytest.approx(0.75) and m["sparse_attention_seconds"] == 2.0

@@ -126,7 +126,7 @@ def test_benchmark_tables_from_earlier_tiny_shapes_weights_are_flagged():
 
 def test_a_default_row_run_with_another_default_plan_is_flagged():
     render_results = _load_render_results()
-    from dit_sparse.generate import default_plan_id
+    from dit_sparse.plan_spec import default_plan_id
 
     row = {"plan": "default", "seconds": 1.0, "attention_seconds": 0.5, "speedup": 1.2, "attention_speedup": 1.3,
            "executed_density": 0.7, "psnr": 30.0, "ssim": 0.9, "caption_accuracy": 0.5}

@@ -42,7 +42,7 @@ def test_good_request_returns_videos_pictures_and_metrics(callbacks, small):
     band = side_frames.shape[1] - 256
     assert side_frames.shape == (4, 256 + band, 512, 3) and 0 < band < 128 and side_frames.shape[1] % 2 == 0
     assert np.abs(side_frames[:, band:, :256].astype(int) - frames).mean() < 8
-    from dit_sparse.generate import side_by_side
+    from dit_sparse.video import side_by_side
 
     caption = side_frames[:, :band].astype(int)
     labelled = side_by_side(np.zeros((1, 32, 32, 3)), np.zeros((1, 32, 32, 3)))[0, :band].astype(int)

@@ -315,12 +315,13 @@ def unwritable(tmp_path):
 
 
 def test_unwritable_out_is_refused_before_anything_loads(teacher_dir, tmp_path, unwritable, capsys, monkeypatch):
-    import dit_sparse.generate
+    import dit_sparse.checks
+    import dit_sparse.models
 
     def no_loading(*args, **kwargs):
-        raise dit_sparse.generate.GenerateError("loaded a model before checking --out")
+        raise dit_sparse.checks.ArgumentError("loaded a model before checking --out")
 
-    monkeypatch.setattr(dit_sparse.generate, "load_model", no_loading)
+    monkeypatch.setattr(dit_sparse.models, "load_model", no_loading)
     assert main([*_flags(tmp_path, teacher_dir), "--out", str(unwritable)]) == 2
     line = _err_line(capsys)
     assert line.startswith(f"error: could not write to --out {unwritable}: ") and "loaded a model" not in line

@@ -139,9 +139,9 @@ def test_measured_cost_table_is_cached(tmp_path, monkeypatch):
 
 
 def _no_model_load(monkeypatch):
-    import dit_sparse.generate as generate
+    import dit_sparse.models as models
 
-    monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
 
 
 def test_mistyped_model_folder_is_one_line(tmp_path, capsys, monkeypatch):

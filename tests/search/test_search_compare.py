@@ -28,7 +28,7 @@ def test_compare_writes_pairs_at_equal_density(tmp_path, monkeypatch):
                 "versions": {"torch": "t", "diffusers": "d"}, "date": "today", "results": rows,
                 "weights_id": "0123456789ab"}
 
-    monkeypatch.setattr("dit_sparse.bench_e2e.run_e2e", fake_run_e2e)
+    monkeypatch.setattr("dit_sparse.evaluation.run_e2e", fake_run_e2e)
     summary = compare_uniform.compare(path, cost="flop", out=tmp_path / "cmp", prompts=2, progress=False)
     assert summary["weights_id"] == "0123456789ab"  # docs/results.md flags comparisons made on earlier weights
     shared = [c for c in stats.candidates if not c.per_head and c.computes and c.family != "dense"]
@@ -72,9 +72,9 @@ def test_pick_by_psnr_picks_every_searched_plan_end_to_end(tmp_path, monkeypatch
         return {"prompts": num_prompts, "hardware": {"cpus": 2, "torch_threads": 1, "machine": "x86_64"},
                 "versions": {"torch": "t", "diffusers": "d"}, "date": "today", "results": rows}
 
-    monkeypatch.setattr("dit_sparse.generate.load_model", lambda model, device, dtype: "the pipeline")
+    monkeypatch.setattr("dit_sparse.models.load_model", lambda model, device, dtype: "the pipeline")
     monkeypatch.setattr("dit_sparse.search.api.picked_solution", fake_picked)
-    monkeypatch.setattr("dit_sparse.bench_e2e.run_e2e", fake_run_e2e)
+    monkeypatch.setattr("dit_sparse.evaluation.run_e2e", fake_run_e2e)
     summary = compare_uniform.compare(path, cost="flop", out=tmp_path / "cmp", prompts=2, progress=False,
                                       families=["diagonal"], pick_by_psnr=True)
     assert summary["pick_by_psnr"] and len(picked) == len(summary["pairs"]) > 0
