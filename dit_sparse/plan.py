@@ -98,7 +98,7 @@ class HeadStrategy:
         for name, value in modifiers.items():
             if not isinstance(value, bool):
                 raise PlanError(f"{path}.{name}: must be true or false, got {value!r}")
-        if modifiers["rescale"] and not impl.computes or modifiers["rescale"] and strategy == "dense":
+        if modifiers["rescale"] and (not impl.computes or impl.dense):
             raise PlanError(f"{path}.rescale: only sparse strategies can be re-scaled, not {strategy!r}")
         if modifiers["fp8"] and impl.reuses:
             raise PlanError(f"{path}.fp8: `reuse` refreshes with 16-bit dense attention; drop fp8 there")
@@ -119,6 +119,11 @@ class HeadStrategy:
     @property
     def param_dict(self) -> dict[str, Any]:
         return dict(self.params)
+
+    @property
+    def impl(self):
+        """The registered Strategy: what it needs and does (dense, dynamic, pooled, computes, reuses)."""
+        return STRATEGIES[self.strategy]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"strategy": self.strategy}

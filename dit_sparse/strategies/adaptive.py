@@ -98,6 +98,7 @@ class Pyramid(Strategy):
 
     name = "pyramid"
     dynamic = True
+    pooled = True
     params = {
         "bands": Param(
             (0.6, 0.8, 0.9, 0.95), _check_bands,

@@ -41,7 +41,10 @@ class Strategy:
     """Base class. Static strategies return a (1, 1, NQ, K) layout that depends only on the grid and params."""
 
     name: str = ""
-    dynamic: bool = False
+    # What the strategy needs and does; callers ask these rather than compare names.
+    dense: bool = False  # every query attends every key: the exact computation (`dense`)
+    dynamic: bool = False  # the layout is estimated from q and k (refreshed), not fixed by the grid
+    pooled: bool = False  # some keys are visited at pooled (coarser) levels: `pyramid`
     computes: bool = True  # False when nothing runs at a sparse step: `skip`, and `reuse` between refreshes
     reuses: bool = False  # True for `reuse`: dense at refresh steps, that output reused until the next one
     params: dict[str, Param] = {}

@@ -24,6 +24,7 @@ def full_layout(seq_len: int, block_q: int, block_k: int, device=None) -> BlockL
 @register
 class Dense(Strategy):
     name = "dense"
+    dense = True
 
     def layout(self, params, ctx: BuildContext) -> BlockLayout:
         return full_layout(ctx.seq_len, ctx.block_q, ctx.block_k)
