@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dit_sparse.kernels.bench import ESTIMATOR, GRIDS, environment, time_ms
+if __package__ in (None, ""):  # run as a file: the repository root, appended, makes `benchmarks` importable
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_kernels import ESTIMATOR, GRIDS, environment, time_ms
 from dit_sparse.strategies import BuildContext, get_strategy
 from dit_sparse.strategies.block_stats import FUSED, block_stats, torch_block_stats
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a file: the repository root, appended, makes `benchmarks` importable
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_kernels import GRIDS, dense_baselines, environment, random_layout, runnable, time_ms
 from dit_sparse.kernels import segments
-from dit_sparse.kernels.bench import GRIDS, _dense_baselines, _runnable, environment, random_layout, time_ms
 from dit_sparse.kernels.config import has_fp8_tensor_cores, layout_block_sizes
 from dit_sparse.kernels.fp8_quant import quantize_inputs
 from dit_sparse.kernels.fwd_kernel import block_sparse_fwd_kernel
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     q, k, v = (torch.randn(1, seq, heads, dim, device=device, dtype=dtype) for _ in range(3))
     fp8 = has_fp8_tensor_cores(device)
 
-    baselines = {name: fn for name, fn in _dense_baselines(q, k, v).items() if _runnable(name, fn)}
+    baselines = {name: fn for name, fn in dense_baselines(q, k, v).items() if runnable(name, fn)}
     reference_ms = {name: time_ms(fn, device, args.budget) for name, fn in baselines.items()}
     dense_ms = next(iter(reference_ms.values()))
 

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
-from dit_sparse.bench_speed import ARCHITECTURES
+if __package__ in (None, ""):  # run as a file: the repository root, appended, makes `benchmarks` importable
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_speed import ARCHITECTURES
 from dit_sparse.layout import Grid
 from dit_sparse.parallel.report import parallel_report
 from dit_sparse.plan import HeadStrategy, SparsePlan

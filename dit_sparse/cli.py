@@ -3,14 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .extras import MissingExtra, require
 from .plan import PlanError
 
 NUM_PROMPTS_DEFAULT = 8
+
+
+class NotACheckoutError(Exception):
+    """A command that runs from the repository's source checkout (benchmarks/, tools/) in a non-editable install."""
+
+
+def checkout_root() -> Path:
+    """Where an editable install (`pip install -e .`) has its repository: the folder above the dit_sparse package."""
+    return Path(__file__).resolve().parent.parent
+
+
+def checkout_module(name: str, what: str = "dit-sparse bench"):
+    """A module of the source checkout that is not installed with the package, e.g. "benchmarks.bench_speed".
+
+    The repository root is appended to sys.path, never prepended: its kernels/ folder must not stand in for an
+    installed `kernels` library. Raises NotACheckoutError (one line) where the checkout is not there."""
+    root = checkout_root()
+    folder = root / name.partition(".")[0]
+    if not ((root / "pyproject.toml").is_file() and (folder / "__init__.py").is_file()):
+        raise NotACheckoutError(f"{what} runs from a source checkout: clone the repository and `pip install -e .` "
+                                f"there (this installation has no {folder})")
+    if str(root) not in sys.path:
+        sys.path.append(str(root))
+    module = importlib.import_module(name)
+    if Path(module.__file__).resolve().parent != folder:
+        raise NotACheckoutError(f"{what}: `{name}` is {module.__file__}, not the checkout's (another installed "
+                                f"package is named {folder.name})")
+    return module
 
 
 def _add_generate(sub):
@@ -109,13 +139,11 @@ def _add_bench(sub):
 
 
 def _bench_e2e(args) -> int:
-    from pathlib import Path
-
-    from .bench_e2e import markdown_table, write_results, write_results_json
     from .checks import ArgumentError, check_out_folder
     from .evaluation import run_e2e
     from .inputs import read_text_file
 
+    results = checkout_module("benchmarks.bench_e2e")
     check_out_folder(args.out)
     prompts = None
     if args.prompts:
@@ -126,29 +154,28 @@ def _bench_e2e(args) -> int:
         if len(prompts) < args.num_prompts and args.num_prompts != NUM_PROMPTS_DEFAULT:
             logging.getLogger(__name__).warning("--prompts %s has %d prompts, fewer than --num-prompts %d: using "
                                                 "them all", args.prompts, len(prompts), args.num_prompts)
+    out = Path(args.out)
     result = run_e2e(args.model, args.plans, prompts, args.num_prompts, args.seeds, args.steps, args.device, args.dtype,
-                     ceiling=args.ceiling, on_partial=lambda partial: write_results_json(partial, Path(args.out)),
+                     ceiling=args.ceiling, on_partial=lambda partial: results.write_results_json(partial, out),
                      force=args.force)
-    write_results(result, Path(args.out))
-    print(markdown_table(result))
+    results.write_results(result, out)
+    print(results.markdown_table(result))
     print(f"wrote {args.out}/results.json, results.md, speedup_vs_psnr.png")
     return 0
 
 
 def _bench_speed(args) -> int:
-    from pathlib import Path
-
     from .atomic import write_json
-    from .bench_speed import ARCHITECTURES, run_speed
     from .checks import ArgumentError, check_out_folder, check_sizes
     from .models import DTYPES, check_device_and_dtype
 
-    if args.arch not in ARCHITECTURES:
-        raise ArgumentError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {args.arch!r}")
+    speed = checkout_module("benchmarks.bench_speed")
+    if args.arch not in speed.ARCHITECTURES:
+        raise ArgumentError(f"--arch must be one of {', '.join(speed.ARCHITECTURES)}, got {args.arch!r}")
     check_device_and_dtype(args.device, args.dtype)
     check_sizes(height=args.height, width=args.width, frames=args.frames)
     check_out_folder(args.out)
-    result = run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
+    result = speed.run_speed(args.arch, args.plans, args.frames, args.height, args.width, args.layers, args.repeats,
                        args.device, DTYPES[args.dtype], out=Path(args.out), compile=args.compile,
                        ulysses=args.ulysses, ring=args.ring)
     if int(os.environ.get("RANK", 0)) != 0:
@@ -173,11 +200,7 @@ def _bench_kernels(args) -> int:
     check_out_folder(args.out)
     if torch.device(device).type == "cuda":  # the Triton kernels; on CPU the cpu executor needs no extra
         require("triton", what="dit-sparse bench kernels on CUDA")
-    try:
-        from dit_sparse.kernels import bench
-    except ImportError as e:
-        print(f"error: the kernel benchmark is not available: {e}", file=sys.stderr)
-        return 2
+    bench = checkout_module("benchmarks.bench_kernels")
     return bench.main(["--out", args.out, "--device", device] + (["--quick"] if args.quick else []))
 
 
@@ -197,7 +220,7 @@ class _Errors:
 
         # WriteError: a result file could not be written (a full or read-only disk), named with the reason
         return (PlanError, ArgumentError, UnsupportedModelError, PlanMismatchError, AlreadyAppliedError,
-                ExecutorError, MissingExtra, FileNotFoundError, WriteError, InputFileError)
+                ExecutorError, MissingExtra, FileNotFoundError, WriteError, InputFileError, NotACheckoutError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ overflow when every score of a row is very negative, and inf * 0 is NaN).
 from __future__ import annotations
 
 from ._triton import LazyKernel, tl
-from .fwd_kernel import _peel_ragged_block
+from .fwd_kernel import _load_rows, _peel_ragged_block, _program_rows, _store_rows
 
 
 def _block_sparse_bwd_dkdv(
@@ -27,18 +27,9 @@ def _block_sparse_bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    k_block = (pid_n * BLOCK_N) // BLOCK_K
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_m = tl.arange(0, BLOCK_M)
-    n_ok = offs_n < S
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    b, h, k_block, offs_n, offs_d, offs_m, n_ok = _program_rows(H, S, BLOCK_N, BLOCK_K, BLOCK_M, HEAD_DIM)
+    k = _load_rows(K + b * skb + h * skh, offs_n, sks, offs_d, n_ok)
+    v = _load_rows(V + b * svb + h * svh, offs_n, svs, offs_d, n_ok)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -70,11 +61,8 @@ def _block_sparse_bwd_dkdv(
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
 
-    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
-    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
-
+    _store_rows(DK + b * sdkb + h * sdkh, offs_n, sdks, offs_d, n_ok, dk * scale)
+    _store_rows(DV + b * sdvb + h * sdvh, offs_n, sdvs, offs_d, n_ok, dv)
 
 
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, first, offs_n, offs_d, S, sks, svs, qk_scale,
@@ -114,18 +102,9 @@ def _block_sparse_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_block = (pid_m * BLOCK_M) // BLOCK_Q
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    m_ok = offs_m < S
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    b, h, q_block, offs_m, offs_d, offs_n, m_ok = _program_rows(H, S, BLOCK_M, BLOCK_Q, BLOCK_N, HEAD_DIM)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqs, offs_d, m_ok)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdos, offs_d, m_ok)
     row_base = (b * H + h) * S
     lse2 = tl.load(LSE2 + row_base + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -151,8 +130,7 @@ def _block_sparse_bwd_dq(
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, (S // BLOCK_N) * BLOCK_N, offs_n, offs_d, S, sks,
                           svs, qk_scale, True, IEEE)
 
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+    _store_rows(DQ + b * sdqb + h * sdqh, offs_m, sdqs, offs_d, m_ok, dq * scale)
 
 
 def _configs():
@@ -165,6 +143,7 @@ def _configs():
 
 
 _KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N"]
-block_sparse_bwd_dkdv_kernel = LazyKernel(_block_sparse_bwd_dkdv, configs=_configs, key=_KEY)
+_ROWS = (_program_rows, _load_rows, _store_rows)
+block_sparse_bwd_dkdv_kernel = LazyKernel(_block_sparse_bwd_dkdv, configs=_configs, key=_KEY, helpers=_ROWS)
 block_sparse_bwd_dq_kernel = LazyKernel(_block_sparse_bwd_dq, configs=_configs, key=_KEY + ["EVEN_N"],
-                                        helpers=(_dq_tile, _peel_ragged_block))
+                                        helpers=(*_ROWS, _dq_tile, _peel_ragged_block))

@@ -46,9 +46,7 @@ def layout_block_sizes(device, head_dim: int) -> tuple[int, int]:
         return (128, 128)
     if major >= 8:
         return (128, 64)
-    if major == 0:
-        # Interpreter: numpy is most efficient on few, large tiles.
-        return (64, 64)
+    # Older GPUs, and the interpreter (major 0), where numpy is most efficient on few, large tiles.
     return (64, 64)
 
 

@@ -28,6 +28,29 @@ from ._triton import LazyKernel, tl
 LOG2E = 1.4426950408889634
 
 
+def _program_rows(H, S, BLOCK_ROWS: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """Where a program of a (row tiles, batch x head) grid works: (batch, head, the layout block of its rows, its
+    BLOCK_ROWS rows, the head-dim offsets, the offsets within a tile of the other side, which of its rows are < S).
+    Shared by the forward (query rows), dk/dv (key rows) and dq (query rows) kernels."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    block = (pid * BLOCK_ROWS) // LAYOUT_BLOCK
+    return pid_bh // H, pid_bh % H, block, rows, tl.arange(0, HEAD_DIM), tl.arange(0, BLOCK_OTHER), rows < S
+
+
+def _load_rows(base, rows, stride, offs_d, ok):
+    """The (rows, D) tile of one (batch, head)'s (S, D) slice at ``base``; rows not ``ok`` read as zeros."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+def _store_rows(base, rows, stride, offs_d, ok, value):
+    """``value`` (rows, D) into one (batch, head)'s (S, D) slice at ``base``, in its dtype; rows not ``ok`` are not
+    written."""
+    tl.store(base + rows[:, None] * stride + offs_d[None, :], value.to(base.dtype.element_ty), mask=ok[:, None])
+
+
 def _peel_ragged_block(lut, count, sik, S, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """(tiles of the unmasked loop, whether the row's last entry is the ragged key block, that entry). Entries
     ascend, so only the last one can be the ragged block: its tiles wholly inside S join the unmasked loop, the one
@@ -99,18 +122,8 @@ def _block_sparse_fwd(
     HAS_POOL: tl.constexpr, FP8: tl.constexpr, FP8_PV: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr,
     DESC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_block = (pid_m * BLOCK_M) // BLOCK_Q
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    m_ok = offs_m < S
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    b, h, q_block, offs_m, offs_d, offs_n, m_ok = _program_rows(H, S, BLOCK_M, BLOCK_Q, BLOCK_N, HEAD_DIM)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqs, offs_d, m_ok)
     if FP8:
         # The query scale folds into the softmax scale per row.
         row_scale = tl.load(QS + (b * H + h) * S + offs_m, mask=m_ok, other=0.0) * qk_scale
@@ -194,8 +207,7 @@ def _block_sparse_fwd(
     if FP8_PV:
         v_scale = tl.load(VS + (b * H + h) * HEAD_DIM + offs_d)
         out = out * (v_scale / 448.0)[None, :]
-    tl.store(OUT + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=m_ok[:, None])
+    _store_rows(OUT + b * sob + h * soh, offs_m, sos, offs_d, m_ok, out)
     # Natural-log LSE of the scaled scores: (m + log2 l) is in log2 units.
     tl.store(LSE + (b * H + h) * S + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
@@ -210,6 +222,7 @@ def _configs():
 
 
 block_sparse_fwd_kernel = LazyKernel(
-    _block_sparse_fwd, configs=_configs, helpers=(_key_tile, _peel_ragged_block, _accumulate_pv),
+    _block_sparse_fwd, configs=_configs,
+    helpers=(_program_rows, _load_rows, _store_rows, _key_tile, _peel_ragged_block, _accumulate_pv),
     key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_POOL", "FP8", "FP8_PV", "EVEN_N", "DESC"],
 )

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dit_sparse.cli import main
+from dit_sparse.cli import checkout_module, main
 
 # Wan 2.1 1.3B, one block, 17 frames of 256x256 -> 5 x 16 x 16 = 1280 video tokens (patch 1x2x2 on the 1/8
 # latent): one 256-row query block and two 128-column key blocks per latent frame
@@ -60,8 +60,7 @@ def test_bench_speed_bad_input_ends_with_one_clear_line(tmp_path, capsys):
 
 
 def test_bench_speed_absurd_size_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
-    import dit_sparse.bench_speed as bench_speed
-
+    bench_speed = checkout_module("benchmarks.bench_speed")
     monkeypatch.setattr(bench_speed, "build", lambda *a, **k: pytest.fail("the model was built"))
     assert main(["bench", "speed", *SMALL, "--height", "100000", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("error: --height 100000 is not a plausible size (at most 16,384 pixels); is it "
@@ -70,8 +69,9 @@ def test_bench_speed_absurd_size_is_refused_before_the_model_is_built(tmp_path, 
 
 def test_bench_speed_keeps_the_plans_timed_before_a_late_fault(tmp_path, capsys, monkeypatch):
     """results.json is rewritten (atomically, strict JSON) after each plan, marked partial until the last."""
-    import dit_sparse.bench_speed as bench_speed
     from dit_sparse.checks import ArgumentError
+
+    bench_speed = checkout_module("benchmarks.bench_speed")
 
     real, calls = bench_speed._time_forward, []
 

@@ -1,6 +1,7 @@
 """Packaging: light imports, sub-packages installed under dit_sparse (never as top-level `kernels` etc.)."""
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def test_subpackages_live_under_dit_sparse():
 
 
 ROOT = Path(__file__).resolve().parent.parent
-TOP_LEVEL_SOURCE_FOLDERS = ("kernels", "search", "distill", "demo")
+TOP_LEVEL_SOURCE_FOLDERS = ("kernels", "search", "distill", "demo", "benchmarks", "tools")
 
 
 def _run_at_root(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -59,3 +60,29 @@ def test_no_source_folder_at_the_root_is_a_package_named_like_an_installed_libra
     for name in TOP_LEVEL_SOURCE_FOLDERS:
         if (ROOT / name / "__init__.py").exists():
             assert name not in installed or installed[name] == ["dit-sparse"], (name, installed.get(name))
+
+
+def test_benchmarks_load_from_the_checkout_with_the_root_appended_to_sys_path():
+    """`dit-sparse bench` imports benchmarks/ of the editable install's checkout; the root goes after the installed
+    libraries on sys.path, so that its kernels/ folder cannot stand in for the installed `kernels` library."""
+    code = ("import sys, torch; from pathlib import Path; from dit_sparse.cli import checkout_module; "
+            "bench = checkout_module('benchmarks.bench_kernels'); import kernels; "
+            "libraries = str(Path(torch.__file__).parents[1]); root = str(Path(bench.__file__).parents[1]); "
+            "print(sys.path.index(root) > sys.path.index(libraries), bench.__file__, "
+            "getattr(kernels, '__file__', None))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user's shell has it
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/", env=env)
+    appended, bench, kernels = run.stdout.split()
+    assert appended == "True" and bench == str(ROOT / "benchmarks" / "bench_kernels.py")
+    assert not kernels.startswith(str(ROOT))
+
+
+def test_bench_outside_a_source_checkout_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import dit_sparse.cli as cli
+
+    monkeypatch.setattr(cli, "checkout_root", lambda: tmp_path)  # as in a non-editable install: no benchmarks/
+    for command in (["e2e"], ["speed"], ["kernels", "--device", "cpu"]):
+        assert cli.main(["bench", *command, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "dit-sparse bench runs from a source checkout" in err
+        assert "`pip install -e .`" in err

@@ -90,13 +90,10 @@ def test_hand_written_markdown_stays_within_120_columns():
 
 
 def _load_render_results():
-    """benchmarks/render_results.py is a script, not a package module: load it from its file."""
-    import importlib.util
+    """The sections of docs/results.md, as benchmarks/render_results.py renders them."""
+    from dit_sparse.cli import checkout_module
 
-    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return checkout_module("benchmarks.results_sections")
 
 
 def test_benchmark_tables_from_earlier_tiny_shapes_weights_are_flagged():

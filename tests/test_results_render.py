@@ -1,6 +1,5 @@
 """benchmarks/render_results.py: docs/results.md and the README headline are what the committed result files give."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -12,12 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "render_results.py"
 
 
+def _benchmarks(name: str):
+    """A module of the checkout's benchmarks package (render_results is the script, the others its pieces)."""
+    from dit_sparse.cli import checkout_module
+
+    return checkout_module(f"benchmarks.{name}")
+
+
 def _load_render_results():
-    """benchmarks/render_results.py is a script, not a package module: load it from its file."""
-    spec = importlib.util.spec_from_file_location("render_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmarks("render_results")
 
 
 def test_results_page_and_headline_are_rendered_from_the_result_files():
@@ -31,22 +33,23 @@ def test_results_measured_on_other_tiny_shapes_weights_are_flagged(monkeypatch):
     import dit_sparse.zoo.pipeline as zoo_pipeline
 
     current = zoo_pipeline.weights_id()
-    assert "earlier tiny-shapes weights" not in render_results.stale_weights(current, "weights id")
-    assert render_results.stale_weights(None, "weights id") == ""  # results that do not depend on the weights
+    sections = _benchmarks("results_sections")
+    assert "earlier tiny-shapes weights" not in sections.stale_weights(current, "weights id")
+    assert sections.stale_weights(None, "weights id") == ""  # results that do not depend on the weights
     render_results.render()  # unpatched first: a module first imported under the patch would keep the fake id
     monkeypatch.setattr(zoo_pipeline, "weights_id", lambda path=None: "0123456789ab")
-    warning = render_results.stale_weights(current, "weights id")
+    warning = sections.stale_weights(current, "weights id")
     assert f"weights id {current}; shipped now: 0123456789ab" in warning
     assert "earlier tiny-shapes weights" in render_results.render()
 
 
-def _headline_files(render_results) -> list[str]:
-    return [name for files in render_results.HEADLINES.values() for name in files]
+def _headline_files() -> list[str]:
+    return [name for files in _benchmarks("results_headline").HEADLINES.values() for name in files]
 
 
 def test_a_changed_number_in_a_result_file_makes_the_headline_stale(tmp_path, monkeypatch, capsys):
     render_results = _load_render_results()
-    for name in _headline_files(render_results):
+    for name in _headline_files():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     assert render_results.render_headline(tmp_path) == render_results.render_headline()  # same files, same text
@@ -71,7 +74,7 @@ def test_the_headline_has_a_short_table_per_hardware_with_every_listed_file_link
     headline = render_results.render_headline()
     lines = headline.splitlines()
     assert lines[0].startswith("| CPU (2-core x86_64") and any(line.startswith("| GPU (NVIDIA H200") for line in lines)
-    for name in _headline_files(render_results):
+    for name in _headline_files():
         assert f"]: {name}" in headline  # a reference link, relative to the README at the repository root
         assert (ROOT / name).is_file()
     assert len(lines) <= 35 and max(map(len, lines)) <= 120  # README.md: no line over 120, table rows included
@@ -85,13 +88,13 @@ def test_results_page_has_no_line_over_120_characters_outside_tables():
 
 
 def test_wrapping_never_starts_a_line_with_a_markdown_block():
-    render_results = _load_render_results()
     line = "a " + "x" * 117 + " - " + "y" * 117 + " # " + "z" * 117 + " 1. end"  # each mark at a line start
     plain = textwrap.wrap(line, width=120, break_long_words=False, break_on_hyphens=False)
     assert [w[0] for w in plain[1:]] == ["-", "#", "1"]  # where textwrap alone would break
-    wrapped = render_results.wrap_line(line)
+    markdown = _benchmarks("markdown_wrap")
+    wrapped = markdown.wrap_line(line)
     assert " ".join(wrapped).split() == line.split()
     assert all(len(w) <= 120 for w in wrapped)
-    assert not any(render_results._BLOCK_START.match(w) for w in wrapped[1:])
+    assert not any(markdown._BLOCK_START.match(w) for w in wrapped[1:])
     table = "| " + " | ".join(["cell"] * 60) + " |"
-    assert render_results.wrap_markdown(table) == table  # table rows stay whole
+    assert markdown.wrap_markdown(table) == table  # table rows stay whole

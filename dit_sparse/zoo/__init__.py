@@ -1,4 +1,5 @@
-"""tiny-shapes: the embedded default text-to-video DiT (procedural data, checker, pipeline, training)."""
+"""tiny-shapes: the embedded default text-to-video DiT (procedural data, checker, pipeline); it is trained by
+tools/train_tiny_shapes.py in the source checkout."""
 
 from .model import TinyShapesConfig, build_pipeline
 from .pipeline import WEIGHTS_DIR, TinyShapesPipeline, TinyShapesPipelineOutput, load_tiny_shapes

@@ -121,14 +121,14 @@ def _sigmas(text: str) -> tuple[float, ...]:
 
 
 def main(argv=None):
+    from .checkpoint import load_checkpoint
     from .pipeline import WEIGHTS_DIR, load_tiny_shapes, weights_id
-    from .train_tiny_shapes import load_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = ap.add_mutually_exclusive_group()
     source.add_argument("--model", default=str(WEIGHTS_DIR), help="a saved tiny-shapes pipeline")
     source.add_argument("--checkpoint", default=None,
-                        help="a train_tiny_shapes checkpoint (OUT/checkpoint.pt): measures its EMA weights")
+                        help="a tools/train_tiny_shapes.py checkpoint (OUT/checkpoint.pt): measures its EMA weights")
     ap.add_argument("--size", type=int, default=None,
                     help="clip size in pixels (default: the checkpoint's training size, else 32)")
     ap.add_argument("--captions", type=int, default=6)

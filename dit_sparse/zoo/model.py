@@ -38,7 +38,7 @@ class TinyShapesConfig:
     flow_shift: float = 3.0
     # Three input channels with each pixel's (frame, row, column) coordinate. RoPE is relative and pixel space has
     # no VAE padding, so without them the model cannot see where a token is, and "moving left" (which, with objects
-    # kept in frame, starts right and ends left) stays unlearnable: results/experiments/probe16-coords.json.
+    # kept in frame, starts right and ends left) stays unlearnable: tools/experiments/probe16-coords.json.
     coordinate_channels: bool = False
     extra: dict = field(default_factory=dict)
 

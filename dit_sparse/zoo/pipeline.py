@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.utils import BaseOutput
@@ -238,7 +237,8 @@ def load_tiny_shapes(device: str | torch.device = "cpu", dtype: torch.dtype = to
     path = Path(path) if path is not None else WEIGHTS_DIR
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"tiny-shapes weights not found at {path}; produce them with `python -m dit_sparse.zoo.train_tiny_shapes`")
+            f"tiny-shapes weights not found at {path}; produce them with `python tools/train_tiny_shapes.py` in a "
+            "source checkout of dit-sparse")
     pipe = TinyShapesPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return pipe.to(device)
 
@@ -255,8 +255,3 @@ def weights_id(path: str | Path | None = None) -> str:
     for part in sorted(path.glob("*/*.safetensors")):
         h.update(part.read_bytes())
     return h.hexdigest()[:12]
-
-
-def frames_to_uint8(frames) -> np.ndarray:
-    """(T, H, W, 3) float in [0, 1] (one video of an "np" output) -> uint8."""
-    return (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)

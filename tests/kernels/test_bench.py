@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from dit_sparse.kernels import bench
+from dit_sparse.cli import checkout_module
 from dit_sparse.layout import Grid
+
+bench = checkout_module("benchmarks.bench_kernels")
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
@@ -30,21 +32,9 @@ def test_bench_shape_and_outputs(tmp_path):
     assert "speedup_vs_dense_sdpa" in bench.table(records, env)
 
 
-def _load_script(name: str):
-    """A script of benchmarks/ (not a package module), loaded from its file."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tile_sweep_script_runs_in_the_interpreter(tmp_path):
     """benchmarks/bench_tiles.py (run on GPUs) checked end to end on its tiny interpreter shape."""
-    module = _load_script("bench_tiles")
+    module = checkout_module("benchmarks.bench_tiles")
     out = tmp_path / "tiles.json"
     assert module.main(["--device", "cpu", "--tiles", "64x64", "64x32", "128x64", "--densities", "1.0", "0.5",
                         "--budget", "0.01", "--out", str(out)]) == 0
@@ -58,7 +48,7 @@ def test_tile_sweep_script_runs_in_the_interpreter(tmp_path):
     with pytest.raises(SystemExit):
         module.main(["--tiles", "128by64"])
     # docs/results.md renders such a file (when a GPU session commits one) row by row.
-    render = _load_script("render_results")
+    render = checkout_module("benchmarks.results_sections")
     assert render.benchmark_name(result) in render.RENDERERS
     lines = render.render_tiles(render.ROOT / "benchmarks" / "results" / "tiles.json", result)
     assert lines[0].startswith("**Forward kernel per tile**") and "S=200" in lines[0]

@@ -1,9 +1,7 @@
 import pytest
+from zoo_helpers import TINY
 
-from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline
-
-TINY = TinyShapesConfig(num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16,
-                        text_dim=16, text_layers=1, text_heads=2, text_ff=32)
+from dit_sparse.zoo.model import build_pipeline
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from conftest import TINY
 from diffusers import WanTransformer3DModel
+from zoo_helpers import TINY
 
 import dit_sparse
 from dit_sparse.plan import SparsePlan

@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from dit_sparse.cli import checkout_module
 from dit_sparse.zoo import TinyShapesPipeline
-from dit_sparse.zoo import train_tiny_shapes as tts
+from dit_sparse.zoo.checkpoint import load_checkpoint
 from dit_sparse.zoo.model import TinyShapesConfig
+
+tts = checkout_module("tools.train_tiny_shapes", "tools/train_tiny_shapes.py")
 
 TINY = json.dumps({k: v for k, v in asdict(TinyShapesConfig(
     num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16, text_dim=16,
@@ -125,7 +128,8 @@ def test_recorded_command_runs_with_the_same_arguments():
 
     argv = ["--out", "x", "--mixed-from", "0", "--no-export", "--config", '{"flow_shift": 3.0}', "--lr", "5e-4"]
     recorded = vars(tts.parse_args(argv))
-    replayed = vars(tts.parse_args(shlex.split(tts.command_of(recorded))[3:] + ["--out", "x"]))
+    prefix = len(shlex.split(tts.COMMAND))  # `python tools/train_tiny_shapes.py`
+    replayed = vars(tts.parse_args(shlex.split(tts.command_of(recorded))[prefix:] + ["--out", "x"]))
     assert replayed == recorded and replayed["mixed_from"] == 0  # 0 is a value, not an absent option
 
 
@@ -133,7 +137,7 @@ def test_conditioning_measures_a_running_checkpoint_at_its_training_size(tmp_pat
     from dit_sparse.zoo import conditioning
 
     tts.main(["--out", str(tmp_path), "--steps", "2", "--stop-at", "1", "--no-export", *BASE])
-    pipe, st = tts.load_checkpoint(tmp_path / "checkpoint.pt")
+    pipe, st = load_checkpoint(tmp_path / "checkpoint.pt")
     for k, v in pipe.transformer.state_dict().items():  # the EMA weights, not the raw ones
         assert torch.equal(v, st["ema"]["transformer"][k]), k
     result = conditioning.main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--word-choice", "--clips", "1",
@@ -214,7 +218,8 @@ def test_half_size_reaches_the_training_batches_and_the_recorded_command():
     x0 = tts.make_batch(4, a, None, None)[1]
     assert torch.equal(x0, sample_batch(2 * 1_000_003 + 4, 3, 8, 32, half_size=(8.0, 9.5))[1])
     assert not torch.equal(x0, sample_batch(2 * 1_000_003 + 4, 3, 8, 32)[1])
-    rerun = tts.command_of(vars(a)).split(" ", 3)[3].split()  # the recorded command parses back to the same data
+    # the recorded command parses back to the same data
+    rerun = tts.command_of(vars(a)).removeprefix(tts.COMMAND).split()
     assert tts.parse_args(["--out", "x", *rerun]).half_size == (8.0, 9.5)
 
 
@@ -239,7 +244,7 @@ def test_speed_reaches_the_training_batches_the_shape_contrast_and_the_recorded_
     assert not torch.equal(x0, sample_batch(2 * 1_000_003 + 4, 3, 8, 32)[1])
     first = batch_specs(2 * 1_000_003 + 4, 3)[0]
     assert torch.equal(contrast[0, 0], shape_contrast(*first, 8, 32, speed=1.0))
-    rerun = tts.command_of(vars(a)).split(" ", 3)[3].split()
+    rerun = tts.command_of(vars(a)).removeprefix(tts.COMMAND).split()
     assert tts.parse_args(["--out", "x", *rerun]).speed == 1.0
 
 

@@ -1,5 +1,5 @@
 """`dit-sparse bench e2e`'s results: the records of an evaluation run (dit_sparse.evaluation) as results.json,
-a markdown table and a speedup-vs-PSNR plot."""
+a markdown table and a speedup-vs-PSNR plot. The measuring itself is the core's (dit_sparse.evaluation.run_e2e)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path, write_json, write_text
-from .metrics import format_metric
+from dit_sparse.atomic import atomic_path, write_json, write_text
+from dit_sparse.metrics import format_metric
 
 PLAN_KEYS = ("plan", "seconds", "attention_seconds", "speedup", "attention_speedup", "executed_density", "psnr", "ssim",
              "caption_accuracy", "psnr_note", "ssim_note")

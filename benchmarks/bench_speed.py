@@ -15,11 +15,15 @@ from typing import Any, Callable
 
 import torch
 
-from .api import apply, remove
-from .atomic import write_json
-from .plan import SparsePlan
-from .provenance import hardware, invoked_command, versions
-from .timing import AttentionTimer, KernelTimer
+from dit_sparse.api import apply, remove
+from dit_sparse.atomic import write_json
+from dit_sparse.checks import ArgumentError, check_positive, check_sizes
+from dit_sparse.parallel import launch as parallel_launch
+from dit_sparse.plan import SparsePlan
+from dit_sparse.plan_spec import parse_plan_spec
+from dit_sparse.provenance import hardware, invoked_command, versions
+from dit_sparse.strategies import STRATEGIES
+from dit_sparse.timing import AttentionTimer, KernelTimer
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ def _hunyuan_inputs(cfg, frames, height, width, dtype, device):
                 pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], dtype=dtype, device=device),
                 guidance=torch.tensor([6000.0], device=device), return_dict=False)
 
+
+# Strategies whose layout is estimated from q and k: named in the refusal of speed-only mode.
+DYNAMIC = ", ".join(name for name, strategy in STRATEGIES.items() if strategy.dynamic)
 
 ARCHITECTURES: dict[str, Architecture] = {
     # Wan 2.1 T2V 1.3B (480p, 81 frames -> 21 x 30 x 52 = 32,760 tokens).
@@ -141,10 +148,6 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
     context parallelism). compile: time the forward under torch.compile (dense and every plan alike); module and
     kernel seconds come from eager forwards. ulysses, ring: context parallelism over that many processes (under
     torchrun, one per device); dense is then timed at the same parallelism."""
-    from .checks import ArgumentError, check_positive, check_sizes
-    from .parallel import launch as parallel_launch
-    from .plan_spec import parse_plan_spec
-
     check_positive(layers=layers, repeats=repeats, ulysses=ulysses, ring=ring)
     check_sizes(frames=frames, height=height, width=width)
     arch = ARCHITECTURES[arch_name]
@@ -213,10 +216,10 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
 
     for i, spec in enumerate(plan_specs, 1):
         run = parse_plan_spec(spec, None, model)
-        if any(h.strategy in ("block_adaptive", "pyramid") for heads in run.plan.modules.values() for h in heads):
-            raise ArgumentError(f"{spec}: dynamic strategies (block_adaptive, pyramid) have a weight-dependent "
-                                "density, so random weights would time the wrong work; speed-only mode refuses them "
-                                "(time them with `dit-sparse bench e2e` on a trained model)")
+        if any(h.impl.dynamic for heads in run.plan.modules.values() for h in heads):
+            raise ArgumentError(f"{spec}: dynamic strategies ({DYNAMIC}) have a weight-dependent density, so random "
+                                "weights would time the wrong work; speed-only mode refuses them (time them with "
+                                "`dit-sparse bench e2e` on a trained model)")
         processor = apply(model, run.plan)
         try:
             seconds, attention, kernel = timed()

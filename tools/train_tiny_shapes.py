@@ -1,6 +1,6 @@
 """Train tiny-shapes from scratch on procedural clips (rectified flow), then export the EMA pipeline.
 
-    python -m dit_sparse.zoo.train_tiny_shapes --out /tmp/tiny_shapes_ckpt [--steps N] [--resume]
+    python tools/train_tiny_shapes.py --out /tmp/tiny_shapes_ckpt [--steps N] [--resume]
 
 Seeded and resumable: batch ``i`` is a pure function of ``(seed, i)`` (clips, noise, timesteps and caption
 dropout), and a checkpoint (model, EMA, optimizer, step) is written atomically every ``--ckpt-minutes``, so a
@@ -15,7 +15,7 @@ import functools
 import json
 import math
 import multiprocessing
-import os
+import shlex
 import signal
 import sys
 import time
@@ -24,11 +24,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cli_types import float_pair
-from .model import TinyShapesConfig, build_pipeline, encode_text
-from .pipeline import WEIGHTS_DIR
-from .shapes_data import HALF_SIZE, SPEED, batch_specs, max_half_size, sample_batch, shape_contrast
-from .transformer import TinyShapesTransformer
+from dit_sparse.atomic import atomic_path, write_text
+from dit_sparse.distill.sigmas import shift_sigma
+from dit_sparse.zoo.checkpoint import ema_pipeline, read_checkpoint
+from dit_sparse.zoo.cli_types import float_pair
+from dit_sparse.zoo.model import TinyShapesConfig, build_pipeline, encode_text
+from dit_sparse.zoo.pipeline import WEIGHTS_DIR, load_tiny_shapes
+from dit_sparse.zoo.shapes_data import HALF_SIZE, SPEED, batch_specs, max_half_size, sample_batch, shape_contrast
+from dit_sparse.zoo.transformer import TinyShapesTransformer
+
+COMMAND = "python tools/train_tiny_shapes.py"  # how a run is recorded (training.json, checkpoints)
 
 
 def parse_args(argv=None):
@@ -112,15 +117,6 @@ def lr_at(step: int, a) -> float:
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """The scheduler's time shift (FlowMatchEulerDiscreteScheduler ``shift``) applied to training noise levels.
-
-    Flat-coloured clips keep their layout visible under a lot of noise, so position, shape and motion are decided
-    at sigma > 0.8; shifting the training levels like the sampling levels puts the training there too.
-    """
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
 def parse_frame_mix(spec: str | None, frames: int, batch_size: int) -> list[tuple[int, int]]:
     """'8x8,4x16' -> [(8, 8), (4, 16)]: (frames, batch size) per step, cycled. None -> [(frames, batch_size)]."""
     if not spec:
@@ -186,6 +182,8 @@ def make_batch(step: int, a, tokenizer, text_encoder):
     if a.mixed_from is not None and step >= a.mixed_from:
         uniform = torch.rand(len(caps), generator=g).clamp(1e-3, 1 - 1e-3)
         sigma = torch.where(torch.rand(len(caps), generator=g) < 0.5, uniform, sigma)
+    # The scheduler's time shift applied to the training noise levels: flat-coloured clips keep their layout visible
+    # under a lot of noise, so position, shape and motion are decided at sigma > 0.8, and training goes there too.
     return caps, x0, noise, shift_sigma(sigma, a.flow_shift), contrast
 
 
@@ -217,41 +215,15 @@ def _batch(step: int, a):
 
 
 def save_checkpoint(path: Path, state: dict):
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def ema_pipeline(config: dict, ema_state: dict):
-    """A tiny-shapes pipeline holding a run's EMA weights (what export saves and monitoring measures)."""
-    pipe = build_pipeline(TinyShapesConfig(**config))
-    pipe.transformer.load_state_dict(ema_state["transformer"])
-    pipe.text_encoder.load_state_dict(ema_state["text_encoder"])
-    return pipe
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint's state, or a clear exit when the file is missing or is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"no training checkpoint at {path} (train_tiny_shapes writes OUT/checkpoint.pt)")
-    st = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(st, dict) or not {"config", "ema", "step"} <= set(st):
-        raise SystemExit(f"{path} is not a train_tiny_shapes checkpoint (no config, ema and step)")
-    return st
-
-
-def load_checkpoint(path: str | Path) -> tuple:
-    """(EMA pipeline, checkpoint dict) of a training checkpoint, to measure a run while it trains."""
-    st = read_checkpoint(path)
-    return ema_pipeline(st["config"], st["ema"]), st
+    with atomic_path(path) as tmp:  # a run stopped while writing keeps its previous checkpoint
+        torch.save(state, tmp)
 
 
 def export(ema_state, out_dir: Path, info: dict):
     pipe = ema_pipeline(info["config"], ema_state)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
-    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text(out_dir / "training.json", json.dumps(info, indent=2) + "\n")
     return pipe
 
 
@@ -268,8 +240,6 @@ def with_coordinate_inputs(state: dict) -> dict:
 def init_from(pipe, path: Path, cfg: TinyShapesConfig) -> dict | None:
     """Load the transformer and text encoder weights of a saved pipeline whose sizes match ``cfg``; return that
     pipeline's ``training.json`` (how its weights were made), which the new run carries forward."""
-    from .pipeline import load_tiny_shapes
-
     src = load_tiny_shapes(path=path)
     for name in ("transformer", "text_encoder"):
         state = getattr(src, name).state_dict()
@@ -285,9 +255,7 @@ def init_from(pipe, path: Path, cfg: TinyShapesConfig) -> dict | None:
 
 def command_of(args: dict) -> str:
     """A runnable command line equivalent to a run's recorded arguments (for exports of a checkpoint)."""
-    import shlex
-
-    parts = ["python -m dit_sparse.zoo.train_tiny_shapes"]
+    parts = [COMMAND]
     for k, v in args.items():
         if v is None or v is False or k in ("out", "export", "resume", "export_only", "flow_shift"):
             continue
@@ -331,7 +299,7 @@ def main(argv=None):
     ema = {"transformer": {k: v.detach().clone() for k, v in tr.state_dict().items()},
            "text_encoder": {k: v.detach().clone() for k, v in te.state_dict().items()}}
     step, elapsed_before, loss_avg, history = 0, 0.0, None, []
-    command = "python -m dit_sparse.zoo.train_tiny_shapes " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"{COMMAND} " + " ".join(sys.argv[1:] if argv is None else argv)
     phases = []  # one record per (re)start: the exact command and the step it started from
     if a.resume and ckpt_path.exists():
         st = read_checkpoint(ckpt_path)
