@@ -35,70 +35,31 @@ step's dense output (0 at age 0). An extrapolating ``reuse`` continues the line 
 the output computed before it: the refresh at ``r - refresh_interval``, or, when that would fall in the dense
 warm-up, the last dense step ``r - 1`` (so the history reaches ``2 refresh_interval - 1`` steps back). Nothing
 runs between refreshes, so their cost is the refresh share alone.
+
+The partial sums and what they give are in `partial_sums`, the sampled steps and the kept history in `history`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from dit_sparse.attend import TextTokens
 from dit_sparse.fp8 import fake_quantize_qkv
-from dit_sparse.layout import (
-    MAX_LEVEL,
-    Grid,
-    block_sizes,
-    ln_group_sizes,
-    num_blocks,
-    pool_tokens,
-)
+from dit_sparse.layout import Grid, num_blocks
 from dit_sparse.strategies import BuildContext, get_strategy
 
 from .candidates import Candidate, mass_columns, mass_spec, static_level_map
-
-logger = logging.getLogger(__name__)
+from .errors import CalibrationError
+from .history import HistoryEntry, StepHistory
+from .partial_sums import dense_output, layout_outputs, level_density, partial_sums, text_heads
 
 # Elements of the score matrix plus partial sums processed at once (bounds the observer's extra memory).
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
-
-
-class CalibrationError(RuntimeError):
-    pass
-
-
-def sample_steps(num_steps: int, dense_first: float, count: int) -> list[int]:
-    """`count` denoising steps spread evenly over the steps the plan will run sparse (first and last included)."""
-    first = int(round(dense_first * num_steps))
-    if first >= num_steps:
-        raise CalibrationError(f"dense_first={dense_first} leaves no sparse step out of {num_steps}")
-    picks = np.linspace(first, num_steps - 1, max(1, min(count, num_steps - first)))
-    return sorted({int(round(x)) for x in picks})
-
-
-def history_steps(steps: list[int], first_sparse_step: int, refresh_interval: int,
-                  extrapolate: bool = False) -> set[int]:
-    """Steps whose re-scale statistics or dense output a sampled step of `steps` reuses: the refresh_interval - 1
-    before each (a plan refreshes at its first sparse step, so none before that); with `extrapolate`, also the
-    step each of those extrapolates from (see `previous_step`)."""
-    refreshes = {s - a for s in steps for a in range(1, refresh_interval) if s - a >= first_sparse_step}
-    if not extrapolate:
-        return refreshes
-    earlier = {previous_step(r, first_sparse_step, refresh_interval) for r in refreshes}
-    return refreshes | {p for p in earlier if p is not None}
-
-
-def previous_step(refresh: int, first_sparse_step: int, refresh_interval: int) -> int | None:
-    """The computed output an extrapolating `reuse` refreshed at `refresh` continues from, as the processor does:
-    the refresh before (refresh_interval steps back), or the last dense step when that one lies in the warm-up."""
-    if refresh - refresh_interval >= first_sparse_step:
-        return refresh - refresh_interval
-    return refresh - 1 if refresh >= 1 else None
 
 
 @dataclass
@@ -157,20 +118,12 @@ class CalibrationObserver:
         self._static: dict[int, torch.Tensor] = {}
         self._static_stack: dict[tuple, tuple] = {}
         self._stored: dict[tuple, tuple[int, torch.Tensor]] = {}
-        self._levels = any(c.family == "pyramid" for c in candidates)
+        self._levels = any(c.pooled for c in candidates)
         self._fp8 = any(c.fp8 for c in candidates)
-        self._rescaled = [ci for ci, c in enumerate(candidates) if c.rescale]
-        self._reused = [ci for ci, c in enumerate(candidates) if c.reuses]
         if any(c.rescale and (c.fp8 or c.per_head) for c in candidates):
             raise CalibrationError("re-scaled candidates must be shared and without fp8")
-        self._refreshing = bool(self._rescaled or self._reused)
-        self._extrapolate = any(candidates[ci].spec.param_dict["extrapolate"] for ci in self._reused)
-        self._history_steps = history_steps(steps, first_sparse_step, refresh_interval, self._extrapolate) \
-            if self._refreshing else set()
-        self._history_span = refresh_interval * (2 if self._extrapolate else 1)
-        # (module, branch, step) -> re-scale statistics and the dense output of that step on the scored rows; see
-        # the module docstring
-        self._history: dict[tuple[int, str, int], dict[str, Any]] = {}
+        # what earlier steps leave for the re-scaled and `reuse` candidates; see the module docstring
+        self.history = StepHistory(candidates, num_heads, steps, first_sparse_step, refresh_interval)
         self._mass_steps = {s - 1 for s in steps if s - 1 >= 0} | set(steps)
 
     # -- what is accumulated -----------------------------------------------------------------------------------
@@ -240,8 +193,8 @@ class CalibrationObserver:
         evaluate = step in self.steps
         anchor = self._is_anchor(step)
         needs_mass = self._needs_mass(mi, step)
-        remember = step in self._history_steps
-        self._forget(mi, site.branch, step)
+        remember = step in self.history.steps
+        self.history.forget(mi, site.branch, step)
         if not (evaluate or anchor or needs_mass or remember):
             return
         seq = q.shape[1]
@@ -376,7 +329,7 @@ class CalibrationObserver:
         nq = num_blocks(seq, self.block_q)
         if seq <= self.max_rows:
             return torch.arange(nq)
-        fixed = module is not None and self._refreshing
+        fixed = module is not None and self.history.refreshing
         rng = np.random.default_rng([self.seed, module if fixed else self.calls, salt, int(fixed)])
         return torch.from_numpy(np.sort(rng.choice(nq, size=min(self.query_blocks, nq), replace=False)))
 
@@ -411,13 +364,13 @@ class CalibrationObserver:
         if self._fp8:
             variants.append((True, *fake_quantize_qkv(q, k, v, self.block_q, self.block_k)))
         scored = [ci for ci, c in enumerate(self.candidates)
-                  if c.computes and not c.rescale and not (c.family == "dense" and not c.fp8)]
+                  if c.computes and not c.rescale and not (c.dense and not c.fp8)]
         entry = self._new_entry(blocks, q, k) if remember else None
-        history = self._history_of(where, blocks, b) if self._rescaled else []
+        history = self.history.before(where, blocks, b) if self.history.rescaled else []
         for hs in self._head_chunks(b, rows.numel(), seq, d):
             dense = None
             for fp8, qq, kk, vv in variants:
-                sums = partial_sums(qq[:, rows][:, :, :, hs], kk[:, :, hs], vv[:, :, hs], _text_heads(txt, hs),
+                sums = partial_sums(qq[:, rows][:, :, :, hs], kk[:, :, hs], vv[:, :, hs], text_heads(txt, hs),
                                     self.block_k, self._levels)
                 if not fp8:
                     dense = dense_output(sums)  # (B, h, J, bq, D)
@@ -426,11 +379,12 @@ class CalibrationObserver:
                         rows_energy = rows_energy * valid[None, None]
                     energy[hs] = rows_energy.sum((0, 2, 3)).double().cpu().numpy()
                     if entry is not None:
-                        self._fill_entry(entry, hs, sums)
-                    if self._rescaled:
-                        err[hs, self._rescaled] = self._rescaled_errors(history, hs, sums, dense, valid, all_valid)
-                    if self._reused:
-                        err[hs, self._reused] = self._reused_errors(where, blocks, b, hs, dense, valid, all_valid)
+                        self.history.fill(entry, hs, sums)
+                    rescaled, reused = self.history.rescaled, self.history.reused
+                    if rescaled:
+                        err[hs, rescaled] = self.history.rescaled_errors(history, hs, sums, dense, valid, all_valid)
+                    if reused:
+                        err[hs, reused] = self.history.reused_errors(where, blocks, b, hs, dense, valid, all_valid)
                 group = [ci for ci in scored if self.candidates[ci].fp8 == fp8]
                 if not group:
                     continue
@@ -444,16 +398,8 @@ class CalibrationObserver:
                 if not cand.computes and not cand.reuses:
                     err[hs, ci] = energy[hs]
         if entry is not None:
-            self._history[where] = entry
+            self.history.entries[where] = entry
         return err, energy
-
-    # -- re-scaled candidates ----------------------------------------------------------------------------------
-    def _forget(self, mi: int, branch: str, step: int) -> None:
-        """Drop statistics no later sampled step can use (too old, or left by the previous generation)."""
-        stale = [key for key in self._history
-                 if key[0] == mi and key[1] == branch and not step - self._history_span < key[2] < step]
-        for key in stale:
-            del self._history[key]
 
     def _remember(self, mi: int, branch: str, step: int, q, k, v, txt) -> None:
         """Keep this step's re-scale statistics for the sampled steps within a refresh interval after it."""
@@ -461,19 +407,19 @@ class CalibrationObserver:
         blocks, rows, _ = self._scored_rows(seq, mi, q.device)
         entry = self._new_entry(blocks, q, k)
         for hs in self._head_chunks(b, rows.numel(), seq, d):
-            sums = partial_sums(q[:, rows][:, :, :, hs], k[:, :, hs], v[:, :, hs], _text_heads(txt, hs),
+            sums = partial_sums(q[:, rows][:, :, :, hs], k[:, :, hs], v[:, :, hs], text_heads(txt, hs),
                                 self.block_k, self._levels)
-            self._fill_entry(entry, hs, sums)
-        self._history[(mi, branch, step)] = entry
+            self.history.fill(entry, hs, sums)
+        self.history.entries[(mi, branch, step)] = entry
 
-    def _new_entry(self, blocks: torch.Tensor, q, k) -> dict[str, Any]:
+    def _new_entry(self, blocks: torch.Tensor, q, k) -> HistoryEntry:
         """An empty statistics entry with the re-scaled candidates' levels (B, H, J, C', NK) at this step: a
         dynamic layout is estimated fresh at a refresh, and both are then reused until the next one."""
         ctx = None
         levels = []
-        if not self._rescaled:
-            return {"blocks": blocks, "levels": None, "ratio": None, "residual": None, "dense": None}
-        for ci in self._rescaled:
+        if not self.history.rescaled:
+            return HistoryEntry(blocks)
+        for ci in self.history.rescaled:
             cand = self.candidates[ci]
             if cand.dynamic:
                 ctx = ctx or BuildContext(self.grid, self.block_q, self.block_k, q, k)
@@ -481,76 +427,7 @@ class CalibrationObserver:
             else:
                 lv = self._static_levels(ci)
             levels.append(lv.to(q.device)[:, :, blocks.to(q.device)].expand(q.shape[0], self.num_heads, -1, -1))
-        return {"blocks": blocks, "levels": torch.stack(levels, dim=3), "ratio": None, "residual": None,
-                "dense": None}
-
-    def _fill_entry(self, entry: dict[str, Any], hs: slice, sums: PartialSums) -> None:
-        if self._reused:
-            dense = dense_output(sums)  # (B, h, J, bq, D)
-            if entry["dense"] is None:
-                entry["dense"] = dense.new_zeros(dense.shape[0], self.num_heads, *dense.shape[2:])
-            entry["dense"][:, hs] = dense
-        if not self._rescaled:
-            return
-        ratio, residual = rescale_statistics(sums, entry["levels"][:, hs])
-        if entry["ratio"] is None:
-            b, _, nj, c, bq = ratio.shape
-            entry["ratio"] = ratio.new_zeros(b, self.num_heads, nj, c, bq)
-            entry["residual"] = residual.new_zeros(b, self.num_heads, nj, c, bq, residual.shape[-1])
-        entry["ratio"][:, hs], entry["residual"][:, hs] = ratio, residual
-
-    def _history_of(self, where: tuple[int, str, int], blocks: torch.Tensor, batch: int) -> list[dict[str, Any]]:
-        """The kept re-scale statistics of the refresh_interval - 1 steps before this one (those that exist)."""
-        mi, branch, step = where
-        out = []
-        for age in range(1, min(self.refresh_interval, step - self.first_sparse_step + 1)):
-            entry = self._history.get((mi, branch, step - age))
-            if entry is not None and entry["ratio"] is not None and entry["ratio"].shape[0] == batch \
-                    and torch.equal(entry["blocks"], blocks):
-                out.append(entry)
-        return out
-
-    def _rescaled_errors(self, history, hs: slice, sums: PartialSums, dense, valid, all_valid: bool) -> np.ndarray:
-        """(h, C') squared errors of the re-scaled candidates, averaged over the ages of their statistics: 0 (the
-        refresh, exact) and each kept earlier step."""
-        total = np.zeros((dense.shape[1], len(self._rescaled)))
-        for entry in history:
-            out = rescaled_outputs(sums, entry["levels"][:, hs], entry["ratio"][:, hs], entry["residual"][:, hs])
-            diff = (out - dense.unsqueeze(3)).square().sum(-1)  # (B, h, J, C', bq)
-            if not all_valid:
-                diff = diff * valid[None, None, :, None, :]
-            total += diff.sum((0, 2, 4)).double().cpu().numpy()
-        return total / (len(history) + 1)
-
-    def _reused_errors(self, where, blocks, batch: int, hs: slice, dense, valid, all_valid: bool) -> np.ndarray:
-        """(h, C') squared errors of the `reuse` candidates: their output from a refresh `age` steps ago against
-        this step's dense output, averaged over ages 0 (the refresh, exact) ... refresh_interval - 1."""
-        mi, branch, step = where
-        total = np.zeros((dense.shape[1], len(self._reused)))
-        ages = 1  # age 0, exact
-        for age in range(1, min(self.refresh_interval, step - self.first_sparse_step + 1)):
-            kept = self._kept_dense(mi, branch, step - age, blocks, batch)
-            if kept is None:
-                continue
-            ages += 1
-            before = previous_step(step - age, self.first_sparse_step, self.refresh_interval)
-            earlier = None if before is None else self._kept_dense(mi, branch, before, blocks, batch)
-            for i, ci in enumerate(self._reused):
-                out = kept[:, hs]
-                if earlier is not None and self.candidates[ci].spec.param_dict["extrapolate"]:
-                    out = out + (out - earlier[:, hs]) * (age / (step - age - before))
-                diff = (out - dense).square().sum(-1)  # (B, h, J, bq)
-                if not all_valid:
-                    diff = diff * valid[None, None]
-                total[:, i] += diff.sum((0, 2, 3)).double().cpu().numpy()
-        return total / ages
-
-    def _kept_dense(self, mi: int, branch: str, step: int, blocks, batch: int) -> torch.Tensor | None:
-        entry = self._history.get((mi, branch, step))
-        if entry is None or entry["dense"] is None or entry["dense"].shape[0] != batch \
-                or not torch.equal(entry["blocks"], blocks):
-            return None
-        return entry["dense"]
+        return HistoryEntry(blocks, levels=torch.stack(levels, dim=3))
 
     def _stacked_levels(self, state: _Module, group: list[int], dynamic, blocks, batch: int, device) -> torch.Tensor:
         """(B, H, J, C', NK) levels of the candidates in `group` at the sampled query blocks."""
@@ -584,159 +461,9 @@ class CalibrationObserver:
         for ci, cand in enumerate(self.candidates):
             if not cand.computes:
                 continue
-            if cand.family == "dense":
+            if cand.dense:
                 out[:, ci] = 1.0
                 continue
             levels = self._levels_for(state, ci, cand, dynamic)
             out[:, ci] = level_density(levels, seq, self.block_q, self.block_k).mean(0).numpy()
         return out
-
-
-def level_density(levels: torch.Tensor, seq: int, block_q: int, block_k: int) -> torch.Tensor:
-    """(B, H) fraction of dense work of a level map (B, H, NQ, NK) (-1 = not visited; pooled keys counted once)."""
-    levels = levels.cpu().long()
-    q_sizes = block_sizes(seq, block_q).double()
-    k_sizes = block_sizes(seq, block_k).double()
-    work = torch.zeros(levels.shape, dtype=torch.float64)
-    for level in range(MAX_LEVEL + 1):
-        work += (levels == level) * torch.ceil(k_sizes / 2**level)
-    return (work.sum(-1) * q_sizes).sum(-1) / float(seq * seq)
-
-
-def _text_heads(txt, hs: slice):
-    return None if txt is None else (txt[0][:, :, hs], txt[1][:, :, hs], txt[2])
-
-
-@dataclass
-class PartialSums:
-    """Per level l: zu[l] (B, h, J, NK, bq * (D + 1)) holds, for each sampled query block j, key block kb and row
-    of j, U = sum_{keys in kb} exp(s - m) v (D values) followed by Z = sum exp(s - m); text (B, h, J, bq, D + 1)
-    the same over the text keys (always attended)."""
-
-    zu: list[torch.Tensor]
-    text: torch.Tensor
-    block_q: int
-    head_dim: int
-
-
-def partial_sums(q, k, v, text, block_k: int, pooled: bool) -> PartialSums:
-    """Softmax partial sums of sampled query rows per key block, relative to one maximum per row.
-
-    q: (B, J, bq, h, D) sampled rows grouped by query block; k, v: (B, S, h, D) video keys; text: None or
-    (k_text, v_text (B, T, h, D), mask (B, T) bool or None). Levels 0..3 when `pooled` (keys mean-pooled over
-    2**l tokens, scores + ln n, as the executors do), else level 0 only.
-    """
-    b, nj, bq, h, d = q.shape
-    seq = k.shape[1]
-    nk = num_blocks(seq, block_k)
-    scale = 1.0 / math.sqrt(d)
-    rows = q.reshape(b, nj * bq, h, d) * scale
-    s = torch.einsum("brhd,bnhd->bhrn", rows, k)
-    row_max = s.amax(-1)
-    st = None
-    if text is not None:
-        st = torch.einsum("brhd,bthd->bhrt", rows, text[0])
-        if text[2] is not None:
-            st = st.masked_fill(~text[2][:, None, None, :], float("-inf"))
-        row_max = torch.maximum(row_max, st.amax(-1))
-    row_max = row_max.unsqueeze(-1)
-    ones = torch.ones(1, 1, 1, 1, device=q.device, dtype=v.dtype)
-    zu = []
-    for level in range(MAX_LEVEL + 1 if pooled else 1):
-        if level == 0:
-            p, vl = s.sub_(row_max).exp_(), v
-        else:
-            # A pooled key scores at most ln(2**level) above the best full key: no overflow against row_max.
-            kl, vl = pool_tokens(k, level), pool_tokens(v, level)
-            sl = torch.einsum("brhd,bnhd->bhrn", rows, kl)
-            p = sl.add_(ln_group_sizes(seq, level, q.device)).sub_(row_max).exp_()
-        per_block = block_k >> level
-        width = nk * per_block
-        if width != p.shape[-1]:
-            p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
-            vl = torch.nn.functional.pad(vl, (0, 0, 0, 0, 0, width - vl.shape[1]))
-        ve = torch.cat([vl, ones.expand(b, vl.shape[1], h, 1)], dim=-1).view(b, nk, per_block, h, d + 1)
-        u = torch.einsum("bhrkt,bkthe->bhkre", p.view(b, h, nj * bq, nk, per_block), ve)  # (B, h, NK, R, D+1)
-        zu.append(u.reshape(b, h, nk, nj, bq * (d + 1)).transpose(2, 3).contiguous())
-        del p
-    if st is None:
-        txt = torch.zeros(b, h, nj, bq, d + 1, device=q.device, dtype=v.dtype)
-    else:
-        pt = torch.exp(st - row_max)
-        vt = torch.cat([text[1], ones.expand(b, text[1].shape[1], h, 1)], dim=-1)
-        txt = torch.einsum("bhrt,bthe->bhre", pt, vt).view(b, h, nj, bq, d + 1)
-    return PartialSums(zu, txt, bq, d)
-
-
-def _normalise(ue: torch.Tensor) -> torch.Tensor:
-    # A row whose visited keys all underflow against its maximum gets 0 (its error then counts fully).
-    return ue[..., :-1] / ue[..., -1:].clamp_min(1e-30)
-
-
-def dense_output(sums: PartialSums) -> torch.Tensor:
-    """(B, h, J, bq, D) exact dense output of the sampled rows."""
-    b, h, nj = sums.zu[0].shape[:3]
-    total = sums.zu[0].sum(3).view(b, h, nj, sums.block_q, sums.head_dim + 1) + sums.text
-    return _normalise(total)
-
-
-def layout_outputs(sums: PartialSums, levels: torch.Tensor) -> torch.Tensor:
-    """Exact outputs (B, h, J, C, bq, D) of the sampled rows under C layouts at once.
-
-    levels: (B, h, J, C, NK) int8, the level of each key block for each sampled query block and layout
-    (-1 = not visited).
-    """
-    return _normalise(layout_sums(sums, levels) + sums.text.unsqueeze(3))
-
-
-def layout_sums(sums: PartialSums, levels: torch.Tensor) -> torch.Tensor:
-    """Unnormalised video partial sums (B, h, J, C, bq, D + 1) (U, then Z) of the sampled rows under C layouts.
-
-    One batched matrix product per level: (C x NK) weights times (NK x rows * (D + 1)); pooled levels only for
-    the layouts that use them.
-    """
-    if int(levels.max()) >= len(sums.zu):
-        raise CalibrationError("a layout uses pooled levels but pooled sums were not computed")
-    b, h, nj, c, _ = levels.shape
-    bq, e = sums.block_q, sums.head_dim + 1
-    zu0 = sums.zu[0]
-    total = torch.matmul((levels == 0).to(zu0.dtype), zu0)  # (B, h, J, C, bq * (D + 1))
-    pooled = (levels > 0).flatten(0, 2).any(0).flatten(1).any(1).nonzero().flatten() if len(sums.zu) > 1 else []
-    if len(pooled):
-        sub = levels.index_select(3, pooled)
-        part = None
-        for level in range(1, len(sums.zu)):
-            w = (sub == level).to(zu0.dtype)
-            term = torch.matmul(w, sums.zu[level])
-            part = term if part is None else part + term
-        total.index_add_(3, pooled, part)
-    return total.view(b, h, nj, c, bq, e)
-
-
-def rescale_statistics(sums: PartialSums, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the processor caches at a refresh, for the sampled rows under C layouts: ratio (B, h, J, C, bq), the
-    in-layout share of the video-video dense mass, and residual (B, h, J, C, bq, D), the video-video dense output
-    minus the re-scaled sparse one (see dit_sparse.attend.rescale_statistics)."""
-    b, h, nj = sums.zu[0].shape[:3]
-    inside = layout_sums(sums, levels)
-    video = sums.zu[0].sum(3).view(b, h, nj, sums.block_q, sums.head_dim + 1)
-    ratio = (inside[..., -1] / video[..., -1].unsqueeze(3).clamp_min(1e-30)).clamp(min=1e-6, max=1.0)
-    return ratio, _normalise(video).unsqueeze(3) - _normalise(inside) * ratio.unsqueeze(-1)
-
-
-def rescaled_outputs(sums: PartialSums, levels: torch.Tensor, ratio: torch.Tensor,
-                     residual: torch.Tensor) -> torch.Tensor:
-    """Outputs (B, h, J, C, bq, D) of re-scaled layouts with statistics from a refresh: the sparse video output
-    scaled back to its dense share plus the residual, merged with the text keys at the grown mass (as the
-    processor's lse - log(ratio) does)."""
-    inside = layout_sums(sums, levels)
-    weight = inside[..., -1] / ratio  # the in-layout mass scaled back to the dense mass
-    num = inside[..., :-1] + residual * weight.unsqueeze(-1) + sums.text[..., :-1].unsqueeze(3)
-    den = weight + sums.text[..., -1].unsqueeze(3)
-    return num / den.clamp_min(1e-30).unsqueeze(-1)
-
-
-def layout_output(levels: torch.Tensor, sums: PartialSums) -> torch.Tensor:
-    """One layout: levels (B', h', J, NK) -> (B, h, J, bq, D)."""
-    b, h, nj = sums.zu[0].shape[:3]
-    return layout_outputs(sums, levels.expand(b, h, nj, -1).unsqueeze(3))[:, :, :, 0]

@@ -52,8 +52,16 @@ class Candidate:
         return self.spec is None
 
     @property
+    def dense(self) -> bool:
+        return get_strategy(self.family).dense
+
+    @property
     def dynamic(self) -> bool:
         return get_strategy(self.family).dynamic
+
+    @property
+    def pooled(self) -> bool:
+        return get_strategy(self.family).pooled
 
     @property
     def computes(self) -> bool:
@@ -134,7 +142,7 @@ def static_level_map(candidate: Candidate, grid: Grid, block_q: int, block_k: in
     """(1, 1, NQ, NK) int8 levels of a shared static candidate (-1 = not visited)."""
     spec = candidate.spec
     ctx = BuildContext(grid, block_q, block_k)
-    if spec.strategy == "dense":
+    if spec.impl.dense:
         nq, nk = num_blocks(grid.num_tokens, block_q), num_blocks(grid.num_tokens, block_k)
         return torch.zeros(1, 1, nq, nk, dtype=torch.int8)
     return get_strategy(spec.strategy).layout(spec.param_dict, ctx).level_map().to(torch.int8)
@@ -146,7 +154,7 @@ def dedupe(cands: list[Candidate], grid: Grid, block_q: int, block_k: int) -> li
     seen: list[tuple[torch.Tensor, tuple[bool, bool]]] = []
     out = []
     for cand in cands:
-        if cand.per_head or cand.dynamic or not cand.computes or cand.family == "dense":
+        if cand.per_head or cand.dynamic or not cand.computes or cand.dense:
             out.append(cand)
             continue
         levels = static_level_map(cand, grid, block_q, block_k)

@@ -1,9 +1,18 @@
-"""`dit-sparse search`: registered into the main CLI by ``add_search_parser(subparsers)``."""
+"""`dit-sparse search`: registered into the main CLI by ``add_search_parser(subparsers)``.
+
+The flags are the fields of SearchConfig and ScheduleSearchConfig (`--dense-first` sets `dense_first`). The library
+names a setting in its messages as the field in backquotes; this command words it as the flag (`worded`), in
+errors and in the progress lines it prints."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -92,58 +101,28 @@ def add_search_parser(subparsers) -> None:
 
 
 def run_search(args) -> int:
-    from dit_sparse.adapters import UnsupportedModelError
-    from dit_sparse.atomic import WriteError
-    from dit_sparse.plan import PlanError
-    from dit_sparse.processor import PlanMismatchError
-
     from .api import search
-    from .errors import SearchError
-
-    def echo(message: str) -> None:
-        if not args.quiet:
-            print(message, file=sys.stderr)
+    from .config import SearchConfig
 
     if args.out is not None and Path(args.out).is_dir():  # found before calibrating, not when writing the plan
-        print(f"error: --out {args.out} is a directory; --out takes the plan's file path (e.g. "
-              f"{Path(args.out) / 'model.plan.json'}), the report and statistics go beside it", file=sys.stderr)
-        return 2
+        return _refused(f"--out {args.out} is a directory; --out takes the plan's file path (e.g. "
+                        f"{Path(args.out) / 'model.plan.json'}), the report and statistics go beside it")
     if args.reuse_schedule:
-        return _run_reuse_schedule(args, echo)
+        return _run_reuse_schedule(args)
     grid_flags = [f"--grid-{name}" for name in _GRID_FLAGS if getattr(args, f"grid_{name}") is not None]
     if grid_flags:
-        print(f"error: {', '.join(grid_flags)}: the --grid-* flags apply only to --reuse-schedule; add "
-              "--reuse-schedule or leave them out", file=sys.stderr)
-        return 2
-    try:
-        result = search(
-            args.model, args.prompts, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
-            guidance=args.guidance, max_error=args.max_error, target_density=args.target_density,
-            target_speedup=args.target_speedup, dense_first=args.dense_first, dense_layers=args.dense_layers,
-            stats=args.stats, out=args.out, device=args.device, dtype=args.dtype, allow_closest=args.allow_closest,
-            cost=args.cost, cache_dir=args.cache_dir, calib_steps=args.calib_steps,
-            refresh_interval=args.refresh_interval, seed=args.seed, threads=args.threads,
-            layer_weights=args.layer_weights, min_psnr=args.min_psnr, pick_by_psnr=args.pick_by_psnr,
-            step_weights=args.step_weights, progress=not args.quiet, echo=echo)
-    except (SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError, WriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return _refused(f"{', '.join(grid_flags)}: the --grid-* flags apply only to --reuse-schedule; add "
+                        "--reuse-schedule or leave them out")
+    result = _ran(args.quiet, lambda: search(args.model, SearchConfig(**_settings(args, SearchConfig))))
+    if result is None:
         return 2
     if not result.paths:  # another process of a multi-process search: the first one reports
         return 0
     m = result.solution.metrics
     e2e = m["end_to_end_speedup"]
-    print(f"{result.solution.binding}")
-    print(f"predicted: relative L2 error {m['relative_l2_error']:.4f}, density {m['density']:.1%} in sparse steps, "
-          f"attention {m['attention_speedup']:.2f}x" + (f", end to end {e2e:.2f}x" if e2e else ""))
-    for kind, path in result.paths.items():
-        print(f"wrote {kind}: {path}")
-    return 0
-
-
-# Options of the per-head search that a schedule search has no use for, with their defaults.
-_PER_HEAD_ONLY = {"max_error": None, "target_density": None, "target_speedup": None, "pick_by_psnr": False,
-                  "dense_first": 0.2, "dense_layers": (), "stats": None, "cost": "measured", "cache_dir": None,
-                  "calib_steps": 5, "refresh_interval": None, "layer_weights": "sensitivity", "step_weights": "none"}
+    return _reported(result, f"predicted: relative L2 error {m['relative_l2_error']:.4f}, density "
+                             f"{m['density']:.1%} in sparse steps, attention {m['attention_speedup']:.2f}x"
+                             + (f", end to end {e2e:.2f}x" if e2e else ""))
 
 
 # The --grid-* flags, in the order of ScheduleGrid's fields.
@@ -157,35 +136,117 @@ def _whole_numbers(text: str) -> tuple[int, ...]:
     return values
 
 
-def _run_reuse_schedule(args, echo) -> int:
-    from dit_sparse.adapters import UnsupportedModelError
-    from dit_sparse.atomic import WriteError
-    from dit_sparse.plan import PlanError
-
-    from .api import search_reuse_schedule
-    from .errors import SearchError
+def _run_reuse_schedule(args) -> int:
+    from .config import ScheduleSearchConfig, SearchConfig
     from .schedule import ScheduleGrid
+    from .schedule_search import search_reuse_schedule
 
-    ignored = [name for name, default in _PER_HEAD_ONLY.items() if getattr(args, name) != default]
+    shared = {f.name for f in fields(ScheduleSearchConfig)}
+    ignored = [f.name for f in fields(SearchConfig) if f.name not in shared and getattr(args, f.name) != f.default]
     if ignored:
-        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
-        print(f"error: --reuse-schedule searches the schedule alone; {flags} belong to the per-head search "
-              "(leave them out)", file=sys.stderr)
-        return 2
-    try:
+        return _refused(f"--reuse-schedule searches the schedule alone; {', '.join(map(flag, ignored))} belong to "
+                        "the per-head search (leave them out)")
+
+    def run():
         grid = ScheduleGrid(*(getattr(args, f"grid_{name}") for name in _GRID_FLAGS))
-        result = search_reuse_schedule(
-            args.model, args.prompts, min_psnr=args.min_psnr, grid=grid, height=args.height, width=args.width,
-            frames=args.frames, steps=args.steps, guidance=args.guidance, out=args.out, device=args.device,
-            dtype=args.dtype, allow_closest=args.allow_closest, seed=args.seed, progress=not args.quiet,
-            threads=args.threads, echo=echo)
-    except (SearchError, PlanError, UnsupportedModelError, FileNotFoundError, WriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return search_reuse_schedule(args.model, ScheduleSearchConfig(**_settings(args, ScheduleSearchConfig),
+                                                                      grid=grid))
+
+    result = _ran(args.quiet, run)
+    if result is None:
         return 2
     m = result.solution.metrics
+    return _reported(result, f"predicted: executed density {m['executed_density']:.1%}, attention of the covered "
+                             f"modules {m['attention_speedup']:.2f}x")
+
+
+def _refused(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _ran(quiet: bool, run):
+    """run()'s result with its progress on stderr, or None once the error it raised is printed as one line."""
+    with _progress_on_stderr(quiet):
+        try:
+            return run()
+        except _errors() as e:
+            _refused(worded(str(e)))
+            return None
+
+
+def _reported(result, predicted: str) -> int:
     print(result.solution.binding)
-    print(f"predicted: executed density {m['executed_density']:.1%}, attention of the covered modules "
-          f"{m['attention_speedup']:.2f}x")
+    print(predicted)
     for kind, path in result.paths.items():
         print(f"wrote {kind}: {path}")
     return 0
+
+
+def _settings(args, config_class) -> dict:
+    """The configuration fields of `config_class` from the command line (its flags are named after them)."""
+    given = {f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)}
+    return dict(given, progress=not args.quiet)
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    """What a search reports as one line and exit status 2."""
+    from dit_sparse.adapters import UnsupportedModelError
+    from dit_sparse.atomic import WriteError
+    from dit_sparse.plan import PlanError
+    from dit_sparse.processor import PlanMismatchError
+
+    from .errors import SearchError
+
+    return SearchError, PlanError, UnsupportedModelError, PlanMismatchError, FileNotFoundError, WriteError
+
+
+# -- the library's words for settings, as flags ---------------------------------------------------------------------
+def flag(name: str) -> str:
+    """The flag of a configuration field (dense_first -> --dense-first)."""
+    return "--" + name.replace("_", "-")
+
+
+def _setting_names() -> set[str]:
+    from .config import ScheduleSearchConfig, SearchConfig
+
+    return {f.name for config in (SearchConfig, ScheduleSearchConfig) for f in fields(config)} | {"model",
+                                                                                                   "reuse_schedule"}
+
+
+def worded(text: str) -> str:
+    """`text` with every setting the library names in backquotes (`dense_first`) worded as its flag."""
+    names = _setting_names()
+    return re.sub(r"`([a-z_]+)`", lambda m: flag(m[1]) if m[1] in names else m[0], text)
+
+
+class _FlagWording(logging.Formatter):
+    """The progress logger's lines as the command has always printed them: warnings prefixed "warning: ",
+    settings worded as flags."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = worded(record.getMessage())
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
+
+
+@contextlib.contextmanager
+def _progress_on_stderr(quiet: bool):
+    """While a search runs, its progress lines and warnings (dit_sparse.search.progress) go to stderr, unless
+    --quiet or this is not the first of several launched processes; never on to the root logger's handler."""
+    from .progress import PROGRESS
+
+    if quiet or int(os.environ.get("RANK", "0")) != 0:
+        handler = logging.NullHandler()  # else logging's last resort would print the warnings
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_FlagWording())
+    PROGRESS.addHandler(handler)
+    saved = PROGRESS.level, PROGRESS.propagate
+    PROGRESS.setLevel(logging.INFO)
+    PROGRESS.propagate = False
+    try:
+        yield
+    finally:
+        PROGRESS.setLevel(saved[0])
+        PROGRESS.propagate = saved[1]
+        PROGRESS.removeHandler(handler)

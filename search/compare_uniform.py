@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
+from dit_sparse.atomic import write_json, write_text
 from dit_sparse.metrics import format_metric
 from dit_sparse.plan import Schedule, SparsePlan
 
-from ._io import write_json, write_text
 from .cost import CostModel, flop_cost
-from .solver import Budget, BudgetError, InfeasibleBudget, candidate_density, evaluate_plan, refresh_share, solve
+from .errors import BudgetError
+from .problem import candidate_density, refresh_share
+from .solver import Budget, InfeasibleBudget, evaluate_plan, solve
 from .stats import CalibrationStats
 
 
@@ -39,7 +41,7 @@ def uniform_plans(stats: CalibrationStats, dense_first: float) -> list[tuple[str
     interval = int(stats.info.get("refresh_interval", 5))
     share = refresh_share(num_steps - int(round(dense_first * num_steps)), interval)
     for ci, cand in enumerate(stats.candidates):
-        if cand.per_head or not cand.computes or cand.family == "dense":
+        if cand.per_head or not cand.computes or cand.dense:
             continue
         modules = {name: (cand.spec,) * heads for name in stats.modules}
         plan = SparsePlan(stats.fingerprint, modules,
@@ -60,7 +62,7 @@ def searched_at(stats: CalibrationStats, cost: CostModel, density: float, dense_
         return e.closest.plan, None
     if pick_with is None:
         return solution.plan, None
-    from .api import picked_solution
+    from .ladder import picked_solution
 
     solution, validation = picked_solution(pick_with, stats, cost, budget, dense_first,
                                            wall=stats.info.get("seconds_per_generation"), progress=False,
@@ -205,7 +207,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    from ._io import atomic_path
+    from dit_sparse.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for key, marker, label in (("uniform_result", "o", "uniform"), ("searched_result", "*", "searched")):
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     prompts = args.prompts
     if args.prompt_file:
-        from .api import read_prompts
+        from .files import read_prompts
 
         prompts = read_prompts(args.prompt_file)
     summary = compare(args.stats, args.plan, args.baseline, args.model, prompts,

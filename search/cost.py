@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_sparse.atomic import write_json
 from dit_sparse.attend import rescaled_output
 from dit_sparse.dense import dense_attention_lse
 from dit_sparse.executors import get_executor
@@ -35,7 +36,6 @@ from dit_sparse.layout import Grid, num_blocks
 from dit_sparse.strategies import BuildContext, get_strategy
 from dit_sparse.strategies.dense import full_layout
 
-from ._io import write_json
 from .candidates import Candidate
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ def flop_cost(candidates: list[Candidate], grid: Grid, block_q: int, block_k: in
         overhead[c.key] = FLOP_LAUNCH
         if c.dynamic:
             estimate[c.key] = estimate_work
-            extra[c.key] = FLOP_POOLING if c.family == "pyramid" else 0.0
-        elif c.family == "dense":
+            extra[c.key] = FLOP_POOLING if c.pooled else 0.0
+        elif c.dense:
             per_head[c.key] = 1.0
         else:
             per_head[c.key] = _static_layout(c, grid, block_q, block_k).density()
@@ -128,7 +128,7 @@ def flop_cost(candidates: list[Candidate], grid: Grid, block_q: int, block_k: in
 
 
 def _static_layout(cand: Candidate, grid: Grid, block_q: int, block_k: int):
-    if cand.family == "dense":
+    if cand.dense:
         return full_layout(grid.num_tokens, block_q, block_k)
     return get_strategy(cand.family).layout(cand.spec.param_dict, BuildContext(grid, block_q, block_k))
 
@@ -234,7 +234,7 @@ def measure_cost(candidates: list[Candidate], grid: Grid, block_q: int, block_k:
         for density, layout in fit_layouts.items():
             pair(f"fit:{density}", lambda q_, k_, v_, c_, lay=layout: ex.run(q_, k_, v_, lay))
     todo = [c for c in candidates if c.computes and not c.per_head and (table is None or c.key not in table.overhead)]
-    todo = [c for c in todo if not (c.family == "dense" and not c.fp8)]
+    todo = [c for c in todo if not (c.dense and not c.fp8)]
     # What a re-scaled head applies between refreshes: an in-layout share of mass per row and a residual.
     cached = {x.shape[2]: (torch.rand(batch, x.shape[2], seq, device=device) * 0.5 + 0.5,
                            torch.zeros(batch, seq, x.shape[2], head_dim, device=device)) for x in (q, one[0])}

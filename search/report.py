@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_path, write_text
+from dit_sparse.atomic import atomic_path, write_text
+
 from .cost import CostModel
-from .solver import Budget, Solution, candidate_density, refresh_share
+from .problem import candidate_density, refresh_share
+from .solver import Budget, Solution
 from .stats import CalibrationStats
 from .validation import Validation
 

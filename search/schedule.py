@@ -19,16 +19,20 @@ import itertools
 import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dit_sparse.atomic import write_text
 from dit_sparse.plan import Schedule, SparsePlan
 
-from ._io import write_text
 from .errors import SearchError
+from .progress import PROGRESS
 from .solver import Solution
 from .validation import Trial, Validation, highest_psnr, validate
+
+if TYPE_CHECKING:
+    from .config import ScheduleSearchConfig
 
 # At equal speed the second-order forecast is tried first: the more faithful on tiny-shapes at 20 steps. Both are
 # tried: at 50 steps the linear one was the better at 3 dense first, 3 dense last, refresh 5 (30.9 against 28.8 dB).
@@ -50,6 +54,7 @@ class ScheduleGrid:
     orders: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        # Worded with the --grid-* flags as well as the fields: tests that build a grid assert this text.
         smallest = {"dense_first_steps": (1, "--grid-first", "the first step is always dense: nothing to reuse yet"),
                     "dense_last_steps": (0, "--grid-last", "a count of steps"),
                     "refresh_intervals": (2, "--grid-refresh", "an interval of 1 refreshes every step: dense")}
@@ -151,22 +156,22 @@ def schedule_trials(transformer, num_steps: int, candidates: list[ReuseSchedule]
     return trials
 
 
-def search_reuse_schedule(pipe, transformer, prompts: list[str], call_kwargs: dict[str, Any], num_steps: int,
-                          min_psnr: float, *, seed: int = 0, allow_closest: bool = False, progress: bool = True,
-                          echo: Callable[[str], None] = lambda message: None,
-                          max_trials: int | None = None,
-                          grid: ScheduleGrid | None = None) -> tuple[Solution, Validation, bool]:
-    """The fastest uniform-reuse schedule whose calibration prompts reach `min_psnr` (mean PSNR against dense).
-    Returns (solution, validation, closest); raises SearchError when none does (unless `allow_closest`)."""
+def fastest_schedule(pipe, transformer, prompts: list[str], call_kwargs: dict[str, Any], num_steps: int,
+                     config: ScheduleSearchConfig, max_trials: int | None = None) -> tuple[Solution, Validation, bool]:
+    """The fastest uniform-reuse schedule of `config.grid` whose calibration prompts, generated with
+    `call_kwargs`, reach `config.min_psnr` (mean PSNR against dense). Returns (solution, validation, closest);
+    raises SearchError when none does (unless `config.allow_closest`)."""
+    min_psnr = config.min_psnr
     if num_steps < 2:
-        raise SearchError(f"--reuse-schedule needs at least 2 denoising steps, got {num_steps}")
-    candidates = schedule_grid(num_steps, grid)[:max_trials]
+        raise SearchError(f"`reuse_schedule` needs at least 2 denoising steps, got {num_steps}")
+    candidates = schedule_grid(num_steps, config.grid)[:max_trials]
     if not candidates:
         raise SearchError(f"the schedule grid has no candidate that leaves a step of {num_steps} sparse: lower the "
                           "dense first or last steps")
     trials = schedule_trials(transformer, num_steps, candidates)
-    echo(f"reuse schedule search: {len(prompts)} prompts dense, then up to {len(trials)} schedules, fastest first")
-    validation = validate(pipe, prompts, call_kwargs, trials, min_psnr, seed=seed, progress=progress, echo=echo)
+    PROGRESS.info(f"reuse schedule search: {len(prompts)} prompts dense, then up to {len(trials)} schedules, "
+                  "fastest first")
+    validation = validate(pipe, prompts, call_kwargs, trials, min_psnr, seed=config.seed, progress=config.progress)
     if validation.chosen is not None:
         solution, closest = validation.chosen.solution, False
         solution.binding = (f"{solution.binding}: mean PSNR {validation.chosen.mean_psnr:.1f} dB against dense >= "
@@ -176,10 +181,10 @@ def search_reuse_schedule(pipe, transformer, prompts: list[str], call_kwargs: di
         best = highest_psnr(validation.trials)
         failure = (f"no schedule reached mean PSNR {min_psnr:g} dB against dense on {len(prompts)} prompts: the best "
                    f"of {len(validation.trials)} reached {best.mean_psnr:.1f} dB ({best.variant})")
-        if not allow_closest:
-            raise SearchError(f"{failure}. No plan written (lower --min-psnr, or pass --allow-closest to write the "
+        if not config.allow_closest:
+            raise SearchError(f"{failure}. No plan written (lower `min_psnr`, or pass `allow_closest` to write the "
                               "schedule with the highest PSNR)")
-        echo(f"warning: {failure}; writing the schedule with the highest PSNR (--allow-closest)")
+        PROGRESS.warning(f"{failure}; writing the schedule with the highest PSNR (`allow_closest`)")
         solution, closest = best.solution, True
         solution.binding = f"{solution.binding}; closest to --min-psnr {min_psnr:g}: mean PSNR {best.mean_psnr:.1f} dB"
     solution.plan.calibration.update({"binding": solution.binding, "prompts": list(prompts),
@@ -204,5 +209,5 @@ def write_schedule_report(solution: Solution, validation: Validation, path: Path
     write_text(path, "\n".join(lines) + "\n")
 
 
-__all__ = ["ReuseSchedule", "ScheduleGrid", "schedule_grid", "schedule_trials", "search_reuse_schedule",
+__all__ = ["ReuseSchedule", "ScheduleGrid", "fastest_schedule", "schedule_grid", "schedule_trials",
            "write_schedule_report"]

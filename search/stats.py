@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from dit_sparse.atomic import write_json
 from dit_sparse.layout import Grid
 from dit_sparse.plan import HeadStrategy, ModelFingerprint
 
-from ._io import write_json
 from .candidates import Candidate, mass_spec
 from .errors import SearchError
 
@@ -128,9 +128,9 @@ class CalibrationStats:
 
         path = Path(path)
         if not path.exists():
-            raise StatsError(f"--stats: no statistics file at {path}")
+            raise StatsError(f"`stats`: no statistics file at {path}")
         try:  # a binary file, a device or a FIFO: one line naming it, not a UnicodeDecodeError or a hang
-            data = json.loads(read_text_file(path, "--stats", "a statistics file (.stats.json) of an earlier search"))
+            data = json.loads(read_text_file(path, "`stats`", "a statistics file (.stats.json) of an earlier search"))
         except InputFileError as e:
             raise StatsError(str(e)) from None
         except json.JSONDecodeError as e:

@@ -16,7 +16,6 @@ budget gave 21-23 dB with a 20% dense warm-up and 25 dB with 40%). Two uses:
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from dit_sparse.api import apply, remove
 from dit_sparse.metrics import psnr
 
 from .errors import SearchError
+from .progress import PROGRESS, bar
 from .solver import InfeasibleBudget, Solution
 
 # Error budgets tried below the asked one, and dense warm-up added in steps of WARMUP_STEP up to MAX_DENSE_FIRST.
@@ -176,22 +176,17 @@ def variant_trials(solve_variant: Callable[..., Solution], variants: list[tuple[
 
 def validate(pipe, prompts: list[str], call_kwargs: dict[str, Any], trials: list[Trial], min_psnr: float | None, *,
              seed: int = 0, executor: str | None = None, progress: bool = True,
-             echo: Callable[[str], None] = lambda message: None,
              dense_cache: dict[tuple[str, int], np.ndarray] | None = None) -> Validation:
     """Generate each prompt dense, then with each trial's plan until one reaches `min_psnr` on average; with
     `min_psnr` None, with every trial's plan, and choose the highest mean PSNR. `dense_cache` ((prompt, seed) ->
-    frames) keeps the dense clips for later calls with the same pipeline and settings."""
+    frames) keeps the dense clips for later calls with the same pipeline and settings. Each verdict is logged on
+    the progress logger."""
     if not trials:
         raise SearchError("end-to-end check: no plan to check (every candidate budget was infeasible)")
     dense_cache = {} if dense_cache is None else dense_cache
     keys = [(p, seed + i) for i, p in enumerate(prompts)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        missing = sum(key not in dense_cache for key in keys)
-        bar = tqdm(total=missing + len(prompts) * len(trials), desc="checking plans end to end", unit="clip",
-                   file=sys.stderr)
+    missing = sum(key not in dense_cache for key in keys)
+    clips = bar(progress, missing + len(prompts) * len(trials), "checking plans end to end", "clip")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
 
@@ -202,8 +197,8 @@ def validate(pipe, prompts: list[str], call_kwargs: dict[str, Any], trials: list
                 frames = pipe(prompt=prompt, generator=generator, **call_kwargs).frames[0]
             except ValueError as e:
                 raise SearchError(f"the pipeline refused these settings: {e}") from None
-        if bar is not None:
-            bar.update()
+        if clips is not None:
+            clips.update()
         return frames.float().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
 
     tried: list[Trial] = []
@@ -221,13 +216,13 @@ def validate(pipe, prompts: list[str], call_kwargs: dict[str, Any], trials: list
             tried.append(trial)
             verdict = "" if min_psnr is None else \
                 f" ({'passes' if trial.mean_psnr >= min_psnr else 'below'} {min_psnr:g} dB)"
-            echo(f"end-to-end check: {trial.describe()}, predicted {trial.predicted_speedup:.2f}x: mean PSNR "
-                 f"{trial.mean_psnr:.1f} dB{verdict}")
+            PROGRESS.info(f"end-to-end check: {trial.describe()}, predicted {trial.predicted_speedup:.2f}x: mean "
+                          f"PSNR {trial.mean_psnr:.1f} dB{verdict}")
             if min_psnr is not None and trial.mean_psnr >= min_psnr:
                 return Validation(min_psnr, list(prompts), tried, trial)
     finally:
-        if bar is not None:
-            bar.close()
+        if clips is not None:
+            clips.close()
     if min_psnr is None:
         return Validation(None, list(prompts), tried, highest_psnr(tried))
     return Validation(min_psnr, list(prompts), tried, None)
@@ -253,8 +248,8 @@ def failure_message(validation: Validation) -> str:
     best = highest_psnr(validation.trials)
     return (f"no plan reached mean PSNR {validation.min_psnr:g} dB against dense on {len(validation.prompts)} "
             f"prompts: the best of {len(validation.trials)} tried reached {best.mean_psnr:.1f} dB (dense first "
-            f"{best.dense_first:.0%}, max error {best.max_error:g}); lower --min-psnr or keep more steps dense "
-            f"(--dense-first)")
+            f"{best.dense_first:.0%}, max error {best.max_error:g}); lower `min_psnr` or keep more steps dense "
+            f"(`dense_first`)")
 
 
 __all__ = ["RESCALED_ONLY", "REUSE_ONLY", "Trial", "Validation", "asked_model_first", "candidate_trials",

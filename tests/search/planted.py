@@ -108,8 +108,10 @@ class PlantedAdapter(ModelAdapter):
         return Grid(*inputs.arguments["hidden_states"].shape[2:])
 
     def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
-        q, k, v = planted_qkv(attn, hidden_states, attend.grid)
+                  *, tokens=None, **kwargs):
+        # The processor passes the call's TokenLayout as `tokens`; before it did, the grid was on `attend`.
+        grid = tokens.grid if tokens is not None else attend.grid
+        q, k, v = planted_qkv(attn, hidden_states, grid)
         return attn.to_out[0](attend(q, k, v).flatten(2))
 
 

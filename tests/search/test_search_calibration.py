@@ -12,17 +12,11 @@ from dit_sparse.attend import TextTokens
 from dit_sparse.dense import dense_attention_lse, merge_partials
 from dit_sparse.executors.reference import reference_attention
 from dit_sparse.layout import Grid
-from dit_sparse.search.calibration import (
-    CalibrationError,
-    CalibrationObserver,
-    dense_output,
-    history_steps,
-    layout_output,
-    partial_sums,
-    previous_step,
-    sample_steps,
-)
+from dit_sparse.search.calibration import CalibrationObserver
 from dit_sparse.search.candidates import default_candidates, shared
+from dit_sparse.search.errors import CalibrationError
+from dit_sparse.search.history import history_steps, previous_step, sample_steps
+from dit_sparse.search.partial_sums import dense_output, layout_output, partial_sums
 from dit_sparse.strategies import BuildContext, get_strategy
 
 GRID = Grid(3, 5, 7)  # 105 tokens: 16-token blocks are ragged
@@ -136,7 +130,7 @@ def test_dynamic_layouts_are_reused_until_the_next_refresh_like_the_processor():
                                                  BuildContext(GRID, BQ, BK, q0, k0))
     _, dens, _ = obs.results()
     per_head = fresh.expand(1, 3).level_map()
-    from dit_sparse.search.calibration import level_density
+    from dit_sparse.search.partial_sums import level_density
 
     assert np.allclose(dens[0, :, 1], level_density(per_head, GRID.num_tokens, BQ, BK)[0].numpy())
 
@@ -164,7 +158,7 @@ def test_calibrating_a_joint_attention_model_with_batched_cfg():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tiny_models import cogvideox_inputs, tiny_cogvideox
 
-    from dit_sparse.search import calibrate
+    from dit_sparse.search import CalibrationOptions, calibrate
 
     model = tiny_cogvideox()
     grid = Grid(3, 5, 7)
@@ -177,8 +171,8 @@ def test_calibrating_a_joint_attention_model_with_batched_cfg():
                 model(**inputs)
             on_step()
 
-    stats = calibrate(model, run, 1, num_steps=3, grid=grid, dense_first=0.0, calib_steps=2, block_size=(16, 16),
-                      progress=False)
+    stats = calibrate(model, run, 1, CalibrationOptions(num_steps=3, grid=grid, dense_first=0.0, calib_steps=2,
+                                                        block_size=(16, 16), progress=False))
     assert stats.info["batch"] == 2 and stats.info["branches"] == ["cond_uncond"]
     assert stats.info["calls_per_step"] == 1 and stats.grid == grid
     assert np.all(np.isfinite(stats.error)) and stats.error.shape[:2] == (2, 2)
@@ -187,9 +181,9 @@ def test_calibrating_a_joint_attention_model_with_batched_cfg():
 
 
 def test_fp8_candidates_are_scored_with_the_executors_quantisation():
-    from dit_sparse.search.api import _keep_faster_fp8
     from dit_sparse.search.candidates import with_fp8
     from dit_sparse.search.cost import flop_cost
+    from dit_sparse.search.pipeline_calibration import _keep_faster_fp8
 
     q, k, v = qkv(batch=1, heads=2)
     plain = shared("diagonal", window=[0, 1, 1])

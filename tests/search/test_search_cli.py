@@ -11,7 +11,7 @@ from search_helpers import synthetic_stats
 from dit_sparse import SparsePlan, UnsupportedModelError, apply, remove
 from dit_sparse.cli import main
 from dit_sparse.layout import Grid
-from dit_sparse.search import search
+from dit_sparse.search import SearchConfig, search
 from dit_sparse.search.candidates import default_candidates
 from dit_sparse.search.cost import measure_cost
 
@@ -19,8 +19,8 @@ from dit_sparse.search.cost import measure_cost
 def test_search_on_a_tiny_pipeline_writes_plan_report_and_stats(tiny_pipe, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving right on a dark background\n\n# a comment\n")
-    result = search("tiny-test", prompts, pipe=tiny_pipe, steps=3, frames=4, height=32, width=32, dense_first=0.0,
-                    calib_steps=2, cost="flop", out=tmp_path / "tiny.plan.json", max_error=0.3, progress=False)
+    result = search(tiny_pipe, SearchConfig(prompts=prompts, steps=3, frames=4, height=32, width=32, dense_first=0.0,
+                    calib_steps=2, cost="flop", out=tmp_path / "tiny.plan.json", max_error=0.3, progress=False))
     st = result.stats
     assert st.info["branches"] == ["cond", "uncond"] and st.info["calls_per_step"] == 2
     assert st.grid == Grid(4, 16, 16) and st.info["prompts"] == ["a red circle moving right on a dark background"]
@@ -85,8 +85,8 @@ def test_unsupported_model_is_a_clear_error(tmp_path, capsys):
                  "--out", str(tmp_path / "p.plan.json")]) == 2
     assert "no adapter for DiTTransformer2DModel" in capsys.readouterr().err
     with pytest.raises(UnsupportedModelError, match="supported transformers"):
-        search("dit", ["a cat"], pipe=type("Pipe", (), {"transformer": dit})(), out=tmp_path / "q.plan.json",
-               cost="flop", progress=False)
+        search(type("Pipe", (), {"transformer": dit})(), SearchConfig(prompts=["a cat"], out=tmp_path / "q.plan.json",
+               cost="flop", progress=False))
     assert not (tmp_path / "p.plan.json").exists() and not (tmp_path / "q.plan.json").exists()
 
 
@@ -211,9 +211,9 @@ def test_statistics_are_written_before_solving(tiny_pipe, tmp_path, monkeypatch)
 
     monkeypatch.setattr(api, "solve", broken_solver)
     with pytest.raises(api.SearchError, match="a solver fault"):
-        search("tiny-test", ["a red circle moving right on a dark background"], pipe=tiny_pipe, steps=2, frames=2,
+        search(tiny_pipe, SearchConfig(prompts=["a red circle moving right on a dark background"], steps=2, frames=2,
                height=16, width=16, dense_first=0.0, calib_steps=1, cost="flop", out=tmp_path / "t.plan.json",
-               progress=False)
+               progress=False))
     assert sorted(os.listdir(tmp_path)) == ["t.stats.json"]
 
 

@@ -73,7 +73,7 @@ def test_pick_by_psnr_picks_every_searched_plan_end_to_end(tmp_path, monkeypatch
                 "versions": {"torch": "t", "diffusers": "d"}, "date": "today", "results": rows}
 
     monkeypatch.setattr("dit_sparse.models.load_model", lambda model, device, dtype: "the pipeline")
-    monkeypatch.setattr("dit_sparse.search.api.picked_solution", fake_picked)
+    monkeypatch.setattr("dit_sparse.search.ladder.picked_solution", fake_picked)
     monkeypatch.setattr("dit_sparse.evaluation.run_e2e", fake_run_e2e)
     summary = compare_uniform.compare(path, cost="flop", out=tmp_path / "cmp", prompts=2, progress=False,
                                       families=["diagonal"], pick_by_psnr=True)

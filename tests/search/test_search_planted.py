@@ -10,7 +10,7 @@ import torch
 
 import dit_sparse
 from dit_sparse.layout import Grid
-from dit_sparse.search import Budget, calibrate, default_candidates, flop_cost, solve
+from dit_sparse.search import Budget, CalibrationOptions, calibrate, default_candidates, flop_cost, solve
 
 GRID = Grid(8, 4, 8)  # 8 frames of 4 rows x 8 columns; 8-token blocks are one row
 BLOCKS = (8, 8)
@@ -28,8 +28,9 @@ def planted_model():
 def test_search_finds_every_planted_family(planted_model):
     start = time.perf_counter()
     candidates = default_candidates(GRID, *BLOCKS)
-    stats = calibrate(planted_model, planted.runner(planted_model, steps=2), 1, num_steps=2, grid=GRID,
-                      candidates=candidates, dense_first=0.0, calib_steps=2, block_size=BLOCKS, progress=False)
+    stats = calibrate(planted_model, planted.runner(planted_model, steps=2), 1, CalibrationOptions(
+        num_steps=2, grid=GRID, candidates=candidates, dense_first=0.0, calib_steps=2, block_size=BLOCKS,
+        progress=False))
     assert stats.info["calls_per_step"] == 2 and stats.info["sample_steps"] == [0, 1]
     cost = flop_cost(stats.candidates, GRID, *BLOCKS, 8, planted_model.head_dim)
     solution = solve(stats, cost, Budget(max_error=0.02), dense_first=0.0)

@@ -12,9 +12,10 @@ from tiny_models import tiny_wan_pipeline
 import dit_sparse
 from dit_sparse import SparsePlan
 from dit_sparse.cli import main
-from dit_sparse.search.api import search_reuse_schedule
+from dit_sparse.search.config import ScheduleSearchConfig
 from dit_sparse.search.errors import SearchError
 from dit_sparse.search.schedule import ReuseSchedule, ScheduleGrid, schedule_grid
+from dit_sparse.search.schedule_search import search_reuse_schedule
 
 PROMPTS = ["a red circle moving right on a dark background", "a blue square growing on a light background"]
 SIZE = dict(frames=4, height=32, width=32)
@@ -83,8 +84,8 @@ def test_a_grid_takes_lists_and_numpy_integers_and_holds_plain_int_tuples():
 def test_a_grid_that_leaves_no_step_sparse_is_a_clear_error(tiny_pipe, tmp_path):
     grid = ScheduleGrid(dense_first_steps=(3,), dense_last_steps=(1,))
     with pytest.raises(SearchError, match="no candidate that leaves a step of 4 sparse"):
-        search_reuse_schedule("tiny-test", PROMPTS[:1], pipe=tiny_pipe, min_psnr=20.0, steps=4, grid=grid,
-                              out=tmp_path / "s.plan.json", progress=False, **SIZE)
+        search_reuse_schedule(tiny_pipe, ScheduleSearchConfig(prompts=PROMPTS[:1], min_psnr=20.0, steps=4, grid=grid,
+                              out=tmp_path / "s.plan.json", progress=False, **SIZE))
 
 
 @pytest.mark.parametrize("schedule", [ReuseSchedule(1, 1, 2, 2), ReuseSchedule(2, 0, 3, 1), ReuseSchedule(1, 2, 4, 0)])
@@ -118,8 +119,8 @@ def test_the_search_keeps_the_fastest_schedule_over_the_bar_and_writes_plan_and_
                                                                                         monkeypatch):
     out = tmp_path / "s.plan.json"
     monkeypatch.setattr("sys.argv", ["/venv/bin/dit-sparse", "search", "--reuse-schedule", "--min-psnr", "25"])
-    result = search_reuse_schedule("tiny-test", PROMPTS, pipe=tiny_pipe, min_psnr=25.0, steps=4, out=out,
-                                   progress=False, **SIZE)
+    result = search_reuse_schedule(tiny_pipe, ScheduleSearchConfig(prompts=PROMPTS, min_psnr=25.0, steps=4, out=out,
+                                   progress=False, **SIZE))
     check = result.plan.calibration["end_to_end_check"]
     tried = check["tried"]
     assert check["chosen"] == tried[-1] and tried[-1]["mean_psnr"] >= 25.0
@@ -137,11 +138,11 @@ def test_the_search_keeps_the_fastest_schedule_over_the_bar_and_writes_plan_and_
 
 def test_an_unreachable_bar_is_an_error_unless_the_closest_is_asked_for(tiny_pipe, tmp_path):
     out = tmp_path / "s.plan.json"
-    settings = dict(pipe=tiny_pipe, min_psnr=150.0, steps=3, out=out, progress=False, **SIZE)
+    settings = dict(min_psnr=150.0, steps=3, out=out, progress=False, **SIZE)
     with pytest.raises(SearchError, match="no schedule reached mean PSNR 150"):
-        search_reuse_schedule("tiny-test", PROMPTS[:1], **settings)
+        search_reuse_schedule(tiny_pipe, ScheduleSearchConfig(prompts=PROMPTS[:1], **settings))
     assert not out.exists()
-    result = search_reuse_schedule("tiny-test", PROMPTS[:1], allow_closest=True, **settings)
+    result = search_reuse_schedule(tiny_pipe, ScheduleSearchConfig(prompts=PROMPTS[:1], allow_closest=True, **settings))
     assert result.closest and "closest to --min-psnr 150" in result.solution.binding and out.exists()
 
 
@@ -176,20 +177,20 @@ def test_a_grid_flag_that_is_not_a_list_of_numbers_is_a_usage_error(flag, value,
 
 def test_too_few_steps_is_a_clear_error(tiny_pipe, tmp_path):
     with pytest.raises(SearchError, match="at least 2 denoising steps"):
-        search_reuse_schedule("tiny-test", PROMPTS[:1], pipe=tiny_pipe, min_psnr=20.0, steps=1,
-                              out=tmp_path / "s.plan.json", progress=False, **SIZE)
+        search_reuse_schedule(tiny_pipe, ScheduleSearchConfig(prompts=PROMPTS[:1], min_psnr=20.0, steps=1,
+                              out=tmp_path / "s.plan.json", progress=False, **SIZE))
 
 
 def test_the_grid_flags_reach_the_search(monkeypatch, tmp_path, capsys):
-    import dit_sparse.search.api as api
+    import dit_sparse.search.schedule_search as schedule_search
 
     seen = {}
 
-    def fake_search(*args, **kwargs):
-        seen.update(kwargs)
+    def fake_search(model, config):
+        seen.update(vars(config))
         raise SearchError("stopped by the test")
 
-    monkeypatch.setattr(api, "search_reuse_schedule", fake_search)
+    monkeypatch.setattr(schedule_search, "search_reuse_schedule", fake_search)
     args = ["search", "--quiet", "--reuse-schedule", "--min-psnr", "30", "--steps", "50", "--grid-first", "4,5",
             "--grid-last", "2", "--grid-order", "2", "--out", str(tmp_path / "p.plan.json")]
     assert main(args) == 2

@@ -151,7 +151,7 @@ def test_existing_plans_are_evaluated_from_the_statistics(stats):
 
 
 def test_layer_sensitivity_weights_the_error_budget(stats):
-    from dit_sparse.search.solver import layer_weight_values
+    from dit_sparse.search.problem import layer_weight_values
 
     cost = flop_cost(stats.candidates, stats.grid, 256, 128, 4, 32)
     plain = solve(stats, cost, Budget(max_error=0.1))

@@ -9,7 +9,7 @@ import pytest
 from search_helpers import TINY_SHAPES, synthetic_stats
 
 from dit_sparse.plan import ModelFingerprint, SparsePlan
-from dit_sparse.search import SearchError, StatsError, search
+from dit_sparse.search import SearchConfig, SearchError, StatsError, search
 from dit_sparse.search.stats import CalibrationStats
 
 
@@ -55,16 +55,17 @@ def test_stats_from_another_model_are_refused(tmp_path):
     path = other.save(tmp_path / "other.stats.json")
     with pytest.raises(StatsError, match=r"another model than 'tiny-shapes'.*transformer_class: stats have "
                                          r"'CogVideoXTransformer3DModel', model has 'TinyShapesTransformer'"):
-        search("tiny-shapes", stats=path, out=tmp_path / "p.plan.json", cost="flop", progress=False)
+        search("tiny-shapes", SearchConfig(stats=path, out=tmp_path / "p.plan.json", cost="flop", progress=False))
     assert not (tmp_path / "p.plan.json").exists()
 
 
 def test_resolving_from_stats_takes_seconds_and_writes_plan_and_report(stats, tmp_path):
     path = stats.save(tmp_path / "tiny.stats.json")
     start = time.perf_counter()
-    loose = search("tiny-shapes", stats=path, max_error=0.2, out=tmp_path / "a.plan.json", cost="flop",
-                   progress=False)
-    tight = search(stats=path, max_error=0.02, out=tmp_path / "b.plan.json", cost="flop", progress=False)
+    loose = search("tiny-shapes", SearchConfig(stats=path, max_error=0.2, out=tmp_path / "a.plan.json", cost="flop",
+                   progress=False))
+    tight = search(None, SearchConfig(stats=path, max_error=0.02, out=tmp_path / "b.plan.json", cost="flop",
+                                      progress=False))
     assert time.perf_counter() - start < 20
     assert loose.solution.metrics["attention_speedup"] > tight.solution.metrics["attention_speedup"]
     assert tight.solution.metrics["relative_l2_error"] <= 0.02
@@ -77,8 +78,9 @@ def test_resolving_from_stats_takes_seconds_and_writes_plan_and_report(stats, tm
     report = loose.paths["report"].read_text()
     assert "error budget" in report and "| layer | head | strategy |" in report and "a.report.png" in report
     with pytest.raises(SearchError, match="--steps 30 differs from the statistics"):
-        search(stats=path, steps=30, out=tmp_path / "c.plan.json", cost="flop", progress=False)
+        search(None, SearchConfig(stats=path, steps=30, out=tmp_path / "c.plan.json", cost="flop", progress=False))
     # Re-scaled errors were measured for the statistics' refresh interval (5): another one needs a new calibration.
     with pytest.raises(SearchError, match="--refresh-interval 3 differs from the statistics \\(5\\)"):
-        search(stats=path, refresh_interval=3, out=tmp_path / "c.plan.json", cost="flop", progress=False)
+        search(None, SearchConfig(stats=path, refresh_interval=3, out=tmp_path / "c.plan.json", cost="flop",
+                                  progress=False))
     assert "re-scaled variants, scored over residual ages 0-4" in report

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from dit_sparse.search import search
-from dit_sparse.search.api import pipeline_runner
+from dit_sparse.search import SearchConfig, search
 from dit_sparse.search.cost import flop_cost
+from dit_sparse.search.pipeline import pipeline_runner
+from dit_sparse.search.problem import step_weight_values
 from dit_sparse.search.sensitivity import StepSensitivity, pipeline_output
-from dit_sparse.search.solver import Budget, BudgetError, solve, step_weight_values
+from dit_sparse.search.solver import Budget, BudgetError, solve
 from dit_sparse.search.stats import CalibrationStats, StatsError
 from dit_sparse.search.validation import asked_model_first, solver_variants
 
@@ -101,9 +102,9 @@ def test_step_perturbation_touches_its_step_only(tiny_pipe):
 
 
 def test_calibration_splits_errors_by_step_and_measures_each_steps_effect(tiny_pipe, tmp_path):
-    result = search("tiny-test", [PROMPT, "a blue square moving up on a light background"], pipe=tiny_pipe,
+    result = search(tiny_pipe, SearchConfig(prompts=[PROMPT, "a blue square moving up on a light background"],
                     steps=4, frames=4, height=32, width=32, dense_first=0.0, calib_steps=3, cost="flop",
-                    out=tmp_path / "tiny.plan.json", max_error=0.3, progress=False, step_weights="sensitivity")
+                    out=tmp_path / "tiny.plan.json", max_error=0.3, progress=False, step_weights="sensitivity"))
     st = result.stats
     steps = st.info["sample_steps"]
     assert len(steps) == 3 and sorted(st.step_error) == steps

@@ -11,7 +11,7 @@ from search_helpers import synthetic_stats
 from dit_sparse import SparsePlan, apply, remove
 from dit_sparse.cli import main
 from dit_sparse.metrics import psnr
-from dit_sparse.search import search
+from dit_sparse.search import SearchConfig, search
 from dit_sparse.search.cost import flop_cost
 from dit_sparse.search.errors import SearchError
 from dit_sparse.search.solver import Budget, BudgetError, InfeasibleBudget, solve
@@ -52,13 +52,13 @@ def test_candidates_are_distinct_and_fastest_predicted_first():
 
 
 def test_min_psnr_keeps_the_fastest_plan_that_reaches_the_bar(tiny_pipe, tmp_path):
-    first = search("tiny-test", PROMPTS, pipe=tiny_pipe, out=tmp_path / "a.plan.json", min_psnr=1.0, **SETTINGS)
+    first = search(tiny_pipe, SearchConfig(prompts=PROMPTS, out=tmp_path / "a.plan.json", min_psnr=1.0, **SETTINGS))
     fastest = first.solution.plan.calibration["end_to_end_check"]["tried"]
     assert len(fastest) == 1  # the asked budget's plan passes a low bar at once
     bar = fastest[0]["mean_psnr"] + 1.0  # ... and fails this one, so the budget must tighten
-    result = search(None, pipe=tiny_pipe, stats=first.paths["stats"], out=tmp_path / "v.plan.json",
+    result = search(tiny_pipe, SearchConfig(stats=first.paths["stats"], out=tmp_path / "v.plan.json",
                     min_psnr=bar, **{k: v for k, v in SETTINGS.items() if k not in ("steps", "frames", "height",
-                                                                                   "width", "calib_steps")})
+                                                                                   "width", "calib_steps")}))
     check = result.solution.plan.calibration["end_to_end_check"]
     tried = check["tried"]
     assert len(tried) >= 2 and tried[0] == fastest[0]
@@ -91,10 +91,10 @@ def test_an_unreachable_psnr_writes_nothing_unless_asked(tiny_pipe, tmp_path):
     out = tmp_path / "v.plan.json"
     settings = dict(SETTINGS, max_error=0.05)
     with pytest.raises(SearchError, match="no plan reached mean PSNR 150 dB.*--allow-closest"):
-        search("tiny-test", PROMPTS[:1], pipe=tiny_pipe, out=out, min_psnr=150.0, **settings)
+        search(tiny_pipe, SearchConfig(prompts=PROMPTS[:1], out=out, min_psnr=150.0, **settings))
     assert not out.exists() and not out.with_name("v.report.md").exists()
-    result = search("tiny-test", PROMPTS[:1], pipe=tiny_pipe, out=out, min_psnr=150.0, allow_closest=True,
-                    **settings)
+    result = search(tiny_pipe, SearchConfig(prompts=PROMPTS[:1], out=out, min_psnr=150.0, allow_closest=True,
+                    **settings))
     assert result.closest and out.exists()
     assert "closest to --min-psnr 150" in result.solution.binding
 
@@ -199,8 +199,8 @@ def test_reuse_only_plans_are_tried_besides_the_plain_and_rescaled_ones():
 
 def test_pick_by_psnr_keeps_the_most_faithful_plan_that_meets_the_target(tiny_pipe, tmp_path):
     settings = {k: v for k, v in SETTINGS.items() if k != "max_error"}
-    result = search("tiny-test", PROMPTS, pipe=tiny_pipe, out=tmp_path / "p.plan.json", target_density=0.5,
-                    pick_by_psnr=True, **settings)
+    result = search(tiny_pipe, SearchConfig(prompts=PROMPTS, out=tmp_path / "p.plan.json", target_density=0.5,
+                    pick_by_psnr=True, **settings))
     check = result.solution.plan.calibration["end_to_end_check"]
     tried = check["tried"]
     assert check["mode"] == "highest PSNR" and check["min_psnr"] is None and len(tried) >= 2
