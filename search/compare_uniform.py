@@ -4,7 +4,7 @@ For every uniform candidate of a search (one strategy on every head), the solver
 statistics, for the most faithful plan at that candidate's predicted density (with ``--pick-by-psnr``, as
 ``dit-sparse search --pick-by-psnr`` does: the plan of several error models with the highest PSNR on the
 calibration prompts, which are not the held-out prompts compared here); both run end to end on held-out
-prompts against dense with the same seeds (``dit_sparse.bench_e2e``: PSNR, SSIM, caption accuracy, measured
+prompts against dense with the same seeds (``dit_sparse.evaluation``: PSNR, SSIM, caption accuracy, measured
 attention and total speedup, executed density). Writes ``compare.json``, ``compare.md`` and
 ``psnr_vs_density.png``.
 

@@ -58,7 +58,7 @@ def model_fingerprint(model: str) -> tuple[ModelFingerprint, list[tuple[str, int
 
         if not (WEIGHTS_DIR / "model_index.json").is_file():
             raise SearchError(f"`model` tiny-shapes: the shipped weights are missing from {WEIGHTS_DIR}; reinstall "
-                              "dit-sparse or produce them with `python -m dit_sparse.zoo.train_tiny_shapes`")
+                              "dit-sparse or produce them with `python tools/train_tiny_shapes.py` (source checkout)")
         model = str(WEIGHTS_DIR)
     try:
         index = DiffusionPipeline.load_config(model)
