@@ -16,10 +16,14 @@ def __getattr__(name: str):
         from . import app
 
         return getattr(app, name)
-    if name in ("DemoBackend", "DemoError"):
-        from . import backend
+    if name == "DemoBackend":
+        from .backend import DemoBackend
 
-        return getattr(backend, name)
+        return DemoBackend
+    if name == "DemoError":
+        from .inputs import DemoError
+
+        return DemoError
     if name == "add_demo_parser":
         from .cli import add_demo_parser
 

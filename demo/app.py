@@ -18,17 +18,10 @@ import gradio as gr
 
 from ..models import TINY_SHAPES
 from ..strategies import STRATEGIES
-from .backend import (
-    DEFAULT_KNOB,
-    PLAN_SOURCES,
-    SHIPPED,
-    UNIFORM,
-    UPLOAD,
-    DemoBackend,
-    DemoError,
-    json_safe,
-    knob_effect,
-)
+from .backend import DemoBackend
+from .inputs import DemoError
+from .plans import DEFAULT_KNOB, PLAN_SOURCES, SHIPPED, UNIFORM, UPLOAD, knob_effect
+from .results import json_safe
 
 logger = logging.getLogger(__name__)
 

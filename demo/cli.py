@@ -78,7 +78,7 @@ def run_demo(args) -> int:
         return 2
     require("demo", what="dit-sparse demo")  # gradio for the page, matplotlib for its pictures
     from .app import build_app, launch_app
-    from .backend import DemoError
+    from .inputs import DemoError
 
     try:
         app = build_app(model=args.model, plan=args.plan, device=args.device, dtype=args.dtype)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from ..layout import Grid
 from ..plan import HeadStrategy, SparsePlan
-from ..strategies import get_strategy
 from ..strategies.base import BuildContext
 
 SHORT = {"dense": "dense", "skip": "skip", "diagonal": "diag", "multi_diagonal": "m-diag",
@@ -54,10 +54,10 @@ def difference_heatmap(dense: np.ndarray, sparse: np.ndarray, path: Path) -> Pat
 
 def head_density(spec: HeadStrategy, grid: Grid | None) -> float | None:
     """Expected fraction of dense attention work of one head at `grid` (None: dynamic, or no grid)."""
-    strategy = get_strategy(spec.strategy)
+    strategy = spec.impl
     if not strategy.computes:
         return 0.0
-    if spec.strategy == "dense":
+    if strategy.dense:
         return 1.0
     if strategy.dynamic or grid is None:
         return None
@@ -135,14 +135,17 @@ def plan_picture(plan: SparsePlan, module_names: list[str], grid: Grid | None, p
     return Path(path)
 
 
+# dynamic strategy -> its cell label: the one parameter that sets how much it keeps (others: "dynamic")
+DYNAMIC_LABELS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "block_adaptive": lambda p: (f"top{p['topk']}" if p.get("topk") is not None
+                                 else f"tau {p['tau']:g} cap {p['cap']:g}"),
+    "pyramid": lambda p: f"band {p['bands'][-1]:g}",
+}
+
+
 def _dynamic_label(spec: HeadStrategy) -> str:
-    """The one parameter of a dynamic strategy that sets how much it keeps."""
-    p = spec.param_dict
-    if spec.strategy == "block_adaptive":
-        return f"top{p['topk']}" if p.get("topk") is not None else f"tau {p['tau']:g} cap {p['cap']:g}"
-    if spec.strategy == "pyramid":
-        return f"band {p['bands'][-1]:g}"
-    return "dynamic"
+    label = DYNAMIC_LABELS.get(spec.strategy)
+    return label(spec.param_dict) if label is not None else "dynamic"
 
 
 def _hatch(h: int, i: int):

@@ -114,9 +114,9 @@ def check_arguments(args, cfg) -> None:
     from dit_sparse.checks import check_out_folder
     from dit_sparse.executors import require_executor_extra
 
+    from .checkpoints import complete_checkpoints, list_checkpoints
     from .config import ConfigError
     from .runfolder import CONFIG, check_writable, clean_partials, run_entries
-    from .trainer import complete_checkpoints, list_checkpoints
 
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: no such run folder")

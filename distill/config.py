@@ -106,15 +106,11 @@ class DistillConfig:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        import os
-
         import yaml
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        from dit_sparse.atomic import write_text
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "DistillConfig":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dit_sparse.atomic import write_json, write_text
 from dit_sparse.models import load_model
 from dit_sparse.zoo.evaluate import generate_and_check, summarize
 from dit_sparse.zoo.pipeline import DEFAULT_GUIDANCE, weights_id
@@ -140,10 +141,9 @@ def main(argv=None):
     result = evaluate(a.student, a.teacher, a.num_prompts, a.seed, a.teacher_steps, a.guidance, a.batch_size,
                       tuple(a.rows))
     out = Path(a.out) if a.out else Path(a.student).resolve().parent / "eval_student.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     table = markdown(result)
-    out.with_suffix(".md").write_text(table + "\n")
+    write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return result

@@ -17,13 +17,12 @@ was trained at (checked after a reload). Load it with::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from dit_sparse.atomic import write_json
+from dit_sparse.atomic import replace_folder, write_json
 from dit_sparse.plan import SparsePlan
 
 from .config import DistillConfig
@@ -72,14 +71,8 @@ def export_student(cfg: DistillConfig, weights: dict[str, torch.Tensor], plan: S
     with writing(out_dir, partial=tmp):
         write_json(tmp / EXPORT_INFO, info)
     verify_export(tmp)
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    with writing(out_dir, partial=tmp):
+        replace_folder(tmp, out_dir)
     return out_dir
 
 

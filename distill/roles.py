@@ -26,7 +26,6 @@ from dit_sparse.adapters import nearest_class_name
 from dit_sparse.extras import install_command
 from dit_sparse.plan import SparsePlan
 from dit_sparse.processor import SparseProcessor
-from dit_sparse.strategies import get_strategy
 
 from .sigmas import timestep
 
@@ -63,8 +62,8 @@ class Roles:
             raise RoleError(f"distillation supports {', '.join(SUPPORTED_TRANSFORMERS)} teachers (and subclasses), "
                             f"not {type(teacher).__name__}")
         reused = sorted({name for name in plan.modules for spec in plan.heads_for(name)
-                         if get_strategy(spec.strategy).reuses})
-        reused += ["the default strategy"] * get_strategy(plan.default.strategy).reuses
+                         if spec.impl.reuses})
+        reused += ["the default strategy"] * plan.default.impl.reuses
         if reused:
             # A student forward at a sampled step would take an output kept from another sample's forward.
             raise RoleError(f"the plan reuses attention outputs across denoising steps ({reused[0]}"

@@ -79,13 +79,14 @@ def _partial_file(name: str) -> bool:
 
 
 def clean_partials(out: str | Path) -> list[Path]:
-    """Remove what a crash mid-write leaves in run folder `out`: checkpoints/.tmp-* folders, .tmp-export, the
-    temporary files of atomic writes of its files and write probes. Returns what was removed."""
+    """Remove what a crash mid-write leaves in run folder `out`: checkpoints/.tmp-* folders (and .old-* ones, a
+    checkpoint being replaced), .tmp-export, the temporary files of atomic writes of its files and write probes.
+    Returns what was removed."""
     out = Path(out)
     removed = []
     candidates = []
     if (out / CHECKPOINTS).is_dir():
-        candidates += [p for p in (out / CHECKPOINTS).iterdir() if p.name.startswith(".tmp-")]
+        candidates += [p for p in (out / CHECKPOINTS).iterdir() if p.name.startswith((".tmp-", ".old-"))]
     if out.is_dir():
         candidates += [p for p in out.iterdir()
                        if p.name == ".tmp-export" or (_partial_file(p.name) and not p.is_dir())]

@@ -8,12 +8,9 @@ One student update (``train_step``) is ``fake_updates`` fake-score updates follo
              grad) is pushed along -(x0_fake - x0_real) through a pseudo-Huber loss; then the EMA
 
 Everything random about step s (prompts, noise, k, t) is drawn from generators seeded by (seed, s, phase, rank),
-and checkpoints hold the parameters, optimizers, schedulers, EMA, counters and RNG states, so a resumed run
-repeats the uninterrupted one exactly. Checkpoints are written to a temporary folder, finished by a marker file
-(complete.json: the size of every file) and renamed into place; the newest ``keep_checkpoints`` are kept. A resume
-cleans the partial files a crash left, falls back from a damaged newest checkpoint to the newest complete one, and
-trims metrics.jsonl (later steps, a torn last line). A failed write (a full disk) ends with one line naming the file
-and leaves nothing partial (runfolder.py).
+and checkpoints (checkpoints.py) hold the parameters, optimizers, schedulers, EMA, counters and RNG states, so a
+resumed run repeats the uninterrupted one exactly. Validation videos: samples.py; the dry run's estimate:
+estimate.py; the run folder and write failures (one line naming the file, nothing partial): runfolder.py.
 
 Multi-process (DDP): only the differentiated forwards go through the prepared (DDP) modules; the rollout and the
 targets use the plain modules, so ranks may draw different k (different numbers of forwards) without mismatched
@@ -27,32 +24,20 @@ import gc
 import json
 import logging
 import os
-import resource
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from dit_sparse.atomic import atomic_path, write_json
-
+from .checkpoints import list_checkpoints, resume_run, save_checkpoint
 from .config import DistillConfig
 from .losses import default_huber_c, fake_score_loss, student_loss
 from .pipelines import kind_of
+from .prompts import EMBEDS, cached_embeddings, encode, training_prompts
 from .roles import Roles
-from .runfolder import (
-    CHECKPOINTS,
-    METRICS,
-    RunFolderError,
-    checkpoint_folders,
-    clean_partials,
-    read_metrics,
-    trim_metrics,
-    writing,
-)
+from .runfolder import METRICS, RunFolderError, clean_partials, writing
+from .samples import TEACHER_INFO, Samples
 from .sigmas import (
     default_terminal,
     diffuse,
@@ -63,118 +48,11 @@ from .sigmas import (
     sigma_grid,
     x0_from,
 )
+from .train_state import EMA, Batch, TrainState, lr_lambda, seed_of
 
 logger = logging.getLogger(__name__)
 
-EMBEDS = "prompt_embeds.pt"
-COMPLETE = "complete.json"  # written last into a checkpoint: the relative path and size of each of its files
 
-
-# -- small stateful pieces saved with every checkpoint -----------------------------------------------------------
-class EMA:
-    """Exponential moving average of the student's trainable parameters (fp32 shadows, warm-up (1+n)/(10+n))."""
-
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
-        self.decay = decay
-        self.num_updates = 0
-        self.shadow = {n: p.detach().float().clone() for n, p in named_params}
-
-    @torch.no_grad()
-    def update(self, named_params) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for n, p in named_params:
-            self.shadow[n].lerp_(p.detach().float(), 1 - d)
-
-    @contextlib.contextmanager
-    def applied(self, named_params):
-        """Temporarily put the averages into the parameters."""
-        saved = {n: p.detach().clone() for n, p in named_params}
-        with torch.no_grad():
-            for n, p in named_params:
-                p.copy_(self.shadow[n].to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in named_params:
-                    p.copy_(saved[n])
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self.num_updates = state["decay"], state["num_updates"]
-        for n, v in state["shadow"].items():
-            self.shadow[n].copy_(v)
-
-
-class TrainState:
-    """Counters that must survive a resume."""
-
-    def __init__(self):
-        self.step = 0
-        self.fake_updates = 0
-        self.elapsed = 0.0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "fake_updates": self.fake_updates, "elapsed": self.elapsed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.fake_updates, self.elapsed = state["step"], state["fake_updates"], state["elapsed"]
-
-
-@dataclass
-class Batch:
-    emb: torch.Tensor  # (B, L, D)
-    k: int  # the rollout step whose prediction is used
-    x: torch.Tensor  # (B, C, F, H, W) initial noise
-    rollout_noise: list[torch.Tensor] | None  # fresh noise per re-noise (eta < 1)
-    u: torch.Tensor  # (B,) uniform, places t in its interval
-    z: torch.Tensor  # (B, C, F, H, W) noise of the diffusion to t
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] % (2**63))
-
-
-def list_checkpoints(out: str | Path) -> list[Path]:
-    """The checkpoint-<step> folders of a run, oldest first (a folder only gets its name once fully written; it may
-    have been damaged since: ``checkpoint_problem``, ``complete_checkpoints``)."""
-    return checkpoint_folders(out)
-
-
-def checkpoint_problem(path: str | Path) -> str | None:
-    """None when checkpoint folder `path` is complete as far as the files show (its complete.json lists each file
-    with its size; folders written before complete.json existed count when their trainer_state.json, the last file
-    written then, is there); otherwise what is wrong, in a few words. Loading can still fail (damaged contents)."""
-    path = Path(path)
-    marker = path / COMPLETE
-    if not marker.is_file():
-        return None if (path / "trainer_state.json").is_file() else f"no {COMPLETE} (written last): partial"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"{COMPLETE} is not readable"
-    for rel, size in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
-    return None
-
-
-def complete_checkpoints(out: str | Path) -> list[Path]:
-    """The checkpoints of a run that ``checkpoint_problem`` finds complete, oldest first."""
-    return [p for p in list_checkpoints(out) if checkpoint_problem(p) is None]
-
-
-def lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-
-# -- the trainer -------------------------------------------------------------------------------------------------
 class Distiller:
     """Build with a config, then ``train()``. ``resume=True`` continues from the newest checkpoint in cfg.out."""
 
@@ -220,18 +98,20 @@ class Distiller:
         self.teacher_scheduler_config = dict(teacher_sched)
         self.teacher_scheduler_class = type(pipe.scheduler)
 
-        self.prompts = self._prompts()
-        self.embeds, self.negative = self._encode_prompts(pipe)
-        self.validation_prompts = cfg.validation_prompts or (
+        self.prompts = training_prompts(cfg.prompts, self.kind)
+        self.embeds, self.negative = cached_embeddings(acc, self.out / EMBEDS, pipe, self.prompts, cfg.negative_prompt)
+        validation_prompts = cfg.validation_prompts or (
             self.kind.validation_prompts() if self.kind.validation_prompts else self.prompts[:4])
-        self.validation_embeds, _ = self._encode_list(pipe, self.validation_prompts)
+        validation_embeds, _ = encode(pipe, validation_prompts, cfg.negative_prompt)
         # The text encoder is not needed any more: drop every reference so training memory does not hold it.
-        self.components = {k: v for k, v in pipe.components.items()
-                           if k not in ("text_encoder", "transformer", "transformer_2", "scheduler")}
-        for module in self.components.values():  # e.g. a VAE, for decoding validation videos
+        components = {k: v for k, v in pipe.components.items()
+                      if k not in ("text_encoder", "transformer", "transformer_2", "scheduler")}
+        for module in components.values():  # e.g. a VAE, for decoding validation videos
             if isinstance(module, torch.nn.Module):
                 module.to(device)
-        self.pipeline_class = type(pipe)
+        self.negative = self.negative.to(device) if self.negative is not None else None
+        self.samples = Samples(type(pipe), components, self.size, validation_prompts, validation_embeds.to(device),
+                               self.negative, list(cfg.validation_seeds), self.kind.check)
         teacher = pipe.transformer
         self.plan = parse_plan_spec(cfg.plan, pipe, teacher).plan
         del pipe
@@ -258,49 +138,11 @@ class Distiller:
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
         self.embeds = self.embeds.to(device)
-        self.negative = self.negative.to(device) if self.negative is not None else None
-        self.validation_embeds = self.validation_embeds.to(device)
-
-    def _prompts(self) -> list[str]:
-        cfg = self.cfg
-        if cfg.prompts:
-            lines = [ln.strip() for ln in Path(cfg.prompts).read_text().splitlines() if ln.strip()]
-            if not lines:
-                raise ValueError(f"prompts: {cfg.prompts} has no prompts")
-            return lines
-        if self.kind.training_prompts is None:
-            raise ValueError(f"prompts: {self.kind.name} has no default prompts; give a file with one per line")
-        return self.kind.training_prompts()
-
-    def _encode_list(self, pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out, neg = [], None
-        for i in range(0, len(prompts), 16):
-            chunk = prompts[i:i + 16]
-            pe, ne = pipe.encode_prompt(prompt=chunk, negative_prompt=[self.cfg.negative_prompt] * len(chunk),
-                                        do_classifier_free_guidance=True, device=torch.device("cpu"))
-            out.append(pe.float().cpu())
-            neg = ne[:1].float().cpu()
-        return torch.cat(out), neg
-
-    def _encode_prompts(self, pipe) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L, D) prompt embeddings and (1, L, D) negative ones, cached in OUT/prompt_embeds.pt."""
-        acc = self.accelerator
-        path = self.out / EMBEDS
-        if acc.is_main_process and not path.is_file():
-            with torch.no_grad():
-                emb, neg = self._encode_list(pipe, self.prompts)
-            _atomic_torch_save({"prompts": self.prompts, "embeds": emb, "negative": neg,
-                                "negative_prompt": self.cfg.negative_prompt}, path)
-        acc.wait_for_everyone()
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data["prompts"] != self.prompts or data["negative_prompt"] != self.cfg.negative_prompt:
-            raise ValueError(f"{path} holds embeddings of other prompts; remove it or use another --out")
-        return data["embeds"], data["negative"]
 
     # -- randomness --------------------------------------------------------------------------------------------
     def _generator(self, step: int, phase: int, index: int, micro: int) -> torch.Generator:
         rank = self.accelerator.process_index
-        return torch.Generator().manual_seed(_seed(self.cfg.seed, step, phase, index, micro, rank))
+        return torch.Generator().manual_seed(seed_of(self.cfg.seed, step, phase, index, micro, rank))
 
     def draw(self, g: torch.Generator) -> Batch:
         cfg, dev = self.cfg, self.accelerator.device
@@ -430,7 +272,7 @@ class Distiller:
             self.out.mkdir(parents=True, exist_ok=True)
             with writing(self.out / "config.yaml"):
                 cfg.save(self.out / "config.yaml")
-            self._clean_partial_checkpoints()
+            clean_partials(self.out)
         acc.wait_for_everyone()
         if cfg.validation:
             self.validate_teacher()
@@ -522,167 +364,41 @@ class Distiller:
         return self._tb or None
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _clean_partial_checkpoints(self) -> None:
-        clean_partials(self.out)
-
     def save_checkpoint(self) -> Path:
-        """Write OUT/checkpoints/checkpoint-<step> atomically (temporary folder, complete.json last, then rename);
-        prune old ones. A failed write (a full disk) removes the temporary folder and raises WriteFailed."""
-        acc = self.accelerator
-        root = self.out / CHECKPOINTS
-        final = root / f"checkpoint-{self.state.step}"
-        tmp = root / f".tmp-checkpoint-{self.state.step}"
-        intact = complete_checkpoints(self.out)
-        hint = (f" (removed the partial checkpoint; {intact[-1].name} is intact: dit-sparse distill --resume "
-                f"{self.out} continues from it)" if intact else " (removed the partial checkpoint)")
-        if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        with writing(final, partial=tmp, hint=hint):
-            acc.save_state(str(tmp))
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                write_json(tmp / "trainer_state.json", self.state.state_dict())
-                files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-                write_json(tmp / COMPLETE, {"step": self.state.step, "files": files})
-                _fsync_tree(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _fsync_dir(root)
-        if acc.is_main_process:
-            for old in list_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        """Write OUT/checkpoints/checkpoint-<step> whole or not at all and prune old ones (checkpoints.py). A failed
+        write (a full disk) removes the temporary folder and raises WriteFailed."""
+        return save_checkpoint(self.accelerator, self.out, self.state, self.cfg.keep_checkpoints)
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
-        """Load `checkpoint`, or the newest complete checkpoint of the run; returns the step it continues from.
-
-        First the partial files a crash left are removed (space on a full disk). A newest checkpoint that is
-        partial or does not load is skipped with a warning, for the next older one; once one loads, the skipped
-        ones are renamed damaged-checkpoint-<step>. metrics.jsonl loses the lines after the loaded step and a torn
-        last line (warning naming the file); a line torn in its middle is a RunFolderError naming file and line."""
-        acc = self.accelerator
-        if acc.is_main_process:
-            clean_partials(self.out)
-        acc.wait_for_everyone()
-        read_metrics(self.out / METRICS)  # every process: a damaged log stops all of them before anything loads
-        if checkpoint is not None:
-            acc.load_state(str(checkpoint))
-        else:
-            found = list_checkpoints(self.out)
-            if not found:
-                logger.info("no checkpoint in %s: starting from step 0", self.out)
-                return 0
-            checkpoint = self._load_newest_loadable(found)
-        if acc.is_main_process:
-            trim_metrics(self.out / METRICS, self.state.step)
-        acc.wait_for_everyone()
-        logger.info("resumed from %s at step %d", checkpoint, self.state.step)
-        return self.state.step
-
-    def _load_newest_loadable(self, found: list[Path]) -> Path:
-        acc = self.accelerator
-        skipped: list[tuple[Path, str]] = []
-        for ckpt in reversed(found):
-            problem = checkpoint_problem(ckpt)
-            if problem is None:
-                try:
-                    acc.load_state(str(ckpt))
-                except Exception as e:  # damaged contents (SafetensorError, unpickling, zip) or not of this run
-                    problem = f"does not load: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
-            if acc.num_processes > 1:  # all processes take the same checkpoint
-                failed = acc.reduce(torch.tensor([float(problem is not None)], device=acc.device), reduction="sum")
-                if problem is None and failed.item() > 0:
-                    problem = "does not load on another process"
-            if problem is None:
-                break
-            logger.warning("resume: %s is damaged (%s); trying the previous checkpoint", ckpt, problem)
-            skipped.append((ckpt, problem))
-        else:
-            reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
-            raise RunFolderError(f"--resume {self.out}: no checkpoint in {self.out / CHECKPOINTS} loads ({reasons})")
-        if skipped and acc.is_main_process:
-            for bad, _ in skipped:
-                aside = bad.with_name(f"damaged-{bad.name}")
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(bad, aside)
-            logger.warning("resume: continuing from %s (step %d) instead of the damaged %s (kept as %s)", ckpt.name,
-                           self.state.step, ", ".join(p.name for p, _ in skipped),
-                           ", ".join(f"damaged-{p.name}" for p, _ in skipped))
-        return ckpt
+        """Load `checkpoint`, or the newest complete checkpoint of the run that loads (checkpoints.resume_run);
+        returns the step it continues from."""
+        return resume_run(self.accelerator, self.out, self.state, checkpoint)
 
     # -- validation --------------------------------------------------------------------------------------------
-    def _pipeline(self, transformer, scheduler):
-        return self.pipeline_class(**self.components, transformer=transformer, scheduler=scheduler,
-                                   **({"text_encoder": None} if "text_encoder" in _init_params(self.pipeline_class)
-                                      else {}))
-
-    def _generate(self, pipe, steps: int, guidance: float) -> list[np.ndarray]:
-        f, h, w = self.size
-        pipe.set_progress_bar_config(disable=True)
-        videos = []
-        for _i, emb in enumerate(self.validation_embeds):
-            gens = [torch.Generator().manual_seed(s) for s in self.cfg.validation_seeds]
-            n = len(gens)
-            kwargs = {"negative_prompt_embeds": self.negative.expand(n, -1, -1)} if guidance > 1 else {}
-            out = pipe(prompt_embeds=emb[None].expand(n, -1, -1), num_inference_steps=steps, guidance_scale=guidance,
-                       generator=gens, height=h, width=w, num_frames=f, output_type="np", **kwargs)
-            videos.extend(np.asarray(v) for v in out.frames)
-        return videos
-
-    def _write_videos(self, folder: Path, name: str, videos: list[np.ndarray]) -> list[bool | None]:
-        from dit_sparse.video import write_video
-
-        folder.mkdir(parents=True, exist_ok=True)
-        checks = []
-        seeds = self.cfg.validation_seeds
-        for i, video in enumerate(videos):
-            prompt = self.validation_prompts[i // len(seeds)]
-            path = folder / f"{name}_p{i // len(seeds)}_s{seeds[i % len(seeds)]}.mp4"
-            with writing(path, partial=path):
-                write_video(path, video)
-            checks.append(self.kind.check(video, prompt) if self.kind.check else None)
-        return checks
-
     @torch.no_grad()
     def validate_teacher(self) -> None:
         """The dense teacher's reference videos (teacher_steps steps, CFG), once per run."""
-        acc = self.accelerator
         folder = self.out / "validation"
-        if acc.is_main_process and not (folder / "teacher.json").is_file():
+        if self.accelerator.is_main_process and not (folder / TEACHER_INFO).is_file():
             scheduler = self.teacher_scheduler_class.from_config(self.teacher_scheduler_config)
             with self.roles.dense_teacher() as teacher:
-                videos = self._generate(self._pipeline(teacher, scheduler), self.cfg.teacher_steps, self.cfg.guidance)
-            checks = self._write_videos(folder, "teacher", videos)
-            with writing(folder / "teacher.json"):
-                write_json(folder / "teacher.json", {"steps": self.cfg.teacher_steps, "checks": checks})
-        acc.wait_for_everyone()
+                self.samples.write_teacher(folder, teacher, scheduler, self.cfg.teacher_steps, self.cfg.guidance)
+        self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
     def validate(self) -> dict | None:
         """Student videos at the validation seeds (K steps, CFG 1, sparse plan, EMA weights)."""
-        acc = self.accelerator
         result = None
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             scheduler = make_scheduler(self.cfg.student_steps, self.shift, self.terminal, stochastic=self.cfg.eta == 0)
             named = self.roles.named_student_parameters()
             ctx = self.ema.applied(named) if self.ema is not None and self.cfg.export_ema else contextlib.nullcontext()
             self.roles.new_rollout()
             with ctx:
-                videos = self._generate(self._pipeline(self.roles.student, scheduler), self.cfg.student_steps, 1.0)
+                result = self.samples.write_student(self.out / "validation", self.roles.student, scheduler,
+                                                    self.cfg.student_steps, self.state.step)
             self.roles.new_rollout()
-            folder = self.out / "validation" / f"step-{self.state.step}"
-            checks = self._write_videos(folder, "student", videos)
-            result = {"step": self.state.step, "validation_checks": checks}
-            if checks and checks[0] is not None:
-                result["validation_caption_accuracy"] = float(np.mean(checks))
-            with writing(self.out / "validation" / "student.jsonl"), \
-                    open(self.out / "validation" / "student.jsonl", "a") as f:
-                f.write(json.dumps(result) + "\n")
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         return result
 
     # -- export ------------------------------------------------------------------------------------------------
@@ -700,82 +416,8 @@ class Distiller:
         self.accelerator.wait_for_everyone()
         return out_dir
 
-    # -- estimates ---------------------------------------------------------------------------------------------
     def dry_run(self) -> dict:
-        """Memory (analytic, plus the measured peak of one update) and time (one measured update x max_steps)."""
-        cfg, acc = self.cfg, self.accelerator
-        nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
-        teacher_b = 0 if self.roles.lora else nbytes(self.roles.teacher.parameters())
-        student_b = nbytes(self.roles.student.parameters())
-        fake_b = nbytes(self.roles.fake.parameters())
-        train_g = sum(p.numel() for p in self.roles.student_parameters())
-        train_f = sum(p.numel() for p in self.roles.fake.parameters())
-        # grads (4 B) + Adam moments (8 B) per trainable parameter, EMA 4 B per student parameter
-        optim_b = (train_g + train_f) * 12 + (train_g * 4 if self.ema is not None else 0)
-        if acc.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.train_step()  # warm-up (layouts, allocator)
-        t0 = time.time()
-        self.train_step()
-        per_step = time.time() - t0
-        peak = torch.cuda.max_memory_allocated() if acc.device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        report = {
-            "device": str(acc.device), "processes": acc.num_processes, "mixed_precision": cfg.mixed_precision,
-            "sample_shape": list(self.sample_shape), "batch_per_process": cfg.batch_size, "grad_accum": cfg.grad_accum,
-            "student_steps": cfg.student_steps, "sigmas": [round(s, 6) for s in self.sigmas],
-            "params_teacher_GB": teacher_b / 1e9, "params_student_GB": student_b / 1e9, "params_fake_GB": fake_b / 1e9,
-            "trainable_student": train_g, "trainable_fake": train_f,
-            "grads_optimizer_ema_GB": optim_b / 1e9,
-            "static_total_GB": (teacher_b + student_b + fake_b + optim_b) / 1e9,
-            "measured_peak_GB": peak / 1e9,
-            "measured_peak_kind": "cuda max_memory_allocated" if acc.device.type == "cuda" else "process max RSS",
-            "cpu_rss_before_GB": rss0 / 1e9,
-            "seconds_per_step": per_step,
-            "forwards_per_step": self._forwards_per_step(),
-            "estimated_hours": per_step * cfg.max_steps / 3600,
-            "max_steps": cfg.max_steps,
-        }
-        return report
+        """Memory and time of the run, from two measured updates (estimate.py)."""
+        from .estimate import dry_run_report
 
-    def _forwards_per_step(self) -> dict:
-        cfg = self.cfg
-        rollout = (cfg.student_steps + 1) / 2  # expected forwards to reach a uniform k
-        cfg_calls = 2 if cfg.guidance != 1 else 1
-        per_micro = {"student_no_grad": rollout * (cfg.fake_updates + 1), "student_with_grad": 1,
-                     "fake_with_grad": cfg.fake_updates, "fake_no_grad": 1, "teacher": cfg_calls}
-        return {k: v * cfg.grad_accum for k, v in per_micro.items()}
-
-
-def _init_params(cls) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    # a file object, not a path: torch.save's RuntimeError then carries the OSError (errno) of the failed write
-    with atomic_path(path) as tmp, writing(path), open(tmp, "wb") as f:
-        torch.save(obj, f)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return dry_run_report(self)

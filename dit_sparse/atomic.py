@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash or an error never leaves a half-written file behind.
+"""Atomic file writes: a crash or an error never leaves a half-written file (or folder: ``replace_folder``) behind.
 
 A failed write raises :class:`WriteError` (an OSError) whose message names the file and says why in words ("could not
 write out/report.json: no space left on device"); :func:`check_writable_folder` finds an unwritable output folder
@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +102,53 @@ def finite_json(data: Any, where: str = "data") -> Any:
     if isinstance(data, (list, tuple)):
         return [finite_json(v, f"{where}[{i}]") for i, v in enumerate(data)]
     return data
+
+
+def replace_folder(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Put the finished folder `src` in the place of `dst` by renaming it, so that `dst` is never a half-written
+    folder (a checkpoint, an exported pipeline). The files of `src` are flushed to disk first; an existing `dst` is
+    moved aside (.old-<name>, moved back if the rename fails) and removed once `src` is in place. An OSError becomes
+    a WriteError naming `dst`; `src` is then left for the caller to remove."""
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".old-{dst.name}")
+    try:
+        _fsync_tree(src)
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+        try:
+            os.replace(src, dst)
+        except OSError:
+            if old.exists() and not dst.exists():
+                os.replace(old, dst)
+            raise
+        _fsync_dir(dst.parent)
+    except OSError as e:
+        raise WriteError(dst, e) from e
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename in it); best effort: some file systems cannot open or flush folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_writable_folder(folder: str | os.PathLike, option: str = "--out") -> Path:

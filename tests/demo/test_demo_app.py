@@ -28,7 +28,8 @@ def test_build_app_has_the_compare_endpoint_and_a_queue(backend):
 
 def test_warning_banner_only_when_the_model_is_untrained():
     from dit_sparse.demo.app import build_app
-    from dit_sparse.demo.backend import UNTRAINED_WARNING, DemoBackend
+    from dit_sparse.demo.backend import DemoBackend
+    from dit_sparse.demo.model import UNTRAINED_WARNING
     from dit_sparse.zoo import build_pipeline
 
     def banners(app):
@@ -40,7 +41,7 @@ def test_warning_banner_only_when_the_model_is_untrained():
 
 
 def test_tiny_shapes_falls_back_to_the_untrained_architecture(monkeypatch, tmp_path):
-    from dit_sparse.demo.backend import UNTRAINED_WARNING, load_demo_model
+    from dit_sparse.demo.model import UNTRAINED_WARNING, load_demo_model
     from dit_sparse.zoo import pipeline as zoo_pipeline
 
     monkeypatch.setattr(zoo_pipeline, "WEIGHTS_DIR", tmp_path / "missing")
@@ -56,7 +57,7 @@ def test_tiny_shapes_falls_back_to_the_untrained_architecture(monkeypatch, tmp_p
 
 
 def test_tiny_shapes_uses_the_trained_weights_when_present(monkeypatch, tmp_path):
-    from dit_sparse.demo.backend import load_demo_model
+    from dit_sparse.demo.model import load_demo_model
     from dit_sparse.zoo import build_pipeline
     from dit_sparse.zoo import pipeline as zoo_pipeline
 
@@ -92,7 +93,8 @@ def test_limits_and_plans_for_a_diffusers_video_pipeline():
 
 
 def test_bad_model_arguments_are_clear_errors():
-    from dit_sparse.demo.backend import DemoError, load_demo_model
+    from dit_sparse.demo.inputs import DemoError
+    from dit_sparse.demo.model import load_demo_model
 
     with pytest.raises(DemoError, match="--dtype must be one of"):
         load_demo_model("tiny-shapes", "cpu", "float8")

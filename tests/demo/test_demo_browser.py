@@ -101,7 +101,7 @@ def _api_table(value) -> list[list[str]]:
 
 
 def test_page_generates_and_shows_the_numbers_the_api_returns(server, page, tmp_path):
-    from dit_sparse.demo.backend import metrics_table
+    from dit_sparse.demo.results import metrics_table
 
     app, url = server
     start = time.perf_counter()

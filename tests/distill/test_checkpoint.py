@@ -6,7 +6,7 @@ import pytest
 import torch
 from distill_helpers import make_distiller
 
-from dit_sparse.distill.trainer import list_checkpoints
+from dit_sparse.distill.checkpoints import list_checkpoints
 
 
 def _run(d):

@@ -5,9 +5,9 @@ import pytest
 import yaml
 from distill_helpers import SPARSE
 
+from dit_sparse.distill.checkpoints import list_checkpoints
 from dit_sparse.distill.cli import add_distill_parser, build_config, main
 from dit_sparse.distill.config import ConfigError, DistillConfig
-from dit_sparse.distill.trainer import list_checkpoints
 
 
 def _parse(argv):

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dit_sparse.distill.trainer import list_checkpoints
+from dit_sparse.distill.checkpoints import list_checkpoints
 
 HERE = Path(__file__).resolve().parent
 

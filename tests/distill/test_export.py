@@ -46,8 +46,8 @@ def test_export_is_a_pipeline_with_plan_and_the_training_grid(teacher_dir, tmp_p
     named = d.roles.named_student_parameters()
     with d.ema.applied(named):
         d.roles.new_rollout()
-        ref = _generate(d._pipeline(d.roles.student, pipe.scheduler.__class__.from_config(pipe.scheduler.config)),
-                        2, emb)
+        scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+        ref = _generate(d.samples.pipeline(d.roles.student, scheduler), 2, emb)
     tol = 1e-5 if lora else 0.0  # LoRA is merged into the exported weights
     torch.testing.assert_close(exported, ref, rtol=0, atol=tol)
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from distill_helpers import SPARSE, make_distiller
 
+from dit_sparse.distill.checkpoints import list_checkpoints
 from dit_sparse.distill.cli import main
 from dit_sparse.distill.config import DistillConfig
 from dit_sparse.distill.runfolder import RunFolderError, WriteFailed
-from dit_sparse.distill.trainer import list_checkpoints
 
 
 def _prompts(tmp_path) -> str:
@@ -291,6 +291,33 @@ def test_full_disk_while_logging_or_exporting(teacher_dir, tmp_path, monkeypatch
     with pytest.raises(WriteFailed, match=f"^no space left on device while writing {out / 'export'}$"):
         d.export()
     assert not (out / ".tmp-export").exists() and not (out / "export").exists()
+
+
+def test_a_folder_is_swapped_in_whole_or_not_at_all(tmp_path, monkeypatch):
+    """replace_folder (checkpoints, the export): the new folder takes the old one's place; a failed rename leaves
+    the old folder where it was and names the destination."""
+    from dit_sparse.atomic import WriteError, replace_folder
+
+    dst, src = tmp_path / "export", tmp_path / ".tmp-export"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    src.mkdir()
+    (src / "new.txt").write_text("new")
+    assert replace_folder(src, dst) == dst
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and [p.name for p in dst.iterdir()] == ["new.txt"]
+
+    src.mkdir()
+    real_replace = os.replace
+
+    def cross_device(a, b):
+        if Path(a) == src:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    with pytest.raises(WriteError, match=f"^could not write {dst}: invalid cross-device link$"):
+        replace_folder(src, dst)
+    assert [p.name for p in dst.iterdir()] == ["new.txt"] and not (tmp_path / ".old-export").exists()
 
 
 # -- D: an --out that cannot be written --------------------------------------------------------------------------
