@@ -44,12 +44,8 @@ class DemoBackend:
                  warning: str | None = None):
         if pipe is None:
             pipe, warning = load_demo_model(model, device, dtype)
-        self.model_name = model
-        self.device = device
-        self.dtype = dtype
-        self.executor = executor
-        self.pipe = pipe
-        self.warning = warning
+        self.model_name, self.device, self.dtype, self.executor = model, device, dtype, executor
+        self.pipe, self.warning = pipe, warning  # warning: shown on the page (an untrained fallback model)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = transformers_of(pipe)[0]
         self.tiny_shapes = is_tiny_shapes(pipe)

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..extras import MissingExtra, require
+from ..models import add_device_arguments
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,8 +27,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None,
                    help="a plan file (offered first on the page), a strategy name (the page starts on a uniform plan "
                         "of it), or 'default'")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    add_device_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link")

@@ -62,6 +62,18 @@ def add_distill_parser(subparsers) -> None:
     p.set_defaults(func=run_distill)
 
 
+# What a run does besides training, as on/off switches.
+_SWITCHES = {
+    "--overwrite": "start a new run in an --out that holds one: first REMOVES that run's config.yaml, metrics.jsonl, "
+                   "checkpoints/, validation/, export/, tensorboard/ and prompt_embeds.pt (other files stay; with "
+                   "--dry-run nothing is removed)",
+    "--dry-run": "build everything, time two updates, print memory and time estimates; writes only the "
+                 "prompt-embedding cache (no checkpoints, logs or export)",
+    "--export-only": "with --resume: export the newest checkpoint's student to DIR/export and stop",
+    "--no-validation": "skip the teacher and student validation videos",
+}
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     for key, kind in _FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=_HELP.get(key))
@@ -72,16 +84,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="continue the run in DIR from its newest complete checkpoint (its config.yaml, then these "
                         "overrides); partial files a crash left are removed, a damaged newest checkpoint is skipped "
                         "(warning) and a torn last line of metrics.jsonl dropped")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --out that holds one: first REMOVES that run's config.yaml, "
-                        "metrics.jsonl, checkpoints/, validation/, export/, tensorboard/ and prompt_embeds.pt "
-                        "(other files stay; with --dry-run nothing is removed)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build everything, time two updates, print memory and time estimates; writes only the "
-                        "prompt-embedding cache (no checkpoints, logs or export)")
-    p.add_argument("--export-only", action="store_true",
-                   help="with --resume: export the newest checkpoint's student to DIR/export and stop")
-    p.add_argument("--no-validation", action="store_true", help="skip the teacher and student validation videos")
+    for flag, help_text in _SWITCHES.items():
+        p.add_argument(flag, action="store_true", help=help_text)
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--cpu", action="store_true", default=None, help="train on CPU even where CUDA exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

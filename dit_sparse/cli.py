@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .extras import MissingExtra, require
+from .models import add_device_arguments
 from .plan import PlanError
 
 NUM_PROMPTS_DEFAULT = 8
@@ -53,8 +54,7 @@ def _add_generate(sub):
                    help="a plan file, a strategy name for a uniform plan (e.g. diagonal, block_adaptive), or 'default'")
     p.add_argument("--model", default="tiny-shapes",
                    help="tiny-shapes, or a local diffusers pipeline directory / hub id")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    add_device_arguments(p)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--frames", type=int, default=None)
@@ -107,8 +107,7 @@ def _add_bench(sub):
     e.add_argument("--num-prompts", type=int, default=NUM_PROMPTS_DEFAULT)
     e.add_argument("--seeds", type=int, nargs="+", default=[0])
     e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="float32")
+    add_device_arguments(e)
     e.add_argument("--ceiling", action="store_true",
                    help="also time a run with every covered attention head skipped: the speedup no plan can beat on "
                         "this model and machine (its video is meaningless; fidelity not reported)")
@@ -127,8 +126,7 @@ def _add_bench(sub):
     sp.add_argument("--width", type=int, default=None)
     sp.add_argument("--layers", type=int, default=None, help="fewer layers than the published config (CPU)")
     sp.add_argument("--repeats", type=int, default=3)
-    sp.add_argument("--device", default="cpu")
-    sp.add_argument("--dtype", default="float32")
+    add_device_arguments(sp)
     sp.add_argument("--ulysses", type=int, default=1,
                     help="context parallelism: Ulysses degree (run under torchrun, one process per device)")
     sp.add_argument("--ring", type=int, default=1, help="context parallelism: ring degree")

@@ -145,3 +145,9 @@ def default_prompts(pipe, count: int) -> list[str]:
 
         return heldout_prompts()[:count]
     raise ArgumentError("--prompts FILE is needed for models other than tiny-shapes")
+
+
+def add_device_arguments(parser) -> None:
+    """--device and --dtype, as every command that runs a model takes them (checked by check_device_and_dtype)."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")

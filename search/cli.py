@@ -15,6 +15,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from dit_sparse.models import add_device_arguments
+
 
 def _comma_separated_ints(text: str, what: str) -> tuple[int, ...]:
     try:
@@ -79,8 +81,7 @@ def add_search_parser(subparsers) -> None:
     p.add_argument("--out", default=None,
                    help="plan path (default out/search/<model>.plan.json); report and statistics go beside it (its "
                         "folder is checked for writing before any work; the statistics are written before solving)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    add_device_arguments(p)
     p.add_argument("--cost", choices=("measured", "flop"), default="measured",
                    help="time candidates on this machine (cached) or use a FLOP model")
     p.add_argument("--cache-dir", default=None, help="cost-table cache (default ~/.cache/dit_sparse)")
