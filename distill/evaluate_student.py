@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import logging
 import time
 from pathlib import Path
 
@@ -26,12 +25,15 @@ import torch
 
 from dit_sparse.atomic import write_json, write_text
 from dit_sparse.models import load_model
+from dit_sparse.provenance import hardware, versions
 from dit_sparse.zoo.evaluate import generate_and_check, summarize
 from dit_sparse.zoo.pipeline import DEFAULT_GUIDANCE, weights_id
 from dit_sparse.zoo.shapes_data import heldout_eval_set
 
 from .export import EXPORT_INFO, load_student
 from .sigmas import make_scheduler
+
+logger = logging.getLogger(__name__)
 
 
 def timed_rows(pipe, pairs, steps, guidance, batch_size):
@@ -47,7 +49,7 @@ def timed_rows(pipe, pairs, steps, guidance, batch_size):
 def evaluate(student: str, teacher: str = "tiny-shapes", num_prompts: int = 50, seed: int = 0,
              teacher_steps: int = 50, guidance: float = DEFAULT_GUIDANCE, batch_size: int = 5,
              rows: tuple[str, ...] = ("student", "teacher_50", "teacher_k", "teacher_k_grid", "student_dense"),
-             echo=print) -> dict:
+             ) -> dict:
     info = json.loads((Path(student) / EXPORT_INFO).read_text())
     k = info["student_steps"]
     pairs = heldout_eval_set(seed)[:num_prompts]
@@ -55,9 +57,7 @@ def evaluate(student: str, teacher: str = "tiny-shapes", num_prompts: int = 50, 
               "teacher_weights": weights_id() if teacher == "tiny-shapes" else None, "student_steps": k,
               "num_prompts": len(pairs),
               "seed": seed, "teacher_guidance": guidance, "distill": info, "rows": {},
-              "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
-                           "torch_threads": torch.get_num_threads()},
-              "versions": {"torch": torch.__version__}}
+              "hardware": hardware("cpu"), "versions": versions()}
     details = {}
 
     def run(name, pipe, steps, g):
@@ -65,8 +65,8 @@ def evaluate(student: str, teacher: str = "tiny-shapes", num_prompts: int = 50, 
         summary, per_clip = timed_rows(pipe, pairs, steps, g, batch_size)
         result["rows"][name] = summary
         details[name] = per_clip
-        echo(f"{name:<22} steps {steps:>3}  guidance {g:<4}  caption accuracy {summary['caption_accuracy']:.3f}  "
-             f"{summary['seconds_per_clip']:.3f} s/clip")
+        logger.info("%-22s steps %3d  guidance %-4s  caption accuracy %.3f  %.3f s/clip", name, steps, g,
+                    summary["caption_accuracy"], summary["seconds_per_clip"])
 
     if "student" in rows or "student_dense" in rows:
         pipe, _ = load_student(student)
@@ -136,6 +136,7 @@ def main(argv=None):
                                                   "student_dense"])
     ap.add_argument("--out", default=None, help="JSON results (default: STUDENT/../eval_student.json), .md beside")
     a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
     result = evaluate(a.student, a.teacher, a.num_prompts, a.seed, a.teacher_steps, a.guidance, a.batch_size,
