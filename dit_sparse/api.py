@@ -8,6 +8,7 @@ import torch
 
 from .adapters import UnsupportedModelError, adapter_for_transformer, has_adapter
 from .adapters.base import ModelAdapter
+from .call_watch import WATCH
 from .executors import ExecutorError, get_executor
 from .plan import SparsePlan
 from .processor import (
@@ -18,7 +19,6 @@ from .processor import (
     set_module_processor,
     unwrap_compiled,
 )
-from .strategies import get_strategy
 from .strategies.base import BuildContext
 
 _ATTR = "_dit_sparse_processor"
@@ -47,6 +47,14 @@ def apply(pipe_or_transformer, plan: SparsePlan, executor: str | None = None,
     """
     transformers = transformers_of(pipe_or_transformer)
     processor = SparseProcessor(plan, executor=executor, block_size=block_size)
+    try:
+        _apply(processor, pipe_or_transformer, transformers)
+    finally:
+        WATCH.release(processor)  # bound; or refused, and never to be called
+    return processor
+
+
+def _apply(processor: SparseProcessor, pipe_or_transformer, transformers: list[torch.nn.Module]) -> None:
     for transformer in transformers:
         if getattr(transformer, _ATTR, None) is not None or _processors_on(transformer):
             # The second case: the one-line form (set_attn_processor) put a processor there.
@@ -65,7 +73,6 @@ def apply(pipe_or_transformer, plan: SparsePlan, executor: str | None = None,
         for module in modules.values():
             set_module_processor(module, processor)
         setattr(transformer, _ATTR, processor)
-    return processor
 
 
 def noise_levels(pipe, num_inference_steps: int, **set_timesteps_kwargs) -> list[float]:
@@ -138,6 +145,7 @@ def remove(pipe_or_transformer) -> None:
             adapter = adapter_for_transformer(transformer) if supported else ModelAdapter()
             stock = {} if supported else _stock_processors(transformer)
             for name, module in unbound.items():
+                WATCH.release(module.processor)  # it can be called no more
                 set_module_processor(module, stock.get(name) or adapter.stock_processor(module))
         if applied is not None:
             delattr(transformer, _ATTR)
@@ -217,10 +225,10 @@ def _expected_density(heads, grid, blocks: tuple[int, int]) -> float:
     """Mean over heads of the static layouts' density at the executor's blocks (dynamic heads counted as dense)."""
     total = 0.0
     for spec in heads:
-        strategy = get_strategy(spec.strategy)
+        strategy = spec.impl
         if not strategy.computes:
             continue
-        if strategy.dynamic or spec.strategy == "dense":
+        if strategy.dynamic or strategy.dense:
             total += 1.0
             continue
         total += strategy.layout(spec.param_dict, BuildContext(grid, *blocks)).density()

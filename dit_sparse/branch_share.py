@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .attend import AttentionSite
-
-
-def _state(site: AttentionSite) -> dict:
-    """Per module: whether its branches differ, whether they look alike, and the first call of the last step."""
-    return site.cache.setdefault(("branches", site.module_name), {"differs": False, "alike": False, "first": None})
+from .site import AttentionSite
+from .state import BranchCall
 
 
 def _fingerprint(x: torch.Tensor) -> tuple:
@@ -41,33 +37,31 @@ def _same(a, b) -> bool:
 
 def shared_output(site: AttentionSite, hidden_states: torch.Tensor, extra) -> torch.Tensor | None:
     """The other branch's output of this step for an equal input (and equal `extra`: RoPE), else None."""
-    state = _state(site)
-    first = state["first"]
-    if site.step is None or state["differs"] or first is None or first["step"] != site.step \
-            or first["branch"] == site.branch:
+    share = site.state.branch_share(site.module_name)
+    first = share.first
+    if site.step is None or share.differs or first is None or first.step != site.step or first.branch == site.branch:
         return None
-    if first["input"] is not None and _same(first["input"], hidden_states) and _same(first["extra"], extra):
+    if first.input is not None and _same(first.input, hidden_states) and _same(first.extra, extra):
         b, n = hidden_states.shape[0], site.grid.num_tokens
         site.stats.called()
         site.stats.add(b * len(site.heads) * n * n, 0)
-        return first["output"].clone()  # the model may write into what a module returns
-    if first["fingerprint"] != _fingerprint(hidden_states):
-        state.update(differs=True, alike=False, first=None)
+        return first.output.clone()  # the model may write into what a module returns
+    if first.fingerprint != _fingerprint(hidden_states):
+        share.differs, share.alike, share.first = True, False, None
     else:
-        state["alike"] = True
+        share.alike = True
     return None
 
 
 def keep_for_other_branch(site: AttentionSite, hidden_states: torch.Tensor, extra, out) -> None:
     """After the first call of a step: keep what the other branch needs to recognise an equal input."""
-    state = _state(site)
-    if site.step is None or state["differs"] or not isinstance(out, torch.Tensor):
+    share = site.state.branch_share(site.module_name)
+    if site.step is None or share.differs or not isinstance(out, torch.Tensor):
         return
-    first = state["first"]
-    if first is not None and first["step"] == site.step and first["branch"] != site.branch:
+    first = share.first
+    if first is not None and first.step == site.step and first.branch != site.branch:
         return  # the second call of this step: nothing after it to share with
-    whole = state["alike"]
-    state["first"] = {
-        "step": site.step, "branch": site.branch, "fingerprint": _fingerprint(hidden_states),
-        "input": hidden_states.detach().clone() if whole else None, "extra": extra if whole else None,
-        "output": out.detach().clone() if whole else None}
+    whole = share.alike
+    share.first = BranchCall(site.step, site.branch, _fingerprint(hidden_states),
+                             hidden_states.detach().clone() if whole else None, extra if whole else None,
+                             out.detach().clone() if whole else None)

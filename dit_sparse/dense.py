@@ -64,7 +64,9 @@ def _efficient(q, k, v, bias, scale):
     return out, lse[..., : q.shape[2]]
 
 
-def _cpu_flash(q, k, v, bias, scale):
+def cpu_flash_attention(q, k, v, bias, scale):
+    """PyTorch's fused CPU flash kernel: q (B, H, Sq, D), k/v (B, H, Sk, D), bias additive (B, 1, 1, Sk) or None
+    -> out (B, H, Sq, D), lse (B, H, Sq). The CPU executor runs it on gathered key blocks."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
                                                                      scale=scale)[:2]
 
@@ -85,7 +87,7 @@ LSE_BACKENDS: tuple[LseBackend, ...] = (
                and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and torch.backends.cuda.flash_sdp_enabled(), _flash),
     LseBackend("efficient", lambda q, masked: q.is_cuda, _efficient),
     LseBackend("cpu_flash", lambda q, masked: q.device.type == "cpu"
-               and q.dtype in (torch.float32, torch.bfloat16, torch.float16), _cpu_flash),
+               and q.dtype in (torch.float32, torch.bfloat16, torch.float16), cpu_flash_attention),
     LseBackend("math", lambda q, masked: True, _math),
 )
 

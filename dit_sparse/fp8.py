@@ -7,6 +7,8 @@ one scale per (head, channel). Values are clamped to +/-448, the e4m3 range.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .layout import num_blocks
@@ -64,6 +66,16 @@ def centring_lse_shift(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.
     Centred scores are q . (k - mean k) * scale, so the true LSE is the centred one plus scale * q . mean(k).
     """
     return scale * torch.einsum("bshd,bhd->bhs", q.float(), key_mean(k).squeeze(1))
+
+
+def executor_inputs(q, k, v, block_q: int, block_k: int, scale: float | None, fp8: bool):
+    """What an executor does first: (q, k, v, scale, lse_shift) with the default scale 1/sqrt(D) and, with `fp8`,
+    the fp8 modifier's numerics on q, k, v and the LSE shift that gives back the LSE of the original scores."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not fp8:
+        return q, k, v, scale, 0.0
+    shift = centring_lse_shift(q, k, scale)
+    return (*fake_quantize_qkv(q, k, v, block_q, block_k), scale, shift)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -210,14 +210,6 @@ def block_sizes(seq_len: int, block: int, device=None) -> torch.Tensor:
     return sizes
 
 
-def token_block_mask(layout: BlockLayout) -> torch.Tensor:
-    """(B, H, S, S) boolean token mask of a level-0 layout; for tests and the reference only."""
-    bm = layout.block_mask()
-    rows = torch.arange(layout.seq_len, device=bm.device) // layout.block_q
-    cols = torch.arange(layout.seq_len, device=bm.device) // layout.block_k
-    return bm[:, :, rows][:, :, :, cols]
-
-
 def ln_group_sizes(seq_len: int, level: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(ceil(S / 2**level),) log of the number of tokens each pooled key stands for."""
     n = 2**level

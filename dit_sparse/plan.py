@@ -125,6 +125,18 @@ class HeadStrategy:
         """The registered Strategy: what it needs and does (dense, dynamic, pooled, computes, reuses)."""
         return STRATEGIES[self.strategy]
 
+    @property
+    def runs_dense(self) -> bool:
+        """Whether the best dense kernel runs it: every query attends every key in 16 bits, with no layout and no
+        LSE (text keys included in the same call, nothing to merge)."""
+        return self.impl.dense and not self.fp8
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether it carries state from one denoising step to the next: kept outputs (`reuse`), re-scale
+        statistics, or a dynamic layout refreshed every `refresh_interval` steps."""
+        return self.rescale or self.impl.reuses or self.impl.dynamic
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"strategy": self.strategy}
         out.update({k: _thaw(v) for k, v in self.params})
@@ -360,10 +372,8 @@ class SparsePlan:
     def keeps_state_across_steps(self) -> bool:
         """Whether some head carries state from one denoising step to the next (`reuse`, re-scaled heads, dynamic
         layouts refreshed every `refresh_interval` steps): such a plan has to tell the steps apart."""
-        from .strategies import get_strategy
-
         heads = {self.default, *(h for spec in self.modules.values() for h in spec)}
-        return any(h.rescale or get_strategy(h.strategy).reuses or get_strategy(h.strategy).dynamic for h in heads)
+        return any(h.keeps_state for h in heads)
 
     def strategy_for(self, module_name: str, head: int) -> str:
         """Name of the strategy that runs in this module and head."""

@@ -3,72 +3,17 @@
 A plan's stateful heads (`reuse`, re-scaled softmax, dynamic layouts) decide at every step whether to compute or
 to use what an earlier step kept. Those decisions depend on step numbers, which are Python ints: made inside a
 compiled transformer block, every new step would be a new guard and a recompile. So they are made on the host,
-in the transformer's forward pre-hook, for every covered module at once (`decide_module` in attend), and the block
+in the transformer's forward pre-hook, for every covered module at once (`decide_module` in decide.py), and the block
 only reads the outcome: a few booleans and, for forecasts, a small CPU tensor of weights. The bookkeeping moves
 on when the decision is made; the tensors arrive when the module runs (each covered module runs once per forward).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from .layout import BlockLayout, Grid
-
-
-@dataclass
-class Computed:
-    """Where an entry's tensors came from: the step they were computed at, and the batch and grid they fit."""
-
-    step: int | None
-    batch: int
-    grid: Grid
-
-    def fits(self, batch: int, grid: Grid) -> bool:
-        return self.batch == batch and self.grid == grid
-
-    def fresh_at(self, step: int | None, batch: int, grid: Grid, refresh_interval: int) -> bool:
-        """Usable at the `refresh_interval - 1` steps after the step it was computed at. A second call at that same
-        step is another generation (each step calls a module once per branch)."""
-        return (step is not None and self.step is not None and self.fits(batch, grid)
-                and 0 < step - self.step < refresh_interval)
-
-
-@dataclass
-class KeptOutputs:
-    """A `reuse` group's (or whole module's) computed outputs, oldest first, at most three, and their steps."""
-
-    batch: int
-    grid: Grid
-    steps: list[int | None]
-    refresh: bool  # the newest was computed at a sparse step (a refresh), not at a dense warm-up step
-    outputs: list[torch.Tensor] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ReuseDecision:
-    """reuse: nothing runs, the kept outputs stand in (weights None: the newest as it is; else their weighted sum,
-    oldest first). Otherwise the group runs and keeps its output beside the `history` newest kept ones (keep
-    False: it keeps nothing)."""
-
-    reuse: bool
-    weights: torch.Tensor | None = None
-    keep: bool = True
-    history: int = 0
-
-
-@dataclass
-class RescaleState(Computed):
-    """The in-layout share of the dense mass (B, G, S) and the residual (B, S, G, D) of the last refresh."""
-
-    ratio: torch.Tensor | None = None
-    residual: torch.Tensor | None = None
-
-
-@dataclass
-class DynamicLayout(Computed):
-    layout: BlockLayout | None = None
+from .layout import Grid
+from .state import ReuseDecision, ReuseEntry, ReuseStep
 
 
 def forecast_weights(steps: list[int], step: int) -> list[float]:
@@ -103,8 +48,8 @@ def taylor_forecast(points: list[tuple[int, torch.Tensor]], step: int) -> torch.
     return weighted_sum([y for _, y in points], weights)
 
 
-def decide_reuse(kept: KeptOutputs | None, *, step: int | None, batch: int, grid: Grid, dense_now: bool,
-                 refresh_interval: int, extrapolate: bool, order: int) -> tuple[ReuseDecision, KeptOutputs | None]:
+def decide_reuse(kept: ReuseEntry | None, *, step: int | None, batch: int, grid: Grid, dense_now: bool,
+                 refresh_interval: int, extrapolate: bool, order: int) -> tuple[ReuseDecision, ReuseEntry | None]:
     """This step's decision for one reuse key and the bookkeeping after it (the outputs follow when it runs)."""
     # Outputs lag their steps where a module did not run at a step it was decided for (its CFG branch took the other
     # branch's output): then nothing kept is used.
@@ -122,12 +67,15 @@ def decide_reuse(kept: KeptOutputs | None, *, step: int | None, batch: int, grid
     earlier = extrapolate and fits and step is not None and kept.steps[-1] is not None and kept.steps[-1] < step
     history = min(len(kept.steps), 2) if earlier else 0
     steps = (kept.steps[len(kept.steps) - history:] if history else []) + [step]
-    after = KeptOutputs(batch, grid, steps, refresh=not dense_now,
-                        outputs=kept.outputs if history else [])
+    after = ReuseEntry(batch, grid, steps, refresh=not dense_now, outputs=kept.outputs if history else [])
     return ReuseDecision(reuse=False, keep=True, history=history), after
 
 
-def keep_outputs(kept: KeptOutputs, decision: ReuseDecision, out: torch.Tensor) -> None:
-    """After a reuse group ran: its output joins the `history` newest kept ones (as decided)."""
-    earlier = kept.outputs[len(kept.outputs) - decision.history:] if decision.history else []
-    kept.outputs = earlier + [out.detach().clone()]
+
+def reused_output(step: ReuseStep) -> torch.Tensor:
+    """A `reuse` output between refreshes: the newest computed output, or its forecast from the kept ones."""
+    kept, decision = step.entry, step.decision
+    if decision.weights is None:
+        return kept.outputs[-1]
+    points = len(decision.weights)
+    return weighted_sum(kept.outputs[-points:], decision.weights).to(kept.outputs[-1].dtype)

@@ -92,7 +92,7 @@ def test_distill_without_peft_runs_its_checks_when_no_lora_is_asked_for(tmp_path
 
 def test_bench_kernels_on_cpu_needs_no_triton(tmp_path):
     # the cpu executor's benchmark imports and starts without triton (the benchmark itself is replaced: it is slow)
-    call = ("import dit_sparse.kernels.bench as bench\n"
+    call = ("from dit_sparse.cli import checkout_module\nbench = checkout_module('benchmarks.bench_kernels')\n"
             "bench.main = lambda argv: print('bench', argv) or 0\n") + _cli(["bench", "kernels", "--device", "cpu",
                                                                               "--out", "bench", "--quick"])
     out = _run(["triton"], call, tmp_path)

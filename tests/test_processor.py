@@ -17,6 +17,7 @@ from dit_sparse.attend import AttentionSite, attend
 from dit_sparse.executors import get_executor
 from dit_sparse.layout import Grid
 from dit_sparse.plan import HeadStrategy
+from dit_sparse.state import GenerationState
 
 BLOCKS = (16, 16)
 
@@ -51,6 +52,28 @@ def test_one_line_form_equals_apply(build, inputs):
     assert "diagonal" in dit_sparse.summary(model)
     dit_sparse.remove(model)
     assert not any(isinstance(p, SparseProcessor) for p in model.attn_processors.values())
+
+
+def test_the_one_line_form_binds_at_its_first_call_which_runs_twice_and_stops_watching():
+    """The one-line form binds at its first call (dit_sparse/call_watch.py), found on the stack of running module calls
+    that torch's global module hooks keep while the processor waits: that call runs the transformer twice, the second
+    time bound, and returns the second output; every later call runs once. Bound, the processor is watched no more."""
+    from dit_sparse.call_watch import WATCH
+
+    model, x = tiny_wan(), wan_inputs()
+    plan = SparsePlan.uniform(model, "diagonal", window=[0, 1, 1])
+    dit_sparse.apply(model, plan, block_size=BLOCKS)
+    applied = [run(model, x), run(model, x)]
+    dit_sparse.remove(model)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    processor = SparseProcessor(plan, block_size=BLOCKS)
+    assert WATCH.waiting(processor) and WATCH.active
+    model.set_attn_processor(processor)
+    assert torch.equal(run(model, x), applied[0]) and len(calls) == 2
+    assert not WATCH.waiting(processor)
+    assert torch.equal(run(model, x), applied[1]) and len(calls) == 3
+    dit_sparse.remove(model)
 
 
 def test_a_one_line_form_that_failed_its_check_is_removed_and_apply_refuses_over_a_one_line_form():
@@ -356,15 +379,15 @@ def test_dynamic_layout_cache_is_keyed_by_branch_and_refreshed():
     plan = SparsePlan.uniform(pipe.transformer, "block_adaptive", tau=0.7).with_schedule(refresh_interval=2)
     processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
     _pipe_call(pipe, steps=3, height=64, width=80, num_frames=5)
-    state = next(iter(processor._states.values()))
-    branches = {key[3] for key in state.cache if key[0] == "layout"}
+    state = next(iter(processor._states.values())).generation
+    branches = {key.branch for key in state.layouts}
     assert branches == {"cond", "uncond"}
     # Estimated at step 0, refreshed at step 2, except where the uncond call of step 2 took the cond call's output
     # (the first block's attn1 sees the same input in both branches).
-    alike = {key[1] for key, entry in state.cache.items() if key[0] == "branches" and entry["alike"]}
+    alike = {module for module, share in state.branches.items() if share.alike}
     assert alike == {"blocks.0.attn1"}
-    layouts = [entry for key, entry in state.cache.items()
-               if key[0] == "layout" and not (key[1] in alike and key[3] == "uncond")]
+    layouts = [entry for key, entry in state.layouts.items()
+               if not (key.module in alike and key.branch == "uncond")]
     assert {entry.step for entry in layouts} == {2}
 
 
@@ -412,10 +435,10 @@ def test_a_module_whose_heads_all_reuse_skips_its_projections_between_refreshes(
     # block's uncond call takes the cond call's output (the same input).
     assert calls == {"attn1": 3 * 2 * layers - 2, "attn2": 4 * 2 * layers}
     assert processor.stats.executed_density == pytest.approx((3 * 2 * layers - 2) / (4 * 2 * layers))
-    state = next(iter(processor._states.values()))
-    assert {key[2] for key in state.cache if key[0] == "reuse"} == {"module"}  # nothing kept per head
+    state = next(iter(processor._states.values())).generation
+    assert {key.heads for key in state.reuse} == {"module"}  # nothing kept per head
     dit_sparse.remove(pipe)
-    monkeypatch.setattr(dit_sparse.processor, "whole_module_reuse", lambda heads: None)
+    monkeypatch.setattr(dit_sparse.site_builder, "whole_module_reuse", lambda heads: None)
     dit_sparse.apply(pipe, plan, block_size=BLOCKS)
     per_head = _pipe_call(pipe, **size)
     dit_sparse.remove(pipe)
@@ -439,8 +462,8 @@ def test_joint_text_modules_reuse_per_head_and_run_their_projections():
                                  block_size=BLOCKS)
     _pipe_call(pipe, **size)
     assert len(calls) == dense_calls > 0
-    state = next(iter(processor._states.values()))
-    kept = {key[2] for key in state.cache if key[0] == "reuse"}
+    state = next(iter(processor._states.values())).generation
+    kept = {key.heads for key in state.reuse}
     assert kept and "module" not in kept
     dit_sparse.remove(pipe)
 
@@ -462,10 +485,10 @@ def test_cfg_branches_with_the_same_input_share_the_output_exactly(monkeypatch):
     processor = dit_sparse.apply(pipe, plan, block_size=BLOCKS)
     shared = _pipe_call(pipe, **size)
     assert calls == {"blocks.0.attn1.to_q": 4 * 2 - 3, "blocks.1.attn1.to_q": 4 * 2}
-    state = next(iter(processor._states.values()))
-    first, second = (state.cache[("branches", f"blocks.{i}.attn1")] for i in (0, 1))
-    assert first["alike"] and not first["differs"] and first["first"]["input"] is not None
-    assert second["differs"] and second["first"] is None
+    state = next(iter(processor._states.values())).generation
+    first, second = (state.branches[f"blocks.{i}.attn1"] for i in (0, 1))
+    assert first.alike and not first.differs and first.first.input is not None
+    assert second.differs and second.first is None
     dit_sparse.remove(pipe)
     monkeypatch.setattr(processor_module, "shared_output", lambda *args: None)
     dit_sparse.apply(pipe, plan, block_size=BLOCKS)
@@ -481,11 +504,11 @@ def test_a_branch_shares_only_an_equal_input_and_equal_rotary_embedding():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, grid.num_tokens, 8, generator=g)
     rotary = (torch.randn(grid.num_tokens, 4, generator=g),)
-    cache = {}
+    state = GenerationState()
 
     def site(step, branch):
         return AttentionSite("blocks.0.attn1", (HeadStrategy("dense"),) * 2, grid, step, False, 1, branch,
-                             get_executor("cpu"), 16, 16, cache, {})
+                             get_executor("cpu"), 16, 16, state, {})
 
     out0, out1 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
     keep_for_other_branch(site(0, "cond"), x, rotary, out0)
@@ -495,12 +518,12 @@ def test_a_branch_shares_only_an_equal_input_and_equal_rotary_embedding():
     assert shared_output(site(2, "uncond"), x, rotary) is None  # another step's output is never shared
     assert shared_output(site(1, "cond"), x, rotary) is None  # the same branch again is another generation
     got = shared_output(site(1, "uncond"), x, rotary)
-    kept = cache[("branches", "blocks.0.attn1")]["first"]["output"]
+    kept = state.branches["blocks.0.attn1"].first.output
     assert torch.equal(got, out1) and got.data_ptr() != kept.data_ptr()
     # An input that differs in one element: not shared, and the module is not looked at again.
     keep_for_other_branch(site(2, "cond"), x, rotary, out1)
     assert shared_output(site(2, "uncond"), x + 1e-3 * (torch.arange(x.numel()) == 5).reshape(x.shape), rotary) is None
-    assert cache[("branches", "blocks.0.attn1")]["differs"]
+    assert state.branches["blocks.0.attn1"].differs
     keep_for_other_branch(site(3, "cond"), x, rotary, out1)
     assert shared_output(site(3, "uncond"), x, rotary) is None
 

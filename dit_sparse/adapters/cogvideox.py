@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..attend import TextTokens
+from ..site import TextTokens
 from . import register_adapter
-from .base import ModelAdapter, patched_grid
+from .base import LatentGrid, ModelAdapter
 
 
 @register_adapter
@@ -14,13 +14,8 @@ class CogVideoXAdapter(ModelAdapter):
     family = "cogvideox"
     transformer_classes = ("CogVideoXTransformer3DModel",)
     covered_pattern = r"transformer_blocks\.(\d+)\.attn1"
-
-    def grid(self, transformer, inputs):
-        hidden = inputs.arguments["hidden_states"]  # (B, F, C, H, W)
-        cfg = transformer.config
-        patch_t = cfg.patch_size_t or 1
-        return patched_grid((hidden.shape[1], hidden.shape[3], hidden.shape[4]),
-                            (patch_t, cfg.patch_size, cfg.patch_size))
+    # (B, F, C, H, W)
+    latent_grid = LatentGrid((1, 3, 4), lambda config: (config.patch_size_t or 1, config.patch_size, config.patch_size))
 
     def stock_processor(self, attn):
         from diffusers.models.attention_processor import AttnProcessor2_0, CogVideoXAttnProcessor2_0
@@ -28,8 +23,8 @@ class CogVideoXAdapter(ModelAdapter):
         return CogVideoXAttnProcessor2_0() if attn.is_cross_attention is False and hasattr(attn, "norm_q") \
             else AttnProcessor2_0()
 
-    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, *,
+                  tokens, **kwargs):
         from diffusers.models.embeddings import apply_rotary_emb
 
         if attention_mask is not None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..attend import TextTokens
 from ..layout import Grid
+from ..site import TextTokens
 from . import register_adapter
-from .base import ModelAdapter, two_stack_modules
+from .base import ModelAdapter
 
 
 def grid_from_ids(img_ids: torch.Tensor) -> Grid:
@@ -36,21 +36,14 @@ class FluxAdapter(ModelAdapter):
     transformer_classes = ("FluxTransformer2DModel",)
     # FluxPipeline passes timestep / 1000: a noise level already.
     timestep_at_pure_noise = 1.0
-    covered_pattern = r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn"
-
-    def covered_modules(self, transformer):
-        return two_stack_modules(transformer, self.covered_pattern)
+    covered_pattern = r"(?:transformer_blocks|(?P<second>single_transformer_blocks))\.(?P<layer>\d+)\.attn"
+    stock_processor_class = "diffusers.models.transformers.transformer_flux.FluxAttnProcessor"
 
     def grid(self, transformer, inputs):
         img_ids = inputs.arguments.get("img_ids")
         if img_ids is None:
             raise ValueError("dit-sparse needs img_ids in FluxTransformer2DModel's forward to know the image grid")
         return grid_from_ids(img_ids)
-
-    def stock_processor(self, attn):
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-        return FluxAttnProcessor()
 
     @staticmethod
     def _projections(attn, hidden_states, encoder_hidden_states):
@@ -67,8 +60,8 @@ class FluxAdapter(ModelAdapter):
                     attn.add_v_proj(encoder_hidden_states))
         return image, text
 
-    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, *,
+                  tokens, **kwargs):
         from diffusers.models.embeddings import apply_rotary_emb
 
         if attention_mask is not None:
@@ -83,7 +76,7 @@ class FluxAdapter(ModelAdapter):
             text_len = text_q.shape[1]
         else:
             # Single block: [text, image] in one sequence; everything before the image tokens is text.
-            text_len = query.shape[1] - attend.video_tokens
+            text_len = tokens.text_length(query.shape[1])
         if rotary is not None:
             query = apply_rotary_emb(query, rotary, sequence_dim=1)
             key = apply_rotary_emb(key, rotary, sequence_dim=1)

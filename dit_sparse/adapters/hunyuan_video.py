@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..attend import TextTokens
-from ..layout import Grid
+from ..site import TextTokens
 from . import register_adapter
-from .base import ModelAdapter, project_added_heads, project_heads, two_stack_modules
+from .base import LatentGrid, ModelAdapter, project_added_heads, project_heads
 
 
 def text_key_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, text_len: int) -> torch.Tensor | None:
@@ -41,16 +40,11 @@ def text_key_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int,
 class HunyuanVideoAdapter(ModelAdapter):
     family = "hunyuan_video"
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
-    covered_pattern = r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn"
+    covered_pattern = r"(?:transformer_blocks|(?P<second>single_transformer_blocks))\.(?P<layer>\d+)\.attn"
 
-    def covered_modules(self, transformer):
-        return two_stack_modules(transformer, self.covered_pattern)
-
-    def grid(self, transformer, inputs):
-        _, _, frames, height, width = inputs.arguments["hidden_states"].shape  # (B, C, T, H, W)
-        cfg = transformer.config
-        # The model floors every axis (frames // patch_size_t), unlike the ceil of patched_grid.
-        return Grid(frames // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)
+    # (B, C, T, H, W); the model floors frames too (frames // patch_size_t)
+    latent_grid = LatentGrid((2, 3, 4), lambda config: (config.patch_size_t, config.patch_size, config.patch_size),
+                             ceil_frames=False)
 
     def stock_processor(self, attn):
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -59,8 +53,8 @@ class HunyuanVideoAdapter(ModelAdapter):
         # Block attentions carry q/k norms; the token refiner's plain attention does not.
         return HunyuanVideoAttnProcessor2_0() if attn.norm_q is not None else AttnProcessor2_0()
 
-    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, *,
+                  tokens, **kwargs):
         from diffusers.models.embeddings import apply_rotary_emb
 
         if encoder_hidden_states is None:

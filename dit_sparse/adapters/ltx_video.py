@@ -29,8 +29,8 @@ class LTXVideoAdapter(ModelAdapter):
             )
         return Grid(*(int(size) for size in sizes))
 
-    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, *,
+                  tokens, **kwargs):
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
         if encoder_hidden_states is not None or attention_mask is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..attend import TextTokens
+from ..site import TextTokens
 from . import register_adapter
-from .base import ModelAdapter, patched_grid, project_added_heads, project_heads
+from .base import LatentGrid, ModelAdapter, project_added_heads, project_heads
 
 
 def apply_mochi_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -39,18 +39,11 @@ class MochiAdapter(ModelAdapter):
     timestep_rises = True
     covered_pattern = r"transformer_blocks\.(\d+)\.attn1"
 
-    def grid(self, transformer, inputs):
-        hidden = inputs.arguments["hidden_states"]  # (B, C, T, H, W)
-        p = transformer.config.patch_size
-        return patched_grid(tuple(hidden.shape[2:]), (1, p, p))
+    latent_grid = LatentGrid((2, 3, 4))  # (B, C, T, H, W)
+    stock_processor_class = "diffusers.models.attention_processor.MochiAttnProcessor2_0"
 
-    def stock_processor(self, attn):
-        from diffusers.models.attention_processor import MochiAttnProcessor2_0
-
-        return MochiAttnProcessor2_0()
-
-    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, *,
+                  tokens, **kwargs):
         query, key, value = project_heads(attn, hidden_states)
         text_q, text_k, text_v = project_added_heads(attn, encoder_hidden_states)
         if rotary is not None:

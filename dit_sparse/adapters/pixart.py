@@ -5,27 +5,22 @@
 
 from __future__ import annotations
 
-from ..layout import Grid
 from . import register_adapter
-from .base import ModelAdapter, project_heads
+from .base import ImageAdapter, project_heads
 
 
 @register_adapter
-class PixArtAdapter(ModelAdapter):
+class PixArtAdapter(ImageAdapter):
     family = "pixart"
     transformer_classes = ("PixArtTransformer2DModel",)
     covered_pattern = r"transformer_blocks\.(\d+)\.attn1"
 
-    def grid(self, transformer, inputs):
-        _, _, height, width = inputs.arguments["hidden_states"].shape  # (B, C, H, W)
-        p = transformer.config.patch_size
-        return Grid(1, height // p, width // p)
 
     def output_follows_attention(self, attn):
         return not attn.residual_connection  # the module adds its own input to the output
 
-    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, *,
+                  tokens, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             raise ValueError("PixArt self-attention with encoder states, a mask or 4-D inputs is not supported by "
                              "dit-sparse")

@@ -8,43 +8,22 @@ output is returned without the added output projection, as JointAttnProcessor2_0
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from ..attend import TextTokens
-from ..layout import Grid
+from ..site import TextTokens
 from . import register_adapter
-from .base import ModelAdapter, project_added_heads, project_heads
+from .base import ImageAdapter, project_added_heads, project_heads
 
 
 @register_adapter
-class SD3Adapter(ModelAdapter):
+class SD3Adapter(ImageAdapter):
     family = "sd3"
     transformer_classes = ("SD3Transformer2DModel",)
-    covered_pattern = r"transformer_blocks\.(\d+)\.(attn|attn2)"
+    covered_pattern = r"transformer_blocks\.(?P<layer>\d+)\.(?:attn|(?P<second>attn2))"
+    stock_processor_class = "diffusers.models.attention_processor.JointAttnProcessor2_0"
 
-    def covered_modules(self, transformer):
-        joint, dual = [], []
-        for name, _ in transformer.named_modules():
-            match = re.fullmatch(self.covered_pattern, name)
-            if match:
-                (joint if match.group(2) == "attn" else dual).append(name)
-        offset = len(transformer.transformer_blocks)
-        return [(n, int(n.split(".")[1])) for n in joint] + [(n, offset + k) for k, n in enumerate(dual)]
-
-    def grid(self, transformer, inputs):
-        _, _, height, width = inputs.arguments["hidden_states"].shape  # (B, C, H, W)
-        p = transformer.config.patch_size
-        return Grid(1, height // p, width // p)
-
-    def stock_processor(self, attn):
-        from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-        return JointAttnProcessor2_0()
-
-    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, *,
+                  tokens, **kwargs):
         if attention_mask is not None:
             raise ValueError("SD3 attention with an attention mask is not supported by dit-sparse")
         b = hidden_states.shape[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import register_adapter
-from .base import ModelAdapter, patched_grid
+from .base import LatentGrid, ModelAdapter
 
 
 def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -23,13 +23,10 @@ class WanAdapter(ModelAdapter):
     family = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     covered_pattern = r"blocks\.(\d+)\.attn1"
+    latent_grid = LatentGrid((2, 3, 4), lambda config: tuple(config.patch_size))  # (B, C, T, H, W)
 
-    def grid(self, transformer, inputs):
-        hidden = inputs.arguments["hidden_states"]  # (B, C, T, H, W)
-        return patched_grid(tuple(hidden.shape[2:]), tuple(transformer.config.patch_size))
-
-    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None,
-                  **kwargs):
+    def attention(self, attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary=None, *,
+                  tokens, **kwargs):
         if attention_mask is not None:
             raise ValueError("Wan self-attention with an attention mask is not supported by dit-sparse")
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))

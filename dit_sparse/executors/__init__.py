@@ -13,13 +13,17 @@ import torch
 from ..extras import MissingExtra, require
 
 
+def anywhere(device) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Executor:
     name: str
     run: Callable  # (q, k, v, layout, *, scale=None, fp8=False) -> (out, lse)
     block_sizes: Callable[[torch.device, int], tuple[int, int]]  # (device, head_dim) -> (block_q, block_k)
-    available: Callable[[torch.device], bool]
-    priority: int  # higher wins when choosing the best executor for a device
+    available: Callable[[torch.device], bool] = anywhere
+    priority: int = 0  # higher wins when choosing the best executor for a device
     # (device) -> why a plan's fp8 heads do not run in FP8 on this device, or None; shown in dit_sparse.summary
     fp8_note: Callable[[torch.device], str | None] | None = None
     # (layout, batch, heads, dtype, device) -> None: build the tables `run` derives from a layout, on the host before

@@ -11,12 +11,12 @@ a call with a known layout makes no host-side decision that reads a tensor.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..fp8 import centring_lse_shift, fake_quantize_qkv
+from ..dense import cpu_flash_attention
+from ..fp8 import executor_inputs
 from ..layout import BlockLayout, num_blocks
 from . import Executor, register_executor
 from .reference import extended_keys
@@ -24,14 +24,6 @@ from .reference import extended_keys
 # Gathered key+value elements per kernel call. Small enough that the gathered rows are still in the last-level
 # cache when the kernel reads them, large enough that each call has work for every thread.
 _GATHER_BUDGET = 1 << 20
-
-
-def _fused_attention(q, k, v, mask, scale):
-    """q (N, 1, Lq, D), k/v (N, 1, Lk, D), mask (N, 1, 1, Lk) additive or None -> out, lse (N, 1, Lq)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=mask, scale=scale
-    )[:2]
-    return out, lse
 
 
 def key_rows(layout: BlockLayout):
@@ -143,7 +135,8 @@ def _run_group(group: _Group, flat, out, lse, scale):
         vv = _gather(v_flat, rows, vbuf).view(n, 1, width, d)
         qq = torch.index_select(q_flat, 0, group.q_rows[start:stop].reshape(-1)).view(n, 1, bq, d)
         mask = group.bias[start:stop] if group.bias is not None else None
-        block_out, block_lse = _fused_attention(qq, kk, vv, mask, scale)
+        # q (n, 1, bq, D), k/v (n, 1, width, D), mask (n, 1, 1, width) additive or None -> out, lse (n, 1, bq)
+        block_out, block_lse = cpu_flash_attention(qq, kk, vv, mask, scale)
         items = group.items[start:stop]
         out.index_copy_(0, items, block_out.view(n, bq, d))
         lse.index_copy_(0, items, block_lse.view(n, bq).float())
@@ -174,10 +167,7 @@ def prepare_layout(layout: BlockLayout, batch: int, heads: int, dtype, device) -
 def cpu_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None, fp8: bool = False):
     """q, k, v: (B, S, H, D). Returns out (B, S, H, D) in q's dtype and lse (B, H, S) fp32."""
     out_dtype = q.dtype
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    lse_shift = centring_lse_shift(q, k, scale) if fp8 else 0.0
-    if fp8:
-        q, k, v = fake_quantize_qkv(q, k, v, layout.block_q, layout.block_k)
+    q, k, v, scale, lse_shift = executor_inputs(q, k, v, layout.block_q, layout.block_k, scale, fp8)
     b, s, h, d = q.shape
     bq, nq = layout.block_q, layout.num_q_blocks
     compute_dtype = _compute_dtype(q.dtype)
@@ -201,7 +191,6 @@ register_executor(
         name="cpu",
         run=cpu_attention,
         block_sizes=lambda device, head_dim: (256, 128),
-        available=lambda device: True,
         priority=1,
         prepare=prepare_layout,
     )

@@ -5,11 +5,9 @@ Simple on purpose; the ground truth every other executor is tested against. Memo
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..fp8 import centring_lse_shift, fake_quantize_qkv
+from ..fp8 import executor_inputs
 from ..layout import BlockLayout, ln_group_sizes, pool_tokens
 from . import Executor, register_executor
 
@@ -45,10 +43,7 @@ def token_mask(layout: BlockLayout, batch: int, heads: int) -> torch.Tensor:
 def reference_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None, fp8: bool = False):
     """q, k, v: (B, S, H, D). Returns out (B, S, H, D) in q's dtype and lse (B, H, S) fp32."""
     out_dtype = q.dtype
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    lse_shift = centring_lse_shift(q, k, scale) if fp8 else 0.0
-    if fp8:
-        q, k, v = fake_quantize_qkv(q, k, v, layout.block_q, layout.block_k)
+    q, k, v, scale, lse_shift = executor_inputs(q, k, v, layout.block_q, layout.block_k, scale, fp8)
     q, k, v = q.float(), k.float(), v.float()
     b, s, h, _ = q.shape
     k_ext, v_ext, bias = extended_keys(k, v, layout.max_level)
@@ -65,7 +60,5 @@ register_executor(
         name="reference",
         run=reference_attention,
         block_sizes=lambda device, head_dim: (64, 64),
-        available=lambda device: True,
-        priority=0,
     )
 )

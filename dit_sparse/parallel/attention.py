@@ -8,11 +8,16 @@ kept state are per rank and need no exchange beyond q, k and v.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..attend import AttentionSite, TextTokens, attend, static_layout
+from ..attend import attend
 from ..dense import dense_attention_lse
-from ..strategies import get_strategy
+from ..head_layouts import static_layout
+from ..plan import HeadStrategy
+from ..site import AttentionSite, TextTokens
+from ..state import NOT_DECIDED
 from . import ring, ulysses
 from .topology import SequenceParallel, UnsupportedParallelismError
 
@@ -189,39 +194,56 @@ def _text_rows_from_partials(q_text, k_text, v_text, k_video, v_video, topology:
     return merged if text_lengths is None else merged[:, ring.shard_slice(text_lengths, rank)]
 
 
+@dataclass(frozen=True)
+class RingNeed:
+    """What one head group needs from the other ring ranks at a step: every key/value shard (`every_shard`: dense
+    work), the whole q too (`whole_q`: a layout estimated now reads the whole q and k, and so do FP8 heads, whose keys
+    are centred on the mean of all keys and queries scaled per query block, a block may straddle two ranks' rows),
+    or the key shards its layout visits (`layout`). Skipped heads, and reused ones between refreshes, need none."""
+
+    every_shard: bool = False
+    whole_q: bool = False
+    layout: bool = False
+
+
+def ring_need(spec: HeadStrategy, *, reusing: bool = False, statistics_kept: bool = False,
+              layout_kept: bool = False) -> RingNeed:
+    """The one rule for what a head group of `spec` needs (RingNeed). The defaults describe a refresh, where it needs
+    the most: `reuse` not reusing (`reusing`: its kept output stands in now), re-scaled heads refreshing their
+    statistics (`statistics_kept`: they use the last ones), dynamic layouts estimated (`layout_kept`: the last one)."""
+    if spec.impl.reuses:
+        return RingNeed(every_shard=not reusing)
+    if not spec.impl.computes:
+        return RingNeed()
+    if spec.runs_dense:
+        return RingNeed(every_shard=True)
+    return RingNeed(every_shard=spec.rescale and not statistics_kept,
+                    whole_q=spec.fp8 or (spec.impl.dynamic and not layout_kept), layout=True)
+
+
 def _what_ring_needs(site: AttentionSite, has_text: bool) -> tuple[bool, bool]:
-    """(every key/value shard, every q shard too) for this step of the module: any dense work (dense heads, dense
-    steps, `reuse` or re-scale refreshes) visits every key; a dynamic layout estimated now reads the whole q and k,
-    and so do FP8 heads (keys are centred on the mean of all keys, queries scaled per query block, and a block may
-    straddle two ranks' rows)."""
-    program = site.program
-    fp8 = any(launch.fp8 for launch in program.launches) or any(spec.fp8 for spec, _ in program.rescaled)
-    everything = site.dense_now or bool(program.dense)
+    """(every key/value shard, every q shard too) for this step of the module, by `ring_need` of each head group
+    with this step's decisions; a dense step visits every key."""
+    if site.dense_now:
+        return True, False
+    program, decisions = site.program, site.decisions
     keep_per_head = has_text or site.module_reuse is None
-    for _, heads in program.reused:
-        decision = site.decisions.get(("reuse", heads.heads), (None, None))[0] if keep_per_head else None
-        everything |= decision is None or not decision.reuse
-    for _, heads in program.rescaled:
-        everything |= not site.decisions[("rescale", heads.heads)][0]
-    estimate = fp8 and not site.dense_now
-    if not site.dense_now:
-        for spec, heads in _members(site):
-            if get_strategy(spec.strategy).dynamic:
-                keep, entry = site.decisions[("layout", heads)]
-                estimate |= not keep or entry.layout is None
-    return everything, estimate
-
-
-def _members(site: AttentionSite):
-    program = site.program
-    yield from (member for launch in program.launches for member in launch.members)
-    yield from ((spec, heads.heads) for spec, heads in program.rescaled)
+    needs = [RingNeed(every_shard=True)] if program.dense else []
+    for spec, heads in program.reused:
+        step = decisions.reuse_step(heads.heads) if keep_per_head else NOT_DECIDED
+        needs.append(ring_need(spec, reusing=step.decision is not None and step.decision.reuse))
+    for spec, heads in program.sparse_groups():
+        layout = decisions.layouts.get(heads)
+        statistics = decisions.rescale.get(heads)
+        needs.append(ring_need(spec, statistics_kept=statistics is not None and statistics.kept,
+                               layout_kept=layout is not None and layout.kept and layout.entry.layout is not None))
+    return any(need.every_shard for need in needs), any(need.whole_q for need in needs)
 
 
 def _layouts_in_use(site: AttentionSite, device):
     """The layouts of this step's sparse heads, known before attention when nothing is estimated now."""
-    for spec, heads in _members(site):
-        if get_strategy(spec.strategy).dynamic:
-            yield site.decisions[("layout", heads)][1].layout
+    for spec, heads in site.program.sparse_groups():
+        if spec.impl.dynamic:
+            yield site.decisions.layouts[heads].entry.layout
         else:
             yield static_layout(spec, site, device)

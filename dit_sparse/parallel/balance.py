@@ -14,17 +14,16 @@ from __future__ import annotations
 import heapq
 
 from ..plan import HeadStrategy
-from ..strategies import get_strategy
 
 
 def head_cost(spec: HeadStrategy, static_density, refresh_interval: int) -> float:
     """static_density(spec) -> the density of a static strategy's layout at this grid."""
-    strategy = get_strategy(spec.strategy)
+    strategy = spec.impl
     if strategy.reuses:
         return 1.0 / max(1, refresh_interval)
     if not strategy.computes:
         return 0.0
-    if spec.strategy == "dense":
+    if strategy.dense:
         return 1.0
     if strategy.dynamic:
         return float(spec.param_dict.get("cap") or 1.0)

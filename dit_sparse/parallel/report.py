@@ -2,7 +2,8 @@
 
 Ulysses: each rank's share of the attention work, in the model's head order and in the balanced one. Ring: the
 key/value shards each attention sends, against dense ring attention. Dynamic heads (layouts unknown before they
-are estimated) count at their cap for Ulysses and as dense for the ring; dense and `reuse` heads need every shard.
+are estimated) count at their cap for Ulysses; for the ring, each head group needs what `ring_need` says at a refresh
+(dense, `reuse`, re-scaled, dynamic and FP8 heads every shard).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from typing import Any
 
 import torch
 
-from ..attend import static_layout_at
+from ..head_layouts import static_layout_at
 from ..layout import Grid
 from ..plan import SparsePlan
-from ..strategies import get_strategy
+from .attention import ring_need
 from .balance import balanced_order, head_cost, rank_costs
 from .ring import RingTraffic, need_matrix
 from .topology import split_lengths
@@ -61,12 +62,10 @@ def _module(heads, plan, grid, block_q, block_k, ulysses, ring, store) -> dict[s
               "after": rank_costs(costs, balanced_order(costs, ulysses), ulysses)}
     need = torch.zeros(ring, ring, dtype=torch.bool)
     for spec in set(heads):
-        strategy = get_strategy(spec.strategy)
-        if not strategy.computes and not strategy.reuses:
-            continue  # skipped heads attend to nothing
-        if spec.strategy == "dense" or strategy.reuses or strategy.dynamic or spec.fp8 or spec.rescale:
+        group = ring_need(spec)  # at a refresh, where a group needs the most
+        if group.every_shard or group.whole_q:
             need[:] = True
-        else:
+        elif group.layout:
             need |= need_matrix(layout(spec), split_lengths(grid.num_tokens, ring))
     traffic = RingTraffic.of(need)
     result.update(sent=traffic.sent, dense=traffic.dense)

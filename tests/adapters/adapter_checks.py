@@ -1,4 +1,8 @@
-"""The four checks every model family passes, on a tiny model built from its diffusers config (random weights).
+"""The test of the adapter contract (dit_sparse/adapters/base.py): the four checks every model family passes, on a
+tiny model built from its diffusers config (random weights). A family's adapter gives the processor its grid
+(`grid`, from the transformer's arguments), its covered modules and their layers, and its attention math around
+`attend` (`attention(attend, attn, hidden_states, ..., tokens=TokenLayout)`); these checks hold it to the stock
+processors it replaces:
 
 1. an all-dense plan gives the stock output, whole forward and every attention module's own output (text rows
    included), batch 1 and batch 2, padded text where the family has it;
@@ -13,7 +17,7 @@ import torch
 
 import dit_sparse
 from dit_sparse import SparsePlan, SparseProcessor
-from dit_sparse.processor import attention_modules
+from dit_sparse.binding import attention_modules
 
 BLOCKS = (16, 16)
 WINDOW = [0, 1, 1]

@@ -11,9 +11,17 @@ import torch
 import dit_sparse
 from dit_sparse.attend import TextTokens
 from dit_sparse.executors import get_executor
-from dit_sparse.layout import BlockLayout, own_block_mask, token_block_mask
+from dit_sparse.layout import BlockLayout, own_block_mask
 from dit_sparse.parallel import ring, ulysses
 from dit_sparse.parallel.topology import UnsupportedParallelismError, sequence_parallel
+
+
+def token_block_mask(layout: BlockLayout) -> torch.Tensor:
+    """(B, H, S, S) boolean token mask of a level-0 layout."""
+    bm = layout.block_mask()
+    rows = torch.arange(layout.seq_len, device=bm.device) // layout.block_q
+    cols = torch.arange(layout.seq_len, device=bm.device) // layout.block_k
+    return bm[:, :, rows][:, :, :, cols]
 
 
 @pytest.mark.parametrize("first", [True, False, None])
