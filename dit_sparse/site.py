@@ -98,8 +98,7 @@ class TextTokens:
 class AttentionSite:
     """Everything attend needs about where it runs: module, heads' plan, grid, step, state across steps.
 
-    state: the transformer's GenerationState; a plain dict (a caller running attend without a processor, as tests
-    do) holds one, made on first use, so that sites built on the same dict share it.
+    state: the transformer's GenerationState (sites of one generation share it).
     """
 
     module_name: str
@@ -126,10 +125,6 @@ class AttentionSite:
     # only those. None: every row.
     query_rows: QueryRows | None = None
     row_share: float = 1.0  # the share of the query rows this rank computes (ring parallelism), for the counters
-
-    def __post_init__(self):
-        if isinstance(self.state, dict):
-            self.state = self.state.setdefault(GenerationState, GenerationState())
 
     def key(self, heads: HeadsKey) -> EntryKey:
         """Where this module's state for `heads` (WHOLE_MODULE: its whole output) is kept, in this branch."""

@@ -13,6 +13,7 @@ from dit_sparse import SparsePlan
 from dit_sparse.dense import LSE_BACKENDS, dense_attention_lse, lse_backend
 from dit_sparse.executors import EXECUTORS
 from dit_sparse.plan import HeadStrategy, Schedule
+from dit_sparse.state import GenerationState
 
 BLOCKS = (16, 16)
 DIAGONAL = HeadStrategy.make("multi_diagonal", window=[0.25, 0.25])
@@ -252,7 +253,8 @@ def test_scattered_heads_match_the_reference_head_by_head():
     heads = (STRIPE, DIAGONAL, DENSE, DIAGONAL, SKIP)
 
     def run(spec_heads, executor):
-        site = AttentionSite("m", spec_heads, grid, 0, False, 3, "cond", get_executor(executor), *BLOCKS, {}, {})
+        site = AttentionSite("m", spec_heads, grid, 0, False, 3, "cond", get_executor(executor), *BLOCKS,
+                             GenerationState(), {})
         return attend(q, k, v, site)
 
     mixed = run(heads, "cpu")

@@ -1,5 +1,7 @@
 """SparseProcessor inside real diffusers transformers and pipelines (tiny, random weights)."""
 
+import copy
+
 import pytest
 import torch
 from tiny_models import (
@@ -193,7 +195,7 @@ def test_rescale_refresh_is_exact_dense_and_reuses_its_statistics():
     q, k, v = (torch.randn(2, grid.num_tokens, 2, 16, generator=g) for _ in range(3))
     spec = HeadStrategy.make("diagonal", window=[0, 1, 1], rescale=True)
     plain = HeadStrategy.make("diagonal", window=[0, 1, 1])
-    cache = {}
+    cache = GenerationState()
     dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
     refreshed = attend(q, k, v, _site(spec, grid, 0, cache))
     assert (refreshed - dense).abs().max() < 1e-5
@@ -209,8 +211,8 @@ def test_rescale_refresh_is_exact_dense_and_reuses_its_statistics():
     # Past the refresh interval it refreshes to dense again.
     assert (attend(q2, k, v, _site(spec, grid, 3, cache)) - dense2).abs().max() < 1e-5
     # The reference executor gives the same numbers.
-    assert (attend(q2, k, v, _site(spec, grid, 4, dict(cache), "reference")) -
-            attend(q2, k, v, _site(spec, grid, 4, dict(cache), "cpu"))).abs().max() < 1e-5
+    assert (attend(q2, k, v, _site(spec, grid, 4, copy.deepcopy(cache), "reference")) -
+            attend(q2, k, v, _site(spec, grid, 4, copy.deepcopy(cache), "cpu"))).abs().max() < 1e-5
 
 
 def test_reuse_runs_dense_at_refreshes_and_reuses_that_output_between():
@@ -228,7 +230,7 @@ def test_reuse_runs_dense_at_refreshes_and_reuses_that_output_between():
         return AttentionSite("blocks.0.attn1", heads, grid, step, False, 3, "cond", get_executor("cpu"), 16, 16,
                              cache, {})
 
-    cache = {}
+    cache = GenerationState()
     refreshed = attend(q, k, v, site(0, cache))
     assert (refreshed - sdpa(q)).abs().max() < 1e-5
     for step in (1, 2):  # nothing runs: the output of step 0, bit for bit, whatever the inputs now
@@ -237,7 +239,7 @@ def test_reuse_runs_dense_at_refreshes_and_reuses_that_output_between():
         assert between.stats.computed_pairs == 0 and between.stats.dense_pairs > 0
     assert (attend(q2, k, v, site(3, cache)) - sdpa(q2)).abs().max() < 1e-5  # the refresh interval is over
     # Mixed heads: only the reuse head keeps its old output; the other runs its layout at this step.
-    cache = {}
+    cache = GenerationState()
     attend(q, k, v, site(0, cache, (reuse, diagonal)))
     mixed = attend(q2, k, v, site(1, cache, (reuse, diagonal)))
     assert torch.equal(mixed[:, :, 0], refreshed[:, :, 0])
@@ -253,7 +255,7 @@ def test_reuse_forecasts_between_refreshes_from_the_last_computed_outputs(order)
     k, v = (torch.randn(1, grid.num_tokens, 2, 8, generator=g) for _ in range(2))
     qs = [torch.randn(1, grid.num_tokens, 2, 8, generator=g) for _ in range(3)]
     spec = HeadStrategy.make("reuse", order=order)
-    cache = {}
+    cache = GenerationState()
 
     def site(step):
         return AttentionSite("blocks.0.attn1", (spec, spec), grid, step, step < 2, 3, "cond", get_executor("cpu"),

@@ -17,6 +17,7 @@ from dit_sparse.search.candidates import default_candidates, shared
 from dit_sparse.search.errors import CalibrationError
 from dit_sparse.search.history import history_steps, previous_step, sample_steps
 from dit_sparse.search.partial_sums import dense_output, layout_output, partial_sums
+from dit_sparse.state import GenerationState
 from dit_sparse.strategies import BuildContext, get_strategy
 
 GRID = Grid(3, 5, 7)  # 105 tokens: 16-token blocks are ragged
@@ -210,7 +211,7 @@ def _processor_outputs(spec, steps_qkv, text, refresh_interval):
     from dit_sparse.attend import AttentionSite, attend
     from dit_sparse.executors import get_executor
 
-    cache, static = {}, {}
+    cache, static = GenerationState(), {}
     heads = steps_qkv[0][0].shape[2]
     outs = []
     for step, (q, k, v) in enumerate(steps_qkv):
@@ -324,7 +325,7 @@ def test_reuse_extrapolates_from_the_last_dense_step_at_its_first_refresh():
     from dit_sparse.attend import AttentionSite, attend
     from dit_sparse.executors import get_executor
 
-    cache = {}
+    cache = GenerationState()
     for step, (q, k, v) in enumerate(steps_qkv):
         out = attend(q, k, v, AttentionSite("m", (spec,) * 3, GRID, step, step < 2, 3, "cond",
                                             get_executor("cpu", torch.device("cpu")), BQ, BK, cache, {}))
