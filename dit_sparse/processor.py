@@ -101,10 +101,12 @@ class SparseProcessor:
         self.observers: list = []
         if executor is not None:
             known_executor(executor)  # fail early on an unknown name (the device is known at the first call)
+        _uncompiled_binding()
         WATCH.watch(self)  # until it binds: the one-line form binds at its first call
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        _uncompiled_binding()
         if not self._states:  # a copy of an unbound processor binds at its first call too
             WATCH.watch(self)
 
@@ -192,8 +194,7 @@ class SparseProcessor:
         modules = attention_modules(transformer)
         return {b.name: b.stock for module_id, b in state.bindings.items() if b.name in modules}
 
-    @torch.compiler.disable
-    def _bind_at_first_call(self, attn: torch.nn.Module) -> Binding:
+    def _bind_at_first_call(self, attn: torch.nn.Module) -> Binding:  # kept out of compiled graphs: _uncompiled_binding
         """The one-line form: bind to the transformer running `attn`, the innermost supported one on the stack of
         running calls, and have its outermost call run again once it returns (call_watch.py)."""
         running = containing(WATCH.running(), attn)
@@ -401,3 +402,13 @@ class SparseProcessor:
     def grid_of(self, transformer: torch.nn.Module) -> Grid | None:
         state = self._states.get(id(transformer))
         return state.grid if state else None
+
+
+def _uncompiled_binding() -> None:
+    """Keep torch.compile out of the one-line form's first binding (a compiled first call graph-breaks there).
+    Applied when the first processor is made, not at import: torch.compiler.disable imports dynamo, and dynamo
+    imports triton, which `import dit_sparse` must not."""
+    if not getattr(SparseProcessor._bind_at_first_call, "_uncompiled", False):
+        disabled = torch.compiler.disable(SparseProcessor._bind_at_first_call)
+        disabled._uncompiled = True
+        SparseProcessor._bind_at_first_call = disabled
