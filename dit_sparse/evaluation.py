@@ -41,7 +41,7 @@ def run_e2e(model: str, plan_specs: list[str], prompts: list[str] | None, num_pr
     """Dense and each plan on every prompt and seed. on_partial(result): called after every prompt and seed but the
     last with the result so far, marked "partial" (bench e2e rewrites its results.json then, so that a fault late in
     a long run keeps what was measured).
-    force: run even when the model's default size is estimated too large for the device (generate.check_workload).
+    force: run even when the model's default size is estimated too large for the device (workload.check_workload).
     """
     check_positive(num_prompts=num_prompts, steps=steps)
     check_device_and_dtype(device, dtype)
