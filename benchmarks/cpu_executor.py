@@ -1,9 +1,11 @@
 """The `cpu` executor against dense SDPA measured in the same run: speedup and linearity (speedup x density).
 
     python benchmarks/cpu_executor.py [--seq 16384] [--heads 4] [--dim 64] [--repeats 5]
-    python benchmarks/cpu_executor.py --seq 32760 --heads 12 --dim 128 --densities 0.05 0.1 0.25 --repeats 2
+    python benchmarks/cpu_executor.py --seq 32760 --heads 12 --dim 128 --densities 0.05 0.1 0.25 --repeats 3
 
-The second is Wan 2.1-1.3B's size at 480p; its target (issue 41) is linearity >= 0.75 at every density.
+The second is Wan 2.1-1.3B's size at 480p; its target (issue 41) is linearity >= 0.75 at every density. At the
+highest density the executor also runs with other longest key lists per kernel call (`--piece-sizes`), which is
+how its `MAX_KEYS_PER_CALL` was chosen.
 
 Layouts are block bands (each query block visits a contiguous run of key blocks around its own, the shape a
 local window takes) and random block sets (the shape a dynamic strategy takes), built at the executor's own
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dit_sparse.executors import cpu as cpu_executor
 from dit_sparse.executors import get_executor
 from dit_sparse.layout import BlockLayout, num_blocks, own_block_mask
 
@@ -50,14 +53,37 @@ def random_layout(seq, bq, bk, density, heads, seed=0):
     return BlockLayout.from_block_mask(mask, seq, bq, bk)
 
 
-def best_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_times(fns: dict, repeats: int) -> dict:
+    """Each function's best time over `repeats` rounds, after a warm-up. The rounds interleave the functions, so
+    a slow spell of the machine falls on the baseline and the sparse runs alike rather than on one of them."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def piece_sizes(run, layouts: dict, sizes: list[int], repeats: int) -> list[dict]:
+    """The executor's time on each layout with each longest key list per kernel call (0: lists never cut), all in
+    interleaved rounds: the measurement behind `MAX_KEYS_PER_CALL`."""
+    fns = {(key, size): (lambda key=key, size=size: _with_max_keys(size, run, layouts[key]))
+           for key in layouts for size in sizes}
+    times = best_times(fns, repeats)
+    return [{"layout": key[0], "density": layouts[key].density(), "max_keys_per_call": size, "seconds": seconds}
+            for (key, size), seconds in times.items()]
+
+
+def _with_max_keys(size, run, layout):
+    saved = cpu_executor.MAX_KEYS_PER_CALL
+    cpu_executor.MAX_KEYS_PER_CALL = size or 1 << 62
+    try:
+        run(layout)
+    finally:
+        cpu_executor.MAX_KEYS_PER_CALL = saved
 
 
 def main(argv=None):
@@ -67,6 +93,8 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--densities", type=float, nargs="+", default=[0.0625, 0.125, 0.25, 0.5])
+    p.add_argument("--piece-sizes", type=int, nargs="+", default=[1024, 2048, 0],
+                   help="longest key lists per kernel call to compare at the highest density (0: never cut)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
 
@@ -76,15 +104,20 @@ def main(argv=None):
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     executor = get_executor("cpu")
     bq, bk = executor.block_sizes(torch.device("cpu"), args.dim)
-    dense_s = best_time(lambda: F.scaled_dot_product_attention(qt, kt, vt), args.repeats)
+    layouts = {(kind, density): layout for density in args.densities
+               for kind, layout in (("band", band_layout(args.seq, bq, bk, density)),
+                                    ("random", random_layout(args.seq, bq, bk, density, args.heads)))}
+    fns = {"dense": lambda: F.scaled_dot_product_attention(qt, kt, vt)}
+    fns.update({key: (lambda layout=layout: executor.run(q, k, v, layout)) for key, layout in layouts.items()})
+    times = best_times(fns, args.repeats)
+    dense_s = times["dense"]
     rows = []
-    for density in args.densities:
-        for kind, layout in (("band", band_layout(args.seq, bq, bk, density)),
-                             ("random", random_layout(args.seq, bq, bk, density, args.heads))):
-            sparse_s = best_time(lambda layout=layout: executor.run(q, k, v, layout), args.repeats)
-            speedup = dense_s / sparse_s
-            rows.append({"layout": kind, "density": layout.density(), "seconds": sparse_s, "speedup": speedup,
-                         "linearity": speedup * layout.density()})
+    for key, layout in layouts.items():
+        speedup = dense_s / times[key]
+        rows.append({"layout": key[0], "density": layout.density(), "seconds": times[key], "speedup": speedup,
+                     "linearity": speedup * layout.density()})
+    densest = {key: layout for key, layout in layouts.items() if key[1] == max(args.densities)}
+    pieces = piece_sizes(lambda layout: executor.run(q, k, v, layout), densest, args.piece_sizes, args.repeats)
     result = {
         "benchmark": "cpu executor vs dense SDPA (fp32, one sequence)",
         "command": " ".join(["python benchmarks/cpu_executor.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -96,6 +129,8 @@ def main(argv=None):
         "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
         "dense_sdpa_seconds": dense_s,
         "rows": rows,
+        "max_keys_per_call": cpu_executor.MAX_KEYS_PER_CALL,
+        "piece_sizes": pieces,
     }
     print(f"dense SDPA: {dense_s * 1e3:.1f} ms  (S={args.seq}, H={args.heads}, D={args.dim}, fp32, "
           f"{torch.get_num_threads()} threads, blocks {bq}x{bk})")
@@ -105,6 +140,9 @@ def main(argv=None):
     for r in rows:
         print(f"{r['layout']:>7} {r['density']:>8.2%} {r['seconds'] * 1e3:>9.1f} {r['speedup']:>7.2f}x "
               f"{r['linearity']:>9.2f}")
+    print(f"longest key list per kernel call (0: never cut; the executor uses {cpu_executor.MAX_KEYS_PER_CALL}):")
+    for r in pieces:
+        print(f"{r['layout']:>7} {r['density']:>8.2%} {r['max_keys_per_call']:>6} keys {r['seconds'] * 1e3:>9.1f} ms")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cpu_executor-{datetime.date.today().isoformat()}.json"

@@ -40,6 +40,16 @@ def render_cpu_executor(path: Path, result: dict) -> list[str]:
     for r in result["rows"]:
         lines.append(f"| {r['layout']} | {r['density']:.2%} | {r['seconds'] * 1e3:.0f} | {r['speedup']:.2f}x | "
                      f"{r['linearity']:.2f} |")
+    pieces = result.get("piece_sizes")
+    if pieces:
+        by_layout = {}
+        for r in pieces:
+            size = f"{r['max_keys_per_call']} keys" if r["max_keys_per_call"] else "never cut"
+            times = by_layout.setdefault(f"{r['layout']} at {r['density']:.0%}", [])
+            times.append(f"{size} {r['seconds'] * 1e3:.0f} ms")
+        compared = "; ".join(f"{layout}: {', '.join(times)}" for layout, times in by_layout.items())
+        lines += ["", f"Longest key list per kernel call (the executor cuts longer lists into pieces of at most "
+                      f"{result['max_keys_per_call']} keys): {compared}."]
     return lines
 
 

@@ -104,3 +104,74 @@ def test_gradients_flow_through_the_grouped_path():
         grads[name] = [x.grad for x in leaves]
     for ref, ours in zip(grads["reference"], grads["cpu"]):
         assert (ref - ours).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("width,limit", [(1, 4), (7, 7), (8, 7), (50, 16), (2049, 2048), (8192, 2048)])
+def test_pieces_cover_the_list_in_near_equal_runs_within_the_limit(width, limit, monkeypatch):
+    from dit_sparse.executors import cpu
+
+    monkeypatch.setattr(cpu, "MAX_KEYS_PER_CALL", limit)
+    pieces = cpu._pieces(width, whole=False)
+    assert pieces[0][0] == 0 and pieces[-1][1] == width
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # contiguous, no overlap
+    lengths = [last - first for first, last in pieces]
+    assert max(lengths) <= limit and max(lengths) - min(lengths) <= len(pieces)
+    assert len(pieces) == -(-width // limit)
+    assert cpu._pieces(width, whole=True) == [(0, width)]
+
+
+@pytest.mark.parametrize("limit", [5, 24, 40])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_long_key_lists_cut_into_pieces_match_the_reference(limit, pooled, monkeypatch):
+    from dit_sparse.executors import cpu
+
+    monkeypatch.setattr(cpu, "MAX_KEYS_PER_CALL", limit)
+    q, k, v = qkv(2, 203, 3, 16)
+    layout = random_layout(203, 32, 16, 2, 3, pooled=pooled)
+    assert max(g.width for g in _groups(layout, 2, 3, 203 * 2, torch.float32, torch.device("cpu"))) > 2 * limit
+    assert_matches_reference(q, k, v, layout)
+
+
+def test_pieces_on_fp8_and_bf16_inputs(monkeypatch):
+    from dit_sparse.executors import cpu
+
+    monkeypatch.setattr(cpu, "MAX_KEYS_PER_CALL", 24)
+    q, k, v = qkv(2, 150, 2, 32)
+    layout = random_layout(150, 32, 16, 2, 2, pooled=True)
+    assert_matches_reference(q, k, v, layout, fp8=True)
+    low = [x.bfloat16() for x in (q, k, v)]
+    ref_out, ref_lse = get_executor("reference").run(*low, layout)
+    out, lse = get_executor("cpu").run(*low, layout)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref_out.float()).abs().max() <= 2e-2 and (lse - ref_lse).abs().max() <= 2e-2
+
+
+def test_no_host_sync_with_pieces(monkeypatch):
+    from dit_sparse.executors import cpu
+
+    monkeypatch.setattr(cpu, "MAX_KEYS_PER_CALL", 24)
+    q, k, v = qkv(1, 203, 2, 16)
+    layout = random_layout(203, 32, 16, 1, 2, pooled=True)
+    first, _ = get_executor("cpu").run(q, k, v, layout)
+    with _ForbidHostSync():
+        again, _ = get_executor("cpu").run(q, k, v, layout)
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("needs_grad", ["q", "k", "v"])
+def test_gradients_are_exact_where_lists_would_be_cut(needs_grad, monkeypatch):
+    # The fused kernel's backward drops the LSE's gradient, which a merge of pieces depends on: under autograd the
+    # list must stay whole, whichever input asks for gradients.
+    from dit_sparse.executors import cpu
+
+    monkeypatch.setattr(cpu, "MAX_KEYS_PER_CALL", 24)
+    q, k, v = qkv(1, 150, 2, 16)
+    layout = random_layout(150, 32, 16, 1, 2, pooled=True)
+    index = "qkv".index(needs_grad)
+    grads = {}
+    for name in ("reference", "cpu"):
+        inputs = [x.clone().requires_grad_(i == index) for i, x in enumerate((q, k, v))]
+        out, _ = get_executor(name).run(*inputs, layout)
+        out.square().sum().backward()
+        grads[name] = inputs[index].grad
+    assert (grads["reference"] - grads["cpu"]).abs().max() <= 1e-5

@@ -3,7 +3,8 @@
 Per (batch, head, query block) the visited key blocks become one list of key rows taken from the full-resolution
 keys and their pooled copies; pooled keys carry +ln(n) as an additive bias. Query blocks are grouped by the length
 of their list, so no list is padded and level-0 groups need no mask at all. The attention itself is PyTorch's
-fused CPU flash kernel, which also returns the LSE.
+fused CPU flash kernel, which also returns the LSE; a list longer than ``MAX_KEYS_PER_CALL`` is attended in
+pieces whose outputs are merged by their LSEs, which keeps each call's keys in cache.
 
 What a layout implies (row tables, groups, biases) is computed once per layout and kept in ``layout.memo``, so
 a call with a known layout makes no host-side decision that reads a tensor.
@@ -24,6 +25,12 @@ from .reference import extended_keys
 # Gathered key+value elements per kernel call. Small enough that the gathered rows are still in the last-level
 # cache when the kernel reads them, large enough that each call has work for every thread.
 _GATHER_BUDGET = 1 << 20
+# Longest key list one kernel call attends; longer lists are cut into near-equal pieces merged by their LSEs.
+# PyTorch's CPU flash kernel splits fewer than 768 queries into runs of 64 and streams all of a call's keys for each
+# run, so a list too long for the per-core L2 is read from further out four times per query block. At 32,760 tokens,
+# 12 heads, head dim 128 and 25% density, pieces of 1024 or 2048 keys ran 7-12% faster than uncut lists of 8192
+# (`benchmarks/results/cpu_executor-2026-12-07.json`, "piece_sizes").
+MAX_KEYS_PER_CALL = 1024
 
 
 def key_rows(layout: BlockLayout):
@@ -116,30 +123,54 @@ def _ln_bias(layout: BlockLayout, device) -> torch.Tensor:
     return extended_keys(probe, probe, layout.max_level)[2]
 
 
+def _pieces(width: int, whole: bool) -> list[tuple[int, int]]:
+    """Column ranges of a key list: near-equal, each at most MAX_KEYS_PER_CALL long; the whole list when whole."""
+    count = 1 if whole else -(-width // MAX_KEYS_PER_CALL)
+    size = -(-width // count)
+    return [(start, min(start + size, width)) for start in range(0, width, size)]
+
+
 def _run_group(group: _Group, flat, out, lse, scale):
     """Attend every query block of the group, a cache-sized chunk at a time, into out (BHN, bq, D), lse (BHN, bq)."""
     q_flat, k_flat, v_flat = flat
     d, bq, width = q_flat.shape[-1], group.q_rows.shape[-1], group.width
     n_items = group.items.shape[0]
-    chunk = max(2, _GATHER_BUDGET // (width * d * 2))
-    # Reused across chunks: fresh multi-MB buffers would be page-faulted in again on every chunk. Autograd (training
-    # through the executor) cannot record out= gathers, so it gets fresh ones.
-    track = torch.is_grad_enabled() and (k_flat.requires_grad or v_flat.requires_grad)
-    kbuf = None if track else k_flat.new_empty(min(chunk, n_items) * width, d)
+    # Autograd (training through the executor) cannot record out= gathers, so it gets fresh buffers; and the fused
+    # kernel's backward ignores the LSE's gradient, which the merge of pieces needs, so it gets the list whole.
+    track = torch.is_grad_enabled() and (q_flat.requires_grad or k_flat.requires_grad or v_flat.requires_grad)
+    pieces = _pieces(width, whole=track)
+    piece_width = pieces[0][1] - pieces[0][0]
+    chunk = max(2, _GATHER_BUDGET // (piece_width * d * 2))
+    # Reused across chunks: fresh multi-MB buffers would be page-faulted in again on every chunk.
+    kbuf = None if track else k_flat.new_empty(min(chunk, n_items) * piece_width, d)
     vbuf = None if track else torch.empty_like(kbuf)
     for start in range(0, n_items, chunk):
         stop = min(start + chunk, n_items)
         n = stop - start
-        rows = group.k_rows[start:stop].reshape(-1)
-        kk = _gather(k_flat, rows, kbuf).view(n, 1, width, d)
-        vv = _gather(v_flat, rows, vbuf).view(n, 1, width, d)
         qq = torch.index_select(q_flat, 0, group.q_rows[start:stop].reshape(-1)).view(n, 1, bq, d)
-        mask = group.bias[start:stop] if group.bias is not None else None
-        # q (n, 1, bq, D), k/v (n, 1, width, D), mask (n, 1, 1, width) additive or None -> out, lse (n, 1, bq)
-        block_out, block_lse = cpu_flash_attention(qq, kk, vv, mask, scale)
+        block_out = block_lse = None
+        for first, last in pieces:
+            rows = group.k_rows[start:stop, first:last].reshape(-1)
+            kk = _gather(k_flat, rows, kbuf).view(n, 1, last - first, d)
+            vv = _gather(v_flat, rows, vbuf).view(n, 1, last - first, d)
+            mask = group.bias[start:stop, ..., first:last] if group.bias is not None else None
+            # q (n, 1, bq, D), k/v (n, 1, w, D), mask (n, 1, 1, w) additive or None -> out, lse (n, 1, bq)
+            piece_out, piece_lse = cpu_flash_attention(qq, kk, vv, mask, scale)
+            if block_out is None:
+                block_out, block_lse = piece_out, piece_lse.float()
+            else:
+                block_out, block_lse = _merge(block_out, block_lse, piece_out, piece_lse.float())
         items = group.items[start:stop]
-        out.index_copy_(0, items, block_out.view(n, bq, d))
-        lse.index_copy_(0, items, block_lse.view(n, bq).float())
+        out.index_copy_(0, items, block_out.view(n, bq, d).to(out.dtype))
+        lse.index_copy_(0, items, block_lse.view(n, bq))
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets from each set's output and LSE (fp32 accumulation)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.float() * torch.exp(lse_a - lse).unsqueeze(-1)
+    out.add_(out_b.float() * torch.exp(lse_b - lse).unsqueeze(-1))
+    return out, lse
 
 
 def _gather(src, rows, buf):
