@@ -114,8 +114,14 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 
     out_*: (B, S, H, D); lse_*: (B, H, S) fp32. Returns (out, lse) as if both key sets were attended at once.
     """
+    out, lse = merge_aligned(out_a, lse_a.transpose(1, 2), out_b, lse_b.transpose(1, 2))
+    return out.to(out_a.dtype), lse.transpose(1, 2)
+
+
+def merge_aligned(out_a, lse_a, out_b, lse_b):
+    """merge_partials for an LSE laid out like the output without its last dim: out_* (..., D), lse_* (...) fp32.
+    Returns the output in fp32 (for accumulating several pieces) and the LSE."""
     lse = torch.logaddexp(lse_a, lse_b)
-    wa = torch.exp(lse_a - lse).transpose(1, 2).unsqueeze(-1)
-    wb = torch.exp(lse_b - lse).transpose(1, 2).unsqueeze(-1)
-    out = out_a.float() * wa + out_b.float() * wb
-    return out.to(out_a.dtype), lse
+    out = out_a.float() * torch.exp(lse_a - lse).unsqueeze(-1)
+    out.add_(out_b.float() * torch.exp(lse_b - lse).unsqueeze(-1))
+    return out, lse

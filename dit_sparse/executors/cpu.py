@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dense import cpu_flash_attention
+from ..dense import cpu_flash_attention, merge_aligned
 from ..fp8 import executor_inputs
 from ..layout import BlockLayout, num_blocks
 from . import Executor, register_executor
@@ -159,18 +159,10 @@ def _run_group(group: _Group, flat, out, lse, scale):
             if block_out is None:
                 block_out, block_lse = piece_out, piece_lse.float()
             else:
-                block_out, block_lse = _merge(block_out, block_lse, piece_out, piece_lse.float())
+                block_out, block_lse = merge_aligned(block_out, block_lse, piece_out, piece_lse.float())
         items = group.items[start:stop]
         out.index_copy_(0, items, block_out.view(n, bq, d).to(out.dtype))
         lse.index_copy_(0, items, block_lse.view(n, bq))
-
-
-def _merge(out_a, lse_a, out_b, lse_b):
-    """Attention over the union of two disjoint key sets from each set's output and LSE (fp32 accumulation)."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a.float() * torch.exp(lse_a - lse).unsqueeze(-1)
-    out.add_(out_b.float() * torch.exp(lse_b - lse).unsqueeze(-1))
-    return out, lse
 
 
 def _gather(src, rows, buf):
