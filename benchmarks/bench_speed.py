@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -113,30 +114,55 @@ def build(arch: Architecture, layers: int | None, dtype: torch.dtype, device: st
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _forward_seconds(run, inputs, device: str) -> float:
+    """One forward of `run`, timed (synchronised on CUDA)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(**inputs)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _time_forward(model, inputs, repeats: int, device: str, runner=None) -> tuple[float, float, float]:
     """Best of `repeats` forwards of `runner` (the model, or its compiled form): (forward seconds, attention-module
     seconds, attention-kernel seconds). Modules and kernels are timed in separate eager forwards (their timers
     synchronise around modules or wrap kernel calls, which a compiled graph would not keep)."""
     runner = model if runner is None else runner
-
-    def forward(run) -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(**inputs)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     with torch.no_grad():
         runner(**inputs)  # warm-up: kernels, layouts, caches (and the compiled graphs)
-        best = min(forward(runner) for _ in range(repeats))
+        best = min(_forward_seconds(runner, inputs, device) for _ in range(repeats))
         modules, kernels = AttentionTimer(), KernelTimer()
         with modules.measure(model):
-            forward(model)
+            _forward_seconds(model, inputs, device)
         with kernels.measure():
-            forward(model)
+            _forward_seconds(model, inputs, device)
     return best, modules.seconds, kernels.seconds
+
+
+@contextmanager
+def _running(model, plan: SparsePlan | None):
+    """The model with `plan` applied (its own attention when None), and the processor (or None)."""
+    processor = apply(model, plan) if plan is not None else None
+    try:
+        yield processor
+    finally:
+        if processor is not None:
+            remove(model)
+
+
+def _check_plans(model, plan_specs: list[str]) -> list[SparsePlan]:
+    """The plans of the specs, refused before anything is timed when their density depends on the weights."""
+    plans = []
+    for spec in plan_specs:
+        plan = parse_plan_spec(spec, None, model).plan
+        if any(h.impl.dynamic for heads in plan.modules.values() for h in heads):
+            raise ArgumentError(f"{spec}: dynamic strategies ({DYNAMIC}) have a weight-dependent density, so random "
+                                "weights would time the wrong work; speed-only mode refuses them (time them with "
+                                "`dit-sparse bench e2e` on a trained model)")
+        plans.append(plan)
+    return plans
 
 
 def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, height: int | None = None,
@@ -144,10 +170,16 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
               dtype: torch.dtype = torch.float32, out: Path | None = None, compile: bool = False,
               ulysses: int = 1, ring: int = 1) -> dict[str, Any]:
     """Dense and each plan timed on one architecture. out: results.json there is rewritten (atomically) after each
-    plan, marked "partial" until the last, so that a late fault keeps what was measured (by rank 0 alone under
-    context parallelism). compile: time the forward under torch.compile (dense and every plan alike); module and
-    kernel seconds come from eager forwards. ulysses, ring: context parallelism over that many processes (under
-    torchrun, one per device); dense is then timed at the same parallelism."""
+    plan of the first round and after each later round, marked "partial" until the last, so that a late fault keeps
+    what was measured (by rank 0 alone under context parallelism). compile: time the forward under torch.compile
+    (dense and every plan alike); module and kernel seconds come from eager forwards. ulysses, ring: context
+    parallelism over that many processes (under torchrun, one per device); dense is then timed at the same
+    parallelism.
+
+    Eager, the `repeats` forwards of each configuration are interleaved: every round runs dense, then each plan (one
+    forward each, after a warm-up that builds the plan's layouts), so that a slow spell of the machine falls on the
+    baseline and the plans alike. Compiled, every activation of a plan would compile again (minutes on a CPU), so
+    there is one round of `repeats` forwards per configuration."""
     check_positive(layers=layers, repeats=repeats, ulysses=ulysses, ring=ring)
     check_sizes(frames=frames, height=height, width=width)
     arch = ARCHITECTURES[arch_name]
@@ -156,6 +188,7 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
     device = launch.device if launch else device
     model = build(arch, layers, dtype, device)
     inputs = arch.inputs(arch.config, f, h, w, dtype, device)
+    plans = _check_plans(model, plan_specs)
     dense_plan = None
     if launch is not None:
         parallel_launch.enable(model, ulysses, ring)
@@ -165,34 +198,31 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
             dense_plan = SparsePlan.uniform(model, "dense")
     if out is not None and launch is not None and not launch.leads:
         out = None
+    rounds, per_round = (1, repeats) if compile else (repeats, 1)
     records, grid = [], None
 
     def timed() -> tuple[float, float, float]:
         torch._dynamo.reset()
-        return _time_forward(model, inputs, repeats, device, torch.compile(model) if compile else None)
+        return _time_forward(model, inputs, per_round, device, torch.compile(model) if compile else None)
 
-    if dense_plan is not None:
-        apply(model, dense_plan)
-    try:
+    with _running(model, dense_plan):
         dense_s, dense_attn, _ = timed()
-    finally:
-        if dense_plan is not None:
-            remove(model)
     # The stock model's attention kernels are inside diffusers' processors: time them through a dense plan (the
     # same SDPA calls), in one eager forward.
-    apply(model, SparsePlan.uniform(model, "dense"))
-    try:
-        with torch.no_grad(), KernelTimer().measure() as kernels:
-            model(**inputs)
-        dense_kernel = kernels.seconds
-    finally:
-        remove(model)
+    with _running(model, SparsePlan.uniform(model, "dense")), torch.no_grad(), KernelTimer().measure() as kernels:
+        model(**inputs)
+    dense_kernel = kernels.seconds
     records.append({"plan": "dense", "seconds": dense_s, "attention_seconds": dense_attn,
-                    "kernel_seconds": dense_kernel, "speedup": 1.0, "attention_speedup": 1.0, "kernel_speedup": 1.0,
-                    "executed_density": 1.0})
+                    "kernel_seconds": dense_kernel, "executed_density": 1.0})
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     def result_so_far() -> dict[str, Any]:
+        dense = records[0]
+        for row in records:
+            row["speedup"] = dense["seconds"] / row["seconds"]
+            for part in ("attention", "kernel"):
+                seconds = row[f"{part}_seconds"]
+                row[f"{part}_speedup"] = dense[f"{part}_seconds"] / seconds if seconds else None
         return {
             "benchmark": "bench speed (random weights; fidelity not measured)",
             "architecture": arch_name,
@@ -201,12 +231,14 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
             "device": device,
             "dtype": str(dtype).replace("torch.", ""),
             "compiled": compile,
+            "rounds": rounds,  # more than one: interleaved (see run_speed)
+            "forwards_per_round": per_round,
             "context_parallel": {"ulysses": ulysses, "ring": ring, "processes": launch.world,
                                  "dense": "dit-sparse's dense plan" if dense_plan is not None
                                  else "diffusers' own attention"} if launch else None,
-            "timers": "seconds: the forward (compiled if compiled); attention_seconds: whole attention modules "
-                      "(projections, norms, RoPE and cross-attention included) and kernel_seconds: the attention "
-                      "kernels of covered self-attention, both in eager forwards",
+            "timers": "seconds: the best forward (compiled if compiled) over the rounds; attention_seconds: whole "
+                      "attention modules (projections, norms, RoPE and cross-attention included) and kernel_seconds: "
+                      "the attention kernels of covered self-attention, both in eager forwards",
             "command": invoked_command(),
             "date": started,
             "hardware": hardware(device),
@@ -214,26 +246,26 @@ def run_speed(arch_name: str, plan_specs: list[str], frames: int | None = None, 
             "results": records,
         }
 
-    for i, spec in enumerate(plan_specs, 1):
-        run = parse_plan_spec(spec, None, model)
-        if any(h.impl.dynamic for heads in run.plan.modules.values() for h in heads):
-            raise ArgumentError(f"{spec}: dynamic strategies ({DYNAMIC}) have a weight-dependent density, so random "
-                                "weights would time the wrong work; speed-only mode refuses them (time them with "
-                                "`dit-sparse bench e2e` on a trained model)")
-        processor = apply(model, run.plan)
-        try:
+    def write_partial(partial: str) -> None:
+        if out is not None:
+            write_json(out / "results.json", {**result_so_far(), "partial": partial}, finite=True)
+
+    for i, (spec, plan) in enumerate(zip(plan_specs, plans), 1):
+        with _running(model, plan) as processor:
             seconds, attention, kernel = timed()
             density = processor.stats.summed_over_ranks().executed_density
             grid = processor.grid_of(model)
-        finally:
-            remove(model)
         records.append({"plan": spec, "seconds": seconds, "attention_seconds": attention, "kernel_seconds": kernel,
-                        "speedup": dense_s / seconds,
-                        "attention_speedup": dense_attn / attention if attention else None,
-                        "kernel_speedup": dense_kernel / kernel if kernel else None,
                         "executed_density": density})
-        if out is not None and i < len(plan_specs):
-            write_json(out / "results.json", {**result_so_far(), "partial": f"{i} of {len(plan_specs)} plans"},
-                       finite=True)
+        if i < len(plans) or rounds > 1:
+            write_partial(f"{i} of {len(plans)} plans" if i < len(plans) else f"round 1 of {rounds}")
+    for later in range(2, rounds + 1):
+        for row, plan in zip(records, [dense_plan, *plans]):
+            with _running(model, plan), torch.no_grad():
+                if plan is not None:
+                    model(**inputs)  # warm-up: a plan applied again builds its layouts again at its first call
+                row["seconds"] = min(row["seconds"], _forward_seconds(model, inputs, device))
+        if later < rounds:
+            write_partial(f"round {later} of {rounds}")
     return result_so_far()
 

@@ -125,7 +125,9 @@ def _add_bench(sub):
     sp.add_argument("--height", type=int, default=None)
     sp.add_argument("--width", type=int, default=None)
     sp.add_argument("--layers", type=int, default=None, help="fewer layers than the published config (CPU)")
-    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--repeats", type=int, default=3,
+                    help="timed forwards per configuration, best kept; eager, in interleaved rounds of dense and "
+                         "each plan")
     add_device_arguments(sp)
     sp.add_argument("--ulysses", type=int, default=1,
                     help="context parallelism: Ulysses degree (run under torchrun, one process per device)")

@@ -118,10 +118,12 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out.to(out_a.dtype), lse.transpose(1, 2)
 
 
-def merge_aligned(out_a, lse_a, out_b, lse_b):
+def merge_aligned(out_a, lse_a, out_b, lse_b, *, in_place: bool = False):
     """merge_partials for an LSE laid out like the output without its last dim: out_* (..., D), lse_* (...) fp32.
-    Returns the output in fp32 (for accumulating several pieces) and the LSE."""
+    Returns the output in fp32 (for accumulating several pieces) and the LSE. in_place: out_a is an fp32 buffer of
+    the caller's, scaled and accumulated into rather than copied (the CPU executor merges hundreds of pieces a call)."""
     lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a.float() * torch.exp(lse_a - lse).unsqueeze(-1)
-    out.add_(out_b.float() * torch.exp(lse_b - lse).unsqueeze(-1))
+    scale_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    out = out_a.mul_(scale_a) if in_place else out_a.float() * scale_a
+    out.addcmul_(out_b, torch.exp(lse_b - lse).unsqueeze(-1))
     return out, lse

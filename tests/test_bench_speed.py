@@ -43,6 +43,7 @@ def test_bench_speed_compiled_times_dense_and_the_plan_under_torch_compile(tmp_p
     result = json.loads((out / "results.json").read_text())
     dense, sparse = result["results"]
     assert result["compiled"] is True and sparse["seconds"] > 0 and dense["seconds"] > 0
+    assert result["rounds"] == 1  # compiled: one round per configuration (each activation compiles again)
     assert sparse["executed_density"] == pytest.approx(1 / 2)  # 2 latent frames: own frame of two
 
 
@@ -89,3 +90,29 @@ def test_bench_speed_keeps_the_plans_timed_before_a_late_fault(tmp_path, capsys,
     result = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert [r["plan"] for r in result["results"]] == ["dense", "diagonal:window=[0,1,1]"]
     assert result["partial"] == "1 of 2 plans"
+
+
+def test_bench_speed_eager_interleaves_its_rounds_and_keeps_each_best(tmp_path, monkeypatch):
+    """Eager, each round times dense and then the plan, so a slow spell falls on both; each keeps its best round."""
+    from dit_sparse.processor import SparseProcessor
+
+    bench_speed = checkout_module("benchmarks.bench_speed")
+    timed = []  # per timed forward: whether the plan was on
+
+    def fake_seconds(run, inputs, device):
+        sparse = any(isinstance(p, SparseProcessor) for p in run.attn_processors.values())
+        timed.append(sparse)
+        # Round 1: dense 2 s, the plan 1 s; round 2: dense 3 s, the plan 0.5 s (the modules' and kernels' forwards of
+        # round 1 get these too, and do not count as forward times).
+        return {False: 2.0, True: 1.0}[sparse] if len(timed) <= 6 else {False: 3.0, True: 0.5}[sparse]
+
+    monkeypatch.setattr(bench_speed, "_forward_seconds", fake_seconds)
+    out = tmp_path / "speed"
+    assert SMALL[-2:] == ["--repeats", "1"]
+    assert main(["bench", "speed", *SMALL[:-1], "2", "--plans", "diagonal:window=[0,1,1]", "--out", str(out)]) == 0
+    # Round 1: dense (timed, modules, kernels), the plan (the same); round 2: dense, then the plan.
+    assert timed == [False, False, False, True, True, True, False, True]
+    result = json.loads((out / "results.json").read_text())
+    assert result["rounds"] == 2 and result["forwards_per_round"] == 1 and "partial" not in result
+    dense, sparse = result["results"]
+    assert dense["seconds"] == 2.0 and sparse["seconds"] == 0.5 and sparse["speedup"] == 4.0

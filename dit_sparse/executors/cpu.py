@@ -159,7 +159,9 @@ def _run_group(group: _Group, flat, out, lse, scale):
             if block_out is None:
                 block_out, block_lse = piece_out, piece_lse.float()
             else:
-                block_out, block_lse = merge_aligned(block_out, block_lse, piece_out, piece_lse.float())
+                # The first piece's output is the kernel's fresh tensor (or its fp32 copy), so it is accumulated into.
+                block_out, block_lse = merge_aligned(block_out.float(), block_lse, piece_out, piece_lse.float(),
+                                                     in_place=True)
         items = group.items[start:stop]
         out.index_copy_(0, items, block_out.view(n, bq, d).to(out.dtype))
         lse.index_copy_(0, items, block_lse.view(n, bq))

@@ -53,3 +53,51 @@ def test_unrelated_module_still_has_no_adapter():
 
     with pytest.raises(UnsupportedModelError, match="no adapter for Linear"):
         adapter_for_transformer(torch.nn.Linear(2, 2))
+
+
+def _stock_wan_rotary(x, freqs_cos, freqs_sin):
+    """WanAttnProcessor's RoPE, written out as diffusers 0.42 has it."""
+    import torch
+
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+def test_rotary_equals_the_stock_arithmetic_eager_compiled_and_in_backward(dtype):
+    import torch
+
+    from dit_sparse.adapters.wan import apply_wan_rotary
+
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 3, 10, generator=g).to(dtype)  # odd sequence, heads and pair count
+    angles = torch.randn(1, 37, 1, 5, generator=g, dtype=torch.float64)
+    freqs = [f(angles).repeat_interleave(2, -1).float() for f in (torch.cos, torch.sin)]
+    expected = _stock_wan_rotary(x, *freqs)
+    got = apply_wan_rotary(x, *freqs)
+    assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if dtype != torch.bfloat16 else 0)
+    compiled = torch.compile(apply_wan_rotary, backend="eager", fullgraph=True)(x, *freqs)  # the real form
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=0)
+    if dtype in (torch.float32, torch.float64):
+        leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        weight = torch.randn(x.shape, generator=g).to(dtype)
+        (apply_wan_rotary(leaf, *freqs) * weight).sum().backward()
+        (_stock_wan_rotary(ref_leaf, *freqs) * weight).sum().backward()
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=0, atol=1e-6)
+
+
+def test_rotary_of_a_non_contiguous_input():
+    import torch
+
+    from dit_sparse.adapters.wan import apply_wan_rotary
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 9, 8, generator=g).transpose(1, 2)  # (1, 9, 3, 8), heads and tokens swapped in memory
+    freqs = [torch.randn(1, 9, 1, 8, generator=g) for _ in range(2)]
+    torch.testing.assert_close(apply_wan_rotary(x, *freqs), _stock_wan_rotary(x, *freqs), rtol=0, atol=1e-6)
