@@ -91,7 +91,8 @@ def render_speed(path: Path, result: dict) -> list[str]:
         f"{layers} layer{'' if layers == 1 else 's'}, {size['frames']}x{size['height']}x{size['width']} px = "
         f"{size['video_tokens']} video tokens, {result['dtype']}"
         f"{', under torch.compile' if result.get('compiled') else ''}; "
-        f"{_hardware(result)}; fidelity not measured; file `{path.relative_to(ROOT)}`). Attention s: whole attention "
+        f"{_hardware(result)}; fidelity not measured; file `{path.relative_to(ROOT)}`). Forward s: the best of "
+        f"{_forwards(result)}. Attention s: whole attention "
         "modules (projections, norms, RoPE, cross-attention included); kernel s: the attention kernels of covered "
         "self-attention alone (not recorded before 2026-12-07).",
         "plan", "forward s", "attention s", "kernel s", "speedup", "attention speedup", "kernel speedup", "executed")
@@ -101,6 +102,16 @@ def render_speed(path: Path, result: dict) -> list[str]:
                      f"{format_metric(r.get('attention_speedup'), '.2f')}x | "
                      f"{_optional(r.get('kernel_speedup'), '.2f', 'x')} | {r['executed_density']:.1%} |")
     return lines
+
+
+def _forwards(result: dict) -> str:
+    """How a speed result's forward seconds were taken (results before 2026-12-08 do not record their rounds)."""
+    rounds, per_round = result.get("rounds"), result.get("forwards_per_round")
+    if rounds is None:
+        return "its forwards, each configuration timed in turn"
+    if rounds > 1:
+        return f"{rounds} interleaved rounds (dense, then each plan, one forward each)"
+    return f"{per_round} forward{'' if per_round == 1 else 's'} per configuration, each configuration timed in turn"
 
 
 def render_search_compare(path: Path, result: dict) -> list[str]:

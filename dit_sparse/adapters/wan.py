@@ -7,6 +7,9 @@ import torch
 from . import register_adapter
 from .base import LatentGrid, ModelAdapter
 
+# Real dtypes whose pairs the eager path multiplies as complex numbers (half-precision complex lacks CPU kernels).
+_COMPLEX = (torch.float32, torch.float64)
+
 
 def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved RoPE on (B, S, H, D), with WanAttnProcessor's arithmetic.
@@ -27,10 +30,6 @@ def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(x)
-
-
-# Real dtypes whose pairs the eager path multiplies as complex numbers (half-precision complex lacks CPU kernels).
-_COMPLEX = (torch.float32, torch.float64)
 
 
 @register_adapter
