@@ -7,21 +7,26 @@ import torch
 from . import register_adapter
 from .base import LatentGrid, ModelAdapter
 
-# Real dtypes whose pairs the eager path multiplies as complex numbers (half-precision complex lacks CPU kernels).
+# The eager fast path multiplies (x1, x2) pairs as complex numbers on CPU, where PyTorch's vectorised kernel rounds
+# each product and each sum on its own, like the stock form: bit for bit the same result. Its scalar remainder may fuse
+# a multiply-add (an ulp apart), so the path is taken only when every row of pairs fills whole vectors (16 pairs cover
+# AVX-512, AVX2 and NEON), and for the dtypes that have a complex counterpart with CPU kernels.
 _COMPLEX = (torch.float32, torch.float64)
+_VECTOR_PAIRS = 16
 
 
 def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE on (B, S, H, D), with WanAttnProcessor's arithmetic.
+    """Wan's interleaved RoPE on (B, S, H, D): WanAttnProcessor's arithmetic, bit for bit.
 
-    Eager, it is one complex multiply: each (x1, x2) pair times (cos, sin) is x1 cos - x2 sin, x1 sin + x2 cos, the
-    same products. The stock form's six elementwise passes and two strided writes took 0.39 s per tensor at 32,760
-    tokens x 1536 channels on a 2-core CPU, the complex multiply 0.09 s. Compiled, and where the computing dtype has no
-    complex counterpart, it is the stock form, which inductor fuses into one loop (it does not generate complex code).
+    Each (x1, x2) pair times (cos, sin) is x1 cos - x2 sin, x1 sin + x2 cos. Eager on CPU at real head sizes it is one
+    complex multiply: the stock form's six elementwise passes and two strided writes took 0.39 s per tensor at 32,760
+    tokens x 1536 channels on a 2-core CPU, the complex multiply 0.09 s. Elsewhere it is the stock form; compiled,
+    inductor fuses that into one loop (it does not generate complex code).
     """
     cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
     dtype = torch.promote_types(x.dtype, cos.dtype)
-    if dtype in _COMPLEX and not torch.compiler.is_compiling():
+    if (x.device.type == "cpu" and dtype in _COMPLEX and (x.shape[-1] // 2) % _VECTOR_PAIRS == 0
+            and not torch.compiler.is_compiling()):
         pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)).contiguous())
         rotation = torch.complex(cos.to(dtype), sin.to(dtype))
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

@@ -25,21 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapters.wan import apply_wan_rotary
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, WEIGHTS_DIR, load_tiny_shapes, weights_id
 from .shapes_data import heldout_prompts
 
 WINDOW = (1, 3, 3)  # +/- frames, rows, cols (tokens)
 LOCAL_THRESHOLD = 0.8
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "attention.json"
-
-
-def _rope(x, cos, sin):
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out
 
 
 def region_masks(grid, window=WINDOW):
@@ -73,7 +65,7 @@ class AttentionProbe:
                 k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
                 if rotary_emb is not None:
                     cos, sin = (r.float() for r in rotary_emb)
-                    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+                    q, k = apply_wan_rotary(q, cos, sin), apply_wan_rotary(k, cos, sin)
                 q, k = q.transpose(1, 2)[0], k.transpose(1, 2)[0]  # (heads, N, d)
                 p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
                 self.rec.record(self.layer, p)

@@ -68,22 +68,23 @@ def _stock_wan_rotary(x, freqs_cos, freqs_sin):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
-def test_rotary_equals_the_stock_arithmetic_eager_compiled_and_in_backward(dtype):
+@pytest.mark.parametrize("head_dim", [10, 32, 128])  # 10: the stock form; 32 and 128: whole vectors of pairs
+def test_rotary_equals_the_stock_arithmetic_bit_for_bit_eager_compiled_and_in_backward(dtype, head_dim):
     import torch
 
     from dit_sparse.adapters.wan import apply_wan_rotary
 
     dtype = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 37, 3, 10, generator=g).to(dtype)  # odd sequence, heads and pair count
-    angles = torch.randn(1, 37, 1, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 37, 5, head_dim, generator=g).to(dtype)  # odd batch, sequence and heads
+    angles = torch.randn(1, 37, 1, head_dim // 2, generator=g, dtype=torch.float64)
     freqs = [f(angles).repeat_interleave(2, -1).float() for f in (torch.cos, torch.sin)]
     expected = _stock_wan_rotary(x, *freqs)
     got = apply_wan_rotary(x, *freqs)
     assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if dtype != torch.bfloat16 else 0)
-    compiled = torch.compile(apply_wan_rotary, backend="eager", fullgraph=True)(x, *freqs)  # the real form
-    torch.testing.assert_close(compiled, expected, rtol=0, atol=0)
+    assert torch.equal(got, expected)
+    compiled = torch.compile(apply_wan_rotary, backend="eager", fullgraph=True)(x, *freqs)  # the stock form
+    assert torch.equal(compiled, expected)
     if dtype in (torch.float32, torch.float64):
         leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
         weight = torch.randn(x.shape, generator=g).to(dtype)
@@ -98,6 +99,6 @@ def test_rotary_of_a_non_contiguous_input():
     from dit_sparse.adapters.wan import apply_wan_rotary
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 3, 9, 8, generator=g).transpose(1, 2)  # (1, 9, 3, 8), heads and tokens swapped in memory
-    freqs = [torch.randn(1, 9, 1, 8, generator=g) for _ in range(2)]
-    torch.testing.assert_close(apply_wan_rotary(x, *freqs), _stock_wan_rotary(x, *freqs), rtol=0, atol=1e-6)
+    x = torch.randn(1, 3, 9, 32, generator=g).transpose(1, 2)  # (1, 9, 3, 32), heads and tokens swapped in memory
+    freqs = [torch.randn(1, 9, 1, 32, generator=g) for _ in range(2)]
+    assert torch.equal(apply_wan_rotary(x, *freqs), _stock_wan_rotary(x, *freqs))

@@ -31,6 +31,7 @@ def test_report_measures_without_changing_output(tiny_pipe, tmp_path):
 
 def test_probe_probabilities_match_model_attention(tiny_pipe):
     """The probe's q/k math reproduces the model's attention: p @ v equals the processor's attention output."""
+    from dit_sparse.adapters.wan import apply_wan_rotary
     from dit_sparse.zoo import attention_report as ar
 
     captured = {}
@@ -43,7 +44,7 @@ def test_probe_probabilities_match_model_attention(tiny_pipe):
                 k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
                 v = attn.to_v(x).unflatten(2, (attn.heads, -1))
                 cos, sin = rotary_emb
-                q, k = ar._rope(q, cos, sin), ar._rope(k, cos, sin)
+                q, k = apply_wan_rotary(q, cos, sin), apply_wan_rotary(k, cos, sin)
                 p = torch.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
                 o = (p @ v.transpose(1, 2)).transpose(1, 2).flatten(2)
                 captured["mine"] = attn.to_out[0](o)
